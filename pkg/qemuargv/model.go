@@ -1,0 +1,368 @@
+package qemuargv
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Name returns the VM's -name (its "guest=" or first element), or "".
+func (c *Cmdline) Name() string {
+	for _, i := range c.Find("name") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		if v, ok := p.Get("guest"); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+// MachineType returns the -machine/-M type as given ("pc", "q35",
+// "pc-q35-8.2"), or "" when QEMU's default machine is used.
+func (c *Cmdline) MachineType() string {
+	t := ""
+	for _, i := range c.Find("machine", "M") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		if v, ok := p.Get("type"); ok {
+			t = v // the last one wins, as in QEMU
+		}
+	}
+	return t
+}
+
+// machineProp returns a -machine property (memory-backend=, …).
+func (c *Cmdline) machineProp(key string) (string, bool) {
+	val, found := "", false
+	for _, i := range c.Find("machine", "M") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		if v, ok := p.Get(key); ok {
+			val, found = v, true
+		}
+	}
+	return val, found
+}
+
+// MemoryBackend is one -object memory-backend-*.
+type MemoryBackend struct {
+	ID      string `json:"id"`
+	Type    string `json:"type"`
+	MemPath string `json:"mem_path,omitempty"`
+	Size    uint64 `json:"size"`
+	Share   bool   `json:"share"`
+}
+
+// RAM tells where a guest's RAM lives.
+type RAM struct {
+	// Backends are all memory-backend objects on the command line.
+	Backends []MemoryBackend
+	// Used maps the IDs of backends that hold guest RAM to what uses them
+	// ("machine", "numa node 1", "pc-dimm dimm0").
+	Used map[string]string
+	// Implicit, when not empty, describes guest RAM that QEMU allocates
+	// itself (anonymous, private): such RAM does not survive a restart.
+	Implicit string
+	// Size is the guest's boot RAM size from -m, in bytes (0 if unknown).
+	Size uint64
+}
+
+// RAM analyses the memory options.
+func (c *Cmdline) RAM() (RAM, error) {
+	r := RAM{Used: map[string]string{}}
+	for _, i := range c.Find("object") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			return r, err
+		}
+		typ, _ := p.Get("qom-type")
+		if !strings.HasPrefix(typ, "memory-backend-") {
+			continue
+		}
+		b := MemoryBackend{Type: typ}
+		b.ID, _ = p.Get("id")
+		b.MemPath, _ = p.Get("mem-path")
+		// memory-backend-file defaults to share=off, like every backend
+		// but memfd (share=on by default since it exists to be shared).
+		b.Share = p.Bool("share", typ == "memory-backend-memfd")
+		if s, ok := p.Get("size"); ok {
+			n, err := ParseSize(s)
+			if err != nil {
+				return r, fmt.Errorf("memory backend %q: %w", b.ID, err)
+			}
+			b.Size = n
+		}
+		r.Backends = append(r.Backends, b)
+	}
+	for _, i := range c.Find("m") {
+		p, _ := c.Opts[i].Props()
+		if s, ok := p.Get("size"); ok {
+			n, err := ParseSize(s)
+			if err == nil && !strings.ContainsAny(s, "kKmMgGtTbB") {
+				n <<= 20 // a bare -m number is MiB
+			}
+			if err == nil {
+				r.Size = n
+			}
+		}
+	}
+
+	numaNodes, numaImplicit := 0, 0
+	for _, i := range c.Find("numa") {
+		p, _ := c.Opts[i].Props()
+		if t, _ := p.Get("type"); t != "node" {
+			continue
+		}
+		id, _ := p.Get("nodeid")
+		if id == "" {
+			id = strconv.Itoa(numaNodes)
+		}
+		numaNodes++
+		if m, ok := p.Get("memdev"); ok {
+			r.Used[m] = "numa node " + id
+		} else {
+			numaImplicit++
+		}
+	}
+	for _, i := range c.Find("device") {
+		p, _ := c.Opts[i].Props()
+		drv, _ := p.Get("driver")
+		if m, ok := p.Get("memdev"); ok {
+			id, _ := p.Get("id")
+			r.Used[m] = strings.TrimSpace(drv + " " + id)
+		}
+	}
+	mb, hasMB := c.machineProp("memory-backend")
+	if hasMB {
+		r.Used[mb] = "machine"
+	}
+	legacyPath := ""
+	if idx := c.Find("mem-path"); len(idx) > 0 {
+		legacyPath = c.Opts[idx[len(idx)-1]].Value
+	}
+	switch {
+	case hasMB:
+	case numaNodes > 0 && numaImplicit == 0:
+	case numaImplicit > 0:
+		r.Implicit = fmt.Sprintf("%d NUMA node(s) without memdev=", numaImplicit)
+	case legacyPath != "":
+		r.Implicit = fmt.Sprintf("-mem-path %s (a private file mapping)", legacyPath)
+	default:
+		r.Implicit = "-m without -machine memory-backend= (anonymous private RAM)"
+	}
+	return r, nil
+}
+
+// Netdev is one -netdev.
+type Netdev struct {
+	ID       string `json:"id"`
+	Type     string `json:"type"`
+	Ifname   string `json:"ifname,omitempty"`
+	Vhost    bool   `json:"vhost,omitempty"`
+	Queues   int    `json:"queues,omitempty"`
+	FDs      []int  `json:"fds,omitempty"`
+	VhostFDs []int  `json:"vhostfds,omitempty"`
+}
+
+// Netdevs lists the -netdev options.
+func (c *Cmdline) Netdevs() []Netdev {
+	var out []Netdev
+	for _, i := range c.Find("netdev") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		n := Netdev{}
+		n.ID, _ = p.Get("id")
+		n.Type, _ = p.Get("type")
+		n.Ifname, _ = p.Get("ifname")
+		n.Vhost = p.Bool("vhost", false)
+		if q, ok := p.Get("queues"); ok {
+			n.Queues, _ = strconv.Atoi(q)
+		}
+		for _, r := range c.fdRefsOf(i, p) {
+			if r.Kind == FdVhost {
+				n.VhostFDs = append(n.VhostFDs, r.Num)
+			} else {
+				n.FDs = append(n.FDs, r.Num)
+			}
+		}
+		if len(n.VhostFDs) > 0 {
+			n.Vhost = true
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+// FdKind says what a passed file descriptor is for.
+type FdKind string
+
+// The kinds of fds a QEMU command line can name.
+const (
+	FdTap     FdKind = "tap"       // -netdev tap,fd=/fds=
+	FdVhost   FdKind = "vhost-net" // -netdev tap,vhostfd=/vhostfds=
+	FdChardev FdKind = "chardev"   // -chardev socket,fd=
+	FdOther   FdKind = "other"     // anything else (-add-fd, -netdev socket,fd=, …)
+)
+
+// FdRef is one place in the command line that names an inherited fd.
+type FdRef struct {
+	Opt   int    `json:"opt"`   // index into Opts
+	Key   string `json:"key"`   // fd, fds, vhostfd, vhostfds
+	Pos   int    `json:"pos"`   // position in a colon-separated list
+	Num   int    `json:"num"`   // the fd number
+	Kind  FdKind `json:"kind"`  // what it is for
+	Owner string `json:"owner"` // id of the netdev/chardev, or the option name
+}
+
+var fdKeys = []string{"fd", "fds", "vhostfd", "vhostfds"}
+
+// FdRefs lists every inherited fd the command line names, in order.
+func (c *Cmdline) FdRefs() []FdRef {
+	var out []FdRef
+	for i, o := range c.Opts {
+		if !o.HasValue || o.Name == "" {
+			continue
+		}
+		p, err := o.Props()
+		if err != nil {
+			continue
+		}
+		out = append(out, c.fdRefsOf(i, p)...)
+	}
+	return out
+}
+
+func (c *Cmdline) fdRefsOf(i int, p *Props) []FdRef {
+	o := c.Opts[i]
+	var out []FdRef
+	for _, key := range fdKeys {
+		v, ok := p.Get(key)
+		if !ok || v == "" {
+			continue
+		}
+		for pos, f := range strings.Split(v, ":") {
+			n, err := strconv.Atoi(f)
+			if err != nil {
+				// A name (fds passed with QMP getfd) or /dev/fdset: not
+				// something we can re-create.
+				n = -1
+			}
+			r := FdRef{Opt: i, Key: key, Pos: pos, Num: n, Kind: FdOther, Owner: o.Name}
+			id, _ := p.Get("id")
+			switch o.Name {
+			case "netdev":
+				r.Owner = id
+				if t, _ := p.Get("type"); t == "tap" {
+					r.Kind = FdTap
+					if strings.HasPrefix(key, "vhost") {
+						r.Kind = FdVhost
+					}
+				}
+			case "chardev":
+				r.Owner = id
+				if b, _ := p.Get("backend"); b == "socket" {
+					r.Kind = FdChardev
+				}
+			}
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// Chardev is one -chardev.
+type Chardev struct {
+	ID      string
+	Backend string
+	Path    string
+	FD      int // -1 when not passed by fd
+	Server  bool
+}
+
+// Chardevs lists the -chardev options.
+func (c *Cmdline) Chardevs() []Chardev {
+	var out []Chardev
+	for _, i := range c.Find("chardev") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		ch := Chardev{FD: -1}
+		ch.ID, _ = p.Get("id")
+		ch.Backend, _ = p.Get("backend")
+		ch.Path, _ = p.Get("path")
+		ch.Server = p.Bool("server", false)
+		if f, ok := p.Get("fd"); ok {
+			if n, err := strconv.Atoi(f); err == nil {
+				ch.FD = n
+			}
+		}
+		out = append(out, ch)
+	}
+	return out
+}
+
+// QMPEndpoint is a place where QEMU serves QMP.
+type QMPEndpoint struct {
+	Path    string `json:"path,omitempty"`    // unix socket path, when known from argv
+	FD      int    `json:"fd"`                // listening socket passed by fd, else -1
+	Chardev string `json:"chardev,omitempty"` // the -chardev id, if any
+}
+
+// QMPEndpoints lists the QMP monitors QEMU listens on as a unix-socket
+// server: "-qmp unix:PATH,server=on" and "-chardev socket,…,server=on"
+// with "-mon chardev=ID,mode=control". TCP monitors are not returned.
+func (c *Cmdline) QMPEndpoints() []QMPEndpoint {
+	var out []QMPEndpoint
+	for _, i := range c.Find("qmp", "qmp-pretty") {
+		p, _ := c.Opts[i].Props()
+		dev, _ := p.Get("dev")
+		if path, ok := strings.CutPrefix(dev, "unix:"); ok && p.Bool("server", false) {
+			path = strings.TrimPrefix(path, "path=")
+			out = append(out, QMPEndpoint{Path: path, FD: -1})
+		}
+	}
+	chardevs := map[string]Chardev{}
+	for _, ch := range c.Chardevs() {
+		chardevs[ch.ID] = ch
+	}
+	for _, i := range c.Find("mon") {
+		p, _ := c.Opts[i].Props()
+		if m, _ := p.Get("mode"); m != "control" {
+			continue
+		}
+		id, _ := p.Get("chardev")
+		ch, ok := chardevs[id]
+		if !ok || ch.Backend != "socket" || !ch.Server && ch.FD < 0 {
+			continue
+		}
+		if ch.Path == "" && ch.FD < 0 {
+			continue // a TCP socket
+		}
+		out = append(out, QMPEndpoint{Path: ch.Path, FD: ch.FD, Chardev: id})
+	}
+	return out
+}
+
+// Devices lists the -device drivers (e.g. for spotting vfio-pci).
+func (c *Cmdline) Devices() []string {
+	var out []string
+	for _, i := range c.Find("device") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		d, _ := p.Get("driver")
+		out = append(out, d)
+	}
+	return out
+}

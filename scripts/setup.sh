@@ -1,0 +1,82 @@
+#!/bin/bash
+# setup.sh — installs what the project needs on a Debian 12 (bookworm) machine:
+# QEMU 10 from bookworm-backports, the host tools the tests use, and the Debian
+# kernels (old 6.1, new 6.12) unpacked into the ignored cache folder .cache/.
+#
+# The backports suite is added by copying the machine's own Debian source entry
+# (its URIs line) and changing the suite, so no mirror host name is written here.
+# Idempotent: running it twice changes nothing the second time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CACHE=${CACHE:-$PWD/.cache}
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+
+log() { echo "setup: $*" >&2; }
+
+add_backports() {
+	local dst=/etc/apt/sources.list.d/liveupdate-backports.sources
+	[ -f "$dst" ] && return 0
+	local src=/etc/apt/sources.list.d/debian.sources uris=""
+	if [ -f "$src" ]; then
+		uris=$(awk '/^URIs:/ && !/security/ {print $2; exit}' "$src")
+	fi
+	if [ -z "$uris" ] && [ -f /etc/apt/sources.list ]; then
+		uris=$(awk '/^deb / && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list)
+	fi
+	[ -n "$uris" ] || { log "cannot find the machine's Debian source entry to copy"; exit 1; }
+	log "adding bookworm-backports from the machine's own Debian source"
+	$SUDO tee "$dst" >/dev/null <<EOT
+Types: deb
+URIs: $uris
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOT
+	$SUDO apt-get update -qq
+}
+
+install_packages() {
+	local need=()
+	if ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'; then
+		need+=(qemu-system-x86 qemu-utils)
+	fi
+	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static)
+	local missing=()
+	for p in "${base[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+	if [ ${#need[@]} -gt 0 ] || [ ${#missing[@]} -gt 0 ]; then
+		[ ${#missing[@]} -gt 0 ] && { $SUDO apt-get update -qq; $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; }
+		[ ${#need[@]} -gt 0 ] && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports "${need[@]}"
+	fi
+	qemu-system-x86_64 --version | head -1 >&2
+}
+
+# fetch_kernel SUITE PATTERN NAME: downloads the newest linux-image package of
+# SUITE matching PATTERN, unpacks it into $CACHE/kernels/NAME and runs depmod.
+fetch_kernel() {
+	local suite=$1 pattern=$2 name=$3 dir=$CACHE/kernels/$3
+	[ -f "$dir/.done" ] && return 0
+	local pkg
+	pkg=$(apt-cache search --names-only "^linux-image-${pattern}-amd64-unsigned\$" | awk '{print $1}' | sort -V | tail -1)
+	if [ -z "$pkg" ]; then
+		pkg=$(apt-cache search --names-only "^linux-image-${pattern}-amd64\$" | awk '{print $1}' | sort -V | tail -1)
+	fi
+	[ -n "$pkg" ] || { log "no kernel package matching $pattern in $suite"; exit 1; }
+	log "fetching $pkg"
+	rm -rf "$dir" && mkdir -p "$dir"
+	local tmp; tmp=$(mktemp -d)
+	(cd "$tmp" && apt-get download -qq -t "$suite" "$pkg")
+	dpkg-deb -x "$tmp"/*.deb "$dir"
+	rm -rf "$tmp"
+	local ver; ver=$(ls "$dir/lib/modules" | head -1)
+	depmod -b "$dir" "$ver"
+	ln -sf "boot/vmlinuz-$ver" "$dir/vmlinuz"
+	echo "$ver" >"$dir/version"
+	touch "$dir/.done"
+}
+
+add_backports
+install_packages
+mkdir -p "$CACHE/kernels"
+fetch_kernel bookworm-backports '6\.12\.[0-9.+~a-z]*' new
+fetch_kernel bookworm '6\.1\.0-[0-9]*' old
+log "kernels: old=$(cat "$CACHE/kernels/old/version") new=$(cat "$CACHE/kernels/new/version")"
