@@ -1,0 +1,252 @@
+// Package discover finds running QEMU processes through /proc, without
+// libvirt: their argv, working directory, environment, credentials, cgroup,
+// network namespace and the files behind the fds their command line names
+// (tap devices by name, from fdinfo; listening sockets by path).
+package discover
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+)
+
+// Process is one running QEMU.
+type Process struct {
+	PID       int
+	StartTime uint64 // clock ticks after boot; with PID, identifies the process
+	Exe       string // resolved /proc/PID/exe
+	Argv      []string
+	Cmdline   *qemuargv.Cmdline
+	Cwd       string
+	Env       []string
+	UID, GID  uint32
+	Groups    []uint32
+	Cgroup    string // cgroup v2 path ("0::" entry)
+	NetNS     string // "net:[inode]"
+	Fds       map[int]FdInfo
+}
+
+// Name is the VM's -name, else "pid-N".
+func (p *Process) Name() string {
+	if n := p.Cmdline.Name(); n != "" {
+		return n
+	}
+	return "pid-" + strconv.Itoa(p.PID)
+}
+
+// FdInfo describes an open fd of the process.
+type FdInfo struct {
+	Target     string // readlink of /proc/PID/fd/N
+	TapName    string // for /dev/net/tun: the interface (fdinfo "iff:")
+	SocketPath string // for a unix socket: its bound path, if any
+}
+
+// IsQEMU tells whether an argv/exe belongs to a QEMU system emulator.
+func IsQEMU(exe string, argv []string) bool {
+	if strings.HasPrefix(filepath.Base(exe), "qemu-system-") || filepath.Base(exe) == "qemu-kvm" {
+		return true
+	}
+	if len(argv) > 0 {
+		b := filepath.Base(argv[0])
+		return strings.HasPrefix(b, "qemu-system-") || b == "qemu-kvm"
+	}
+	return false
+}
+
+// All returns every QEMU process under procRoot ("/proc"), by PID.
+func All(procRoot string) ([]*Process, error) {
+	ents, err := os.ReadDir(procRoot)
+	if err != nil {
+		return nil, fmt.Errorf("listing processes: %w", err)
+	}
+	var out []*Process
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		argv, err := readArgv(procRoot, pid)
+		if err != nil || len(argv) == 0 {
+			continue
+		}
+		exe, _ := os.Readlink(filepath.Join(procRoot, e.Name(), "exe"))
+		if !IsQEMU(exe, argv) {
+			continue
+		}
+		p, err := Inspect(procRoot, pid)
+		if err != nil {
+			continue // exited meanwhile
+		}
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].PID < out[j].PID })
+	return out, nil
+}
+
+// Inspect reads everything about one process.
+func Inspect(procRoot string, pid int) (*Process, error) {
+	dir := filepath.Join(procRoot, strconv.Itoa(pid))
+	p := &Process{PID: pid, Fds: map[int]FdInfo{}}
+	var err error
+	if p.Argv, err = readArgv(procRoot, pid); err != nil {
+		return nil, err
+	}
+	if p.Cmdline, err = qemuargv.Parse(p.Argv); err != nil {
+		return nil, fmt.Errorf("pid %d: %w", pid, err)
+	}
+	p.Exe, _ = os.Readlink(filepath.Join(dir, "exe"))
+	p.Exe = strings.TrimSuffix(p.Exe, " (deleted)") // an upgraded binary
+	if p.Cwd, err = os.Readlink(filepath.Join(dir, "cwd")); err != nil {
+		return nil, fmt.Errorf("pid %d: reading cwd: %w", pid, err)
+	}
+	if env, err := os.ReadFile(filepath.Join(dir, "environ")); err == nil {
+		p.Env = splitNul(env)
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "stat")); err == nil {
+		p.StartTime = parseStartTime(string(b))
+	}
+	if err := p.readStatus(filepath.Join(dir, "status")); err != nil {
+		return nil, err
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, "cgroup")); err == nil {
+		p.Cgroup = ParseCgroup(string(b))
+	}
+	p.NetNS, _ = os.Readlink(filepath.Join(dir, "ns", "net"))
+
+	var unixPaths map[string]string
+	for _, r := range p.Cmdline.FdRefs() {
+		if r.Num < 0 {
+			continue
+		}
+		fi := FdInfo{}
+		fi.Target, err = os.Readlink(filepath.Join(dir, "fd", strconv.Itoa(r.Num)))
+		if err != nil {
+			continue // the argv names an fd the process no longer has
+		}
+		switch {
+		case fi.Target == "/dev/net/tun":
+			if b, err := os.ReadFile(filepath.Join(dir, "fdinfo", strconv.Itoa(r.Num))); err == nil {
+				fi.TapName = ParseTunFdinfo(string(b))
+			}
+		case strings.HasPrefix(fi.Target, "socket:["):
+			if unixPaths == nil {
+				unixPaths = readUnixSockets(filepath.Join(dir, "net", "unix"))
+			}
+			fi.SocketPath = unixPaths[strings.TrimSuffix(strings.TrimPrefix(fi.Target, "socket:["), "]")]
+		}
+		p.Fds[r.Num] = fi
+	}
+	return p, nil
+}
+
+func readArgv(procRoot string, pid int) ([]string, error) {
+	b, err := os.ReadFile(filepath.Join(procRoot, strconv.Itoa(pid), "cmdline"))
+	if err != nil {
+		return nil, err
+	}
+	return splitNul(b), nil
+}
+
+func splitNul(b []byte) []string {
+	s := strings.TrimSuffix(string(b), "\x00")
+	if s == "" {
+		return nil
+	}
+	return strings.Split(s, "\x00")
+}
+
+// parseStartTime reads field 22 of /proc/PID/stat; the comm field may hold
+// spaces and parentheses, so fields are counted after the last ')'.
+func parseStartTime(stat string) uint64 {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0
+	}
+	f := strings.Fields(stat[i+1:])
+	if len(f) < 20 {
+		return 0
+	}
+	n, _ := strconv.ParseUint(f[19], 10, 64)
+	return n
+}
+
+func (p *Process) readStatus(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("pid %d: %w", p.PID, err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, _ := strings.Cut(sc.Text(), ":")
+		fs := strings.Fields(v)
+		switch k {
+		case "Uid":
+			if len(fs) > 0 {
+				n, _ := strconv.ParseUint(fs[0], 10, 32)
+				p.UID = uint32(n)
+			}
+		case "Gid":
+			if len(fs) > 0 {
+				n, _ := strconv.ParseUint(fs[0], 10, 32)
+				p.GID = uint32(n)
+			}
+		case "Groups":
+			for _, g := range fs {
+				n, err := strconv.ParseUint(g, 10, 32)
+				if err == nil {
+					p.Groups = append(p.Groups, uint32(n))
+				}
+			}
+		}
+	}
+	return sc.Err()
+}
+
+// ParseCgroup returns the cgroup v2 path from /proc/PID/cgroup ("0::/x").
+func ParseCgroup(s string) string {
+	for _, l := range strings.Split(s, "\n") {
+		if p, ok := strings.CutPrefix(l, "0::"); ok {
+			return p
+		}
+	}
+	return ""
+}
+
+// ParseTunFdinfo returns the interface name from a tun fd's fdinfo ("iff:").
+func ParseTunFdinfo(s string) string {
+	for _, l := range strings.Split(s, "\n") {
+		if v, ok := strings.CutPrefix(l, "iff:"); ok {
+			return strings.TrimSpace(v)
+		}
+	}
+	return ""
+}
+
+// readUnixSockets maps socket inode → bound path from a /proc/net/unix file.
+func readUnixSockets(path string) map[string]string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	return ParseNetUnix(string(b))
+}
+
+// ParseNetUnix parses /proc/net/unix into inode → path (bound sockets only).
+func ParseNetUnix(s string) map[string]string {
+	m := map[string]string{}
+	for i, l := range strings.Split(s, "\n") {
+		f := strings.Fields(l)
+		if i == 0 || len(f) < 8 {
+			continue
+		}
+		m[f[6]] = f[7]
+	}
+	return m
+}

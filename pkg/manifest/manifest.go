@@ -1,0 +1,269 @@
+// Package manifest is the one contract between the two sides of a live
+// update: what the saving side recorded about every guest, read by the side
+// that restores them (a restarted QEMU, or PID 1 after kexec).
+//
+// The package owns the schema version, validation and atomic writing; nothing
+// else writes a manifest. A manifest is written as temp file, fsync, rename,
+// fsync of the directory, with mode 0600, so a crash leaves either the old or
+// the new manifest, never a torn one.
+package manifest
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+)
+
+// SchemaVersion is the version this code writes and the only one it reads.
+const SchemaVersion = 1
+
+// FileName is the manifest's name inside the state directory.
+const FileName = "manifest.json"
+
+// Manifest records one save of a set of guests.
+type Manifest struct {
+	Schema   int       `json:"schema"`
+	ID       string    `json:"id"` // unique per run
+	Created  time.Time `json:"created"`
+	Host     Host      `json:"host"`
+	StateDir string    `json:"state_dir"`
+	VMs      []VM      `json:"vms"`
+	Phases   []Phase   `json:"phases,omitempty"`
+}
+
+// Host identifies the machine and kernel that wrote the manifest.
+type Host struct {
+	Hostname string `json:"hostname"`
+	Kernel   string `json:"kernel"`
+	BootID   string `json:"boot_id"`
+}
+
+// Status is where a guest is in the save/restore cycle.
+type Status string
+
+// The statuses a VM goes through. Only "running" means nothing is left to do.
+const (
+	StatusPlanned  Status = "planned"  // recorded, not yet saved
+	StatusSaved    Status = "saved"    // state file complete; old QEMU may still live
+	StatusQuit     Status = "quit"     // old QEMU gone; must be restored
+	StatusRunning  Status = "running"  // restored (or resumed) and confirmed running
+	StatusFailed   Status = "failed"   // restore failed; state and RAM files kept
+	StatusResumed  Status = "resumed"  // save rolled back, old QEMU continued
+	StatusRestored Status = "restored" // new QEMU loaded state; not yet confirmed running
+)
+
+// VM is everything needed to start a saved guest again.
+type VM struct {
+	Name        string   `json:"name"`
+	PID         int      `json:"pid"`
+	Binary      string   `json:"binary"`       // QEMU executable of the saved process
+	Argv        []string `json:"argv"`         // as the saved process was started
+	RestartArgv []string `json:"restart_argv"` // rewritten: -incoming defer, fds renumbered, machine pinned
+	Cwd         string   `json:"cwd"`
+	Env         []string `json:"env"`
+	UID         uint32   `json:"uid"`
+	GID         uint32   `json:"gid"`
+	Groups      []uint32 `json:"groups,omitempty"`
+	Cgroup      string   `json:"cgroup,omitempty"` // cgroup v2 path, e.g. /machine.slice/vm1.scope
+	NetNS       string   `json:"netns,omitempty"`  // named network namespace (/run/netns/X) if not the host's
+
+	QMP         string                   `json:"qmp"` // QMP unix socket path
+	MachineType string                   `json:"machine_type"`
+	QEMUVersion string                   `json:"qemu_version"`
+	RAM         []qemuargv.MemoryBackend `json:"ram"`
+	Fds         []Fd                     `json:"fds,omitempty"`
+
+	StateFile  string `json:"state_file"`
+	StateSize  int64  `json:"state_size,omitempty"`
+	WasRunning bool   `json:"was_running"` // resume after restore only if it ran before
+
+	Status  Status    `json:"status"`
+	Error   string    `json:"error,omitempty"`
+	Stopped time.Time `json:"stopped,omitzero"` // old QEMU's STOP event
+	Resumed time.Time `json:"resumed,omitzero"` // new QEMU's RESUME event
+	NewPID  int       `json:"new_pid,omitempty"`
+}
+
+// Blackout is RESUME − STOP, or 0 when either is unknown.
+func (v VM) Blackout() time.Duration {
+	if v.Stopped.IsZero() || v.Resumed.IsZero() {
+		return 0
+	}
+	return v.Resumed.Sub(v.Stopped)
+}
+
+// Fd is an inherited file descriptor the restarted QEMU must be given, at
+// number Num of its RestartArgv.
+type Fd struct {
+	Num  int             `json:"num"`
+	Kind qemuargv.FdKind `json:"kind"`
+	// Tap: the tap device's name, its TUN flags (IFF_*), and whether it
+	// was persistent before we made it so for the restart.
+	TapName    string `json:"tap_name,omitempty"`
+	TapFlags   uint16 `json:"tap_flags,omitempty"`
+	TapPersist bool   `json:"tap_persist,omitempty"`
+	// Chardev: the unix socket path a listening socket was bound to.
+	SocketPath string `json:"socket_path,omitempty"`
+}
+
+// Phase is one timed step of a run.
+type Phase struct {
+	Name  string    `json:"name"`
+	VM    string    `json:"vm,omitempty"`
+	Start time.Time `json:"start"`
+	End   time.Time `json:"end"`
+	Error string    `json:"error,omitempty"`
+}
+
+// Validate checks the manifest is complete and self-consistent, and that
+// every file it names lies inside stateDir or one of allowedRoots (the
+// mounts guest RAM may live on). An empty allowedRoots skips the RAM check.
+func (m *Manifest) Validate(allowedRoots ...string) error {
+	if m.Schema != SchemaVersion {
+		return fmt.Errorf("manifest schema %d, this liveupdate reads %d: restore with the liveupdate that wrote it", m.Schema, SchemaVersion)
+	}
+	if !filepath.IsAbs(m.StateDir) {
+		return fmt.Errorf("manifest state_dir %q is not an absolute path", m.StateDir)
+	}
+	names := map[string]bool{}
+	for i, v := range m.VMs {
+		where := fmt.Sprintf("manifest vm %d (%q)", i, v.Name)
+		if v.Name == "" || strings.ContainsAny(v.Name, "/\x00") || v.Name == "." || v.Name == ".." {
+			return fmt.Errorf("%s: invalid name", where)
+		}
+		if names[v.Name] {
+			return fmt.Errorf("%s: duplicate name", where)
+		}
+		names[v.Name] = true
+		if len(v.RestartArgv) == 0 {
+			return fmt.Errorf("%s: empty restart_argv", where)
+		}
+		if _, err := qemuargv.Parse(v.RestartArgv); err != nil {
+			return fmt.Errorf("%s: restart_argv: %w", where, err)
+		}
+		if !Within(v.StateFile, m.StateDir) {
+			return fmt.Errorf("%s: state_file %q is outside the state directory %s", where, v.StateFile, m.StateDir)
+		}
+		if !filepath.IsAbs(v.QMP) {
+			return fmt.Errorf("%s: qmp socket %q is not an absolute path", where, v.QMP)
+		}
+		if len(allowedRoots) > 0 {
+			for _, b := range v.RAM {
+				ok := false
+				for _, r := range allowedRoots {
+					ok = ok || Within(b.MemPath, r)
+				}
+				if !ok {
+					return fmt.Errorf("%s: RAM backend %q file %q is outside %v", where, b.ID, b.MemPath, allowedRoots)
+				}
+			}
+		}
+		switch v.Status {
+		case StatusPlanned, StatusSaved, StatusQuit, StatusRunning, StatusFailed, StatusResumed, StatusRestored:
+		default:
+			return fmt.Errorf("%s: unknown status %q", where, v.Status)
+		}
+	}
+	return nil
+}
+
+// Within tells whether path p is dir or lies below it, lexically (no "..").
+func Within(p, dir string) bool {
+	if !filepath.IsAbs(p) || !filepath.IsAbs(dir) {
+		return false
+	}
+	p, dir = filepath.Clean(p), filepath.Clean(dir)
+	if p == dir {
+		return true
+	}
+	return strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
+}
+
+// Decode parses a manifest strictly (unknown fields are an error: a newer
+// writer's data must not be silently dropped) and validates it.
+func Decode(b []byte, allowedRoots ...string) (*Manifest, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var m Manifest
+	if err := dec.Decode(&m); err != nil {
+		return nil, fmt.Errorf("manifest does not parse: %w", err)
+	}
+	if dec.More() {
+		return nil, fmt.Errorf("manifest does not parse: trailing data after the JSON object")
+	}
+	if err := m.Validate(allowedRoots...); err != nil {
+		return nil, err
+	}
+	return &m, nil
+}
+
+// Read reads and validates the manifest at path.
+func Read(path string, allowedRoots ...string) (*Manifest, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest: %w", err)
+	}
+	m, err := Decode(b, allowedRoots...)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return m, nil
+}
+
+// Write writes m to path atomically with mode 0600.
+func Write(path string, m *Manifest) error {
+	if m.Schema == 0 {
+		m.Schema = SchemaVersion
+	}
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encoding manifest: %w", err)
+	}
+	b = append(b, '\n')
+	return WriteFileAtomic(path, b, 0o600)
+}
+
+// WriteFileAtomic writes data to path through a temp file in the same
+// directory: write, fsync, rename, fsync the directory.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
+	if err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // no-op after the rename
+	if err := f.Chmod(mode); err != nil {
+		f.Close()
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("syncing %s: %w", path, err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("renaming into %s: %w", path, err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("syncing directory %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing directory %s: %w", dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,127 @@
+package manifest
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+)
+
+func sample() *Manifest {
+	return &Manifest{
+		Schema:   SchemaVersion,
+		ID:       "run-1",
+		Created:  time.Unix(1700000000, 0).UTC(),
+		StateDir: "/mnt/pmem/liveupdate",
+		VMs: []VM{{
+			Name:        "vm1",
+			RestartArgv: []string{"qemu-system-x86_64", "-m", "256", "-incoming", "defer"},
+			QMP:         "/run/vm1.qmp",
+			StateFile:   "/mnt/pmem/liveupdate/vm1.state",
+			RAM:         []qemuargv.MemoryBackend{{ID: "ram0", MemPath: "/mnt/pmem/vm1.ram", Share: true}},
+			Status:      StatusSaved,
+		}},
+	}
+}
+
+func TestWriteRead(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, FileName)
+	m := sample()
+	if err := Write(p, m); err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Errorf("mode = %v, want 0600", st.Mode().Perm())
+	}
+	got, err := Read(p, "/mnt/pmem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.VMs[0].Name != "vm1" || got.VMs[0].RAM[0].MemPath != "/mnt/pmem/vm1.ram" {
+		t.Fatalf("read back %+v", got.VMs[0])
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("temp files left behind: %v", entries)
+	}
+}
+
+func TestValidate(t *testing.T) {
+	tests := []struct {
+		name    string
+		mutate  func(*Manifest)
+		roots   []string
+		wantErr string
+	}{
+		{"ok", func(*Manifest) {}, []string{"/mnt/pmem"}, ""},
+		{"schema", func(m *Manifest) { m.Schema = 99 }, nil, "schema 99"},
+		{"state file escapes", func(m *Manifest) { m.VMs[0].StateFile = "/mnt/pmem/liveupdate/../../etc/passwd" }, nil, "outside the state directory"},
+		{"state file prefix trick", func(m *Manifest) { m.VMs[0].StateFile = "/mnt/pmem/liveupdate-evil/x" }, nil, "outside the state directory"},
+		{"RAM outside PMEM", func(m *Manifest) { m.VMs[0].RAM[0].MemPath = "/dev/shm/x" }, []string{"/mnt/pmem"}, "outside"},
+		{"bad name", func(m *Manifest) { m.VMs[0].Name = "../x" }, nil, "invalid name"},
+		{"duplicate", func(m *Manifest) { m.VMs = append(m.VMs, m.VMs[0]) }, nil, "duplicate"},
+		{"empty argv", func(m *Manifest) { m.VMs[0].RestartArgv = nil }, nil, "empty restart_argv"},
+		{"status", func(m *Manifest) { m.VMs[0].Status = "weird" }, nil, "unknown status"},
+		{"relative state dir", func(m *Manifest) { m.StateDir = "x" }, nil, "not an absolute path"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := sample()
+			tt.mutate(m)
+			err := m.Validate(tt.roots...)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Fatalf("err = %v, want %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+func TestDecodeStrict(t *testing.T) {
+	b, _ := json.Marshal(sample())
+	bad := strings.Replace(string(b), `"schema":1`, `"schema":1,"surprise":true`, 1)
+	if _, err := Decode([]byte(bad)); err == nil || !strings.Contains(err.Error(), "surprise") {
+		t.Fatalf("unknown field accepted: %v", err)
+	}
+	if _, err := Decode([]byte("{")); err == nil {
+		t.Fatal("truncated manifest accepted")
+	}
+	if _, err := Decode(append(b, []byte("{}")...)); err == nil {
+		t.Fatal("trailing data accepted")
+	}
+}
+
+func FuzzDecode(f *testing.F) {
+	b, _ := json.Marshal(sample())
+	f.Add(b)
+	f.Add([]byte(`{"schema":1,"state_dir":"/x","vms":[{"name":"a","restart_argv":["q"],"state_file":"/x/a","qmp":"/q","status":"saved"}]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := Decode(b, "/mnt/pmem")
+		if err != nil {
+			return
+		}
+		// Whatever decodes must validate, and survive a write/read.
+		if err := m.Validate("/mnt/pmem"); err != nil {
+			t.Fatalf("decoded manifest does not validate: %v", err)
+		}
+		for _, v := range m.VMs {
+			if !Within(v.StateFile, m.StateDir) {
+				t.Fatalf("state file %q escapes %q", v.StateFile, m.StateDir)
+			}
+		}
+	})
+}

@@ -1,0 +1,207 @@
+// Package qmp is a QMP client for the live-update engine, built on
+// github.com/digitalocean/go-qemu/qmp's SocketMonitor.
+//
+// It adds what the engine needs and the monitor lacks: every call is bounded
+// by a context and says what it was waiting for when the deadline passes; the
+// event stream is drained continuously (an undrained stream blocks replies)
+// and kept with QEMU's own host timestamps, so STOP and RESUME can be paired
+// into a blackout afterwards. Commands are sent as raw JSON because the
+// generated qmp/raw API predates "mode" and "x-ignore-shared".
+package qmp
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	dqmp "github.com/digitalocean/go-qemu/qmp"
+)
+
+// Event is a QMP event with QEMU's host timestamp.
+type Event struct {
+	Name string         `json:"event"`
+	Time time.Time      `json:"time"`
+	Data map[string]any `json:"data,omitempty"`
+}
+
+// Client is one QMP connection.
+type Client struct {
+	path string
+	mon  *dqmp.SocketMonitor
+
+	mu     sync.Mutex
+	events []Event
+	wake   chan struct{} // closed and replaced whenever an event arrives
+	closed chan struct{} // closed when the event stream ends
+	once   sync.Once
+}
+
+// Dial connects to the QMP unix socket at path and does the capabilities
+// handshake. It gives up when ctx is done, e.g. when QEMU never sends its
+// greeting because another client holds the monitor.
+func Dial(ctx context.Context, path string) (*Client, error) {
+	timeout := 5 * time.Second
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	if timeout <= 0 {
+		return nil, fmt.Errorf("connecting to QMP %s: %w", path, context.DeadlineExceeded)
+	}
+	mon, err := dqmp.NewSocketMonitor("unix", path, timeout)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to QMP %s: %w", path, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- mon.Connect() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			mon.Disconnect()
+			return nil, fmt.Errorf("QMP handshake on %s: %w", path, err)
+		}
+	case <-ctx.Done():
+		mon.Disconnect()
+		return nil, fmt.Errorf("QMP %s sent no greeting before the deadline (QEMU hung, or another client such as libvirt holds the monitor): %w", path, ctx.Err())
+	}
+	c := &Client{path: path, mon: mon, wake: make(chan struct{}), closed: make(chan struct{})}
+	evs, err := mon.Events(context.Background())
+	if err != nil {
+		mon.Disconnect()
+		return nil, fmt.Errorf("QMP %s: subscribing to events: %w", path, err)
+	}
+	go c.drain(evs)
+	return c, nil
+}
+
+func (c *Client) drain(evs <-chan dqmp.Event) {
+	for e := range evs {
+		ev := Event{
+			Name: e.Event,
+			Time: time.Unix(int64(e.Timestamp.Seconds), int64(e.Timestamp.Microseconds)*1000),
+			Data: e.Data,
+		}
+		c.mu.Lock()
+		c.events = append(c.events, ev)
+		close(c.wake)
+		c.wake = make(chan struct{})
+		c.mu.Unlock()
+	}
+	close(c.closed)
+}
+
+// Path is the socket this client is connected to.
+func (c *Client) Path() string { return c.path }
+
+// Close disconnects. It is safe to call more than once.
+func (c *Client) Close() {
+	c.once.Do(func() { c.mon.Disconnect() })
+}
+
+// Closed is closed when QEMU closes the connection (e.g. after quit).
+func (c *Client) Closed() <-chan struct{} { return c.closed }
+
+// ErrDisconnected means QEMU closed the monitor before replying.
+var ErrDisconnected = errors.New("QMP connection closed")
+
+// Error is an error reply from QEMU.
+type Error struct {
+	Command string
+	Msg     string
+}
+
+func (e *Error) Error() string { return fmt.Sprintf("QMP %s: %s", e.Command, e.Msg) }
+
+// Execute runs a command with arguments (nil for none) and decodes its
+// "return" value into out (nil to ignore it).
+func (c *Client) Execute(ctx context.Context, cmd string, args any, out any) error {
+	req := map[string]any{"execute": cmd}
+	if args != nil {
+		req["arguments"] = args
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	type result struct {
+		raw []byte
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		raw, err := c.mon.Run(b)
+		done <- result{raw, err}
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-ctx.Done():
+		c.Close()
+		return fmt.Errorf("waiting for QEMU's reply to %s on %s: %w", cmd, c.path, ctx.Err())
+	}
+	if r.err != nil {
+		// The monitor hands a closed connection to Run as an empty reply,
+		// which fails to decode.
+		var syn *json.SyntaxError
+		if errors.As(r.err, &syn) || errors.Is(r.err, io.EOF) {
+			return fmt.Errorf("%s on %s: %w", cmd, c.path, ErrDisconnected)
+		}
+		return &Error{Command: cmd, Msg: r.err.Error()}
+	}
+	if out == nil {
+		return nil
+	}
+	var resp struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(r.raw, &resp); err != nil {
+		return fmt.Errorf("decoding reply to %s: %w", cmd, err)
+	}
+	if err := json.Unmarshal(resp.Return, out); err != nil {
+		return fmt.Errorf("decoding reply to %s: %w", cmd, err)
+	}
+	return nil
+}
+
+// Events returns a copy of the events received so far.
+func (c *Client) Events() []Event {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]Event(nil), c.events...)
+}
+
+// WaitEvent waits for the first event named name, at or after index from
+// in the event list, for which match (if not nil) is true. It returns the
+// event and its index.
+func (c *Client) WaitEvent(ctx context.Context, name string, from int, match func(Event) bool) (Event, int, error) {
+	for {
+		c.mu.Lock()
+		for i := from; i < len(c.events); i++ {
+			e := c.events[i]
+			if e.Name == name && (match == nil || match(e)) {
+				c.mu.Unlock()
+				return e, i, nil
+			}
+		}
+		from = len(c.events)
+		wake := c.wake
+		c.mu.Unlock()
+		select {
+		case <-wake:
+		case <-c.closed:
+			// Pick up events that arrived just before the close.
+			c.mu.Lock()
+			n := len(c.events)
+			c.mu.Unlock()
+			if n > from {
+				continue
+			}
+			return Event{}, 0, fmt.Errorf("waiting for QMP event %s on %s: %w", name, c.path, ErrDisconnected)
+		case <-ctx.Done():
+			return Event{}, 0, fmt.Errorf("waiting for QMP event %s on %s: %w", name, c.path, ctx.Err())
+		}
+	}
+}
