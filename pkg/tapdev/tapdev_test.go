@@ -81,4 +81,3 @@ func TestDupFromProcess(t *testing.T) {
 		t.Fatal("duplicated fd does not write to the pipe")
 	}
 }
-

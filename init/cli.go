@@ -1,0 +1,375 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+)
+
+const defaultStateDir = "/var/lib/liveupdate"
+
+// Exit codes: 0 done, 1 failed (what happened to each VM is printed),
+// 2 bad usage, 3 refused by preflight (nothing was touched).
+const (
+	exitOK      = 0
+	exitFailed  = 1
+	exitUsage   = 2
+	exitRefused = 3
+)
+
+type command struct {
+	name    string
+	summary string
+	run     func(ctx context.Context, args []string, stdout io.Writer) int
+}
+
+var commands = []command{
+	{"plan", "list running QEMUs and their preflight verdicts", cmdPlan},
+	{"save", "save VMs' device state and quit their QEMUs", cmdSave},
+	{"restore", "restore the VMs recorded in a manifest", cmdRestore},
+	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
+}
+
+func runCLI(args []string) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage()
+		if len(args) == 0 {
+			return exitUsage
+		}
+		return exitOK
+	}
+	for _, c := range commands {
+		if c.name == args[0] {
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			return c.run(ctx, args[1:], os.Stdout)
+		}
+	}
+	fmt.Fprintf(os.Stderr, "liveupdate: unknown command %q\n", args[0])
+	usage()
+	return exitUsage
+}
+
+// commonFlags are the flags every engine command takes.
+type commonFlags struct {
+	stateDir string
+	verbose  bool
+	qmpWait  time.Duration
+}
+
+func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: liveupdate %s\n\n", synopsis)
+		fs.PrintDefaults()
+	}
+	fs.StringVar(&c.stateDir, "state-dir", defaultStateDir, "directory for state files and the manifest (for a kernel update: on the PMEM filesystem)")
+	fs.BoolVar(&c.verbose, "v", false, "verbose logging")
+	fs.DurationVar(&c.qmpWait, "qmp-timeout", 5*time.Second, "how long to wait for each QEMU's QMP monitor")
+	return fs
+}
+
+func (c *commonFlags) engine() *cpr.Engine {
+	lvl := slog.LevelInfo
+	if c.verbose {
+		lvl = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+	e := cpr.New(c.stateDir, log)
+	e.QMPTimeout = c.qmpWait
+	return e
+}
+
+func parse(fs *flag.FlagSet, args []string) (int, bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK, false
+		}
+		return exitUsage, false
+	}
+	return 0, true
+}
+
+func cmdPlan(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("plan", "plan [--json] [VM…]", &c)
+	asJSON := fs.Bool("json", false, "print the verdicts as JSON")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	e := c.engine()
+	ts, err := e.Plan(ctx, fs.Args())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate plan:", err)
+		return exitFailed
+	}
+	defer closeAll(ts)
+	code := exitOK
+	if *asJSON {
+		var vs []any
+		for _, t := range ts {
+			vs = append(vs, t.Verdict)
+			if !t.Verdict.OK {
+				code = exitRefused
+			}
+		}
+		if vs == nil {
+			vs = []any{}
+		}
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		enc.Encode(vs)
+		return code
+	}
+	if len(ts) == 0 {
+		fmt.Fprintln(out, "no running QEMU found")
+		return exitOK
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VM\tPID\tQEMU\tMACHINE\tSTATE\tVERDICT")
+	for _, t := range ts {
+		v := "safe"
+		if !t.Verdict.OK {
+			v = "UNSAFE"
+			code = exitRefused
+		}
+		ver := "?"
+		if t.Facts.QMPErr == nil {
+			ver = fmt.Sprintf("%d.%d.%d", t.Facts.Version[0], t.Facts.Version[1], t.Facts.Version[2])
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", t.Name(), t.Proc.PID, ver,
+			strings.TrimSuffix(t.Facts.MachineType, "-machine"), orDash(t.Facts.Status), v)
+	}
+	tw.Flush()
+	for _, t := range ts {
+		for _, p := range t.Verdict.Problems {
+			fmt.Fprintf(out, "  %s: %s\n", t.Name(), p)
+		}
+		for _, n := range t.Verdict.Notes {
+			fmt.Fprintf(out, "  %s: note: %s\n", t.Name(), n)
+		}
+	}
+	return code
+}
+
+func cmdSave(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("save", "save [--qemu NEW_BINARY] [VM…]", &c)
+	binary := fs.String("qemu", "", "QEMU binary the VMs will be restored on (default: the one each runs now)")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	e := c.engine()
+	ts, err := e.Plan(ctx, fs.Args())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate save:", err)
+		return exitFailed
+	}
+	defer closeAll(ts)
+	if len(ts) == 0 {
+		fmt.Fprintln(os.Stderr, "liveupdate save: no running QEMU found")
+		return exitFailed
+	}
+	if refused := refusals(ts); refused != "" {
+		fmt.Fprintf(os.Stderr, "liveupdate save: refusing to touch any VM, these are not safe (nothing was changed):\n%s", refused)
+		return exitRefused
+	}
+	m, err := e.Save(ctx, ts, cpr.SaveOptions{QEMUBinary: *binary})
+	if m != nil {
+		printVMs(out, m)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate save:", err)
+		return exitFailed
+	}
+	fmt.Fprintf(out, "saved %d VM(s); manifest %s\nrestore with: liveupdate restore --manifest %s\n",
+		len(m.VMs), manifestPath(c.stateDir), manifestPath(c.stateDir))
+	return exitOK
+}
+
+func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("restore", "restore [--manifest PATH] [--json]", &c)
+	mpath := fs.String("manifest", "", "manifest to restore from (default: STATE_DIR/manifest.json)")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	if *mpath == "" {
+		*mpath = manifestPath(c.stateDir)
+	}
+	m, err := manifest.Read(*mpath)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate restore:", err)
+		return exitFailed
+	}
+	e := c.engine()
+	err = e.Restore(ctx, m, nil)
+	report(out, m, *asJSON)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "liveupdate restore: %v\nRAM and state files of failed VMs are kept; fix the cause and run 'liveupdate restore --manifest %s' again\n", err, *mpath)
+		return exitFailed
+	}
+	return exitOK
+}
+
+func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [VM…]", &c)
+	binary := fs.String("qemu", "", "restart the VMs on this QEMU binary (default: the one each runs now)")
+	asJSON := fs.Bool("json", false, "print the result as JSON")
+	skip := fs.Bool("skip-unsafe", false, "restart the safe VMs and leave unsafe ones running untouched (default: refuse all)")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	e := c.engine()
+	m, ts, err := e.RestartQEMU(ctx, fs.Args(), *binary, *skip)
+	if m == nil {
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "liveupdate restart-qemu:", err)
+		}
+		if ts != nil && refusals(ts) != "" {
+			return exitRefused
+		}
+		return exitFailed
+	}
+	report(out, m, *asJSON)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate restart-qemu:", err)
+		return exitFailed
+	}
+	return exitOK
+}
+
+func refusals(ts []*cpr.Target) string {
+	var b strings.Builder
+	for _, t := range ts {
+		for _, p := range t.Verdict.Problems {
+			fmt.Fprintf(&b, "  %s: %s\n", t.Name(), p)
+		}
+	}
+	return b.String()
+}
+
+func closeAll(ts []*cpr.Target) {
+	for _, t := range ts {
+		t.Close()
+	}
+}
+
+func manifestPath(stateDir string) string { return filepath.Join(stateDir, manifest.FileName) }
+
+// Result is the JSON shape of a restore/restart report.
+type Result struct {
+	ID     string           `json:"id"`
+	VMs    []VMResult       `json:"vms"`
+	Phases []manifest.Phase `json:"phases"`
+}
+
+// VMResult is one VM's outcome.
+type VMResult struct {
+	Name       string          `json:"name"`
+	Status     manifest.Status `json:"status"`
+	Error      string          `json:"error,omitempty"`
+	BlackoutMS float64         `json:"blackout_ms"`
+	StateBytes int64           `json:"state_bytes"`
+	RAMBytes   uint64          `json:"ram_bytes"`
+	OldPID     int             `json:"old_pid"`
+	NewPID     int             `json:"new_pid,omitempty"`
+}
+
+func results(m *manifest.Manifest) Result {
+	r := Result{ID: m.ID, Phases: m.Phases}
+	for _, v := range m.VMs {
+		var ram uint64
+		for _, b := range v.RAM {
+			ram += b.Size
+		}
+		r.VMs = append(r.VMs, VMResult{Name: v.Name, Status: v.Status, Error: v.Error,
+			BlackoutMS: float64(v.Blackout().Microseconds()) / 1000, StateBytes: v.StateSize,
+			RAMBytes: ram, OldPID: v.PID, NewPID: v.NewPID})
+	}
+	return r
+}
+
+func report(out io.Writer, m *manifest.Manifest, asJSON bool) {
+	if asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		enc.Encode(results(m))
+		return
+	}
+	printVMs(out, m)
+	if len(m.Phases) > 0 {
+		fmt.Fprintln(out, "\nphases:")
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		t0 := m.Phases[0].Start
+		for _, p := range m.Phases {
+			if p.Start.Before(t0) {
+				t0 = p.Start
+			}
+		}
+		for _, p := range m.Phases {
+			fmt.Fprintf(tw, "  %s\t%s\t+%.1f ms\t%.1f ms\t%s\n", p.Name, orDash(p.VM),
+				ms(p.Start.Sub(t0)), ms(p.End.Sub(p.Start)), p.Error)
+		}
+		tw.Flush()
+	}
+}
+
+func printVMs(out io.Writer, m *manifest.Manifest) {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "VM\tSTATUS\tBLACKOUT\tSTATE FILE\tGUEST RAM\tPID")
+	for _, r := range results(m).VMs {
+		bo := "-"
+		if r.BlackoutMS > 0 {
+			bo = fmt.Sprintf("%.1f ms", r.BlackoutMS)
+		}
+		pid := fmt.Sprint(r.OldPID)
+		if r.NewPID != 0 {
+			pid = fmt.Sprintf("%d → %d", r.OldPID, r.NewPID)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Status, bo, size(uint64(r.StateBytes)), size(r.RAMBytes), pid)
+	}
+	tw.Flush()
+	for _, v := range m.VMs {
+		if v.Error != "" {
+			fmt.Fprintf(out, "  %s: %s\n", v.Name, v.Error)
+		}
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func size(n uint64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

@@ -1,0 +1,34 @@
+// Command liveupdate keeps KVM guests alive across a host kernel update and
+// across a QEMU restart.
+//
+// On a running host it is the operator's tool:
+//
+//	liveupdate plan                 which VMs can be saved, and why not
+//	liveupdate restart-qemu [VM…]   QEMU-only live restart (save → quit → start → restore)
+//	liveupdate save / restore       the two halves, with the manifest in between
+//
+// Each subcommand's phases are the CPR engine's (package cpr): Plan, Save
+// (inverse: Resume), Quit (inverse: Restore).
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+func main() {
+	os.Exit(runCLI(os.Args[1:]))
+}
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage: liveupdate COMMAND [flags] [args]
+
+commands:
+  plan          list running QEMUs and whether each can be live-restarted
+  save          save every (or the named) VM's device state and quit its QEMU
+  restore       start the VMs recorded in a manifest and load their state
+  restart-qemu  save and restore in place, optionally onto a new QEMU binary
+
+Run 'liveupdate COMMAND -h' for a command's flags.
+`)
+}

@@ -1,0 +1,288 @@
+package cpr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
+	"github.com/liveupdate/liveupdate/pkg/tapdev"
+)
+
+// CgroupRoot is where the cgroup v2 hierarchy is mounted.
+var CgroupRoot = "/sys/fs/cgroup"
+
+// Restore starts every VM of m that is not running yet, in parallel, and
+// loads its saved state. held are fds the caller still holds for a VM (from
+// the old QEMU, in restart-qemu), by VM name and new fd number; fds not held
+// are re-created. A VM that fails keeps its RAM and state files and is
+// marked failed in the manifest, so Restore can be run again.
+func (e *Engine) Restore(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File) error {
+	e.man = m
+	e.StateDir = m.StateDir
+	var wg sync.WaitGroup
+	errs := make([]error, len(m.VMs))
+	for i := range m.VMs {
+		vm := &m.VMs[i]
+		switch vm.Status {
+		case manifest.StatusRunning, manifest.StatusResumed:
+			continue // nothing to do: idempotent
+		case manifest.StatusPlanned:
+			errs[i] = fmt.Errorf("%s: was never saved (its old QEMU should still run): not restoring", vm.Name)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := e.timed("restore", vm.Name, func() error { return e.restoreOne(ctx, vm, held[vm.Name]) })
+			if err != nil {
+				vm.Status = manifest.StatusFailed
+				vm.Error = err.Error()
+				e.Log.Error("restore failed; RAM and state files kept", "vm", vm.Name, "err", err)
+				errs[i] = err
+			}
+		}()
+	}
+	wg.Wait()
+	if err := e.writeManifest(); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// restoreOne starts one VM's new QEMU and loads its state.
+func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.File) error {
+	ctx, cancel := context.WithTimeout(ctx, e.RestoreTimeout)
+	defer cancel()
+	if _, err := os.Stat(vm.StateFile); err != nil {
+		return fmt.Errorf("state file: %w", err)
+	}
+	for _, b := range vm.RAM {
+		if b.MemPath == "" {
+			continue
+		}
+		st, err := os.Stat(b.MemPath)
+		if err != nil {
+			return fmt.Errorf("RAM of backend %s: %w", b.ID, err)
+		}
+		if st.Mode().IsRegular() && b.Size > 0 && uint64(st.Size()) < b.Size {
+			return fmt.Errorf("RAM file %s of backend %s is %d bytes, smaller than the guest's %d: refusing to start on it", b.MemPath, b.ID, st.Size(), b.Size)
+		}
+	}
+
+	var cmd *exec.Cmd
+	var files []*os.File
+	var opened []*os.File
+	defer func() {
+		for _, f := range opened {
+			f.Close()
+		}
+	}()
+	err := tapdev.InNetNS(vm.NetNS, func() error {
+		var err error
+		files, opened, err = openFds(vm, held)
+		if err != nil {
+			return err
+		}
+		cmd, err = e.command(vm, files)
+		if err != nil {
+			return err
+		}
+		return e.timed("qemu-start", vm.Name, cmd.Start)
+	})
+	if err != nil {
+		return fmt.Errorf("starting QEMU: %w", err)
+	}
+	vm.NewPID = cmd.Process.Pid
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	fail := func(err error) error {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(5 * time.Second):
+			cmd.Process.Kill()
+		}
+		vm.NewPID = 0
+		return fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
+	}
+
+	c, err := dialUntil(ctx, vm.QMP, exited)
+	if err != nil {
+		return fail(err)
+	}
+	defer c.Close()
+	err = e.timed("load", vm.Name, func() error {
+		if err := migrateSetup(ctx, c); err != nil {
+			return err
+		}
+		if err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + vm.StateFile}, nil); err != nil {
+			return err
+		}
+		return waitMigration(ctx, c, "loading "+vm.Name)
+	})
+	if err != nil {
+		return fail(err)
+	}
+	vm.Status = manifest.StatusRestored
+
+	var st struct {
+		Running bool
+		Status  string
+	}
+	if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
+		return fail(err)
+	}
+	if vm.WasRunning {
+		if !st.Running {
+			if err := e.timed("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
+				return fail(err)
+			}
+		}
+		ev, _, err := c.WaitEvent(ctx, "RESUME", 0, nil)
+		if err != nil {
+			return fail(err)
+		}
+		vm.Resumed = ev.Time
+		if err := c.Execute(ctx, "query-status", nil, &st); err != nil || !st.Running {
+			return fail(fmt.Errorf("guest is %q after restore, not running (%v)", st.Status, err))
+		}
+	}
+
+	// Confirmed: the state file is done with; keep it for inspection.
+	vm.Status = manifest.StatusRunning
+	vm.Error = ""
+	if err := os.Rename(vm.StateFile, vm.StateFile+".done"); err != nil {
+		e.Log.Warn("marking state file done", "vm", vm.Name, "err", err)
+	}
+	for _, fd := range vm.Fds {
+		if fd.Kind == qemuargv.FdTap && !fd.TapPersist {
+			if err := tapdev.SetPersist(files[fd.Num-firstFd], false); err != nil {
+				e.Log.Warn("restoring tap persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
+			}
+		}
+	}
+	e.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout())
+	return nil
+}
+
+// openFds returns the files to pass as fds 3, 4, … and those of them this
+// function opened (the caller closes them once QEMU has its copies).
+func openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*os.File, err error) {
+	for i, fd := range vm.Fds {
+		if fd.Num != firstFd+i {
+			return nil, opened, fmt.Errorf("manifest fds are not numbered from %d in order (%d at %d)", firstFd, fd.Num, i)
+		}
+		f := held[fd.Num]
+		if f == nil {
+			switch fd.Kind {
+			case qemuargv.FdTap:
+				f, err = tapdev.Open(fd.TapName, fd.TapFlags)
+			case qemuargv.FdVhost:
+				f, err = os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
+			case qemuargv.FdChardev:
+				f, err = listenUnix(fd.SocketPath)
+			default:
+				err = fmt.Errorf("fd %d of kind %s cannot be re-created", fd.Num, fd.Kind)
+			}
+			if err != nil {
+				return nil, opened, err
+			}
+			opened = append(opened, f)
+		}
+		files = append(files, f)
+	}
+	return files, opened, nil
+}
+
+func listenUnix(path string) (*os.File, error) {
+	os.Remove(path) // a stale socket from the old QEMU
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("re-creating socket %s: %w", path, err)
+	}
+	l.SetUnlinkOnClose(false)
+	defer l.Close()
+	return l.File()
+}
+
+func (e *Engine) logPath(vm *manifest.VM) string {
+	return filepath.Join(e.StateDir, vm.Name+".qemu.log")
+}
+
+// command builds the new QEMU process: same cwd, environment, credentials
+// and cgroup as the old one, detached into its own session.
+func (e *Engine) command(vm *manifest.VM, files []*os.File) (*exec.Cmd, error) {
+	log, err := os.OpenFile(e.logPath(vm), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(log, "--- liveupdate restore %s: %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(vm.RestartArgv, " "))
+	cmd := &exec.Cmd{
+		Path: vm.Binary, Args: vm.RestartArgv, Dir: vm.Cwd, Env: vm.Env,
+		Stdout: log, Stderr: log, ExtraFiles: files,
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	if vm.UID != 0 || vm.GID != 0 {
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: vm.UID, Gid: vm.GID, Groups: vm.Groups}
+	}
+	if fd, ok := e.cgroupFD(vm); ok {
+		cmd.SysProcAttr.UseCgroupFD = true
+		cmd.SysProcAttr.CgroupFD = fd
+	}
+	return cmd, nil
+}
+
+// cgroupFD opens (creating if needed) the VM's recorded cgroup v2 directory,
+// so the new QEMU is cloned straight into it.
+func (e *Engine) cgroupFD(vm *manifest.VM) (int, bool) {
+	if vm.Cgroup == "" || vm.Cgroup == "/" {
+		return 0, false
+	}
+	var st unix.Statfs_t
+	if unix.Statfs(CgroupRoot, &st) != nil || st.Type != unix.CGROUP2_SUPER_MAGIC {
+		return 0, false
+	}
+	dir := filepath.Join(CgroupRoot, filepath.Clean("/"+vm.Cgroup))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		e.Log.Warn("re-creating cgroup; starting QEMU outside it", "vm", vm.Name, "cgroup", vm.Cgroup, "err", err)
+		return 0, false
+	}
+	fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		e.Log.Warn("opening cgroup; starting QEMU outside it", "vm", vm.Name, "cgroup", vm.Cgroup, "err", err)
+		return 0, false
+	}
+	return fd, true
+}
+
+// dialUntil connects to a new QEMU's QMP socket as soon as it listens.
+func dialUntil(ctx context.Context, path string, exited <-chan error) (*qmp.Client, error) {
+	for {
+		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		c, err := qmp.Dial(dctx, path)
+		cancel()
+		if err == nil {
+			return c, nil
+		}
+		select {
+		case err := <-exited:
+			return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %v", err)
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), err)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}

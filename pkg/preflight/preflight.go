@@ -1,0 +1,164 @@
+// Package preflight decides, per VM, whether a CPR save/restore can keep the
+// guest alive, and says why not in words an operator can act on. It is a pure
+// function of what discovery and QMP found, so every verdict is unit-tested.
+package preflight
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+)
+
+// MinQEMU is the oldest QEMU with cpr-reboot.
+var MinQEMU = [2]int{8, 2}
+
+// StateReserve is the room the state directory must have per VM: device
+// state is small (well under 1 MiB for a plain guest) but video RAM and
+// ROMs that are not in a shared backend are written to it too.
+const StateReserve = 64 << 20
+
+// Memdev is one entry of QMP query-memdev.
+type Memdev struct {
+	ID    string `json:"id"`
+	Size  uint64 `json:"size"`
+	Share bool   `json:"share"`
+}
+
+// Facts is what QMP told about a running QEMU.
+type Facts struct {
+	QMPPath     string
+	QMPErr      error // non-nil when QMP could not be reached
+	Version     [3]int
+	Package     string
+	MachineType string // QOM type of /machine, e.g. "pc-i440fx-10.0-machine"
+	Status      string // query-status "status"
+	Memdevs     []Memdev
+}
+
+// Input is everything a verdict depends on.
+type Input struct {
+	Proc         *discover.Process
+	Facts        Facts
+	StateDir     string
+	StateDirFree uint64 // bytes available to root in StateDir
+	NetNSErr     error  // the VM's network namespace cannot be re-entered
+}
+
+// Verdict is the answer for one VM.
+type Verdict struct {
+	VM       string   `json:"vm"`
+	PID      int      `json:"pid"`
+	OK       bool     `json:"ok"`
+	Problems []string `json:"problems,omitempty"`
+	Notes    []string `json:"notes,omitempty"`
+}
+
+// StateFile is where a VM's device state is saved.
+func StateFile(stateDir, vm string) string { return filepath.Join(stateDir, vm+".state") }
+
+// Check returns the verdict for one VM.
+func Check(in Input) Verdict {
+	p := in.Proc
+	v := Verdict{VM: p.Name(), PID: p.PID}
+	bad := func(format string, a ...any) { v.Problems = append(v.Problems, fmt.Sprintf(format, a...)) }
+	note := func(format string, a ...any) { v.Notes = append(v.Notes, fmt.Sprintf(format, a...)) }
+	c := p.Cmdline
+
+	// Guest RAM must survive the restart in place.
+	ram, err := c.RAM()
+	if err != nil {
+		bad("cannot read the memory options: %v", err)
+	}
+	if ram.Implicit != "" {
+		bad("guest RAM is %s: it would be lost. Back it with -object memory-backend-file,id=ID,share=on,mem-path=FILE and -machine memory-backend=ID (or -numa node,memdev=ID)", ram.Implicit)
+	}
+	argvIDs := map[string]bool{}
+	for _, b := range ram.Backends {
+		argvIDs[b.ID] = true
+		use := ram.Used[b.ID]
+		if use == "" {
+			use = "unused"
+		}
+		switch {
+		case b.Type != "memory-backend-file":
+			bad("memory backend %q (%s, %s) is not a memory-backend-file: its RAM dies with QEMU and would be lost", b.ID, b.Type, use)
+		case !b.Share:
+			bad("memory backend %q (%s, mem-path %s) has share=off: QEMU's copy-on-write RAM would be lost; start the guest with share=on", b.ID, use, b.MemPath)
+		}
+	}
+	for _, m := range in.Facts.Memdevs {
+		if !argvIDs[m.ID] {
+			bad("memory backend %q was added at run time (object-add) and is not on the command line: a restarted QEMU would not have it", m.ID)
+		} else if !m.Share {
+			bad("memory backend %q is not shared according to QEMU (query-memdev): its RAM would be lost", m.ID)
+		}
+	}
+
+	// QMP, version, run state.
+	if in.Facts.QMPErr != nil {
+		bad("QMP: %v", in.Facts.QMPErr)
+	} else {
+		ver := in.Facts.Version
+		if ver[0] < MinQEMU[0] || ver[0] == MinQEMU[0] && ver[1] < MinQEMU[1] {
+			bad("QEMU %d.%d.%d has no cpr-reboot mode: need %d.%d or newer", ver[0], ver[1], ver[2], MinQEMU[0], MinQEMU[1])
+		}
+		switch in.Facts.Status {
+		case "running", "paused", "suspended", "prelaunch":
+		default:
+			bad("VM is in state %q: only a running or paused VM can be saved", in.Facts.Status)
+		}
+		if in.Facts.MachineType == "" {
+			bad("QEMU did not report its machine type")
+		}
+	}
+	if len(c.QMPEndpoints()) == 0 {
+		bad("no QMP unix socket on the command line: add -qmp unix:PATH,server=on,wait=off")
+	}
+
+	// Devices that cannot be carried over.
+	for _, d := range c.Devices() {
+		if strings.HasPrefix(d, "vfio") {
+			bad("device %s (VFIO passthrough) is not supported yet: its state cannot be saved by cpr-reboot without suspending the guest", d)
+		}
+	}
+	if len(c.Find("snapshot")) > 0 {
+		bad("-snapshot: the guest's disk writes live in a temporary overlay that quitting QEMU discards")
+	}
+
+	// Inherited fds must be re-creatable.
+	for _, r := range c.FdRefs() {
+		fi := p.Fds[r.Num]
+		switch {
+		case r.Num < 0:
+			bad("-%s %s=%s… names an fd by name or fdset: it cannot be passed to a new QEMU", c.Opts[r.Opt].Name, r.Key, r.Owner)
+		case r.Kind == qemuargv.FdOther:
+			bad("inherited fd %d (-%s %s of %q) is of a kind liveupdate cannot re-create", r.Num, c.Opts[r.Opt].Name, r.Key, r.Owner)
+		case fi.Target == "":
+			bad("the command line names fd %d (%s of %q) but QEMU has no such fd open", r.Num, r.Key, r.Owner)
+		case r.Kind == qemuargv.FdTap && fi.TapName == "":
+			bad("fd %d of netdev %q is %s, not a tap device", r.Num, r.Owner, fi.Target)
+		case r.Kind == qemuargv.FdChardev && fi.SocketPath == "":
+			bad("fd %d of chardev %q is not a bound unix socket (%s)", r.Num, r.Owner, fi.Target)
+		}
+	}
+	if in.NetNSErr != nil {
+		bad("%v", in.NetNSErr)
+	}
+
+	// Room and leftovers in the state directory.
+	if in.StateDirFree < StateReserve {
+		bad("state directory %s has %d MiB free, need at least %d MiB", in.StateDir, in.StateDirFree>>20, StateReserve>>20)
+	}
+	if _, err := os.Stat(StateFile(in.StateDir, v.VM)); err == nil {
+		bad("%s exists: an earlier save of this VM was not restored. Run 'liveupdate restore' or move the file away", StateFile(in.StateDir, v.VM))
+	}
+	if in.Facts.Status != "running" && in.Facts.QMPErr == nil {
+		note("VM is %s: it will be restored %s, not resumed", in.Facts.Status, in.Facts.Status)
+	}
+	v.OK = len(v.Problems) == 0
+	return v
+}

@@ -1,0 +1,93 @@
+package preflight
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+)
+
+func proc(t *testing.T, argv ...string) *discover.Process {
+	t.Helper()
+	c, err := qemuargv.Parse(append([]string{"qemu-system-x86_64"}, argv...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &discover.Process{PID: 42, Cmdline: c, Fds: map[int]discover.FdInfo{}}
+}
+
+var good = []string{"-name", "vm1", "-machine", "pc,memory-backend=ram0",
+	"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/dev/shm/vm1,share=on",
+	"-qmp", "unix:/run/vm1.qmp,server=on,wait=off"}
+
+func facts() Facts {
+	return Facts{Version: [3]int{10, 0, 2}, MachineType: "pc-i440fx-10.0-machine", Status: "running",
+		Memdevs: []Memdev{{ID: "ram0", Share: true}}}
+}
+
+func TestCheck(t *testing.T) {
+	tests := []struct {
+		name  string
+		argv  []string
+		facts func(*Facts)
+		fds   map[int]discover.FdInfo
+		free  uint64
+		want  string // substring of a problem; "" means OK
+	}{
+		{name: "ok", argv: good},
+		{name: "private file backend names the backend",
+			argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/x", "-qmp", "unix:/q,server=on"},
+			want: `memory backend "ram0" (machine, mem-path /x) has share=off`},
+		{name: "ram backend", argv: []string{"-machine", "memory-backend=r", "-object", "memory-backend-ram,id=r,size=1G", "-qmp", "unix:/q,server=on"},
+			want: `"r" (memory-backend-ram, machine) is not a memory-backend-file`},
+		{name: "implicit RAM", argv: []string{"-m", "1G", "-qmp", "unix:/q,server=on"}, facts: func(f *Facts) { f.Memdevs = nil },
+			want: "anonymous private RAM"},
+		{name: "hot-added backend", argv: good, facts: func(f *Facts) { f.Memdevs = append(f.Memdevs, Memdev{ID: "hp1", Share: true}) },
+			want: `"hp1" was added at run time`},
+		{name: "old QEMU", argv: good, facts: func(f *Facts) { f.Version = [3]int{8, 1, 0} }, want: "need 8.2"},
+		{name: "QMP timeout", argv: good, facts: func(f *Facts) { f.QMPErr = errors.New("no greeting") }, want: "QMP: no greeting"},
+		{name: "no QMP", argv: good[:6], want: "no QMP unix socket"},
+		{name: "VFIO", argv: append(append([]string{}, good...), "-device", "vfio-pci,host=01:00.0"), want: "VFIO"},
+		{name: "migrating", argv: good, facts: func(f *Facts) { f.Status = "inmigrate" }, want: `state "inmigrate"`},
+		{name: "tap fd that is not a tap", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7"),
+			fds: map[int]discover.FdInfo{7: {Target: "/dev/null"}}, want: "not a tap device"},
+		{name: "tap fd ok", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7,vhost=on,vhostfd=8"),
+			fds: map[int]discover.FdInfo{7: {Target: "/dev/net/tun", TapName: "vnet0"}, 8: {Target: "/dev/vhost-net"}}},
+		{name: "fdset", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"),
+			fds: map[int]discover.FdInfo{9: {Target: "/x"}}, want: "cannot re-create"},
+		{name: "missing fd", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7"), want: "no such fd open"},
+		{name: "no room", argv: good, free: 1 << 20, want: "need at least 64 MiB"},
+		{name: "snapshot", argv: append(append([]string{}, good...), "-snapshot"), want: "-snapshot"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := proc(t, tt.argv...)
+			if tt.fds != nil {
+				p.Fds = tt.fds
+			}
+			f := facts()
+			if tt.facts != nil {
+				tt.facts(&f)
+			}
+			free := tt.free
+			if free == 0 {
+				free = 1 << 30
+			}
+			v := Check(Input{Proc: p, Facts: f, StateDir: t.TempDir(), StateDirFree: free})
+			if tt.want == "" {
+				if !v.OK {
+					t.Fatalf("want OK, got %v", v.Problems)
+				}
+				return
+			}
+			if v.OK {
+				t.Fatalf("want a problem containing %q, got OK", tt.want)
+			}
+			if !strings.Contains(strings.Join(v.Problems, "\n"), tt.want) {
+				t.Fatalf("problems %q do not mention %q", v.Problems, tt.want)
+			}
+		})
+	}
+}
