@@ -1,0 +1,284 @@
+package qemutests
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/tapdev"
+)
+
+// TestRestartOne restarts one guest onto another QEMU binary and checks the
+// guest went on where it stopped, with its RAM never copied.
+func TestRestartOne(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "one"})[0]
+	ram := g.ramFile[0]
+	var before unix.Stat_t
+	if err := unix.Stat(ram, &before); err != nil {
+		t.Fatal(err)
+	}
+	// "Another" QEMU binary: a copy, so the test can see which one runs.
+	newQEMU := filepath.Join(t.TempDir(), "qemu-system-x86_64-new")
+	if out, err := exec.Command("cp", qemuBinary, newQEMU).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	oldPID := g.pid()
+	last, _ := g.lastBeat()
+	state := t.TempDir()
+
+	code, out, _ := runLU(t, "restart-qemu", "--json", "--state-dir", state, "--qemu", newQEMU, "one")
+	if code != 0 {
+		t.Fatalf("restart-qemu exit %d", code)
+	}
+	r := parseResult(t, out)
+	if len(r.VMs) != 1 || r.VMs[0].Status != "running" {
+		t.Fatalf("result: %+v", r)
+	}
+	vm := r.VMs[0]
+	if vm.BlackoutMS <= 0 {
+		t.Errorf("blackout not measured: %v", vm.BlackoutMS)
+	}
+	if alive(oldPID) {
+		t.Errorf("old QEMU %d still runs", oldPID)
+	}
+	if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", vm.NewPID)); exe != newQEMU {
+		t.Errorf("new QEMU runs %q, want %q", exe, newQEMU)
+	}
+	g.checkContinues(last)
+
+	// RAM stayed in place: same file, same size; the state file holds
+	// device state only.
+	var after unix.Stat_t
+	if err := unix.Stat(ram, &after); err != nil {
+		t.Fatal(err)
+	}
+	if after.Ino != before.Ino || after.Size != before.Size || after.Size != 256<<20 {
+		t.Errorf("RAM file changed: inode %d→%d size %d→%d", before.Ino, after.Ino, before.Size, after.Size)
+	}
+	st, err := os.Stat(filepath.Join(state, "one.state.done"))
+	if err != nil {
+		t.Fatalf("state file not kept as .done: %v", err)
+	}
+	if st.Size() != vm.StateBytes || st.Size() > 4<<20 || st.Size()*50 > after.Size {
+		t.Errorf("state file is %d bytes for %d bytes of RAM: RAM was copied?", st.Size(), after.Size)
+	}
+	t.Logf("blackout %.1f ms, state file %d bytes, guest RAM %d bytes", vm.BlackoutMS, st.Size(), after.Size)
+
+	// The manifest pinned the machine alias "pc" to the versioned type.
+	m, err := manifest.Read(filepath.Join(state, manifest.FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if argv := strings.Join(m.VMs[0].RestartArgv, " "); !strings.Contains(argv, "-machine pc-i440fx-") || !strings.HasSuffix(argv, "-incoming defer") {
+		t.Errorf("restart argv not rewritten: %s", argv)
+	}
+	if fi, _ := os.Stat(filepath.Join(state, manifest.FileName)); fi.Mode().Perm() != 0o600 {
+		t.Errorf("manifest mode %v", fi.Mode().Perm())
+	}
+
+	// And again, from the restored QEMU: the cycle repeats.
+	last, _ = g.lastBeat()
+	if code, _, _ := runLU(t, "restart-qemu", "--state-dir", state, "one"); code != 0 {
+		t.Fatalf("second restart-qemu exit %d", code)
+	}
+	g.checkContinues(last)
+}
+
+// TestRestartThreeShapes restarts three differently shaped guests at once:
+// JSON -object syntax, two NUMA nodes on their own backends, and a tap
+// netdev passed by fd inside a network namespace.
+func TestRestartThreeShapes(t *testing.T) {
+	ns := "lu-test-three"
+	exec.Command("ip", "netns", "del", ns).Run()
+	if out, err := exec.Command("ip", "netns", "add", ns).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", ns).Run() })
+	nsPath := "/run/netns/" + ns
+	var tap *os.File
+	err := tapdev.InNetNS(nsPath, func() error {
+		var err error
+		tap, err = tapdev.Open("lutap0", unix.IFF_TAP|unix.IFF_NO_PI|unix.IFF_VNET_HDR)
+		if err != nil {
+			return err
+		}
+		return exec.Command("ip", "link", "set", "lutap0", "up").Run()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ifindex := func() string {
+		out, _ := exec.Command("ip", "-n", ns, "-o", "link", "show", "lutap0").Output()
+		f := strings.SplitN(string(out), ":", 2)
+		return f[0]
+	}
+	idx := ifindex()
+
+	gs := bootAll(t,
+		guestSpec{name: "json", memory: []string{"-m", "256", "-machine", "q35,memory-backend=ram0",
+			"-object", `{"qom-type":"memory-backend-file","id":"ram0","size":268435456,"mem-path":"/dev/shm/lu-test-json.ram","share":true}`}},
+		guestSpec{name: "numa", memory: []string{"-m", "256", "-smp", "2", "-machine", "pc",
+			"-object", "memory-backend-file,id=m0,size=128M,mem-path=/dev/shm/lu-test-numa0.ram,share=on",
+			"-object", "memory-backend-file,id=m1,size=128M,mem-path=/dev/shm/lu-test-numa1.ram,share=on",
+			"-numa", "node,nodeid=0,cpus=0,memdev=m0", "-numa", "node,nodeid=1,cpus=1,memdev=m1"}},
+		guestSpec{name: "tap", netns: nsPath, files: []*os.File{tap},
+			extra: []string{"-netdev", "tap,id=n0,fd=3", "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:aa:bb:01"}},
+	)
+	tap.Close() // QEMU has its own copy; the tap lives as long as QEMU's fd
+	var last []beat
+	var oldPIDs []int
+	for _, g := range gs {
+		b, _ := g.lastBeat()
+		last = append(last, b)
+		oldPIDs = append(oldPIDs, g.pid())
+	}
+	state := t.TempDir()
+	code, out, _ := runLU(t, "restart-qemu", "--json", "--state-dir", state, "json", "numa", "tap")
+	if code != 0 {
+		t.Fatalf("restart-qemu exit %d", code)
+	}
+	r := parseResult(t, out)
+	if len(r.VMs) != 3 {
+		t.Fatalf("want 3 VMs, got %+v", r)
+	}
+	for _, vm := range r.VMs {
+		if vm.Status != "running" || vm.BlackoutMS <= 0 {
+			t.Errorf("%s: status %s blackout %.1f", vm.Name, vm.Status, vm.BlackoutMS)
+		}
+	}
+	for i, g := range gs {
+		if alive(oldPIDs[i]) {
+			t.Errorf("%s: old QEMU still runs", g.name)
+		}
+		g.checkContinues(last[i])
+	}
+	// The tap is the same device (not re-created) and back to non-persistent.
+	if got := ifindex(); got != idx || got == "" {
+		t.Errorf("tap ifindex %q → %q: device was re-created or lost", idx, got)
+	}
+	if out, _ := exec.Command("ip", "-n", ns, "-d", "link", "show", "lutap0").Output(); strings.Contains(string(out), "persist on") {
+		t.Errorf("tap left persistent: %s", out)
+	}
+}
+
+// TestRefusePrivateRAM: a guest whose RAM is private is refused by plan and
+// restart-qemu, with the backend named, and keeps running untouched.
+func TestRefusePrivateRAM(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "private", memory: []string{"-m", "256", "-machine", "pc,memory-backend=pram",
+		"-object", "memory-backend-file,id=pram,size=256M,mem-path=/dev/shm/lu-test-private.ram"}})[0]
+	pid := g.pid()
+	last, _ := g.lastBeat()
+	state := t.TempDir()
+	code, out, _ := runLU(t, "plan", "--state-dir", state, "private")
+	if code != 3 || !strings.Contains(out, `memory backend "pram"`) || !strings.Contains(out, "share=off") {
+		t.Errorf("plan: exit %d, output does not name the backend:\n%s", code, out)
+	}
+	code, _, errOut := runLU(t, "restart-qemu", "--state-dir", state, "private")
+	if code != 3 || !strings.Contains(errOut, `memory backend "pram"`) || !strings.Contains(errOut, "nothing was changed") {
+		t.Errorf("restart-qemu: exit %d, stderr does not refuse naming the backend:\n%s", code, errOut)
+	}
+	if g.pid() != pid || !alive(pid) {
+		t.Fatalf("guest QEMU changed: pid %d → %d", pid, g.pid())
+	}
+	if ents, _ := os.ReadDir(state); len(ents) != 0 {
+		t.Errorf("refused run left files: %v", ents)
+	}
+	g.checkContinues(last)
+}
+
+// TestQMPHang: one QEMU whose monitor never answers (the process is
+// stopped) → a clear timeout error naming it; the other VM is untouched, and
+// with --skip-unsafe it alone is restarted.
+func TestQMPHang(t *testing.T) {
+	gs := bootAll(t, guestSpec{name: "hung"}, guestSpec{name: "fine"})
+	hung, fine := gs[0], gs[1]
+	hungPID, finePID := hung.pid(), fine.pid()
+	if err := syscall.Kill(hungPID, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Kill(hungPID, syscall.SIGCONT) })
+	state := t.TempDir()
+	start := time.Now()
+	code, _, errOut := runLU(t, "restart-qemu", "--qmp-timeout", "2s", "--state-dir", state, "hung", "fine")
+	if code != 3 || !strings.Contains(errOut, "hung: QMP") || !strings.Contains(errOut, "no greeting before the deadline") {
+		t.Errorf("exit %d; stderr does not report the hung monitor:\n%s", code, errOut)
+	}
+	if d := time.Since(start); d > 60*time.Second {
+		t.Errorf("refusal took %s: the QMP deadline did not apply", d)
+	}
+	if fine.pid() != finePID || !alive(finePID) {
+		t.Fatalf("the fine VM was touched")
+	}
+	last, _ := fine.lastBeat()
+	code, out, errOut := runLU(t, "restart-qemu", "--qmp-timeout", "2s", "--skip-unsafe", "--json", "--state-dir", state, "hung", "fine")
+	if code != 1 || !strings.Contains(errOut, "skipped unsafe VMs") {
+		t.Errorf("--skip-unsafe: exit %d, stderr:\n%s", code, errOut)
+	}
+	r := parseResult(t, out)
+	if len(r.VMs) != 1 || r.VMs[0].Name != "fine" || r.VMs[0].Status != "running" {
+		t.Fatalf("--skip-unsafe result: %+v", r)
+	}
+	fine.checkContinues(last)
+	syscall.Kill(hungPID, syscall.SIGCONT)
+	hb, _ := hung.lastBeat()
+	hung.checkContinues(hb)
+}
+
+// TestRollback: one VM's state file cannot be written (its QEMU sees the
+// state directory read-only) → the save fails, every VM resumes on its old
+// QEMU, and the tool says so.
+func TestRollback(t *testing.T) {
+	state := t.TempDir()
+	os.Chmod(state, 0o700)
+	// QEMU "ro" runs in a mount namespace where the state directory is a
+	// read-only bind mount: its migrate to file fails with EROFS.
+	wrap := []string{"unshare", "--mount", "--propagation", "private", "sh", "-c",
+		`mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"`, state}
+	gs := bootAll(t, guestSpec{name: "ok1"}, guestSpec{name: "ro", wrapper: wrap}, guestSpec{name: "ok2"})
+	var pids []int
+	var last []beat
+	for _, g := range gs {
+		pids = append(pids, g.pid())
+		b, _ := g.lastBeat()
+		last = append(last, b)
+	}
+	code, out, errOut := runLU(t, "restart-qemu", "--state-dir", state, "ok1", "ro", "ok2")
+	if code != 1 || !strings.Contains(errOut, "every VM resumed on its old QEMU") {
+		t.Errorf("exit %d; stderr:\n%s", code, errOut)
+	}
+	if !strings.Contains(out, "resumed") {
+		t.Errorf("output does not say the VMs resumed:\n%s", out)
+	}
+	for i, g := range gs {
+		if g.pid() != pids[i] || !alive(pids[i]) {
+			t.Errorf("%s: old QEMU %d gone (now %d)", g.name, pids[i], g.pid())
+		}
+		g.checkContinues(last[i])
+	}
+	m, err := manifest.Read(filepath.Join(state, manifest.FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range m.VMs {
+		if v.Status != manifest.StatusResumed {
+			t.Errorf("%s: manifest status %s, want resumed", v.Name, v.Status)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(state, "ok1.state.aborted")); err != nil {
+		t.Errorf("aborted state file not set aside: %v", err)
+	}
+	// Nothing left behind blocks a later restart of a resumed VM.
+	last0, _ := gs[0].lastBeat()
+	if code, _, _ := runLU(t, "restart-qemu", "--state-dir", state, "ok1"); code != 0 {
+		t.Fatalf("restart after rollback: exit %d", code)
+	}
+	gs[0].checkContinues(last0)
+}

@@ -1,0 +1,324 @@
+// Package qemutests holds the tests that run real QEMU under TCG: local CPR
+// tests (tier 2, this file's helpers) and, later, boot and nested update
+// tests. They need root (taps, network namespaces, mount namespaces) and the
+// set-up's QEMU 10 and Debian kernels (scripts/setup.sh).
+package qemutests
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/tapdev"
+)
+
+var (
+	repoRoot    string
+	binDir      string // liveupdate + heartbeat built for this run
+	guestInitrd string
+	guestKernel string
+	qemuBinary  string
+)
+
+func TestMain(m *testing.M) {
+	os.Exit(setup(m))
+}
+
+func setup(m *testing.M) int {
+	_, file, _, _ := runtime.Caller(0)
+	repoRoot = filepath.Dir(filepath.Dir(file))
+	var err error
+	binDir, err = os.MkdirTemp("", "liveupdate-qemu-tests")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(binDir)
+	if os.Geteuid() != 0 {
+		fmt.Fprintln(os.Stderr, "qemu-tests: need root (taps, network and mount namespaces)")
+		return 1
+	}
+	qemuBinary, err = exec.LookPath("qemu-system-x86_64")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "qemu-tests: qemu-system-x86_64 not found: run scripts/setup.sh")
+		return 1
+	}
+	guestKernel = filepath.Join(repoRoot, ".cache/kernels/new/vmlinuz")
+	if _, err := os.Stat(guestKernel); err != nil {
+		fmt.Fprintln(os.Stderr, "qemu-tests: guest kernel missing: run scripts/setup.sh:", err)
+		return 1
+	}
+	for _, b := range []struct{ out, pkg string }{
+		{"liveupdate", "./init"}, {"heartbeat", "./cmds/heartbeat"}, {"mkinitrd", "./cmds/mkinitrd"},
+	} {
+		cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, b.out), b.pkg)
+		cmd.Dir = repoRoot
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", b.pkg, err, out)
+			return 1
+		}
+	}
+	guestInitrd = filepath.Join(binDir, "guest.cpio.gz")
+	if out, err := exec.Command(filepath.Join(binDir, "mkinitrd"), "-o", guestInitrd, "-init", filepath.Join(binDir, "heartbeat")).CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "building guest initramfs: %v\n%s", err, out)
+		return 1
+	}
+	return m.Run()
+}
+
+// guest is one test VM: a heartbeat guest under QEMU, started with
+// -daemonize as a service manager would, so it is not the test's child.
+type guest struct {
+	t       *testing.T
+	name    string
+	dir     string
+	serial  string
+	qmp     string
+	ramFile []string
+	pidfile string
+}
+
+// guestSpec shapes a guest's command line.
+type guestSpec struct {
+	name    string
+	memory  []string // options describing RAM; default: one shared file backend
+	extra   []string // more options
+	files   []*os.File
+	wrapper []string // command prefix (e.g. unshare …)
+	netns   string
+}
+
+func startGuest(t *testing.T, s guestSpec) *guest {
+	t.Helper()
+	g := &guest{t: t, name: s.name, dir: t.TempDir()}
+	g.serial = filepath.Join(g.dir, "serial.log")
+	g.qmp = filepath.Join(g.dir, "qmp.sock")
+	g.pidfile = filepath.Join(g.dir, "qemu.pid")
+	mem := s.memory
+	if mem == nil {
+		ram := "/dev/shm/lu-test-" + s.name + ".ram"
+		mem = []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
+			"-object", "memory-backend-file,id=ram0,size=256M,mem-path=" + ram + ",share=on"}
+	}
+	for i, a := range mem {
+		if i > 0 && strings.Contains(a, "mem-path") {
+			re := regexp.MustCompile(`mem-path["=:]+([^,"]+)`)
+			if m := re.FindStringSubmatch(a); m != nil {
+				g.ramFile = append(g.ramFile, m[1])
+			}
+		}
+	}
+	t.Cleanup(func() {
+		for _, f := range g.ramFile {
+			os.Remove(f)
+		}
+	})
+	argv := append([]string{}, s.wrapper...)
+	argv = append(argv, qemuBinary, "-name", s.name, "-accel", "tcg", "-nodefaults", "-nographic", "-vga", "none", "-no-reboot")
+	argv = append(argv, mem...)
+	argv = append(argv,
+		"-kernel", guestKernel, "-initrd", guestInitrd,
+		"-append", "console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000",
+		"-chardev", "file,id=ser0,path="+g.serial+",append=on", "-serial", "chardev:ser0",
+		"-monitor", "none", "-qmp", "unix:"+g.qmp+",server=on,wait=off",
+		"-daemonize", "-pidfile", g.pidfile)
+	argv = append(argv, s.extra...)
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Dir = g.dir
+	cmd.ExtraFiles = s.files
+	start := func() error {
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("starting QEMU: %v\n%s", err, out)
+		}
+		return nil
+	}
+	var err error
+	if s.netns != "" {
+		err = tapdev.InNetNS(s.netns, start)
+	} else {
+		err = start()
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(g.kill)
+	return g
+}
+
+func (g *guest) pid() int {
+	b, err := os.ReadFile(g.pidfile)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(strings.TrimSpace(string(b)))
+	return n
+}
+
+func (g *guest) kill() {
+	// The running QEMU may be a restored one: find it by the QMP socket it
+	// was started with, through its pidfile (QEMU rewrites it).
+	if p := g.pid(); p > 0 {
+		exec.Command("kill", "-9", strconv.Itoa(p)).Run()
+	}
+	out, _ := exec.Command("pgrep", "-f", "-name "+g.name+" ").Output()
+	for _, f := range strings.Fields(string(out)) {
+		exec.Command("kill", "-9", f).Run()
+	}
+}
+
+// beat is one heartbeat line.
+type beat struct {
+	seq  uint64
+	boot string
+	mem  string
+}
+
+var beatRE = regexp.MustCompile(`HB seq=(\d+) boot=(\S+) up=\S+ mem=(\S+)`)
+
+func (g *guest) lastBeat() (beat, bool) {
+	f, err := os.Open(g.serial)
+	if err != nil {
+		return beat{}, false
+	}
+	defer f.Close()
+	var last beat
+	ok := false
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if m := beatRE.FindStringSubmatch(sc.Text()); m != nil {
+			n, _ := strconv.ParseUint(m[1], 10, 64)
+			last, ok = beat{seq: n, boot: m[2], mem: m[3]}, true
+		}
+	}
+	return last, ok
+}
+
+// waitBeat waits for a heartbeat with seq > after and returns it.
+func (g *guest) waitBeat(after uint64, d time.Duration) beat {
+	g.t.Helper()
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if b, ok := g.lastBeat(); ok && b.seq > after {
+			return b
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	tail, _ := exec.Command("tail", "-5", g.serial).Output()
+	g.t.Fatalf("%s: no heartbeat after seq %d within %s; serial tail:\n%s", g.name, after, d, tail)
+	return beat{}
+}
+
+// checkContinues asserts the guest keeps beating past before, with the same
+// boot id and an intact memory checksum.
+func (g *guest) checkContinues(before beat) beat {
+	g.t.Helper()
+	b := g.waitBeat(before.seq+3, 60*time.Second)
+	if b.boot != before.boot {
+		g.t.Fatalf("%s: boot id changed %s → %s: the guest rebooted", g.name, before.boot, b.boot)
+	}
+	if b.mem != "ok" {
+		g.t.Fatalf("%s: guest memory checksum is %q after restart", g.name, b.mem)
+	}
+	return b
+}
+
+// runLU runs the liveupdate CLI and returns its exit code, stdout, stderr.
+func runLU(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "liveupdate"), args...)
+	var stdout, stderr strings.Builder
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatalf("running liveupdate: %v", err)
+	}
+	t.Logf("liveupdate %s → exit %d\nstdout:\n%s\nstderr:\n%s", strings.Join(args, " "), code, stdout.String(), stderr.String())
+	return code, stdout.String(), stderr.String()
+}
+
+// restartResult is the JSON printed by restart-qemu --json.
+type restartResult struct {
+	VMs []struct {
+		Name       string  `json:"name"`
+		Status     string  `json:"status"`
+		Error      string  `json:"error"`
+		BlackoutMS float64 `json:"blackout_ms"`
+		StateBytes int64   `json:"state_bytes"`
+		RAMBytes   uint64  `json:"ram_bytes"`
+		OldPID     int     `json:"old_pid"`
+		NewPID     int     `json:"new_pid"`
+	} `json:"vms"`
+}
+
+func parseResult(t *testing.T, out string) restartResult {
+	t.Helper()
+	var r restartResult
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("restart-qemu --json output does not parse: %v\n%s", err, out)
+	}
+	return r
+}
+
+func alive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// A zombie is dead for our purpose.
+	i := strings.LastIndexByte(string(b), ')')
+	return i > 0 && !strings.HasPrefix(strings.TrimSpace(string(b[i+1:])), "Z")
+}
+
+// bootAll starts guests in parallel (boots dominate the test time) and waits
+// until each has beaten a few times.
+func bootAll(t *testing.T, specs ...guestSpec) []*guest {
+	t.Helper()
+	gs := make([]*guest, len(specs))
+	for i, s := range specs {
+		gs[i] = startGuest(t, s)
+	}
+	var wg sync.WaitGroup
+	for _, g := range gs {
+		wg.Add(1)
+		go func() { defer wg.Done(); g.waitBeatNoFatal(3, 120*time.Second) }()
+	}
+	wg.Wait()
+	for _, g := range gs {
+		if _, ok := g.lastBeat(); !ok {
+			tail, _ := exec.Command("tail", "-20", g.serial).Output()
+			t.Fatalf("%s did not boot; serial:\n%s", g.name, tail)
+		}
+	}
+	return gs
+}
+
+func (g *guest) waitBeatNoFatal(after uint64, d time.Duration) {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if b, ok := g.lastBeat(); ok && b.seq > after {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
