@@ -81,7 +81,7 @@ func setup(m *testing.M) int {
 // guest is one test VM: a heartbeat guest under QEMU, started with
 // -daemonize as a service manager would, so it is not the test's child.
 type guest struct {
-	t       *testing.T
+	t       testing.TB
 	name    string
 	dir     string
 	serial  string
@@ -100,7 +100,7 @@ type guestSpec struct {
 	netns   string
 }
 
-func startGuest(t *testing.T, s guestSpec) *guest {
+func startGuest(t testing.TB, s guestSpec) *guest {
 	t.Helper()
 	g := &guest{t: t, name: s.name, dir: t.TempDir()}
 	g.serial = filepath.Join(g.dir, "serial.log")
@@ -236,7 +236,7 @@ func (g *guest) checkContinues(before beat) beat {
 }
 
 // runLU runs the liveupdate CLI and returns its exit code, stdout, stderr.
-func runLU(t *testing.T, args ...string) (int, string, string) {
+func runLU(t testing.TB, args ...string) (int, string, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
@@ -268,7 +268,7 @@ type restartResult struct {
 	} `json:"vms"`
 }
 
-func parseResult(t *testing.T, out string) restartResult {
+func parseResult(t testing.TB, out string) restartResult {
 	t.Helper()
 	var r restartResult
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
@@ -292,7 +292,7 @@ func alive(pid int) bool {
 
 // bootAll starts guests in parallel (boots dominate the test time) and waits
 // until each has beaten a few times.
-func bootAll(t *testing.T, specs ...guestSpec) []*guest {
+func bootAll(t testing.TB, specs ...guestSpec) []*guest {
 	t.Helper()
 	gs := make([]*guest, len(specs))
 	for i, s := range specs {

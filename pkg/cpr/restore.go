@@ -106,8 +106,10 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		return fmt.Errorf("starting QEMU: %w", err)
 	}
 	vm.NewPID = cmd.Process.Pid
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	// exited is closed when the new QEMU exits; waitErr then says how.
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
 	fail := func(err error) error {
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -119,7 +121,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		return fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
 	}
 
-	c, err := dialUntil(ctx, vm.QMP, exited)
+	c, err := dialUntil(ctx, vm.QMP, exited, func() error { return waitErr })
 	if err != nil {
 		return fail(err)
 	}
@@ -269,7 +271,7 @@ func (e *Engine) cgroupFD(vm *manifest.VM) (int, bool) {
 }
 
 // dialUntil connects to a new QEMU's QMP socket as soon as it listens.
-func dialUntil(ctx context.Context, path string, exited <-chan error) (*qmp.Client, error) {
+func dialUntil(ctx context.Context, path string, exited <-chan struct{}, why func() error) (*qmp.Client, error) {
 	for {
 		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		c, err := qmp.Dial(dctx, path)
@@ -278,8 +280,8 @@ func dialUntil(ctx context.Context, path string, exited <-chan error) (*qmp.Clie
 			return c, nil
 		}
 		select {
-		case err := <-exited:
-			return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %v", err)
+		case <-exited:
+			return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %v", why())
 		case <-ctx.Done():
 			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), err)
 		case <-time.After(5 * time.Millisecond):

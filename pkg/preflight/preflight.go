@@ -145,6 +145,25 @@ func Check(in Input) Verdict {
 			bad("fd %d of chardev %q is not a bound unix socket (%s)", r.Num, r.Owner, fi.Target)
 		}
 	}
+	// Files QEMU opens at start must be found again from its working
+	// directory (a QEMU started with -daemonize has changed to "/").
+	for _, f := range c.InputFiles() {
+		path := f.Path
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(p.Cwd, path)
+		}
+		if _, err := os.Stat(path); err != nil {
+			hint := ""
+			if !filepath.IsAbs(f.Path) {
+				hint = fmt.Sprintf(" (relative to QEMU's working directory %s", p.Cwd)
+				if len(c.Find("daemonize")) > 0 {
+					hint += "; -daemonize changed it to /"
+				}
+				hint += "): start QEMU with absolute paths"
+			}
+			bad("%s %s cannot be found%s: a restarted QEMU would not start", f.Option, f.Path, hint)
+		}
+	}
 	if in.NetNSErr != nil {
 		bad("%v", in.NetNSErr)
 	}

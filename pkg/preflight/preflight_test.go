@@ -15,11 +15,11 @@ func proc(t *testing.T, argv ...string) *discover.Process {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &discover.Process{PID: 42, Cmdline: c, Fds: map[int]discover.FdInfo{}}
+	return &discover.Process{PID: 42, Cmdline: c, Cwd: "/", Fds: map[int]discover.FdInfo{}}
 }
 
 var good = []string{"-name", "vm1", "-machine", "pc,memory-backend=ram0",
-	"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/dev/shm/vm1,share=on",
+	"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/dev/null,share=on", // any file that exists
 	"-qmp", "unix:/run/vm1.qmp,server=on,wait=off"}
 
 func facts() Facts {
@@ -59,6 +59,8 @@ func TestCheck(t *testing.T) {
 			fds: map[int]discover.FdInfo{9: {Target: "/x"}}, want: "cannot re-create"},
 		{name: "missing fd", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7"), want: "no such fd open"},
 		{name: "no room", argv: good, free: 1 << 20, want: "need at least 64 MiB"},
+		{name: "relative kernel after -daemonize", argv: append(append([]string{}, good...), "-daemonize", "-kernel", "boot/vmlinuz"),
+			want: "-kernel boot/vmlinuz cannot be found (relative to QEMU's working directory /; -daemonize changed it to /)"},
 		{name: "snapshot", argv: append(append([]string{}, good...), "-snapshot"), want: "-snapshot"},
 	}
 	for _, tt := range tests {

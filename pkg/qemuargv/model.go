@@ -366,3 +366,54 @@ func (c *Cmdline) Devices() []string {
 	}
 	return out
 }
+
+// FileRef is a file the command line names that must exist when QEMU starts.
+type FileRef struct {
+	Option string // e.g. "-kernel", "-object ram0 mem-path"
+	Path   string
+}
+
+// InputFiles lists the files QEMU opens at start-up and needs to exist:
+// kernel, initrd, dtb, firmware, RAM backing files, plain-file disks.
+func (c *Cmdline) InputFiles() []FileRef {
+	var out []FileRef
+	for _, o := range c.Opts {
+		switch o.Name {
+		case "kernel", "initrd", "dtb", "bios":
+			out = append(out, FileRef{Option: "-" + o.Name, Path: o.Value})
+			continue
+		case "object", "drive", "blockdev":
+		default:
+			continue
+		}
+		p, err := o.Props()
+		if err != nil {
+			continue
+		}
+		id, _ := p.Get("id")
+		if id == "" {
+			id, _ = p.Get("node-name")
+		}
+		switch o.Name {
+		case "object":
+			if t, _ := p.Get("qom-type"); t == "memory-backend-file" {
+				if mp, ok := p.Get("mem-path"); ok {
+					out = append(out, FileRef{Option: "-object " + id + " mem-path", Path: mp})
+				}
+			}
+		case "drive":
+			f, ok := p.Get("file")
+			drv, _ := p.Get("driver")
+			if ok && f != "" && !strings.Contains(f, ":") && (drv == "" || drv == "file" || drv == "raw" || drv == "qcow2") {
+				out = append(out, FileRef{Option: "-drive " + id + " file", Path: f})
+			}
+		case "blockdev":
+			if d, _ := p.Get("driver"); d == "file" {
+				if f, ok := p.Get("filename"); ok {
+					out = append(out, FileRef{Option: "-blockdev " + id + " filename", Path: f})
+				}
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,51 @@
+# liveupdate — see README.md.
+#
+#   make demo    set up, then a real QEMU-only live restart of a heartbeat guest
+#   make test    set up, then every test (unit, fuzz briefly, real QEMU)
+#   make bench   benchmarks; rewrites docs/benchmarks.md
+
+SHELL     := /bin/bash
+GO        ?= go
+FUZZTIME  ?= 10s
+BIN       := bin
+
+.PHONY: all build setup test unit fuzz-short qemu-test lint demo bench fuzz clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./init ./cmds/...
+	mv -f $(BIN)/init $(BIN)/liveupdate
+
+setup:
+	./scripts/setup.sh
+
+lint:
+	@out=$$(gofmt -l init cmds pkg qemu-tests); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -count=1 ./init/... ./cmds/... ./pkg/...
+
+# Every parser of outside input, fuzzed briefly (longer: make fuzz FUZZTIME=10m).
+FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest
+fuzz-short fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		name=$${t%%:*}; pkg=$${t#*:}; \
+		echo "fuzz $$name ($$pkg) for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
+
+qemu-test:
+	$(GO) test -count=1 -timeout 20m -v ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-qemu-tests.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:[0-9]+: [^l]'; exit $${PIPESTATUS[0]}
+
+test: setup lint unit fuzz-short qemu-test
+
+demo: setup build
+	./scripts/demo-restart.sh
+
+bench: setup
+	./scripts/bench.sh
+
+clean:
+	rm -rf $(BIN)
