@@ -1,0 +1,154 @@
+// Package cgroupv2 records the part of a cgroup v2 tree that holds the
+// guests' QEMUs — each cgroup on the way from the root, with its enabled
+// controllers and its limits — and re-creates it in a new kernel, top-down,
+// before the QEMUs are cloned straight into their cgroups.
+package cgroupv2
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// LimitFiles are the interface files recorded and re-applied.
+var LimitFiles = []string{
+	"cpu.max", "cpu.weight", "cpu.idle",
+	"cpuset.cpus", "cpuset.mems",
+	"memory.min", "memory.low", "memory.high", "memory.max", "memory.swap.max",
+	"io.weight", "io.max",
+	"pids.max",
+}
+
+// Cgroup is one recorded cgroup.
+type Cgroup struct {
+	Path        string            `json:"path"`             // "/" for the root, else "/a/b"
+	Controllers []string          `json:"subtree_control"`  // enabled for its children
+	Limits      map[string]string `json:"limits,omitempty"` // file → content, only non-default ones
+}
+
+// Capture records path and its ancestors (root first) under the cgroup2
+// mount at root ("/sys/fs/cgroup").
+func Capture(root, path string) ([]Cgroup, error) {
+	path = filepath.Clean("/" + path)
+	var chain []string
+	for p := path; ; p = filepath.Dir(p) {
+		chain = append([]string{p}, chain...)
+		if p == "/" {
+			break
+		}
+	}
+	var out []Cgroup
+	for _, p := range chain {
+		dir := filepath.Join(root, p)
+		b, err := os.ReadFile(filepath.Join(dir, "cgroup.subtree_control"))
+		if err != nil {
+			return nil, fmt.Errorf("reading cgroup %s: %w", p, err)
+		}
+		cg := Cgroup{Path: p, Controllers: strings.Fields(string(b)), Limits: map[string]string{}}
+		if p != "/" {
+			for _, f := range LimitFiles {
+				b, err := os.ReadFile(filepath.Join(dir, f))
+				if err != nil {
+					continue // controller not enabled here
+				}
+				v := strings.TrimSpace(string(b))
+				if isDefault(f, v) {
+					continue
+				}
+				cg.Limits[f] = v
+			}
+		}
+		out = append(out, cg)
+	}
+	return out, nil
+}
+
+// isDefault tells whether a limit file holds the kernel's default, which
+// need not be written back (and for cpuset means "inherit").
+func isDefault(file, v string) bool {
+	switch file {
+	case "cpu.max":
+		return strings.HasPrefix(v, "max ")
+	case "cpu.weight", "io.weight":
+		return v == "100" || v == "default 100"
+	case "cpu.idle", "memory.min", "memory.low":
+		return v == "0"
+	case "memory.high", "memory.max", "memory.swap.max", "pids.max":
+		return v == "max"
+	case "cpuset.cpus", "cpuset.mems", "io.max":
+		return v == ""
+	}
+	return false
+}
+
+// Merge combines recorded chains (one per VM) into one list, parents first,
+// each path once.
+func Merge(chains ...[]Cgroup) []Cgroup {
+	byPath := map[string]Cgroup{}
+	for _, ch := range chains {
+		for _, c := range ch {
+			byPath[c.Path] = c
+		}
+	}
+	var out []Cgroup
+	for _, c := range byPath {
+		out = append(out, c)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		di, dj := strings.Count(out[i].Path, "/"), strings.Count(out[j].Path, "/")
+		if out[i].Path == "/" || out[j].Path == "/" {
+			return out[i].Path == "/" && out[j].Path != "/"
+		}
+		if di != dj {
+			return di < dj
+		}
+		return out[i].Path < out[j].Path
+	})
+	return out
+}
+
+// Apply re-creates the cgroups under root, parents first: mkdir, enable the
+// recorded controllers in cgroup.subtree_control, write the limits. It goes
+// on past errors and returns them all.
+func Apply(root string, cgs []Cgroup) error {
+	var errs []error
+	for _, c := range Merge(cgs) {
+		dir := filepath.Join(root, filepath.Clean("/"+c.Path))
+		if c.Path != "/" {
+			if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+				errs = append(errs, fmt.Errorf("creating cgroup %s: %w", c.Path, err))
+				continue
+			}
+		}
+		// cpuset first: a cgroup with an empty cpuset takes no tasks.
+		files := make([]string, 0, len(c.Limits))
+		for f := range c.Limits {
+			files = append(files, f)
+		}
+		sort.Slice(files, func(i, j int) bool {
+			ci, cj := strings.HasPrefix(files[i], "cpuset."), strings.HasPrefix(files[j], "cpuset.")
+			if ci != cj {
+				return ci
+			}
+			return files[i] < files[j]
+		})
+		for _, f := range files {
+			if err := os.WriteFile(filepath.Join(dir, f), []byte(c.Limits[f]), 0); err != nil {
+				errs = append(errs, fmt.Errorf("cgroup %s: writing %s=%q: %w", c.Path, f, c.Limits[f], err))
+			}
+		}
+		if len(c.Controllers) > 0 {
+			var b strings.Builder
+			for _, ctl := range c.Controllers {
+				fmt.Fprintf(&b, "+%s ", ctl)
+			}
+			if err := os.WriteFile(filepath.Join(dir, "cgroup.subtree_control"), []byte(strings.TrimSpace(b.String())), 0); err != nil {
+				errs = append(errs, fmt.Errorf("cgroup %s: enabling controllers %v: %w", c.Path, c.Controllers, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,266 @@
+// Package netsetup records the host-side network a set of guests uses (their
+// tap devices and the bridges those are ports of, with addresses) and builds
+// it again in a new kernel, through netlink. It also brings up loopback and
+// configures the management interface with DHCPv4.
+package netsetup
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/tapdev"
+)
+
+// Network is the recorded host-side network of the guests.
+type Network struct {
+	Bridges []Bridge `json:"bridges,omitempty"`
+	Taps    []Tap    `json:"taps,omitempty"`
+}
+
+// Bridge is a Linux bridge with its addresses and non-tap ports.
+type Bridge struct {
+	Name  string   `json:"name"`
+	MAC   string   `json:"mac"`
+	MTU   int      `json:"mtu"`
+	Addrs []string `json:"addrs,omitempty"` // CIDR
+	Ports []string `json:"ports,omitempty"` // ports other than the recorded taps (e.g. the uplink NIC)
+	Up    bool     `json:"up"`
+}
+
+// Tap is a guest's tap device.
+type Tap struct {
+	Name   string `json:"name"`
+	MAC    string `json:"mac"`
+	MTU    int    `json:"mtu"`
+	Flags  uint16 `json:"flags"` // TUN flags: IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE
+	Queues int    `json:"queues"`
+	Master string `json:"master,omitempty"`
+	Up     bool   `json:"up"`
+}
+
+// Capture records the named taps (with their TUN flags and queue counts,
+// which netlink does not report reliably) and the bridges they belong to.
+func Capture(taps map[string]TapInfo) (Network, error) {
+	var n Network
+	bridges := map[string]bool{}
+	names := make([]string, 0, len(taps))
+	for name := range taps {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		l, err := netlink.LinkByName(name)
+		if err != nil {
+			return n, fmt.Errorf("recording tap %s: %w", name, err)
+		}
+		a := l.Attrs()
+		t := Tap{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Flags: taps[name].Flags,
+			Queues: taps[name].Queues, Up: a.Flags&net.FlagUp != 0}
+		if a.MasterIndex > 0 {
+			m, err := netlink.LinkByIndex(a.MasterIndex)
+			if err != nil {
+				return n, fmt.Errorf("recording master of tap %s: %w", name, err)
+			}
+			t.Master = m.Attrs().Name
+			if m.Type() == "bridge" {
+				bridges[t.Master] = true
+			}
+		}
+		n.Taps = append(n.Taps, t)
+	}
+	var bnames []string
+	for b := range bridges {
+		bnames = append(bnames, b)
+	}
+	sort.Strings(bnames)
+	for _, name := range bnames {
+		b, err := captureBridge(name, taps)
+		if err != nil {
+			return n, err
+		}
+		n.Bridges = append(n.Bridges, b)
+	}
+	return n, nil
+}
+
+// TapInfo is what the caller knows of a tap from its fds.
+type TapInfo struct {
+	Flags  uint16
+	Queues int
+}
+
+func captureBridge(name string, taps map[string]TapInfo) (Bridge, error) {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return Bridge{}, fmt.Errorf("recording bridge %s: %w", name, err)
+	}
+	a := l.Attrs()
+	b := Bridge{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
+	addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
+	if err != nil {
+		return b, fmt.Errorf("recording addresses of %s: %w", name, err)
+	}
+	for _, ad := range addrs {
+		if ad.IP.IsLinkLocalUnicast() {
+			continue // the kernel makes these itself
+		}
+		b.Addrs = append(b.Addrs, ad.IPNet.String())
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return b, err
+	}
+	for _, p := range links {
+		if p.Attrs().MasterIndex == a.Index {
+			if _, isTap := taps[p.Attrs().Name]; !isTap {
+				b.Ports = append(b.Ports, p.Attrs().Name)
+			}
+		}
+	}
+	sort.Strings(b.Ports)
+	return b, nil
+}
+
+// Apply builds the recorded network: bridges first (with addresses and
+// uplink ports that exist), then the taps, persistent, with their MAC, MTU
+// and bridge. Existing devices are reused and adjusted. It goes on past
+// errors and returns them all.
+func Apply(n Network) error {
+	var errs []error
+	for _, b := range n.Bridges {
+		if err := applyBridge(b); err != nil {
+			errs = append(errs, fmt.Errorf("bridge %s: %w", b.Name, err))
+		}
+	}
+	for _, t := range n.Taps {
+		if err := applyTap(t); err != nil {
+			errs = append(errs, fmt.Errorf("tap %s: %w", t.Name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func applyBridge(b Bridge) error {
+	l, err := netlink.LinkByName(b.Name)
+	if err != nil {
+		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: b.Name, MTU: b.MTU}}
+		if err := netlink.LinkAdd(br); err != nil {
+			return fmt.Errorf("creating: %w", err)
+		}
+		if l, err = netlink.LinkByName(b.Name); err != nil {
+			return err
+		}
+	}
+	if err := setCommon(l, b.MAC, b.MTU); err != nil {
+		return err
+	}
+	for _, cidr := range b.Addrs {
+		a, err := netlink.ParseAddr(cidr)
+		if err != nil {
+			return fmt.Errorf("address %s: %w", cidr, err)
+		}
+		if err := netlink.AddrReplace(l, a); err != nil {
+			return fmt.Errorf("adding address %s: %w", cidr, err)
+		}
+	}
+	for _, p := range b.Ports {
+		pl, err := netlink.LinkByName(p)
+		if err != nil {
+			return fmt.Errorf("port %s: %w", p, err)
+		}
+		if err := netlink.LinkSetMaster(pl, l); err != nil {
+			return fmt.Errorf("adding port %s: %w", p, err)
+		}
+		netlink.LinkSetUp(pl)
+	}
+	if b.Up {
+		return netlink.LinkSetUp(l)
+	}
+	return nil
+}
+
+func applyTap(t Tap) error {
+	if _, err := netlink.LinkByName(t.Name); err != nil {
+		// Create it persistent: QEMU's fds attach to it by name later,
+		// and the engine gives it back its own persistence after.
+		f, err := tapdev.Open(t.Name, t.Flags)
+		if err != nil {
+			return err
+		}
+		perr := tapdev.SetPersist(f, true)
+		f.Close()
+		if perr != nil {
+			return perr
+		}
+	}
+	l, err := netlink.LinkByName(t.Name)
+	if err != nil {
+		return err
+	}
+	if err := setCommon(l, t.MAC, t.MTU); err != nil {
+		return err
+	}
+	if t.Master != "" {
+		m, err := netlink.LinkByName(t.Master)
+		if err != nil {
+			return fmt.Errorf("master %s: %w", t.Master, err)
+		}
+		if err := netlink.LinkSetMaster(l, m); err != nil {
+			return fmt.Errorf("joining %s: %w", t.Master, err)
+		}
+	}
+	if t.Up {
+		return netlink.LinkSetUp(l)
+	}
+	return nil
+}
+
+func setCommon(l netlink.Link, mac string, mtu int) error {
+	if mac != "" && l.Attrs().HardwareAddr.String() != mac {
+		hw, err := net.ParseMAC(mac)
+		if err != nil {
+			return fmt.Errorf("MAC %s: %w", mac, err)
+		}
+		if err := netlink.LinkSetHardwareAddr(l, hw); err != nil {
+			return fmt.Errorf("setting MAC %s: %w", mac, err)
+		}
+	}
+	if mtu > 0 && l.Attrs().MTU != mtu {
+		if err := netlink.LinkSetMTU(l, mtu); err != nil {
+			return fmt.Errorf("setting MTU %d: %w", mtu, err)
+		}
+	}
+	return nil
+}
+
+// LoopbackUp brings up lo.
+func LoopbackUp() error {
+	l, err := netlink.LinkByName("lo")
+	if err != nil {
+		return err
+	}
+	return netlink.LinkSetUp(l)
+}
+
+// FlagsString renders TUN flags for people.
+func FlagsString(f uint16) string {
+	s := ""
+	for _, x := range []struct {
+		bit  uint16
+		name string
+	}{{unix.IFF_TAP, "tap"}, {unix.IFF_TUN, "tun"}, {unix.IFF_NO_PI, "no_pi"}, {unix.IFF_VNET_HDR, "vnet_hdr"},
+		{unix.IFF_MULTI_QUEUE, "multi_queue"}, {unix.IFF_PERSIST, "persist"}} {
+		if f&x.bit != 0 {
+			if s != "" {
+				s += ","
+			}
+			s += x.name
+		}
+	}
+	return s
+}

@@ -1,0 +1,124 @@
+package netsetup
+
+import (
+	"context"
+	"net"
+	"os"
+	"os/exec"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/internal/dhcptest"
+	"github.com/liveupdate/liveupdate/pkg/tapdev"
+)
+
+func netns(t *testing.T, name string) string {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+	exec.Command("ip", "netns", "del", name).Run()
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", name).Run() })
+	return "/run/netns/" + name
+}
+
+// TestCaptureApply records a bridge with an address and an uplink port and
+// a multi-queue tap on it, deletes them, and builds them again.
+func TestCaptureApply(t *testing.T) {
+	ns := netns(t, "lu-netsetup")
+	flags := uint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR | unix.IFF_MULTI_QUEUE)
+	err := tapdev.InNetNS(ns, func() error {
+		must := func(err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(LoopbackUp())
+		want := Network{
+			Bridges: []Bridge{{Name: "br-lu", MAC: "02:00:00:00:00:01", MTU: 1400, Addrs: []string{"10.77.0.1/24"}, Ports: []string{"uplink"}, Up: true}},
+			Taps:    []Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}},
+		}
+		must(netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink", MTU: 1400}, PeerName: "uplink-peer"}))
+		must(Apply(want))
+		got, err := Capture(map[string]TapInfo{"vnet-lu": {Flags: flags, Queues: 2}})
+		must(err)
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("captured\n%+v\nwant\n%+v", got, want)
+		}
+		// Tear down the bridge and tap, keep the uplink, and rebuild.
+		for _, n := range []string{"vnet-lu", "br-lu"} {
+			l, err := netlink.LinkByName(n)
+			must(err)
+			must(netlink.LinkDel(l))
+		}
+		must(Apply(got))
+		again, err := Capture(map[string]TapInfo{"vnet-lu": {Flags: flags, Queues: 2}})
+		must(err)
+		if !reflect.DeepEqual(again, want) {
+			t.Fatalf("rebuilt\n%+v\nwant\n%+v", again, want)
+		}
+		// The rebuilt tap takes a second queue, as QEMU's fds would.
+		f1, err := tapdev.Open("vnet-lu", flags)
+		must(err)
+		defer f1.Close()
+		f2, err := tapdev.Open("vnet-lu", flags)
+		must(err)
+		defer f2.Close()
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDHCP gets a lease over a veth pair from the test's own DHCP server in
+// another namespace.
+func TestDHCP(t *testing.T) {
+	srvNS := netns(t, "lu-dhcp-srv")
+	cliNS := netns(t, "lu-dhcp-cli")
+	if out, err := exec.Command("ip", "-n", "lu-dhcp-srv", "link", "add", "vsrv", "type", "veth", "peer", "name", "vcli", "netns", "lu-dhcp-cli").CombinedOutput(); err != nil {
+		t.Fatalf("veth: %v %s", err, out)
+	}
+	exec.Command("ip", "-n", "lu-dhcp-srv", "addr", "add", "10.78.0.1/24", "dev", "vsrv").Run()
+	exec.Command("ip", "-n", "lu-dhcp-srv", "link", "set", "vsrv", "up").Run()
+	var srv *dhcptest.Server
+	err := tapdev.InNetNS(srvNS, func() error {
+		var err error
+		srv, err = dhcptest.Start("vsrv", net.IPv4(10, 78, 0, 1), net.IPv4(10, 78, 0, 2), net.CIDRMask(24, 32))
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	var lease *Lease
+	err = tapdev.InNetNS(cliNS, func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		defer cancel()
+		var err error
+		lease, err = DHCP(ctx, "vcli")
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lease.Addr != "10.78.0.2/24" || lease.Router != "10.78.0.1" {
+		t.Fatalf("lease %+v", lease)
+	}
+	out, _ := exec.Command("ip", "-n", "lu-dhcp-cli", "-4", "route", "show", "default").Output()
+	if len(out) == 0 || !strings.Contains(string(out), "via 10.78.0.1") {
+		t.Errorf("default route not set: %q", out)
+	}
+	if srv.Acks() != 1 {
+		t.Errorf("server acked %d leases", srv.Acks())
+	}
+}
