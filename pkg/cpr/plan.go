@@ -36,9 +36,13 @@ import (
 
 // Engine carries the settings of one run.
 type Engine struct {
-	StateDir string       // where state files and the manifest go
-	ProcRoot string       // "/proc"
-	Log      *slog.Logger // never nil after New
+	StateDir string // where state files and the manifest go, as QEMU sees it
+	ProcRoot string // "/proc"
+	// Root is the directory QEMU runs chrooted in ("" or "/": none). PID 1
+	// after kexec runs the host's QEMU from the mounted host root; every
+	// path in the manifest is relative to Root.
+	Root string
+	Log  *slog.Logger // never nil after New
 
 	QMPTimeout     time.Duration // connect + each query during planning
 	SaveTimeout    time.Duration // one VM's migrate to file

@@ -66,14 +66,14 @@ func (e *Engine) Restore(ctx context.Context, m *manifest.Manifest, held map[str
 func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.File) error {
 	ctx, cancel := context.WithTimeout(ctx, e.RestoreTimeout)
 	defer cancel()
-	if _, err := os.Stat(vm.StateFile); err != nil {
+	if _, err := os.Stat(e.host(vm.StateFile)); err != nil {
 		return fmt.Errorf("state file: %w", err)
 	}
 	for _, b := range vm.RAM {
 		if b.MemPath == "" {
 			continue
 		}
-		st, err := os.Stat(b.MemPath)
+		st, err := os.Stat(e.host(b.MemPath))
 		if err != nil {
 			return fmt.Errorf("RAM of backend %s: %w", b.ID, err)
 		}
@@ -92,7 +92,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 	}()
 	err := tapdev.InNetNS(vm.NetNS, func() error {
 		var err error
-		files, opened, err = openFds(vm, held)
+		files, opened, err = e.openFds(vm, held)
 		if err != nil {
 			return err
 		}
@@ -121,7 +121,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		return fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
 	}
 
-	c, err := dialUntil(ctx, vm.QMP, exited, func() error { return waitErr })
+	c, err := dialUntil(ctx, e.host(vm.QMP), exited, func() error { return waitErr })
 	if err != nil {
 		return fail(err)
 	}
@@ -166,7 +166,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 	// Confirmed: the state file is done with; keep it for inspection.
 	vm.Status = manifest.StatusRunning
 	vm.Error = ""
-	if err := os.Rename(vm.StateFile, vm.StateFile+".done"); err != nil {
+	if err := os.Rename(e.host(vm.StateFile), e.host(vm.StateFile)+".done"); err != nil {
 		e.Log.Warn("marking state file done", "vm", vm.Name, "err", err)
 	}
 	for _, fd := range vm.Fds {
@@ -182,7 +182,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 
 // openFds returns the files to pass as fds 3, 4, … and those of them this
 // function opened (the caller closes them once QEMU has its copies).
-func openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*os.File, err error) {
+func (e *Engine) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*os.File, err error) {
 	for i, fd := range vm.Fds {
 		if fd.Num != firstFd+i {
 			return nil, opened, fmt.Errorf("manifest fds are not numbered from %d in order (%d at %d)", firstFd, fd.Num, i)
@@ -195,7 +195,7 @@ func openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*os.File, 
 			case qemuargv.FdVhost:
 				f, err = os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
 			case qemuargv.FdChardev:
-				f, err = listenUnix(fd.SocketPath)
+				f, err = listenUnix(e.host(fd.SocketPath))
 			default:
 				err = fmt.Errorf("fd %d of kind %s cannot be re-created", fd.Num, fd.Kind)
 			}
@@ -221,7 +221,7 @@ func listenUnix(path string) (*os.File, error) {
 }
 
 func (e *Engine) logPath(vm *manifest.VM) string {
-	return filepath.Join(e.StateDir, vm.Name+".qemu.log")
+	return e.host(filepath.Join(e.StateDir, vm.Name+".qemu.log"))
 }
 
 // command builds the new QEMU process: same cwd, environment, credentials
@@ -236,6 +236,12 @@ func (e *Engine) command(vm *manifest.VM, files []*os.File) (*exec.Cmd, error) {
 		Path: vm.Binary, Args: vm.RestartArgv, Dir: vm.Cwd, Env: vm.Env,
 		Stdout: log, Stderr: log, ExtraFiles: files,
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
+	}
+	if e.Root != "" && e.Root != "/" {
+		cmd.SysProcAttr.Chroot = e.Root
+		// exec.Cmd looks Path up before the chroot applies: give the
+		// binary's path inside the root as argv[0]'s resolution.
+		cmd.Path = vm.Binary
 	}
 	if vm.UID != 0 || vm.GID != 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: vm.UID, Gid: vm.GID, Groups: vm.Groups}

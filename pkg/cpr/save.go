@@ -13,7 +13,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
@@ -56,6 +58,7 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	for i, t := range ts {
 		t.rec = &e.man.VMs[i]
 	}
+	e.captureHost(ts)
 	if err := e.writeManifest(); err != nil {
 		e.releaseTaps(ts)
 		return nil, err
@@ -195,6 +198,58 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	}
 	rec.RestartArgv = n.Argv()
 	return rec, nil
+}
+
+// captureHost records the cgroup tree and host network of the VMs, for
+// PID 1 to rebuild after kexec. A restart on the same kernel does not need
+// them, so failures are logged, not fatal.
+func (e *Engine) captureHost(ts []*Target) {
+	var chains [][]cgroupv2.Cgroup
+	var st unix.Statfs_t
+	v2 := unix.Statfs(CgroupRoot, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+	taps := map[string]netsetup.TapInfo{}
+	for _, t := range ts {
+		if v2 && t.rec.Cgroup != "" {
+			ch, err := cgroupv2.Capture(CgroupRoot, t.rec.Cgroup)
+			if err != nil {
+				e.Log.Warn("recording cgroup", "vm", t.Name(), "err", err)
+			} else {
+				chains = append(chains, ch)
+			}
+		}
+		if t.rec.NetNS != "" {
+			continue // taps in a VM's own namespace are not the host's network
+		}
+		for _, fd := range t.rec.Fds {
+			if fd.Kind == qemuargv.FdTap {
+				ti := taps[fd.TapName]
+				ti.Flags = fd.TapFlags &^ unix.IFF_PERSIST
+				ti.Queues++
+				taps[fd.TapName] = ti
+			}
+		}
+		for _, nd := range t.Proc.Cmdline.Netdevs() {
+			if nd.Type == "tap" && nd.Ifname != "" && len(nd.FDs) == 0 {
+				if _, ok := taps[nd.Ifname]; !ok {
+					flags := uint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+					if nd.Queues > 1 {
+						flags |= unix.IFF_MULTI_QUEUE
+					}
+					taps[nd.Ifname] = netsetup.TapInfo{Flags: flags, Queues: max(nd.Queues, 1)}
+				}
+			}
+		}
+	}
+	if len(chains) > 0 {
+		e.man.Cgroups = cgroupv2.Merge(chains...)
+	}
+	if len(taps) > 0 {
+		n, err := netsetup.Capture(taps)
+		if err != nil {
+			e.Log.Warn("recording host network", "err", err)
+		}
+		e.man.Network = n
+	}
 }
 
 // migrateSetup sets the capabilities and mode both sides of CPR use.
@@ -389,7 +444,15 @@ func waitPidfd(pidfd int, d time.Duration) bool {
 func (e *Engine) writeManifest() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return manifest.Write(filepath.Join(e.StateDir, manifest.FileName), e.man)
+	return manifest.Write(e.host(filepath.Join(e.StateDir, manifest.FileName)), e.man)
+}
+
+// host turns a path as QEMU sees it into the path as this process sees it.
+func (e *Engine) host(p string) string {
+	if e.Root == "" || e.Root == "/" {
+		return p
+	}
+	return filepath.Join(e.Root, p)
 }
 
 // timed runs fn as a named phase and records it in the manifest.

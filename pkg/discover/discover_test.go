@@ -46,14 +46,27 @@ func TestIsQEMU(t *testing.T) {
 	}
 }
 
-// TestInspectSelf inspects a real process started as a fake QEMU (sleep with
-// a qemu-like argv[0]), so /proc parsing is exercised without QEMU.
+// TestMain turns this test binary into a fake QEMU when asked to: it then
+// just sleeps with whatever argv it was given.
+func TestMain(m *testing.M) {
+	if os.Getenv("DISCOVER_FAKE_QEMU") == "1" {
+		time.Sleep(30 * time.Second)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestInspectSelf inspects a real process started as a fake QEMU (this test
+// binary with a QEMU argv), so /proc parsing is exercised without QEMU.
 func TestInspectSelf(t *testing.T) {
-	cmd := exec.Command("sleep", "30")
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(exe)
 	cmd.Args = []string{"qemu-system-x86_64", "-name", "fake", "-m", "64"}
-	cmd.Path, _ = exec.LookPath("sleep")
 	cmd.Dir = os.TempDir()
-	cmd.Env = []string{"FOO=bar"}
+	cmd.Env = []string{"DISCOVER_FAKE_QEMU=1"}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -69,7 +82,7 @@ func TestInspectSelf(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if p.Name() != "fake" || p.Cwd != os.TempDir() || len(p.Env) != 1 || p.Env[0] != "FOO=bar" {
+	if p.Name() != "fake" || p.Cwd != os.TempDir() || len(p.Env) != 1 || p.Env[0] != "DISCOVER_FAKE_QEMU=1" {
 		t.Fatalf("inspected %+v", p)
 	}
 	if p.StartTime == 0 {

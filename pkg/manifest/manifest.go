@@ -14,9 +14,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
+	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -35,6 +38,11 @@ type Manifest struct {
 	StateDir string    `json:"state_dir"`
 	VMs      []VM      `json:"vms"`
 	Phases   []Phase   `json:"phases,omitempty"`
+
+	// What PID 1 rebuilds after kexec before it starts the QEMUs: the
+	// cgroup v2 tree holding them and their host-side network.
+	Cgroups []cgroupv2.Cgroup `json:"cgroups,omitempty"`
+	Network netsetup.Network  `json:"network,omitzero"`
 }
 
 // Host identifies the machine and kernel that wrote the manifest.
@@ -130,6 +138,26 @@ func (m *Manifest) Validate(allowedRoots ...string) error {
 	}
 	if !filepath.IsAbs(m.StateDir) {
 		return fmt.Errorf("manifest state_dir %q is not an absolute path", m.StateDir)
+	}
+	for _, c := range m.Cgroups {
+		if !filepath.IsAbs(c.Path) || filepath.Clean(c.Path) != c.Path {
+			return fmt.Errorf("manifest cgroup %q is not a clean absolute path", c.Path)
+		}
+		for f := range c.Limits {
+			if !slices.Contains(cgroupv2.LimitFiles, f) {
+				return fmt.Errorf("manifest cgroup %s: %q is not a limit liveupdate writes", c.Path, f)
+			}
+		}
+	}
+	for _, t := range m.Network.Taps {
+		if t.Name == "" || len(t.Name) > 15 || strings.ContainsAny(t.Name, "/ ") {
+			return fmt.Errorf("manifest tap %q: not an interface name", t.Name)
+		}
+	}
+	for _, b := range m.Network.Bridges {
+		if b.Name == "" || len(b.Name) > 15 || strings.ContainsAny(b.Name, "/ ") {
+			return fmt.Errorf("manifest bridge %q: not an interface name", b.Name)
+		}
 	}
 	names := map[string]bool{}
 	for i, v := range m.VMs {

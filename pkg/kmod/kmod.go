@@ -1,0 +1,112 @@
+// Package kmod loads the kernel modules the host needs, in dependency order
+// from modules.dep (resolved with u-root's kmodule), letting the kernel
+// decompress .ko.xz itself (finit_module with MODULE_INIT_COMPRESSED_FILE)
+// where it can, and falling back to kmodule's userspace decompression.
+package kmod
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/u-root/u-root/pkg/kmodule"
+	"golang.org/x/sys/unix"
+)
+
+// Result says what happened to one requested module.
+type Result struct {
+	Name   string
+	Loaded []string // module files loaded for it (dependencies first)
+	Err    error
+}
+
+// Load loads each named module with its dependencies, in the order given
+// (the list puts soft dependencies first, which kmodule does not follow).
+// Modules that are built in or already loaded count as loaded. A module
+// that is not in modules.dep at all is an error for that module only.
+func Load(names []string, opts kmodule.ProbeOpts) []Result {
+	var mu sync.Mutex
+	var order []string
+	dry := opts
+	dry.DryRunCB = func(p string) {
+		mu.Lock()
+		order = append(order, p)
+		mu.Unlock()
+	}
+	prober, err := kmodule.NewProber(dry)
+	if err != nil {
+		res := make([]Result, len(names))
+		for i, n := range names {
+			res[i] = Result{Name: n, Err: fmt.Errorf("reading modules.dep: %w", err)}
+		}
+		return res
+	}
+	var res []Result
+	for _, n := range names {
+		mu.Lock()
+		order = order[:0]
+		mu.Unlock()
+		r := Result{Name: n}
+		if err := prober.Probe(n, ""); err != nil {
+			r.Err = err
+			res = append(res, r)
+			continue
+		}
+		for _, p := range order {
+			if err := loadFile(p); err != nil {
+				r.Err = fmt.Errorf("loading %s: %w", filepath.Base(p), err)
+				break
+			}
+			r.Loaded = append(r.Loaded, strings.TrimSuffix(filepath.Base(p), filepath.Ext(p)))
+		}
+		res = append(res, r)
+	}
+	return res
+}
+
+func loadFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	flags := 0
+	if strings.HasSuffix(path, ".xz") || strings.HasSuffix(path, ".gz") || strings.HasSuffix(path, ".zst") {
+		flags = unix.MODULE_INIT_COMPRESSED_FILE
+	}
+	err = unix.FinitModule(int(f.Fd()), "", flags)
+	switch {
+	case err == nil, errors.Is(err, unix.EEXIST):
+		return nil
+	case flags != 0 && (errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP)):
+		// The kernel cannot decompress: do it here.
+		if _, err := f.Seek(0, 0); err != nil {
+			return err
+		}
+		if err := kmodule.FileInit(f, "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+			return err
+		}
+		return nil
+	}
+	return err
+}
+
+// ReadList reads a module list file: one name per line, # comments.
+func ReadList(path string) ([]string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		l = strings.TrimSpace(l)
+		if l == "" || strings.HasPrefix(l, "#") {
+			continue
+		}
+		out = append(out, l)
+	}
+	return out, nil
+}
