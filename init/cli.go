@@ -16,6 +16,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 )
@@ -42,6 +43,42 @@ var commands = []command{
 	{"save", "save VMs' device state and quit their QEMUs", cmdSave},
 	{"restore", "restore the VMs recorded in a manifest", cmdRestore},
 	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
+	{"check-kernel", "check a kernel config against kernelconfig/host.config", cmdCheckKernel},
+}
+
+func cmdCheckKernel(ctx context.Context, args []string, out io.Writer) int {
+	fs := flag.NewFlagSet("check-kernel", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: liveupdate check-kernel PATH_TO_CONFIG\n\nLists the options of kernelconfig/host.config the config lacks; exit 1 if any.\n")
+	}
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return exitUsage
+	}
+	f, err := os.Open(fs.Arg(0))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate check-kernel:", err)
+		return exitFailed
+	}
+	defer f.Close()
+	cfg, err := kernelconfig.ParseConfig(f)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "liveupdate check-kernel: %s: %v\n", fs.Arg(0), err)
+		return exitFailed
+	}
+	ps := kernelconfig.Check(cfg, kernelconfig.Requirements())
+	for _, p := range ps {
+		fmt.Fprintln(out, p)
+	}
+	if len(ps) > 0 {
+		fmt.Fprintf(out, "%s: %d option(s) missing or wrong for a liveupdate host\n", fs.Arg(0), len(ps))
+		return exitFailed
+	}
+	fmt.Fprintf(out, "%s: has everything a liveupdate host needs (%d options checked)\n", fs.Arg(0), len(kernelconfig.Requirements()))
+	return exitOK
 }
 
 func runCLI(args []string) int {

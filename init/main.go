@@ -7,16 +7,27 @@
 //	liveupdate restart-qemu [VM…]   QEMU-only live restart (save → quit → start → restore)
 //	liveupdate save / restore       the two halves, with the manifest in between
 //
+//	liveupdate check-kernel CONFIG  does a kernel have what a host needs
+//
 // Each subcommand's phases are the CPR engine's (package cpr): Plan, Save
 // (inverse: Resume), Quit (inverse: Restore).
+//
+// As /init of the initramfs (process 1) it is PID 1 of the new kernel
+// (package pid1): modules → devices → mounts → manifest → network →
+// cgroups → restore, then optionally hand over to the host's init.
 package main
 
 import (
 	"fmt"
 	"os"
+
+	"github.com/liveupdate/liveupdate/pkg/pid1"
 )
 
 func main() {
+	if os.Getpid() == 1 {
+		pid1.Main() // never returns
+	}
 	os.Exit(runCLI(os.Args[1:]))
 }
 
@@ -28,6 +39,7 @@ commands:
   save          save every (or the named) VM's device state and quit its QEMU
   restore       start the VMs recorded in a manifest and load their state
   restart-qemu  save and restore in place, optionally onto a new QEMU binary
+  check-kernel  check a kernel config for what a liveupdate host needs
 
 Run 'liveupdate COMMAND -h' for a command's flags.
 `)

@@ -35,13 +35,26 @@ while read -r name; do
 		[ "$kind" = insmod ] || continue
 		rel=${path#"$src"/}
 		mkdir -p "$dst/$(dirname "$rel")"
-		cp -n "$path" "$dst/$rel"
+		# Stored uncompressed: the archive is compressed as a whole, and
+		# under emulation the kernel's per-module xz is slow at boot.
+		case $rel in
+		*.xz) [ -e "$dst/${rel%.xz}" ] || xz -dc "$path" >"$dst/${rel%.xz}" ;;
+		*.zst) [ -e "$dst/${rel%.zst}" ] || zstd -qdc "$path" >"$dst/${rel%.zst}" ;;
+		*.gz) [ -e "$dst/${rel%.gz}" ] || gzip -dc "$path" >"$dst/${rel%.gz}" ;;
+		*) cp -n "$path" "$dst/$rel" ;;
+		esac
 	done <<<"$deps"
 	echo "$name" >>"$stage/load-order"
 done <"$here/modules.txt"
 depmod -b "$stage" "$kver"
-mkdir -p "$stage/etc/liveupdate"
+mkdir -p "$stage/etc/liveupdate" "$stage/bin"
 cp "$stage/load-order" "$stage/etc/liveupdate/modules"
+# In busybox mode the program's command name is its directory's, "init";
+# `liveupdate …` in the rescue shell runs the same program as the CLI.
+printf '#!/bin/gosh\nexec /bbin/init "$@"\n' >"$stage/bin/liveupdate"
+chmod 0755 "$stage/bin/liveupdate"
+# mkfs.ext4 for lu.format_pmem=1 (first boot only; never on a used device).
+mkfs=$(command -v mkfs.ext4 || echo /sbin/mkfs.ext4)
 
 cmds=()
 for c in $(ls "$(go env GOMODCACHE)/github.com/u-root/u-root@$(cd "$repo" && go list -m -f '{{.Version}}' github.com/u-root/u-root)/cmds/core"); do
@@ -51,6 +64,7 @@ done
 cpio=$stage/initramfs.cpio
 (cd "$repo" && GOFLAGS=-mod=mod go tool u-root -o "$cpio" -initcmd init -defaultsh gosh \
 	-files "$stage/lib/modules:lib/modules" -files "$stage/etc/liveupdate:etc/liveupdate" \
+	-files "$stage/bin/liveupdate:bin/liveupdate" -files "$mkfs:sbin/mkfs.ext4" \
 	./init "${cmds[@]}")
 gzip -9 -n -c "$cpio" >"$out.tmp"
 mv "$out.tmp" "$out"

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 )
@@ -151,4 +152,38 @@ func Apply(root string, cgs []Cgroup) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Verify reads every recorded limit and controller back from the files under
+// root and reports the differences. It returns what it read.
+func Verify(root string, cgs []Cgroup) ([]Cgroup, error) {
+	var got []Cgroup
+	var errs []error
+	for _, c := range Merge(cgs) {
+		dir := filepath.Join(root, filepath.Clean("/"+c.Path))
+		b, err := os.ReadFile(filepath.Join(dir, "cgroup.subtree_control"))
+		if err != nil {
+			errs = append(errs, fmt.Errorf("cgroup %s: %w", c.Path, err))
+			continue
+		}
+		rb := Cgroup{Path: c.Path, Controllers: strings.Fields(string(b)), Limits: map[string]string{}}
+		for _, ctl := range c.Controllers {
+			if !slices.Contains(rb.Controllers, ctl) {
+				errs = append(errs, fmt.Errorf("cgroup %s: controller %s not enabled (have %v)", c.Path, ctl, rb.Controllers))
+			}
+		}
+		for f, want := range c.Limits {
+			v, err := os.ReadFile(filepath.Join(dir, f))
+			if err != nil {
+				errs = append(errs, fmt.Errorf("cgroup %s: %w", c.Path, err))
+				continue
+			}
+			rb.Limits[f] = strings.TrimSpace(string(v))
+			if rb.Limits[f] != want {
+				errs = append(errs, fmt.Errorf("cgroup %s: %s is %q, recorded %q", c.Path, f, rb.Limits[f], want))
+			}
+		}
+		got = append(got, rb)
+	}
+	return got, errors.Join(errs...)
 }

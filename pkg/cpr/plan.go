@@ -42,7 +42,10 @@ type Engine struct {
 	// after kexec runs the host's QEMU from the mounted host root; every
 	// path in the manifest is relative to Root.
 	Root string
-	Log  *slog.Logger // never nil after New
+	// OnStart, if set, is told the pid of every QEMU the engine starts
+	// (PID 1's reaper leaves those to the engine).
+	OnStart func(pid int)
+	Log     *slog.Logger // never nil after New
 
 	QMPTimeout     time.Duration // connect + each query during planning
 	SaveTimeout    time.Duration // one VM's migrate to file
@@ -121,7 +124,7 @@ func (e *Engine) Plan(ctx context.Context, names []string) ([]*Target, error) {
 			return nil, fmt.Errorf("no running QEMU is called %q (see 'liveupdate plan')", n)
 		}
 	}
-	free := stateDirFree(e.StateDir)
+	free := stateDirFree(e.host(e.StateDir))
 	ts := make([]*Target, len(sel))
 	var wg sync.WaitGroup
 	for i, p := range sel {
@@ -132,7 +135,8 @@ func (e *Engine) Plan(ctx context.Context, names []string) ([]*Target, error) {
 			t.QMP, t.Facts = e.gatherFacts(ctx, p)
 			var nsErr error
 			t.NetNS, nsErr = tapdev.NamedNetNS(p.NetNS)
-			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: e.StateDir, StateDirFree: free, NetNSErr: nsErr})
+			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: e.host(e.StateDir), StateDirFree: free,
+				NetNSErr: nsErr, ProcRoot: filepath.Join(e.ProcRoot, fmt.Sprint(p.PID), "root")})
 			ts[i] = t
 		}()
 	}
@@ -174,7 +178,7 @@ func (e *Engine) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Cli
 	}
 	cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
 	defer cancel()
-	c, err := qmp.Dial(cctx, f.QMPPath)
+	c, err := qmp.Dial(cctx, e.host(f.QMPPath))
 	if err != nil {
 		f.QMPErr = err
 		return nil, f

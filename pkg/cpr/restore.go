@@ -106,6 +106,9 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		return fmt.Errorf("starting QEMU: %w", err)
 	}
 	vm.NewPID = cmd.Process.Pid
+	if e.OnStart != nil {
+		e.OnStart(vm.NewPID)
+	}
 	// exited is closed when the new QEMU exits; waitErr then says how.
 	exited := make(chan struct{})
 	var waitErr error

@@ -41,7 +41,7 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 			return nil, fmt.Errorf("VM %s is not safe to save: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
 		}
 	}
-	if err := os.MkdirAll(e.StateDir, 0o700); err != nil {
+	if err := os.MkdirAll(e.host(e.StateDir), 0o700); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
 	e.man = newManifest(e.StateDir)
@@ -331,7 +331,7 @@ func (e *Engine) saveOne(ctx context.Context, t *Target) error {
 			break
 		}
 	}
-	if st, err := os.Stat(t.rec.StateFile); err == nil {
+	if st, err := os.Stat(e.host(t.rec.StateFile)); err == nil {
 		t.rec.StateSize = st.Size()
 	}
 	e.Log.Info("saved", "vm", t.Name(), "state_bytes", t.rec.StateSize)
@@ -367,8 +367,8 @@ func (e *Engine) Resume(ts []*Target) error {
 			continue
 		}
 		t.rec.Status = manifest.StatusResumed
-		if _, err := os.Stat(t.rec.StateFile); err == nil {
-			os.Rename(t.rec.StateFile, t.rec.StateFile+".aborted")
+		if sf := e.host(t.rec.StateFile); fileExists(sf) {
+			os.Rename(sf, sf+".aborted")
 		}
 		e.Log.Info("resumed on old QEMU", "vm", t.Name())
 	}
@@ -421,6 +421,11 @@ func (e *Engine) quitOne(ctx context.Context, t *Target) error {
 	}
 	t.rec.Status = manifest.StatusQuit
 	return nil
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // waitPidfd waits until the process behind pidfd exits.

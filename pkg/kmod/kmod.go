@@ -20,7 +20,11 @@ import (
 type Result struct {
 	Name   string
 	Loaded []string // module files loaded for it (dependencies first)
-	Err    error
+	// NoDevice: the module refused to load because its hardware is not
+	// there (ENODEV), e.g. crc32c_intel on a CPU without SSE4.2. That is
+	// not an error: a generic module covers for it.
+	NoDevice bool
+	Err      error
 }
 
 // Load loads each named module with its dependencies, in the order given
@@ -56,7 +60,12 @@ func Load(names []string, opts kmodule.ProbeOpts) []Result {
 			continue
 		}
 		for _, p := range order {
-			if err := loadFile(p); err != nil {
+			err := loadFile(p)
+			if errors.Is(err, unix.ENODEV) && filepath.Base(p) == filepath.Base(order[len(order)-1]) {
+				r.NoDevice = true
+				break
+			}
+			if err != nil {
 				r.Err = fmt.Errorf("loading %s: %w", filepath.Base(p), err)
 				break
 			}

@@ -8,7 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sort"
+	"strconv"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -263,4 +266,59 @@ func FlagsString(f uint16) string {
 		}
 	}
 	return s
+}
+
+// ReadBackTap reads a tap's state back from the kernel (netlink).
+func ReadBackTap(name string) (Tap, error) {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return Tap{}, fmt.Errorf("tap %s: %w", name, err)
+	}
+	a := l.Attrs()
+	t := Tap{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
+	tt, ok := l.(*netlink.Tuntap)
+	if !ok {
+		return t, fmt.Errorf("%s is a %s, not a tap", name, l.Type())
+	}
+	// The kernel's own view of the TUN flags is sysfs' tun_flags (netlink
+	// reports some of them only on newer kernels). sysfs shows the network
+	// namespace it was mounted in: PID 1's is the host's.
+	if b, err := os.ReadFile("/sys/class/net/" + name + "/tun_flags"); err == nil {
+		f, perr := strconv.ParseUint(strings.TrimPrefix(strings.TrimSpace(string(b)), "0x"), 16, 16)
+		if perr == nil {
+			t.Flags = uint16(f)
+		}
+	} else {
+		t.Flags = uint16(tt.Mode) | uint16(tt.Flags)
+		if !tt.NonPersist {
+			t.Flags |= unix.IFF_PERSIST
+		}
+	}
+	t.Queues = tt.Queues
+	if a.MasterIndex > 0 {
+		if m, err := netlink.LinkByIndex(a.MasterIndex); err == nil {
+			t.Master = m.Attrs().Name
+		}
+	}
+	return t, nil
+}
+
+// Verify reads every recorded tap back from the kernel and reports where it
+// differs from the record (persistence aside: that is the engine's).
+func Verify(n Network) ([]Tap, error) {
+	var got []Tap
+	var errs []error
+	for _, want := range n.Taps {
+		t, err := ReadBackTap(want.Name)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		got = append(got, t)
+		mask := ^uint16(unix.IFF_PERSIST)
+		if t.MAC != want.MAC || t.MTU != want.MTU || t.Flags&mask != want.Flags&mask || t.Master != want.Master || t.Up != want.Up {
+			errs = append(errs, fmt.Errorf("tap %s is %+v, recorded %+v", want.Name, t, want))
+		}
+	}
+	return got, errors.Join(errs...)
 }

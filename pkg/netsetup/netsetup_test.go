@@ -78,6 +78,35 @@ func TestCaptureApply(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Read back from the kernel, through a sysfs of that namespace: `ip
+	// netns exec` mounts one for the helper it runs.
+	exe, _ := os.Executable()
+	cmd := exec.Command("ip", "netns", "exec", "lu-netsetup", exe, "-test.run=^TestVerifyHelper$", "-test.v")
+	cmd.Env = append(os.Environ(), "NETSETUP_VERIFY_HELPER=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "--- PASS: TestVerifyHelper") {
+		t.Fatalf("read-back in the namespace failed: %v\n%s", err, out)
+	}
+}
+
+// TestVerifyHelper runs inside the namespace of TestCaptureApply.
+func TestVerifyHelper(t *testing.T) {
+	if os.Getenv("NETSETUP_VERIFY_HELPER") != "1" {
+		t.Skip("helper of TestCaptureApply")
+	}
+	flags := uint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR | unix.IFF_MULTI_QUEUE)
+	want := Network{Taps: []Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}}}
+	got, err := Verify(want)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 1 || got[0].Flags&flags != flags || got[0].Flags&unix.IFF_PERSIST == 0 {
+		t.Fatalf("read back %+v", got)
+	}
+	want.Taps[0].MAC = "fe:54:00:00:00:09"
+	if _, err := Verify(want); err == nil {
+		t.Fatal("Verify missed a wrong MAC")
+	}
 }
 
 // TestDHCP gets a lease over a veth pair from the test's own DHCP server in

@@ -46,6 +46,9 @@ type Input struct {
 	StateDir     string
 	StateDirFree uint64 // bytes available to root in StateDir
 	NetNSErr     error  // the VM's network namespace cannot be re-entered
+	// ProcRoot is the process's root directory as this process sees it
+	// (/proc/PID/root), through which its files are checked; "" means "/".
+	ProcRoot string
 }
 
 // Verdict is the answer for one VM.
@@ -151,6 +154,9 @@ func Check(in Input) Verdict {
 		path := f.Path
 		if !filepath.IsAbs(path) {
 			path = filepath.Join(p.Cwd, path)
+		}
+		if in.ProcRoot != "" {
+			path = filepath.Join(in.ProcRoot, path)
 		}
 		if _, err := os.Stat(path); err != nil {
 			hint := ""

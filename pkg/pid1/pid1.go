@@ -1,0 +1,531 @@
+// Package pid1 is what liveupdate does as /init of the new kernel: bring the
+// host up to the minimum the guests need — fast, without systemd — and
+// restore every guest recorded in the manifest.
+//
+// The boot is a list of named phases (see Boot). PID 1 never exits and never
+// panics: a failure is logged to the console and /dev/kmsg, every guest's RAM
+// and state files are left as they are, and a rescue shell is started on the
+// console, from which `liveupdate restore` can be run again.
+package pid1
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/u-root/u-root/pkg/kmodule"
+	"github.com/u-root/u-root/pkg/mount"
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/bootparams"
+	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/kmod"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/mounts"
+	"github.com/liveupdate/liveupdate/pkg/netsetup"
+)
+
+// Paths inside the initramfs.
+const (
+	ModuleList = "/etc/liveupdate/modules" // written by initramfs/build.sh
+	NewRoot    = "/newroot"                // where the host root is mounted
+	RescueSh   = "/bin/sh"
+)
+
+// Boot is the state of one boot of PID 1.
+type Boot struct {
+	Params   bootparams.Params
+	Log      *slog.Logger
+	Start    time.Time // when PID 1 started (monotonic)
+	Uptime0  float64   // kernel uptime at PID 1 start, seconds
+	Phases   []Phase
+	Manifest *manifest.Manifest
+	Root     string // host root mount ("" if none)
+
+	mu      sync.Mutex
+	managed map[int]bool // children someone else waits for
+	mounted []string     // in mount order, for the orderly stop
+}
+
+// Phase is one timed step of the boot.
+type Phase struct {
+	Name  string
+	Start time.Duration // since PID 1 start
+	Took  time.Duration
+	Err   error
+}
+
+// step is one named phase: a function with one job.
+type step struct {
+	name string
+	run  func(ctx context.Context) error
+}
+
+// Main runs PID 1. It never returns.
+func Main() {
+	b := &Boot{Start: time.Now(), managed: map[int]bool{}}
+	defer func() {
+		if r := recover(); r != nil {
+			b.rescue(fmt.Errorf("panic: %v", r))
+		}
+	}()
+	os.Setenv("PATH", "/bin:/sbin:/bbin:/usr/bin:/usr/sbin")
+	earlyErr := mounts.Early()
+	b.Uptime0 = kernelUptime()
+	b.Log = newLogger()
+	b.Log.Info("liveupdate PID 1 starting", "uptime_s", b.Uptime0)
+	if earlyErr != nil {
+		b.Log.Warn("early mounts", "err", earlyErr)
+	}
+	go b.reap()
+	go b.handleSignals()
+
+	cmdline, _ := os.ReadFile("/proc/cmdline")
+	p, err := bootparams.Parse(string(cmdline))
+	if err != nil {
+		b.rescue(fmt.Errorf("kernel command line: %w", err))
+	}
+	b.Params = p
+	if p.Rescue {
+		b.rescue(errors.New("lu.rescue=1 on the kernel command line"))
+	}
+
+	ctx := context.Background()
+	steps := []step{
+		{"modules", b.loadModules},
+		{"devices", b.waitDevices},
+		{"mounts", b.mountAll},
+		{"manifest", b.readManifest},
+		{"network", b.setupNetwork},
+		{"cgroups", b.setupCgroups},
+		{"restore", b.restoreGuests},
+	}
+	var restoreErr error
+	for _, s := range steps {
+		err := b.timed(ctx, s)
+		if err == nil {
+			continue
+		}
+		if s.name == "restore" {
+			restoreErr = err // the other guests run: report and go on
+			continue
+		}
+		b.rescue(fmt.Errorf("%s: %w", s.name, err))
+	}
+	b.ready()
+	if restoreErr != nil {
+		b.Log.Error("some guests were not restored; their RAM and state files are kept", "err", restoreErr)
+		go b.rescueShellLoop(fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate restore --manifest %s", restoreErr, b.Params.Manifest))
+	}
+	if p.Handover {
+		if err := b.handover(); err != nil {
+			b.Log.Error("handover to the host's init failed; staying as init", "err", err)
+		}
+	}
+	b.supervise()
+}
+
+func (b *Boot) timed(ctx context.Context, s step) error {
+	t0 := time.Since(b.Start)
+	err := s.run(ctx)
+	ph := Phase{Name: s.name, Start: t0, Took: time.Since(b.Start) - t0, Err: err}
+	b.Phases = append(b.Phases, ph)
+	if err != nil {
+		b.Log.Error("phase failed", "phase", s.name, "took", ph.Took, "err", err)
+	} else {
+		b.Log.Info("phase done", "phase", s.name, "took", ph.Took)
+	}
+	return err
+}
+
+// ready prints the one line tests and operators look for.
+func (b *Boot) ready() {
+	var parts []string
+	for _, p := range b.Phases {
+		parts = append(parts, fmt.Sprintf("%s=%.1fms", p.Name, float64(p.Took.Microseconds())/1000))
+	}
+	total := time.Since(b.Start)
+	n := 0
+	if b.Manifest != nil {
+		for _, v := range b.Manifest.VMs {
+			if v.Status == manifest.StatusRunning {
+				n++
+			}
+		}
+	}
+	msg := fmt.Sprintf("liveupdate: READY in %.1fms after PID 1 start (kernel uptime at start %.3fs); guests running: %d; %s",
+		float64(total.Microseconds())/1000, b.Uptime0, n, strings.Join(parts, " "))
+	b.Log.Info(msg)
+	fmt.Fprintln(consoleOut(), msg)
+}
+
+// loadModules loads the initramfs' module list and lu.modules.
+func (b *Boot) loadModules(ctx context.Context) error {
+	names, err := kmod.ReadList(ModuleList)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	names = append(names, b.Params.Modules...)
+	var errs []error
+	for _, r := range kmod.Load(names, kmodule.ProbeOpts{}) {
+		if r.Err != nil {
+			errs = append(errs, fmt.Errorf("module %s: %w", r.Name, r.Err))
+			continue
+		}
+		if r.NoDevice {
+			b.Log.Info("module has no device here, skipped", "name", r.Name)
+		}
+		b.Log.Debug("module", "name", r.Name, "loaded", r.Loaded)
+	}
+	if len(errs) == 0 {
+		b.Log.Info("modules loaded", "count", len(names), "list", strings.Join(names, ","))
+	}
+	return errors.Join(errs...)
+}
+
+// waitDevices waits for the devices the boot needs, with lu.devwait as the
+// deadline.
+func (b *Boot) waitDevices(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, b.Params.DevWait)
+	defer cancel()
+	p := b.Params
+	if p.PMEM != "" {
+		if err := mounts.WaitFor(ctx, p.PMEM); err != nil {
+			return fmt.Errorf("%w: is memmap=SIZE!OFFSET on the kernel command line, and nd_pmem loaded?", err)
+		}
+	}
+	if p.Root != "" {
+		for {
+			_, err := mounts.ResolveDevice(p.Root)
+			if err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("host root %s: %w", p.Root, err)
+			case <-time.After(20 * time.Millisecond):
+			}
+		}
+	}
+	if p.DHCP != "" {
+		if err := mounts.WaitFor(ctx, "/sys/class/net/"+p.DHCP); err != nil {
+			return fmt.Errorf("network interface %s: %w", p.DHCP, err)
+		}
+	}
+	return nil
+}
+
+// mountAll mounts PMEM with DAX and the host root, and makes /dev, /proc,
+// /sys, /run and PMEM visible inside the host root at the same paths.
+// Inverse: unmountAll.
+func (b *Boot) mountAll(ctx context.Context) error {
+	p := b.Params
+	if p.PMEM != "" {
+		if err := mounts.MountPMEM(p.PMEM, p.PMEMMount, p.FormatPMEM); err != nil {
+			return err
+		}
+		b.mounted = append(b.mounted, p.PMEMMount)
+		opts, _ := mounts.MountOptions("/proc/mounts", p.PMEMMount)
+		fmt.Fprintf(consoleOut(), "liveupdate: PMEM %s mounted on %s options=%s\n", p.PMEM, p.PMEMMount, opts)
+	}
+	if p.Root == "" {
+		return nil
+	}
+	dev, err := mounts.MountRoot(p.Root, p.RootFSType, p.RootFlags, p.RootRO, NewRoot)
+	if err != nil {
+		return err
+	}
+	b.Root = NewRoot
+	b.mounted = append(b.mounted, NewRoot)
+	binds := []string{"/dev", "/proc", "/sys", "/run"}
+	if p.PMEM != "" {
+		binds = append(binds, p.PMEMMount)
+	}
+	if err := mounts.BindInto(NewRoot, binds...); err != nil {
+		return err
+	}
+	for _, d := range binds {
+		b.mounted = append(b.mounted, filepath.Join(NewRoot, d))
+	}
+	b.Log.Info("host root mounted", "spec", p.Root, "dev", dev, "on", NewRoot)
+	return nil
+}
+
+// unmountAll is mountAll's inverse.
+func (b *Boot) unmountAll() error { return mounts.Unmount(b.mounted...) }
+
+// readManifest reads and checks the manifest. No manifest means nothing to
+// restore (a first boot); a manifest that does not parse, or names paths
+// outside the PMEM mount, stops the boot.
+func (b *Boot) readManifest(ctx context.Context) error {
+	p := b.Params
+	path := p.Manifest
+	if b.Root != "" && !manifest.Within(path, p.PMEMMount) {
+		path = filepath.Join(b.Root, path)
+	}
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		b.Log.Info("no manifest: no guests to restore (first boot?)", "path", path)
+		return nil
+	}
+	m, err := manifest.Read(path, p.PMEMMount)
+	if err != nil {
+		return err
+	}
+	if p.PMEM != "" && !manifest.Within(m.StateDir, p.PMEMMount) {
+		return fmt.Errorf("manifest state_dir %s is outside the PMEM mount %s", m.StateDir, p.PMEMMount)
+	}
+	b.Manifest = m
+	b.Log.Info("manifest read", "path", path, "vms", len(m.VMs), "from_kernel", m.Host.Kernel)
+	return nil
+}
+
+// setupNetwork brings up loopback, DHCP on the management interface, and
+// the recorded bridges and taps.
+func (b *Boot) setupNetwork(ctx context.Context) error {
+	if err := netsetup.LoopbackUp(); err != nil {
+		return fmt.Errorf("loopback: %w", err)
+	}
+	if b.Params.DHCP != "" {
+		dctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		lease, err := netsetup.DHCP(dctx, b.Params.DHCP)
+		cancel()
+		if err != nil {
+			return err
+		}
+		b.Log.Info("DHCP lease", "iface", lease.Iface, "addr", lease.Addr, "router", lease.Router, "server", lease.Server)
+		fmt.Fprintf(consoleOut(), "liveupdate: DHCP %s %s router %s\n", lease.Iface, lease.Addr, lease.Router)
+	}
+	if b.Manifest == nil {
+		return nil
+	}
+	if err := netsetup.Apply(b.Manifest.Network); err != nil {
+		return err
+	}
+	for _, br := range b.Manifest.Network.Bridges {
+		b.Log.Info("bridge", "name", br.Name, "mac", br.MAC, "addrs", br.Addrs)
+	}
+	// Read the taps back from the kernel: what runs is what was recorded.
+	got, err := netsetup.Verify(b.Manifest.Network)
+	for _, t := range got {
+		fmt.Fprintf(consoleOut(), "liveupdate: tap %s mac=%s mtu=%d flags=%s master=%s up=%v\n",
+			t.Name, t.MAC, t.MTU, netsetup.FlagsString(t.Flags), t.Master, t.Up)
+	}
+	return err
+}
+
+// setupCgroups re-creates the recorded cgroup v2 tree with its limits.
+func (b *Boot) setupCgroups(ctx context.Context) error {
+	if b.Manifest == nil || len(b.Manifest.Cgroups) == 0 {
+		return nil
+	}
+	if err := cgroupv2.Apply(cpr.CgroupRoot, b.Manifest.Cgroups); err != nil {
+		return err
+	}
+	// Read the tree back from the cgroup files.
+	got, err := cgroupv2.Verify(cpr.CgroupRoot, b.Manifest.Cgroups)
+	for _, c := range got {
+		var kv []string
+		for _, f := range cgroupv2.LimitFiles {
+			if v, ok := c.Limits[f]; ok {
+				kv = append(kv, fmt.Sprintf("%s=%q", f, v))
+			}
+		}
+		fmt.Fprintf(consoleOut(), "liveupdate: cgroup %s subtree_control=%q %s\n", c.Path, strings.Join(c.Controllers, " "), strings.Join(kv, " "))
+	}
+	return err
+}
+
+// restoreGuests starts every recorded guest, in parallel, from the host root.
+func (b *Boot) restoreGuests(ctx context.Context) error {
+	m := b.Manifest
+	if m == nil || len(m.VMs) == 0 {
+		return nil
+	}
+	e := cpr.New(m.StateDir, b.Log)
+	e.Root = b.Root
+	e.OnStart = b.manage
+	err := e.Restore(ctx, m, nil)
+	for _, v := range m.VMs {
+		b.Log.Info("guest", "vm", v.Name, "status", v.Status, "pid", v.NewPID, "err", v.Error)
+	}
+	return err
+}
+
+// manage marks a child as waited for by someone else (the reaper skips it).
+func (b *Boot) manage(pid int) {
+	b.mu.Lock()
+	b.managed[pid] = true
+	b.mu.Unlock()
+}
+
+// handover switches root into the host root and execs its init, with the
+// guests running. Our bind mounts are dropped first: switch_root moves the
+// real /dev, /proc, /sys and /run there.
+func (b *Boot) handover() error {
+	for _, d := range []string{"/dev", "/proc", "/sys", "/run"} {
+		unix.Unmount(filepath.Join(NewRoot, d), unix.MNT_DETACH)
+	}
+	init := b.Params.Init
+	if _, err := os.Stat(filepath.Join(NewRoot, init)); err != nil {
+		return fmt.Errorf("host init %s: %w", init, err)
+	}
+	b.Log.Info("handing over to the host's init", "init", init)
+	return mount.SwitchRoot(NewRoot, init)
+}
+
+// supervise is what PID 1 does once up: nothing but reaping and signals.
+func (b *Boot) supervise() {
+	select {}
+}
+
+// kernelUptime reads /proc/uptime.
+func kernelUptime() float64 {
+	raw, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return 0
+	}
+	var up float64
+	fmt.Sscanf(string(raw), "%f", &up)
+	return up
+}
+
+// reap collects orphans re-parented to PID 1, leaving alone the children
+// that have a waiter of their own (the QEMUs the engine started, the shell).
+func (b *Boot) reap() {
+	sig := make(chan os.Signal, 16)
+	signal.Notify(sig, syscall.SIGCHLD)
+	for range sig {
+		ents, _ := os.ReadDir("/proc")
+		for _, e := range ents {
+			var pid int
+			if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil || pid <= 1 {
+				continue
+			}
+			st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+			if err != nil {
+				continue
+			}
+			s := string(st)
+			i := strings.LastIndexByte(s, ')')
+			if i < 0 {
+				continue
+			}
+			var state string
+			var ppid int
+			fmt.Sscanf(s[i+1:], " %s %d", &state, &ppid)
+			if state != "Z" || ppid != 1 {
+				continue
+			}
+			b.mu.Lock()
+			skip := b.managed[pid]
+			b.mu.Unlock()
+			if skip {
+				continue
+			}
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		}
+	}
+}
+
+// handleSignals turns SIGTERM/SIGINT/SIGPWR into an orderly stop: every
+// guest is saved (CPR) so a later boot restores it; if any cannot be saved,
+// every guest keeps running and the machine stays up. Nothing is killed.
+func (b *Boot) handleSignals() {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT, syscall.SIGPWR)
+	for s := range sig {
+		b.Log.Warn("orderly stop requested", "signal", s)
+		if err := b.stop(); err != nil {
+			b.Log.Error("orderly stop abandoned: guests keep running", "err", err)
+			continue
+		}
+		b.Log.Info("guests saved, filesystems unmounted: powering off")
+		unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
+	}
+}
+
+// stop saves every running guest to the PMEM state directory and unmounts.
+func (b *Boot) stop() error {
+	stateDir := filepath.Join(b.Params.PMEMMount, "liveupdate")
+	if b.Manifest != nil {
+		stateDir = b.Manifest.StateDir
+	}
+	e := cpr.New(stateDir, b.Log)
+	e.Root = b.Root
+	ctx := context.Background()
+	ts, err := e.Plan(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		for _, t := range ts {
+			t.Close()
+		}
+	}()
+	if len(ts) > 0 {
+		for _, t := range ts {
+			if !t.Verdict.OK {
+				return fmt.Errorf("%s cannot be saved: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
+			}
+		}
+		if _, err := e.Save(ctx, ts, cpr.SaveOptions{}); err != nil {
+			return err
+		}
+	}
+	return b.unmountAll()
+}
+
+// rescue logs a fatal error and runs a shell on the console forever. The
+// guests' RAM and state files are untouched.
+func (b *Boot) rescue(err error) {
+	msg := fmt.Sprintf("liveupdate: FATAL: %v\nNo guest data was touched: guest RAM and state files stay where they are.\n", err)
+	if b.Params.Manifest != "" {
+		msg += fmt.Sprintf("When the cause is fixed, restore with: liveupdate restore --manifest %s\n", b.Params.Manifest)
+	}
+	if b.Log != nil {
+		b.Log.Error("fatal", "err", err)
+	}
+	b.rescueShellLoop(msg)
+}
+
+// rescueShellLoop starts a shell on the console and starts it again when it
+// exits. It never returns.
+func (b *Boot) rescueShellLoop(msg string) {
+	for {
+		con := consoleOut()
+		fmt.Fprintf(con, "%sliveupdate: RESCUE SHELL\n", msg)
+		cmd := exec.Command(RescueSh)
+		if f, err := os.OpenFile("/dev/console", os.O_RDWR, 0); err == nil {
+			cmd.Stdin, cmd.Stdout, cmd.Stderr = f, f, f
+			cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
+		}
+		if err := cmd.Start(); err != nil {
+			fmt.Fprintf(con, "liveupdate: cannot start %s: %v\n", RescueSh, err)
+			time.Sleep(5 * time.Second)
+			continue
+		}
+		b.manage(cmd.Process.Pid)
+		cmd.Wait()
+		time.Sleep(time.Second) // no busy loop if the shell dies at once
+	}
+}
+
+// consoleOut is where messages for the operator go.
+func consoleOut() io.Writer {
+	if f, err := os.OpenFile("/dev/console", os.O_WRONLY, 0); err == nil {
+		return f
+	}
+	return os.Stderr
+}
