@@ -54,7 +54,7 @@ cp "$stage/load-order" "$stage/etc/liveupdate/modules"
 printf '#!/bin/gosh\nexec /bbin/init "$@"\n' >"$stage/bin/liveupdate"
 chmod 0755 "$stage/bin/liveupdate"
 # mkfs.ext4 for lu.format_pmem=1 (first boot only; never on a used device).
-mkfs=$(command -v mkfs.ext4 || echo /sbin/mkfs.ext4)
+mkfs=$(realpath "$(command -v mkfs.ext4 || echo /sbin/mkfs.ext4)")
 
 cmds=()
 for c in $(ls "$(go env GOMODCACHE)/github.com/u-root/u-root@$(cd "$repo" && go list -m -f '{{.Version}}' github.com/u-root/u-root)/cmds/core"); do

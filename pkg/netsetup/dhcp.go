@@ -36,10 +36,28 @@ func DHCP(ctx context.Context, iface string) (*Lease, error) {
 	if err != nil {
 		return nil, fmt.Errorf("DHCP on %s: %w", iface, err)
 	}
-	defer c.Close()
-	lease, err := c.Request(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("DHCP on %s: no lease: %w", iface, err)
+	// The client can block outside its own timeouts (e.g. waiting for
+	// the kernel's random pool early in boot): the deadline is ours.
+	type result struct {
+		l   *nclient4.Lease
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		l, err := c.Request(ctx)
+		done <- result{l, err}
+	}()
+	var lease *nclient4.Lease
+	select {
+	case r := <-done:
+		c.Close()
+		if r.err != nil {
+			return nil, fmt.Errorf("DHCP on %s: no lease: %w", iface, r.err)
+		}
+		lease = r.l
+	case <-ctx.Done():
+		c.Close()
+		return nil, fmt.Errorf("DHCP on %s: no lease before the deadline (is the kernel's random pool ready? a CPU with RDRAND or virtio-rng helps): %w", iface, ctx.Err())
 	}
 	ack := lease.ACK
 	mask := ack.SubnetMask()
