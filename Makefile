@@ -6,10 +6,15 @@
 
 SHELL     := /bin/bash
 GO        ?= go
-FUZZTIME  ?= 10s
+FUZZTIME  ?= 8s
 BIN       := bin
 
-.PHONY: all build setup test unit fuzz-short qemu-test lint demo bench fuzz clean
+.PHONY: all build setup test unit fuzz-short qemu-test lint demo bench fuzz clean initramfs
+
+# One initramfs per kernel, like update-initramfs:
+#   make initramfs KVER=6.12.117+deb12-amd64 MODROOT=/   → out/initramfs-KVER.cpio.gz
+KVER    ?= $(shell cat .cache/kernels/new/version 2>/dev/null)
+MODROOT ?= .cache/kernels/new
 
 all: build
 
@@ -21,14 +26,14 @@ setup:
 	./scripts/setup.sh
 
 lint:
-	@out=$$(gofmt -l init cmds pkg qemu-tests); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@out=$$(gofmt -l init cmds pkg qemu-tests internal kernelconfig); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
 unit:
-	$(GO) test -count=1 ./init/... ./cmds/... ./pkg/...
+	$(GO) test -count=1 ./init/... ./cmds/... ./pkg/... ./internal/... ./kernelconfig/...
 
 # Every parser of outside input, fuzzed briefly (longer: make fuzz FUZZTIME=10m).
-FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest
+FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzParse:./pkg/bootparams
 fuzz-short fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		name=$${t%%:*}; pkg=$${t#*:}; \
@@ -47,5 +52,10 @@ demo: setup build
 bench: setup
 	./scripts/bench.sh
 
+initramfs:
+	@test -n "$(KVER)" || { echo "KVER not set and no set-up kernel: run make setup or give KVER=… MODROOT=…"; exit 2; }
+	mkdir -p out
+	./initramfs/build.sh $(KVER) $(MODROOT) out/initramfs-$(KVER).cpio.gz
+
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) out

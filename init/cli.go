@@ -243,6 +243,7 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 	fs := newFlagSet("restore", "restore [--manifest PATH] [--json]", &c)
 	mpath := fs.String("manifest", "", "manifest to restore from (default: STATE_DIR/manifest.json)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
+	root := fs.String("root", "", "run the QEMUs chrooted in this directory; manifest paths are inside it (PID 1's rescue shell: /newroot)")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
@@ -255,6 +256,7 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 		return exitFailed
 	}
 	e := c.engine()
+	e.Root = *root
 	err = e.Restore(ctx, m, nil)
 	report(out, m, *asJSON)
 	if err != nil {

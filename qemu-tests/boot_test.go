@@ -59,12 +59,15 @@ func hostInitramfs(t testing.TB) string {
 // hostRootImage makes an ext4 image (no root mounts needed: mkfs.ext4 -d)
 // holding the directories PID 1 binds into it and, if m is not nil, the
 // manifest at /var/lib/liveupdate/manifest.json (raw bytes if rawManifest).
-func hostRootImage(t testing.TB, m *manifest.Manifest, rawManifest []byte) (img string, manifestBytes []byte) {
+func hostRootImage(t testing.TB, m *manifest.Manifest, rawManifest []byte, extra ...func(tree string)) (img string, manifestBytes []byte) {
 	t.Helper()
 	dir := t.TempDir()
 	tree := filepath.Join(dir, "tree")
-	for _, d := range []string{"dev", "proc", "sys", "run", "mnt/pmem", "var/lib/liveupdate", "sbin"} {
+	for _, d := range []string{"dev", "proc", "sys", "run", "mnt/pmem", "var/lib/liveupdate", "sbin", "bin"} {
 		os.MkdirAll(filepath.Join(tree, d), 0o755)
+	}
+	for _, f := range extra {
+		f(tree)
 	}
 	manifestBytes = rawManifest
 	if m != nil {
@@ -96,9 +99,10 @@ func readImageFile(t testing.TB, img, path string) []byte {
 
 // hostVM is an outer VM: the "host" running our initramfs.
 type hostVM struct {
-	t   testing.TB
-	log string
-	cmd *exec.Cmd
+	t       testing.TB
+	log     string
+	monitor string // HMP socket
+	cmd     *exec.Cmd
 }
 
 type hostOpts struct {
@@ -111,7 +115,8 @@ type hostOpts struct {
 
 func bootHost(t testing.TB, o hostOpts) *hostVM {
 	t.Helper()
-	h := &hostVM{t: t, log: filepath.Join(t.TempDir(), "console.log")}
+	dir := t.TempDir()
+	h := &hostVM{t: t, log: filepath.Join(dir, "console.log"), monitor: filepath.Join(dir, "hmp.sock")}
 	kernelArgs := []string{"console=ttyS0", "panic=-1"}
 	if o.memmap {
 		kernelArgs = append(kernelArgs, "memmap=512M!1G")
@@ -120,6 +125,7 @@ func bootHost(t testing.TB, o hostOpts) *hostVM {
 	// -cpu max: RDRAND seeds the kernel's random pool at once (DHCP needs it).
 	argv := []string{qemuBinary, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2G",
 		"-nographic", "-nodefaults", "-no-reboot", "-serial", "file:" + h.log,
+		"-monitor", "unix:" + h.monitor + ",server=on,wait=off",
 		"-kernel", filepath.Join(repoRoot, ".cache/kernels/new/vmlinuz"), "-initrd", hostInitramfs(t),
 		"-append", strings.Join(kernelArgs, " ")}
 	if o.rootImg != "" {
@@ -167,6 +173,30 @@ func (h *hostVM) waitFor(re string, d time.Duration) []string {
 	b, _ := os.ReadFile(h.log)
 	h.t.Fatalf("console never matched %q within %s; console:\n%s", re, d, tail(string(b), 60))
 	return nil
+}
+
+// hmp sends one human-monitor command to the outer VM's QEMU.
+func (h *hostVM) hmp(cmd string) {
+	h.t.Helper()
+	c, err := net.Dial("unix", h.monitor)
+	if err != nil {
+		h.t.Fatalf("monitor: %v", err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "%s\n", cmd)
+	time.Sleep(300 * time.Millisecond) // let QEMU read it before the close
+}
+
+// exited waits for the outer VM's QEMU to exit (e.g. after a power off).
+func (h *hostVM) exited(d time.Duration) bool {
+	done := make(chan struct{})
+	go func() { h.cmd.Process.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		return false
+	}
 }
 
 func (h *hostVM) console() string {
@@ -264,6 +294,40 @@ func TestBootHost(t *testing.T) {
 		t.Errorf("PID 1 reported a fatal error")
 	}
 	t.Logf("PID 1 start → ready: %s ms (kernel uptime at PID 1 start %s s); phases: %s", ready[1], ready[2], ready[3])
+
+	// Ctrl-Alt-Del asks PID 1 for an orderly stop: guests saved (none
+	// here), filesystems unmounted, power off.
+	h.hmp("sendkey ctrl-alt-delete")
+	h.waitFor(`orderly stop requested`, time.Minute)
+	h.waitFor(`guests saved, filesystems unmounted: powering off`, time.Minute)
+	if !h.exited(time.Minute) {
+		t.Errorf("outer VM did not power off")
+	}
+}
+
+// TestBootHandover: with lu.handover=1, PID 1 switches root into the host
+// root and execs its init, which then runs as process 1 with /proc, /dev
+// and the PMEM mount in place.
+func TestBootHandover(t *testing.T) {
+	busybox, err := exec.LookPath("busybox")
+	if err != nil {
+		t.Fatal("busybox (static) not installed: run scripts/setup.sh")
+	}
+	initScript := "#!/bin/busybox sh\n" +
+		"echo HOST-INIT pid=$$ pmem=$(/bin/busybox grep -c ' /mnt/pmem ' /proc/mounts) devnull=$(/bin/busybox ls /dev/null)\n" +
+		"exec /bin/busybox sleep 100000\n"
+	img, _ := hostRootImage(t, nil, nil, func(tree string) {
+		b, _ := os.ReadFile(busybox)
+		os.WriteFile(filepath.Join(tree, "bin/busybox"), b, 0o755)
+		os.WriteFile(filepath.Join(tree, "sbin/init"), []byte(initScript), 0o755)
+	})
+	h := bootHost(t, hostOpts{memmap: true, rootImg: img, cmdline: []string{
+		"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.handover=1"}})
+	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
+	m := h.waitFor(`HOST-INIT pid=(\d+) pmem=(\d+) devnull=(\S+)`, time.Minute)
+	if m[1] != "1" || m[2] != "1" || m[3] != "/dev/null" {
+		t.Errorf("host init runs as pid %s with pmem mounts %s and /dev/null %q", m[1], m[2], m[3])
+	}
 }
 
 // TestBootBadInputs: each bad input stops PID 1 with a clear message on the

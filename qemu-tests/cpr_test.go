@@ -282,3 +282,45 @@ func TestRollback(t *testing.T) {
 	}
 	gs[0].checkContinues(last0)
 }
+
+// TestSaveRestoreChrooted: the two halves as separate commands, and the
+// restore running QEMU chrooted into a root (as PID 1 runs the host's QEMU
+// from the mounted host root): here a recursive bind of / .
+func TestSaveRestoreChrooted(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "chroot"})[0]
+	last, _ := g.lastBeat()
+	oldPID := g.pid()
+	state := t.TempDir()
+	if code, _, _ := runLU(t, "save", "--state-dir", state, "chroot"); code != 0 {
+		t.Fatalf("save exit %d", code)
+	}
+	if alive(oldPID) {
+		t.Fatal("old QEMU still runs after save")
+	}
+	root := t.TempDir()
+	if out, err := exec.Command("mount", "--rbind", "/", root).CombinedOutput(); err != nil {
+		t.Fatalf("mount --rbind: %v %s", err, out)
+	}
+	exec.Command("mount", "--make-rprivate", root).Run()
+	t.Cleanup(func() { exec.Command("umount", "-R", "-l", root).Run() })
+
+	code, out, _ := runLU(t, "restore", "--json", "--root", root, "--manifest", filepath.Join(state, manifest.FileName))
+	if code != 0 {
+		t.Fatalf("restore exit %d", code)
+	}
+	r := parseResult(t, out)
+	if len(r.VMs) != 1 || r.VMs[0].Status != "running" || r.VMs[0].NewPID == 0 {
+		t.Fatalf("result %+v", r)
+	}
+	newPID := r.VMs[0].NewPID
+	t.Cleanup(func() { syscall.Kill(newPID, syscall.SIGKILL) })
+	if got, _ := os.Readlink(fmt.Sprintf("/proc/%d/root", newPID)); got != root {
+		t.Errorf("new QEMU's root is %q, want %q", got, root)
+	}
+	g.checkContinues(last)
+	// Running restore again changes nothing: the guest is running.
+	code, out, _ = runLU(t, "restore", "--json", "--root", root, "--manifest", filepath.Join(state, manifest.FileName))
+	if r2 := parseResult(t, out); code != 0 || r2.VMs[0].NewPID != newPID {
+		t.Errorf("second restore: exit %d, %+v", code, r2)
+	}
+}

@@ -46,7 +46,15 @@ func (e *Engine) Restore(ctx context.Context, m *manifest.Manifest, held map[str
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := e.timed("restore", vm.Name, func() error { return e.restoreOne(ctx, vm, held[vm.Name]) })
+			err := e.timed("restore", vm.Name, func() (err error) {
+				// A bug here must not take the caller (PID 1) down.
+				defer func() {
+					if r := recover(); r != nil {
+						err = fmt.Errorf("internal error: %v", r)
+					}
+				}()
+				return e.restoreOne(ctx, vm, held[vm.Name])
+			})
 			if err != nil {
 				vm.Status = manifest.StatusFailed
 				vm.Error = err.Error()

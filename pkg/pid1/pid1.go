@@ -88,8 +88,11 @@ func Main() {
 	if earlyErr != nil {
 		b.Log.Warn("early mounts", "err", earlyErr)
 	}
-	go b.reap()
-	go b.handleSignals()
+	// Ctrl-Alt-Del becomes SIGINT to PID 1 (an orderly stop), not an
+	// immediate reboot that would lose the guests.
+	unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
+	go b.guard("reaper", b.reap)
+	go b.guard("signals", b.handleSignals)
 
 	cmdline, _ := os.ReadFile("/proc/cmdline")
 	p, err := bootparams.Parse(string(cmdline))
@@ -126,7 +129,9 @@ func Main() {
 	b.ready()
 	if restoreErr != nil {
 		b.Log.Error("some guests were not restored; their RAM and state files are kept", "err", restoreErr)
-		go b.rescueShellLoop(fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate restore --manifest %s", restoreErr, b.Params.Manifest))
+		go b.guard("rescue shell", func() {
+			b.rescueShellLoop(fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate restore --root %s --manifest %s\n", restoreErr, orSlash(b.Root), b.Params.Manifest))
+		})
 	}
 	if p.Handover {
 		if err := b.handover(); err != nil {
@@ -362,6 +367,17 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	return err
 }
 
+// guard runs fn and keeps a panic in it from taking PID 1 (and with it the
+// kernel) down: it is logged instead.
+func (b *Boot) guard(name string, fn func()) {
+	defer func() {
+		if r := recover(); r != nil {
+			b.Log.Error("recovered from a panic", "in", name, "panic", r)
+		}
+	}()
+	fn()
+}
+
 // manage marks a child as waited for by someone else (the reaper skips it).
 func (b *Boot) manage(pid int) {
 	b.mu.Lock()
@@ -492,7 +508,7 @@ func (b *Boot) stop() error {
 func (b *Boot) rescue(err error) {
 	msg := fmt.Sprintf("liveupdate: FATAL: %v\nNo guest data was touched: guest RAM and state files stay where they are.\n", err)
 	if b.Params.Manifest != "" {
-		msg += fmt.Sprintf("When the cause is fixed, restore with: liveupdate restore --manifest %s\n", b.Params.Manifest)
+		msg += fmt.Sprintf("When the cause is fixed, restore with: liveupdate restore --root %s --manifest %s\n", orSlash(b.Root), b.Params.Manifest)
 	}
 	if b.Log != nil {
 		b.Log.Error("fatal", "err", err)
@@ -520,6 +536,13 @@ func (b *Boot) rescueShellLoop(msg string) {
 		cmd.Wait()
 		time.Sleep(time.Second) // no busy loop if the shell dies at once
 	}
+}
+
+func orSlash(s string) string {
+	if s == "" {
+		return "/"
+	}
+	return s
 }
 
 // consoleOut is where messages for the operator go.
