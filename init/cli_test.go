@@ -1,0 +1,52 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestUsageAndHelp(t *testing.T) {
+	if code := runCLI(nil); code != exitUsage {
+		t.Errorf("no command: exit %d, want %d", code, exitUsage)
+	}
+	if code := runCLI([]string{"frobnicate"}); code != exitUsage {
+		t.Errorf("unknown command: exit %d, want %d", code, exitUsage)
+	}
+	for _, c := range commands {
+		if code := runCLI([]string{c.name, "-h"}); code != exitOK {
+			t.Errorf("%s -h: exit %d, want 0", c.name, code)
+		}
+		if code := runCLI([]string{c.name, "--no-such-flag"}); code != exitUsage {
+			t.Errorf("%s with a bad flag: exit %d, want %d", c.name, code, exitUsage)
+		}
+	}
+}
+
+func TestCheckKernel(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "config")
+	os.WriteFile(bad, []byte("CONFIG_KEXEC_FILE=y\n# CONFIG_FS_DAX is not set\n"), 0o644)
+	var out bytes.Buffer
+	if code := cmdCheckKernel(context.Background(), []string{bad}, &out); code != exitFailed {
+		t.Errorf("exit %d, want %d", code, exitFailed)
+	}
+	if !strings.Contains(out.String(), "CONFIG_FS_DAX: is not set, needs to be built in (=y)") {
+		t.Errorf("output does not name FS_DAX:\n%s", out.String())
+	}
+	if code := cmdCheckKernel(context.Background(), []string{filepath.Join(dir, "missing")}, &out); code != exitFailed {
+		t.Errorf("missing file: exit %d", code)
+	}
+}
+
+func TestRestoreBadManifest(t *testing.T) {
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "manifest.json"), []byte(`{"schema":1,`), 0o600)
+	var out bytes.Buffer
+	if code := cmdRestore(context.Background(), []string{"--state-dir", dir}, &out); code != exitFailed {
+		t.Errorf("exit %d, want %d", code, exitFailed)
+	}
+}
