@@ -329,6 +329,7 @@ type VMResult struct {
 	RAMBytes   uint64          `json:"ram_bytes"`
 	OldPID     int             `json:"old_pid"`
 	NewPID     int             `json:"new_pid,omitempty"`
+	Clock      string          `json:"clock,omitempty"`
 }
 
 func results(m *manifest.Manifest) Result {
@@ -340,7 +341,7 @@ func results(m *manifest.Manifest) Result {
 		}
 		r.VMs = append(r.VMs, VMResult{Name: v.Name, Status: v.Status, Error: v.Error,
 			BlackoutMS: float64(v.Blackout().Microseconds()) / 1000, StateBytes: v.StateSize,
-			RAMBytes: ram, OldPID: v.PID, NewPID: v.NewPID})
+			RAMBytes: ram, OldPID: v.PID, NewPID: v.NewPID, Clock: v.Clock})
 	}
 	return r
 }
@@ -372,7 +373,7 @@ func report(out io.Writer, m *manifest.Manifest, asJSON bool) {
 
 func printVMs(out io.Writer, m *manifest.Manifest) {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "VM\tSTATUS\tBLACKOUT\tSTATE FILE\tGUEST RAM\tPID")
+	fmt.Fprintln(tw, "VM\tSTATUS\tBLACKOUT\tSTATE FILE\tGUEST RAM\tPID\tCLOCK")
 	for _, r := range results(m).VMs {
 		bo := "-"
 		if r.BlackoutMS > 0 {
@@ -382,7 +383,7 @@ func printVMs(out io.Writer, m *manifest.Manifest) {
 		if r.NewPID != 0 {
 			pid = fmt.Sprintf("%d → %d", r.OldPID, r.NewPID)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Status, bo, size(uint64(r.StateBytes)), size(r.RAMBytes), pid)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Status, bo, size(uint64(r.StateBytes)), size(r.RAMBytes), pid, orDash(r.Clock))
 	}
 	tw.Flush()
 	for _, v := range m.VMs {

@@ -71,7 +71,7 @@ func setup(m *testing.M) int {
 		}
 	}
 	guestInitrd = filepath.Join(binDir, "guest.cpio.gz")
-	if out, err := exec.Command(filepath.Join(binDir, "mkinitrd"), "-o", guestInitrd, "-init", filepath.Join(binDir, "heartbeat")).CombinedOutput(); err != nil {
+	if out, err := exec.Command(filepath.Join(repoRoot, "scripts/guest-initrd.sh"), guestInitrd).CombinedOutput(); err != nil {
 		fmt.Fprintf(os.Stderr, "building guest initramfs: %v\n%s", err, out)
 		return 1
 	}
@@ -98,6 +98,7 @@ type guestSpec struct {
 	files   []*os.File
 	wrapper []string // command prefix (e.g. unshare …)
 	netns   string
+	kargs   []string // more kernel parameters (hb.ip=…)
 }
 
 func startGuest(t testing.TB, s guestSpec) *guest {
@@ -130,7 +131,7 @@ func startGuest(t testing.TB, s guestSpec) *guest {
 	argv = append(argv, mem...)
 	argv = append(argv,
 		"-kernel", guestKernel, "-initrd", guestInitrd,
-		"-append", "console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000",
+		"-append", strings.Join(append([]string{"console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000"}, s.kargs...), " "),
 		"-chardev", "file,id=ser0,path="+g.serial+",append=on", "-serial", "chardev:ser0",
 		"-monitor", "none", "-qmp", "unix:"+g.qmp+",server=on,wait=off",
 		"-daemonize", "-pidfile", g.pidfile)
@@ -265,6 +266,7 @@ type restartResult struct {
 		RAMBytes   uint64  `json:"ram_bytes"`
 		OldPID     int     `json:"old_pid"`
 		NewPID     int     `json:"new_pid"`
+		Clock      string  `json:"clock"`
 	} `json:"vms"`
 }
 

@@ -12,8 +12,16 @@
 // written into a block of guest RAM at start still has its checksum. A test
 // reads these lines from the serial log before and after an update.
 //
-// The guest is a set of small services started from main, so that later tests
-// can add more (a TCP echo server, the guest agent) without touching the rest.
+// The guest is a set of small services started from main:
+//   - heartbeat on the serial console;
+//   - with hb.ip=CIDR: the NIC configured (virtio_net loaded from the
+//     initramfs), a TCP echo server on port 7007 (a test keeps one connection
+//     open across an update) and a state server on port 7008 that answers
+//     every connection with one heartbeat line plus the guest's wall clock
+//     ("time=UNIX_NANOS"), so a test can watch the guest from the network;
+//   - the QEMU guest agent (qemu-ga, from the initramfs) on the virtio-serial
+//     port named org.qemu.guest_agent.0, if the VM has one: the host fixes
+//     the guest's clock through it after an update.
 package main
 
 import (
@@ -33,6 +41,7 @@ type config struct {
 	interval time.Duration // between heartbeats
 	memMiB   int           // size of the checked RAM block
 	check    time.Duration // between checksum verifications
+	ip       string        // hb.ip: address for eth0 (CIDR); "" = no network
 }
 
 func parseConfig(cmdline string) config {
@@ -51,6 +60,8 @@ func parseConfig(cmdline string) config {
 			if n, err := strconv.Atoi(v); err == nil && n >= 0 {
 				c.memMiB = n
 			}
+		case "hb.ip":
+			c.ip = v
 		case "hb.check_ms":
 			if n, err := strconv.Atoi(v); err == nil && n > 0 {
 				c.check = time.Duration(n) * time.Millisecond
@@ -71,12 +82,27 @@ func main() {
 	mem := newMemCheck(cfg.memMiB, bootID)
 	go mem.run(cfg.check)
 
-	var seq uint64
+	var seq atomic.Uint64
+	line := func() string {
+		return fmt.Sprintf("HB seq=%d boot=%s up=%.2f mem=%s checks=%d", seq.Load(), bootID, uptime(), mem.status(), mem.checks.Load())
+	}
+	if cfg.ip != "" {
+		if err := setupNetwork(cfg.ip); err != nil {
+			fmt.Fprintf(out, "HEARTBEAT network: %v\n", err)
+		} else {
+			go serveEcho(out, ":7007")
+			go serveState(out, ":7008", func() string {
+				return fmt.Sprintf("%s time=%d", line(), time.Now().UnixNano())
+			})
+			fmt.Fprintf(out, "HEARTBEAT network %s up: echo :7007, state :7008\n", cfg.ip)
+		}
+	}
+	go runGuestAgent(out)
+
 	t := time.NewTicker(cfg.interval)
 	for range t.C {
-		seq++
-		fmt.Fprintf(out, "HB seq=%d boot=%s up=%.2f mem=%s checks=%d\n",
-			seq, bootID, uptime(), mem.status(), mem.checks.Load())
+		seq.Add(1)
+		fmt.Fprintln(out, line())
 	}
 }
 

@@ -2,7 +2,10 @@
 // one static program as /init and, optionally, more files. It builds the test
 // guest's initramfs without root and without external tools.
 //
-//	mkinitrd -o guest.cpio.gz -init ./heartbeat [-file /bin/x=./x …]
+//	mkinitrd -o guest.cpio.gz -init ./heartbeat [-file /etc/x=./x …] [-bin /usr/sbin/qemu-ga=/usr/sbin/qemu-ga …]
+//
+// -bin adds a dynamically linked program together with its ELF interpreter
+// and shared libraries (found with u-root's ldd), at their own paths.
 package main
 
 import (
@@ -13,6 +16,7 @@ import (
 	"strings"
 
 	"github.com/u-root/u-root/pkg/cpio"
+	"github.com/u-root/u-root/pkg/ldd"
 )
 
 type fileList []string
@@ -23,13 +27,32 @@ func (f *fileList) Set(v string) error { *f = append(*f, v); return nil }
 func main() {
 	out := flag.String("o", "", "output file (gzip-compressed newc cpio)")
 	initBin := flag.String("init", "", "program to install as /init")
-	var extra fileList
+	var extra, bins fileList
 	flag.Var(&extra, "file", "extra file as DEST=SRC (repeatable)")
+	flag.Var(&bins, "bin", "program as DEST=SRC, with its shared libraries (repeatable)")
 	flag.Parse()
 	if *out == "" || *initBin == "" {
 		fmt.Fprintln(os.Stderr, "mkinitrd: -o and -init are required")
 		flag.Usage()
 		os.Exit(2)
+	}
+	for _, b := range bins {
+		_, src, ok := strings.Cut(b, "=")
+		if !ok {
+			fmt.Fprintf(os.Stderr, "mkinitrd: -bin %q: want DEST=SRC\n", b)
+			os.Exit(2)
+		}
+		libs, err := ldd.FList(src)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "mkinitrd: libraries of %s: %v\n", src, err)
+			os.Exit(1)
+		}
+		extra = append(extra, b)
+		for _, l := range libs {
+			if l != src {
+				extra = append(extra, l+"="+l)
+			}
+		}
 	}
 	if err := run(*out, *initBin, extra); err != nil {
 		fmt.Fprintln(os.Stderr, "mkinitrd:", err)
@@ -45,11 +68,16 @@ func run(out, initBin string, extra []string) error {
 		recs = append(recs, cpio.Directory(d, 0o755))
 	}
 	recs = append(recs, cpio.CharDev("dev/console", 0o600, 5, 1))
+	seen := map[string]bool{}
 	for _, spec := range files {
 		dst, src, ok := strings.Cut(spec, "=")
 		if !ok {
 			return fmt.Errorf("file %q: want DEST=SRC", spec)
 		}
+		if seen[dst] {
+			continue
+		}
+		seen[dst] = true
 		b, err := os.ReadFile(src)
 		if err != nil {
 			return err

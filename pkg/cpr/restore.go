@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
@@ -187,8 +188,41 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 			}
 		}
 	}
-	e.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout())
+	e.fixClock(ctx, vm)
+	e.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout(), "clock", vm.Clock)
 	return nil
+}
+
+// fixClock puts the guest's clock right through its guest agent: it stood
+// still while the guest was stopped. A guest without an agent is reported.
+func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
+	if !vm.WasRunning {
+		return
+	}
+	if vm.Agent == "" {
+		vm.Clock = "no guest agent"
+		e.Log.Warn("guest has no agent channel: its clock is behind by the blackout", "vm", vm.Name)
+		return
+	}
+	err := e.timed("clock-fix", vm.Name, func() error {
+		// The agent may still be waking up in the guest: retry briefly.
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			err := guestagent.SyncClock(actx, e.host(vm.Agent))
+			cancel()
+			if err == nil || time.Now().After(deadline) {
+				return err
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	})
+	if err != nil {
+		vm.Clock = "not corrected: " + err.Error()
+		e.Log.Warn("guest clock not corrected", "vm", vm.Name, "err", err)
+		return
+	}
+	vm.Clock = "corrected"
 }
 
 // openFds returns the files to pass as fds 3, 4, … and those of them this

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
@@ -133,6 +134,12 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	}
 	if o.QEMUBinary != "" {
 		rec.Binary = o.QEMUBinary
+	}
+	if a := guestagent.Socket(p.Cmdline); a != "" {
+		if !filepath.IsAbs(a) {
+			a = filepath.Join(p.Cwd, a)
+		}
+		rec.Agent = a
 	}
 	ram, err := p.Cmdline.RAM()
 	if err != nil {

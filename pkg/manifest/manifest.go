@@ -87,6 +87,11 @@ type VM struct {
 	RAM         []qemuargv.MemoryBackend `json:"ram"`
 	Fds         []Fd                     `json:"fds,omitempty"`
 
+	Agent string `json:"agent,omitempty"` // host side of the guest agent's channel
+	// Clock says what became of the guest's clock after restore:
+	// "corrected", "no guest agent", or "not corrected: …".
+	Clock string `json:"clock,omitempty"`
+
 	StateFile  string `json:"state_file"`
 	StateSize  int64  `json:"state_size,omitempty"`
 	WasRunning bool   `json:"was_running"` // resume after restore only if it ran before
