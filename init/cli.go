@@ -19,6 +19,7 @@ import (
 	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/update"
 )
 
 const defaultStateDir = "/var/lib/liveupdate"
@@ -44,6 +45,65 @@ var commands = []command{
 	{"restore", "restore the VMs recorded in a manifest", cmdRestore},
 	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
 	{"check-kernel", "check a kernel config against kernelconfig/host.config", cmdCheckKernel},
+	{"update", "live kernel update: save guests, kexec into a new kernel", cmdUpdate},
+}
+
+func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("update", "update --kernel VMLINUZ --initrd INITRAMFS [--append \"…\"] [--dry-run] [--json]", &c)
+	kernel := fs.String("kernel", "", "the new kernel image (bzImage)")
+	initrd := fs.String("initrd", "", "this project's initramfs for that kernel (make initramfs)")
+	appendArgs := fs.String("append", "", "the new kernel's command line (default: the running one's); memmap= must stay as it is")
+	dry := fs.Bool("dry-run", false, "plan and check, print the plan, change nothing")
+	asJSON := fs.Bool("json", false, "print the plan (and outcome) as JSON")
+	root := fs.String("root", "", "the host root as this process sees it, when run from PID 1's shell (/newroot); paths are inside it")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	e := c.engine()
+	e.Root = *root
+	p, err := update.MakePlan(ctx, e, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate update:", err)
+		return exitFailed
+	}
+	defer p.Close()
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		enc.Encode(p)
+	} else {
+		printPlan(out, p)
+	}
+	if !p.OK() {
+		fmt.Fprintf(os.Stderr, "liveupdate update: refusing, nothing was changed:\n  %s\n", strings.Join(p.Problems, "\n  "))
+		return exitRefused
+	}
+	if *dry {
+		return exitOK
+	}
+	m, err := update.Run(ctx, e, p, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs})
+	if m != nil {
+		report(out, m, *asJSON)
+	}
+	fmt.Fprintln(os.Stderr, "liveupdate update:", err)
+	return exitFailed
+}
+
+func printPlan(out io.Writer, p *update.Plan) {
+	fmt.Fprintf(out, "kernel:     %s\ninitramfs:  %s\ncmdline:    %s\nPMEM:       %s on %s\nstate dir:  %s\n",
+		p.Kernel, p.Initrd, p.Cmdline, orDash(p.PMEMDevice), orDash(p.PMEMMount), p.StateDir)
+	if p.KernelConfig != "" {
+		fmt.Fprintf(out, "config:     %s\n", p.KernelConfig)
+	}
+	fmt.Fprintf(out, "guests:     %d\n", len(p.VMs))
+	for _, v := range p.VMs {
+		verdict := "safe"
+		if !v.OK {
+			verdict = "UNSAFE"
+		}
+		fmt.Fprintf(out, "  %s (pid %d): %s\n", v.VM, v.PID, verdict)
+	}
 }
 
 func cmdCheckKernel(ctx context.Context, args []string, out io.Writer) int {

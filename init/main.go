@@ -8,6 +8,7 @@
 //	liveupdate save / restore       the two halves, with the manifest in between
 //
 //	liveupdate check-kernel CONFIG  does a kernel have what a host needs
+//	liveupdate update --kernel K --initrd I   the live kernel update (kexec)
 //
 // Each subcommand's phases are the CPR engine's (package cpr): Plan, Save
 // (inverse: Resume), Quit (inverse: Restore).
@@ -40,6 +41,7 @@ commands:
   restore       start the VMs recorded in a manifest and load their state
   restart-qemu  save and restore in place, optionally onto a new QEMU binary
   check-kernel  check a kernel config for what a liveupdate host needs
+  update        live kernel update: save every guest, kexec into a new kernel
 
 Run 'liveupdate COMMAND -h' for a command's flags.
 `)

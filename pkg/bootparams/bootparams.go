@@ -226,8 +226,21 @@ func boolean(k, v string) (bool, error) {
 	return b, nil
 }
 
-// splitCmdline splits a kernel command line into words, honouring double
-// quotes the way the kernel does (param="a b").
+// Split splits a kernel command line into words, honouring double quotes the
+// way the kernel does (param="a b"); the quotes are removed.
+func Split(s string) []string { return splitCmdline(s) }
+
+// Quote renders a word for a command line, quoting a value with spaces.
+func Quote(w string) string {
+	if !strings.ContainsAny(w, " \t\n") {
+		return w
+	}
+	if k, v, ok := strings.Cut(w, "="); ok {
+		return k + `="` + v + `"`
+	}
+	return `"` + w + `"`
+}
+
 func splitCmdline(s string) []string {
 	var out []string
 	var cur strings.Builder

@@ -52,8 +52,9 @@ type Engine struct {
 	QuitTimeout    time.Duration // old QEMU to exit after quit
 	RestoreTimeout time.Duration // new QEMU start → running
 
-	mu  sync.Mutex // guards man and its writes
-	man *manifest.Manifest
+	mu      sync.Mutex // guards man, pending and the manifest's writes
+	man     *manifest.Manifest
+	pending []manifest.Phase // phases timed before Save created the manifest
 }
 
 // New returns an engine with default timeouts.
@@ -210,3 +211,6 @@ func (e *Engine) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Cli
 	}
 	return c, f
 }
+
+// Files returns the fds held for the VM (by their number in the new QEMU).
+func (t *Target) Files() map[int]*os.File { return t.files }

@@ -45,7 +45,10 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	if err := os.MkdirAll(e.host(e.StateDir), 0o700); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
+	prior := e.pending
+	e.pending = nil
 	e.man = newManifest(e.StateDir)
+	e.man.Phases = prior
 
 	// Prepare: record each VM and take over its inherited fds.
 	for _, t := range ts {
@@ -452,6 +455,12 @@ func waitPidfd(pidfd int, d time.Duration) bool {
 	}
 }
 
+// WriteManifest writes the run's manifest (after the caller added to it).
+func (e *Engine) WriteManifest() error { return e.writeManifest() }
+
+// Timed runs fn as a named phase of the run and records it in the manifest.
+func (e *Engine) Timed(name, vm string, fn func() error) error { return e.timed(name, vm, fn) }
+
 // writeManifest writes the run's manifest into the state directory.
 func (e *Engine) writeManifest() error {
 	e.mu.Lock()
@@ -478,7 +487,23 @@ func (e *Engine) timed(name, vm string, fn func() error) error {
 	e.mu.Lock()
 	if e.man != nil {
 		e.man.Phases = append(e.man.Phases, ph)
+	} else {
+		e.pending = append(e.pending, ph) // before Save made the manifest
 	}
 	e.mu.Unlock()
 	return err
+}
+
+// EmptyManifest starts and writes a manifest with no VMs (an update of a
+// host without guests still tells PID 1 what to rebuild).
+func (e *Engine) EmptyManifest() (*manifest.Manifest, error) {
+	if err := os.MkdirAll(e.host(e.StateDir), 0o700); err != nil {
+		return nil, err
+	}
+	prior := e.pending
+	e.pending = nil
+	e.man = newManifest(e.StateDir)
+	e.man.Phases = prior
+	e.man.VMs = []manifest.VM{}
+	return e.man, e.writeManifest()
 }
