@@ -3,11 +3,16 @@
 #
 #   initramfs/build.sh KERNEL_VERSION MODULES_ROOT OUTPUT
 #
-# MODULES_ROOT holds lib/modules/KERNEL_VERSION (e.g. / on a host, or a kernel
-# package unpacked with dpkg-deb -x). The archive (gzip) holds: liveupdate as
-# /init, u-root's core commands and the gosh shell for rescue (busybox mode),
-# and the modules of initramfs/modules.txt with their dependency closure and a
-# fresh modules.dep. The u-root builder is pinned in go.mod (go tool u-root).
+# MODULES_ROOT holds lib/modules/KERNEL_VERSION (/ on a host, or a kernel
+# package unpacked with dpkg-deb -x). OUTPUT is two gzip'd newc archives one
+# after the other (the kernel unpacks both):
+#   1. the core, the same for every kernel: liveupdate as /init, u-root's
+#      core commands and the gosh shell for rescue (u-root busybox mode; the
+#      builder is pinned in go.mod: go tool u-root), mkfs.ext4 for first boot.
+#      Built once per source tree and cached in .cache/initramfs/.
+#   2. this kernel's modules: those of initramfs/modules.txt with their
+#      dependency closure (stored uncompressed), a fresh modules.dep, and the
+#      load order in /etc/liveupdate/modules.
 set -euo pipefail
 [ $# -eq 3 ] || { echo "usage: $0 KERNEL_VERSION MODULES_ROOT OUTPUT" >&2; exit 2; }
 kver=$1 modroot=$(realpath "$2") out=$3
@@ -16,15 +21,41 @@ repo=$(dirname "$here")
 src=$modroot/lib/modules/$kver
 [ -d "$src" ] || { echo "build.sh: no modules for $kver under $modroot" >&2; exit 1; }
 [ -f "$src/modules.dep" ] || depmod -b "$modroot" "$kver"
+cache=${CACHE:-$repo/.cache}/initramfs
+mkdir -p "$cache"
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-dst=$stage/lib/modules/$kver
-mkdir -p "$dst"
-cp "$src"/modules.order "$src"/modules.builtin* "$dst"/ 2>/dev/null || true
 
-# The closure of every listed module, from modules.dep (modprobe resolves it).
-: >"$stage/load-order"
+# --- 1. core (cached by the hash of everything that goes into it) ---
+hash=$(cd "$repo" && { cat go.mod go.sum "$here/build.sh"; find init pkg kernelconfig internal -name '*.go' -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -c1-16)
+core=$cache/core-$hash.cpio.gz
+if [ ! -f "$core" ]; then
+	mkdir -p "$stage/core/bin"
+	printf '#!/bin/gosh\nexec /bbin/init "$@"\n' >"$stage/core/bin/liveupdate"
+	chmod 0755 "$stage/core/bin/liveupdate"
+	mkfs=$(realpath "$(command -v mkfs.ext4 || echo /sbin/mkfs.ext4)")
+	cmds=()
+	for c in $(ls "$(go env GOMODCACHE)/github.com/u-root/u-root@$(cd "$repo" && go list -m -f '{{.Version}}' github.com/u-root/u-root)/cmds/core"); do
+		case $c in init|sluinit|sshd|scp|gpgv|lockmsrs|msr|rsdp|fusermount|update-rc.d|service|watchdogd|io|man) continue ;; esac
+		cmds+=("github.com/u-root/u-root/cmds/core/$c")
+	done
+	# In busybox mode the program's command name is its directory's, "init";
+	# `liveupdate …` in the rescue shell runs the same program as the CLI.
+	(cd "$repo" && GOFLAGS=-mod=mod go tool u-root -o "$stage/core.cpio" -initcmd init -defaultsh gosh \
+		-files "$stage/core/bin/liveupdate:bin/liveupdate" -files "$mkfs:sbin/mkfs.ext4" \
+		./init "${cmds[@]}") 2>"$stage/u-root.log" || { cat "$stage/u-root.log" >&2; exit 1; }
+	gzip -9 -n -c "$stage/core.cpio" >"$core.tmp"
+	mv "$core.tmp" "$core"
+	# keep the cache small: only the newest few cores
+	ls -t "$cache"/core-*.cpio.gz | tail -n +4 | xargs -r rm -f
+fi
+
+# --- 2. this kernel's modules ---
+dst=$stage/mods/lib/modules/$kver
+mkdir -p "$dst" "$stage/mods/etc/liveupdate"
+cp "$src"/modules.order "$src"/modules.builtin* "$dst"/ 2>/dev/null || true
+: >"$stage/mods/etc/liveupdate/modules"
 while read -r name; do
 	case $name in ''|'#'*) continue ;; esac
 	if ! deps=$(modprobe -S "$kver" -d "$modroot" --show-depends "$name" 2>/dev/null); then
@@ -44,28 +75,11 @@ while read -r name; do
 		*) cp -n "$path" "$dst/$rel" ;;
 		esac
 	done <<<"$deps"
-	echo "$name" >>"$stage/load-order"
+	echo "$name" >>"$stage/mods/etc/liveupdate/modules"
 done <"$here/modules.txt"
-depmod -b "$stage" "$kver"
-mkdir -p "$stage/etc/liveupdate" "$stage/bin"
-cp "$stage/load-order" "$stage/etc/liveupdate/modules"
-# In busybox mode the program's command name is its directory's, "init";
-# `liveupdate …` in the rescue shell runs the same program as the CLI.
-printf '#!/bin/gosh\nexec /bbin/init "$@"\n' >"$stage/bin/liveupdate"
-chmod 0755 "$stage/bin/liveupdate"
-# mkfs.ext4 for lu.format_pmem=1 (first boot only; never on a used device).
-mkfs=$(realpath "$(command -v mkfs.ext4 || echo /sbin/mkfs.ext4)")
+depmod -b "$stage/mods" "$kver"
+(cd "$stage/mods" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) | gzip -9 -n >"$stage/mods.cpio.gz"
 
-cmds=()
-for c in $(ls "$(go env GOMODCACHE)/github.com/u-root/u-root@$(cd "$repo" && go list -m -f '{{.Version}}' github.com/u-root/u-root)/cmds/core"); do
-	case $c in init|sluinit|sshd|scp|gpgv|lockmsrs|msr|rsdp|fusermount|update-rc.d|service|watchdogd|io|man) continue ;; esac
-	cmds+=("github.com/u-root/u-root/cmds/core/$c")
-done
-cpio=$stage/initramfs.cpio
-(cd "$repo" && GOFLAGS=-mod=mod go tool u-root -o "$cpio" -initcmd init -defaultsh gosh \
-	-files "$stage/lib/modules:lib/modules" -files "$stage/etc/liveupdate:etc/liveupdate" \
-	-files "$stage/bin/liveupdate:bin/liveupdate" -files "$mkfs:sbin/mkfs.ext4" \
-	./init "${cmds[@]}")
-gzip -9 -n -c "$cpio" >"$out.tmp"
+cat "$core" "$stage/mods.cpio.gz" >"$out.tmp"
 mv "$out.tmp" "$out"
-echo "build.sh: $out ($(du -h "$out" | cut -f1), $(wc -l <"$stage/load-order") modules listed)" >&2
+echo "build.sh: $out ($(du -h "$out" | cut -f1); core $(du -h "$core" | cut -f1), $(wc -l <"$stage/mods/etc/liveupdate/modules") modules listed)" >&2

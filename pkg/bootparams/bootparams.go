@@ -32,6 +32,7 @@ type Params struct {
 	Modules    []string      // lu.modules=a,b: modules to load besides the built-in list
 	DevWait    time.Duration // lu.devwait: how long to wait for devices (default 10s)
 	Rescue     bool          // lu.rescue=1: stop at the rescue shell before doing anything
+	Control    string        // lu.control: a serial line that takes shell commands (automation)
 }
 
 // Defaults.
@@ -131,6 +132,11 @@ func Parse(cmdline string) (Params, error) {
 			}
 		case "lu.rescue":
 			p.Rescue, err = boolean(k, v)
+		case "lu.control":
+			p.Control, err = absPath(k, v)
+			if err == nil && !strings.HasPrefix(v, "/dev/") {
+				err = fmt.Errorf("lu.control=%s: want a device under /dev", v)
+			}
 		}
 		if err != nil {
 			return p, err
@@ -193,6 +199,9 @@ func (p Params) Words() []string {
 		add("lu.devwait", p.DevWait.String())
 	}
 	flag("lu.rescue", p.Rescue)
+	if p.Control != "" {
+		add("lu.control", p.Control)
+	}
 	return w
 }
 

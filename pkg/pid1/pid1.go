@@ -100,6 +100,9 @@ func Main() {
 		b.rescue(fmt.Errorf("kernel command line: %w", err))
 	}
 	b.Params = p
+	if p.Control != "" {
+		go b.guard("control", func() { b.controlLoop(p.Control) })
+	}
 	if p.Rescue {
 		b.rescue(errors.New("lu.rescue=1 on the kernel command line"))
 	}
@@ -113,6 +116,7 @@ func Main() {
 		{"network", b.setupNetwork},
 		{"cgroups", b.setupCgroups},
 		{"restore", b.restoreGuests},
+		{"services", b.startServices},
 	}
 	var restoreErr error
 	for _, s := range steps {
@@ -120,7 +124,7 @@ func Main() {
 		if err == nil {
 			continue
 		}
-		if s.name == "restore" {
+		if s.name == "restore" || s.name == "services" {
 			restoreErr = err // the other guests run: report and go on
 			continue
 		}

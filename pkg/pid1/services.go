@@ -1,0 +1,110 @@
+package pid1
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/netsetup"
+)
+
+// HostConfigPath is, inside the host root, what a host runs when no guest
+// was restored — on a first boot, as a host's service manager would start
+// its VMs: the host network and cgroups to build and the QEMUs to start.
+const HostConfigPath = "/etc/liveupdate/host.json"
+
+// HostConfig is the first-boot configuration.
+type HostConfig struct {
+	Network netsetup.Network  `json:"network"`
+	Cgroups []cgroupv2.Cgroup `json:"cgroups,omitempty"`
+	Guests  []Guest           `json:"guests"`
+}
+
+// Guest is one QEMU to start.
+type Guest struct {
+	Name   string   `json:"name"`
+	Argv   []string `json:"argv"` // argv[0] is the binary inside the host root
+	Cwd    string   `json:"cwd,omitempty"`
+	Env    []string `json:"env,omitempty"`
+	Cgroup string   `json:"cgroup,omitempty"` // cgroup v2 path to start it in
+}
+
+// startServices starts the configured guests when the manifest restored
+// none (first boot). Without a host root or a config it does nothing.
+func (b *Boot) startServices(ctx context.Context) error {
+	if b.Manifest != nil || b.Root == "" {
+		return nil
+	}
+	raw, err := os.ReadFile(filepath.Join(b.Root, HostConfigPath))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var hc HostConfig
+	if err := json.Unmarshal(raw, &hc); err != nil {
+		return fmt.Errorf("%s: %w", HostConfigPath, err)
+	}
+	if err := netsetup.Apply(hc.Network); err != nil {
+		return err
+	}
+	if err := cgroupv2.Apply(cpr.CgroupRoot, hc.Cgroups); err != nil {
+		return err
+	}
+	var errs []error
+	for _, g := range hc.Guests {
+		pid, err := b.startGuest(g)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("guest %s: %w", g.Name, err))
+			continue
+		}
+		b.Log.Info("guest started (first boot)", "vm", g.Name, "pid", pid)
+		fmt.Fprintf(consoleOut(), "liveupdate: started guest %s pid %d\n", g.Name, pid)
+	}
+	return errors.Join(errs...)
+}
+
+// startGuest starts one QEMU chrooted in the host root, in its cgroup, in a
+// session of its own, logging to /run/liveupdate/NAME.log.
+func (b *Boot) startGuest(g Guest) (int, error) {
+	if len(g.Argv) == 0 {
+		return 0, fmt.Errorf("empty argv")
+	}
+	os.MkdirAll("/run/liveupdate", 0o700)
+	log, err := os.OpenFile(filepath.Join("/run/liveupdate", g.Name+".log"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer log.Close()
+	cwd := g.Cwd
+	if cwd == "" {
+		cwd = "/"
+	}
+	cmd := &exec.Cmd{Path: g.Argv[0], Args: g.Argv, Dir: cwd, Env: g.Env, Stdout: log, Stderr: log,
+		SysProcAttr: &syscall.SysProcAttr{Setsid: true, Chroot: b.Root}}
+	if g.Cgroup != "" {
+		dir := filepath.Join(cpr.CgroupRoot, filepath.Clean("/"+g.Cgroup))
+		os.MkdirAll(dir, 0o755)
+		if fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+			defer unix.Close(fd)
+			cmd.SysProcAttr.UseCgroupFD = true
+			cmd.SysProcAttr.CgroupFD = fd
+		}
+	}
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	b.manage(cmd.Process.Pid)
+	go cmd.Wait()
+	return cmd.Process.Pid, nil
+}

@@ -1,0 +1,47 @@
+#!/bin/bash
+# hostroot.sh — builds the nested test host's root filesystem image without
+# root mounts (mkfs.ext4 -d): QEMU 10 with its libraries and firmware,
+# liveupdate, both Debian kernels (6.1 "old", 6.12 "new") with their configs
+# and this project's initramfs for each, the inner guest's kernel and
+# initramfs, and the first-boot host configuration.
+#
+#   scripts/hostroot.sh HOST_JSON OUTPUT_IMAGE
+set -euo pipefail
+cd "$(dirname "$0")/.."
+hostjson=$(realpath "$1") out=$2
+cache=.cache/hostroot
+mkdir -p "$cache"
+tree=$(mktemp -d)
+trap 'rm -rf "$tree"' EXIT
+
+for k in old new; do
+	kver=$(cat .cache/kernels/$k/version)
+	ir=$cache/initramfs-$kver.img
+	initramfs/build.sh "$kver" .cache/kernels/$k "$ir" 2>&1 | grep -v '^$' | tail -1 >&2
+	install -D -m 0644 .cache/kernels/$k/boot/vmlinuz-$kver "$tree/boot/vmlinuz-$kver"
+	install -D -m 0644 .cache/kernels/$k/boot/config-$kver "$tree/boot/config-$kver"
+	install -D -m 0644 "$ir" "$tree/boot/initramfs-$kver.img"
+done
+CGO_ENABLED=0 go build -o "$tree/usr/sbin/liveupdate" ./init
+scripts/guest-initrd.sh "$cache/guest.cpio.gz"
+install -D -m 0644 "$cache/guest.cpio.gz" "$tree/srv/guest/guest.cpio.gz"
+install -D -m 0644 .cache/kernels/new/boot/vmlinuz-"$(cat .cache/kernels/new/version)" "$tree/srv/guest/vmlinuz"
+
+# QEMU and what it loads at run time.
+qemu=$(command -v qemu-system-x86_64)
+for f in "$qemu" $(ldd "$qemu" | awk '/=>/ {print $3} /^\t\/lib/ {print $1}'); do
+	mkdir -p "$tree$(dirname "$f")"
+	cp -L "$f" "$tree$f"
+done
+for d in /usr/share/qemu /usr/share/seabios /usr/lib/ipxe/qemu /usr/lib/x86_64-linux-gnu/qemu; do
+	[ -d "$d" ] && { mkdir -p "$tree$(dirname "$d")"; cp -a "$d" "$tree$d"; }
+done
+# /lib64 → the interpreter path on Debian
+[ -e "$tree/lib64/ld-linux-x86-64.so.2" ] || { mkdir -p "$tree/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$tree/lib64/"; }
+
+install -D -m 0644 "$hostjson" "$tree/etc/liveupdate/host.json"
+for d in dev proc sys run tmp mnt/pmem var/lib/liveupdate sbin bin; do mkdir -p "$tree/$d"; done
+rm -f "$out"
+size=$(( $(du -sm "$tree" | cut -f1) + 128 ))M
+mkfs.ext4 -q -F -L lu-hostroot -d "$tree" "$out" "$size"
+echo "hostroot.sh: $out ($size)" >&2
