@@ -1,6 +1,8 @@
 # liveupdate — see README.md.
 #
-#   make demo    set up, then a real QEMU-only live restart of a heartbeat guest
+#   make demo    set up, then a real live kernel update of a nested host
+#                (6.1 → 6.12 → 6.1) with a heartbeat guest kept alive
+#   make demo-restart   the QEMU-only live restart of a heartbeat guest
 #   make test    set up, then every test (unit, fuzz briefly, real QEMU)
 #   make bench   benchmarks; rewrites docs/benchmarks.md
 
@@ -9,7 +11,7 @@ GO        ?= go
 FUZZTIME  ?= 8s
 BIN       := bin
 
-.PHONY: all build setup test unit fuzz-short qemu-test lint demo bench fuzz clean initramfs
+.PHONY: all build setup test unit fuzz-short qemu-test lint demo demo-restart soak bench fuzz clean initramfs
 
 # One initramfs per kernel, like update-initramfs:
 #   make initramfs KVER=6.12.117+deb12-amd64 MODROOT=/   → out/initramfs-KVER.cpio.gz
@@ -46,8 +48,17 @@ qemu-test:
 
 test: setup lint unit fuzz-short qemu-test
 
-demo: setup build
+demo: setup
+	$(GO) test -count=1 -timeout 40m -v -run '^TestNestedUpdate$$' ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-demo.log | \
+		grep -E 'inner guest up|update [0-9]+ to|TCP echo|PID 1 start|"(name|status|blackout_ms|clock)"|^(--- |ok|FAIL)'; exit $${PIPESTATUS[0]}
+
+demo-restart: setup build
 	./scripts/demo-restart.sh
+
+# The nested update loop with one perpetual guest: make soak N=10
+N ?= 10
+soak: setup
+	LIVEUPDATE_NESTED_N=$(N) $(GO) test -count=1 -timeout 120m -v -run '^TestNestedUpdate$$' ./qemu-tests/
 
 bench: setup
 	./scripts/bench.sh

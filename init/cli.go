@@ -56,12 +56,10 @@ func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {
 	appendArgs := fs.String("append", "", "the new kernel's command line (default: the running one's); memmap= must stay as it is")
 	dry := fs.Bool("dry-run", false, "plan and check, print the plan, change nothing")
 	asJSON := fs.Bool("json", false, "print the plan (and outcome) as JSON")
-	root := fs.String("root", "", "the host root as this process sees it, when run from PID 1's shell (/newroot); paths are inside it")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
 	e := c.engine()
-	e.Root = *root
 	p, err := update.MakePlan(ctx, e, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "liveupdate update:", err)
@@ -166,6 +164,7 @@ type commonFlags struct {
 	stateDir string
 	verbose  bool
 	qmpWait  time.Duration
+	root     string
 }
 
 func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
@@ -177,6 +176,7 @@ func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
 	fs.StringVar(&c.stateDir, "state-dir", defaultStateDir, "directory for state files and the manifest (for a kernel update: on the PMEM filesystem)")
 	fs.BoolVar(&c.verbose, "v", false, "verbose logging")
 	fs.DurationVar(&c.qmpWait, "qmp-timeout", 5*time.Second, "how long to wait for each QEMU's QMP monitor")
+	fs.StringVar(&c.root, "root", "", "the host root as this process sees it when run from PID 1's shell (/newroot): QEMUs run chrooted there and paths are inside it")
 	return fs
 }
 
@@ -188,6 +188,7 @@ func (c *commonFlags) engine() *cpr.Engine {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	e := cpr.New(c.stateDir, log)
 	e.QMPTimeout = c.qmpWait
+	e.Root = c.root
 	return e
 }
 
@@ -303,7 +304,6 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 	fs := newFlagSet("restore", "restore [--manifest PATH] [--json]", &c)
 	mpath := fs.String("manifest", "", "manifest to restore from (default: STATE_DIR/manifest.json)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
-	root := fs.String("root", "", "run the QEMUs chrooted in this directory; manifest paths are inside it (PID 1's rescue shell: /newroot)")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
@@ -316,7 +316,6 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 		return exitFailed
 	}
 	e := c.engine()
-	e.Root = *root
 	err = e.Restore(ctx, m, nil)
 	report(out, m, *asJSON)
 	if err != nil {

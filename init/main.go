@@ -21,11 +21,18 @@ package main
 import (
 	"fmt"
 	"os"
+	"strings"
 
 	"github.com/liveupdate/liveupdate/pkg/pid1"
 )
 
 func main() {
+	// In the initramfs, /bin/liveupdate is a u-root "shellbang" file,
+	// "#!/bbin/bb #!/bbin/init": the busybox hands us the marker first and
+	// the script's path second. Drop the marker.
+	if len(os.Args) > 1 && strings.HasPrefix(os.Args[0], "#!") {
+		os.Args = os.Args[1:]
+	}
 	if os.Getpid() == 1 {
 		pid1.Main() // never returns
 	}

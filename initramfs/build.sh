@@ -32,7 +32,7 @@ hash=$(cd "$repo" && { cat go.mod go.sum "$here/build.sh"; find init pkg kernelc
 core=$cache/core-$hash.cpio.gz
 if [ ! -f "$core" ]; then
 	mkdir -p "$stage/core/bin"
-	printf '#!/bin/gosh\nexec /bbin/init "$@"\n' >"$stage/core/bin/liveupdate"
+	printf '#!/bbin/bb #!/bbin/init\n' >"$stage/core/bin/liveupdate"
 	chmod 0755 "$stage/core/bin/liveupdate"
 	mkfs=$(realpath "$(command -v mkfs.ext4 || echo /sbin/mkfs.ext4)")
 	cmds=()
@@ -41,7 +41,7 @@ if [ ! -f "$core" ]; then
 		cmds+=("github.com/u-root/u-root/cmds/core/$c")
 	done
 	# In busybox mode the program's command name is its directory's, "init";
-	# `liveupdate …` in the rescue shell runs the same program as the CLI.
+	# /bin/liveupdate is a u-root shellbang file that runs it as the CLI.
 	(cd "$repo" && GOFLAGS=-mod=mod go tool u-root -o "$stage/core.cpio" -initcmd init -defaultsh gosh \
 		-files "$stage/core/bin/liveupdate:bin/liveupdate" -files "$mkfs:sbin/mkfs.ext4" \
 		./init "${cmds[@]}") 2>"$stage/u-root.log" || { cat "$stage/u-root.log" >&2; exit 1; }

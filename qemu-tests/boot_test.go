@@ -106,6 +106,9 @@ type hostVM struct {
 }
 
 type hostOpts struct {
+	kernel  string   // default: the "new" kernel
+	initrd  string   // default: hostInitramfs for the new kernel
+	extra   []string // more QEMU options
 	cmdline []string // lu.* and other parameters besides console and memmap
 	memmap  bool     // reserve PMEM with memmap=512M!1G
 	rootImg string   // virtio-blk disk
@@ -122,12 +125,19 @@ func bootHost(t testing.TB, o hostOpts) *hostVM {
 		kernelArgs = append(kernelArgs, "memmap=512M!1G")
 	}
 	kernelArgs = append(kernelArgs, o.cmdline...)
+	kernel, initrd := o.kernel, o.initrd
+	if kernel == "" {
+		kernel = filepath.Join(repoRoot, ".cache/kernels/new/vmlinuz")
+	}
+	if initrd == "" {
+		initrd = hostInitramfs(t)
+	}
 	// -cpu max: RDRAND seeds the kernel's random pool at once (DHCP needs it).
 	argv := []string{qemuBinary, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2G",
 		"-nographic", "-nodefaults", "-no-reboot", "-serial", "file:" + h.log,
 		"-monitor", "unix:" + h.monitor + ",server=on,wait=off",
-		"-kernel", filepath.Join(repoRoot, ".cache/kernels/new/vmlinuz"), "-initrd", hostInitramfs(t),
-		"-append", strings.Join(kernelArgs, " ")}
+		"-kernel", kernel, "-initrd", initrd, "-append", strings.Join(kernelArgs, " ")}
+	argv = append(argv, o.extra...)
 	if o.rootImg != "" {
 		argv = append(argv, "-drive", "file="+o.rootImg+",if=virtio,format=raw")
 	}
@@ -197,6 +207,27 @@ func (h *hostVM) exited(d time.Duration) bool {
 	case <-time.After(d):
 		return false
 	}
+}
+
+// waitForNth waits until re (which must match across the console) has
+// matched n times, and returns the n-th match.
+func (h *hostVM) waitForNth(re string, n int, d time.Duration) []string {
+	h.t.Helper()
+	rx := regexp.MustCompile(re)
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		b, _ := os.ReadFile(h.log)
+		if ms := rx.FindAllStringSubmatch(string(b), -1); len(ms) >= n {
+			return ms[n-1]
+		}
+		if strings.Count(string(b), "liveupdate: RESCUE SHELL") > 0 {
+			h.t.Fatalf("PID 1 went to the rescue shell; console:\n%s", tail(string(b), 80))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	b, _ := os.ReadFile(h.log)
+	h.t.Fatalf("console never matched %q %d times within %s; console:\n%s", re, n, d, tail(string(b), 80))
+	return nil
 }
 
 func (h *hostVM) console() string {

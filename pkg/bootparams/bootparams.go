@@ -57,6 +57,7 @@ var known = map[string]string{
 	"lu.modules":     "comma-separated extra kernel modules",
 	"lu.devwait":     "how long to wait for devices, e.g. 10s",
 	"lu.rescue":      "1: go to the rescue shell at once",
+	"lu.control":     "serial device taking one shell command per line, e.g. /dev/ttyS1",
 }
 
 // Known lists the parameters with a line of help each, sorted.

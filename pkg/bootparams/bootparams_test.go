@@ -20,6 +20,8 @@ func TestParse(t *testing.T) {
 				p.PMEM, p.PMEMMount, p.Root, p.RootFlags, p.DHCP, p.Handover = "/dev/pmem0", "/pmem", "LABEL=hostroot", "errors=remount-ro", "eth0", true
 				p.Modules, p.DevWait, p.Manifest = []string{"kvm", "kvm_amd"}, 30*time.Second, "/pmem/liveupdate/manifest.json"
 			}},
+		{name: "control", cmdline: "lu.control=/dev/ttyS1", want: func(p *Params) { p.Control = "/dev/ttyS1" }},
+		{name: "control not a device", cmdline: "lu.control=/tmp/x", wantErr: "want a device under /dev"},
 		{name: "unknown", cmdline: "lu.pmme=/dev/pmem0", wantErr: `unknown kernel parameter "lu.pmme"`},
 		{name: "twice", cmdline: "lu.pmem=/dev/pmem0 lu.pmem=/dev/pmem1", wantErr: "given twice"},
 		{name: "no value", cmdline: "lu.handover", wantErr: "needs a value"},

@@ -1,0 +1,296 @@
+package qemutests
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/netsetup"
+	"github.com/liveupdate/liveupdate/pkg/pid1"
+)
+
+// Nested update tests (tier 4): the outer VM is the host, booted on the old
+// kernel (Debian 6.1) with our initramfs; on first boot PID 1 starts the
+// inner guest (the heartbeat guest, with RAM on the PMEM DAX filesystem, a
+// NIC bridged to the outer NIC, and the guest agent). The test drives the
+// host through a second serial line (lu.control) and watches the inner guest
+// over TCP from its own network namespace.
+
+const (
+	nestNS    = "lu-nest"
+	nestTap   = "lunst0"
+	innerAddr = "10.80.0.3"
+)
+
+func kernelVersion(t testing.TB, which string) string {
+	b, err := os.ReadFile(filepath.Join(repoRoot, ".cache/kernels", which, "version"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+func nestedHostConfig() pid1.HostConfig {
+	return pid1.HostConfig{
+		Network: netsetup.Network{
+			Bridges: []netsetup.Bridge{{Name: "br0", MAC: "02:00:00:dd:00:01", MTU: 1500, Ports: []string{"eth0"}, Up: true}},
+			Taps: []netsetup.Tap{{Name: "vnet0", MAC: "fe:54:00:dd:00:02", MTU: 1500,
+				Flags: unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR, Queues: 1, Master: "br0", Up: true}},
+		},
+		Cgroups: []cgroupv2.Cgroup{
+			{Path: "/", Controllers: []string{"cpu", "memory", "pids"}},
+			{Path: "/machine.slice", Controllers: []string{"cpu", "memory", "pids"}},
+			{Path: "/machine.slice/inner", Limits: map[string]string{"pids.max": "256", "cpu.weight": "150"}},
+		},
+		Guests: []pid1.Guest{{Name: "inner", Cgroup: "/machine.slice/inner", Argv: []string{
+			"/usr/bin/qemu-system-x86_64", "-name", "inner", "-accel", "tcg", "-m", "160",
+			"-machine", "pc,memory-backend=ram0",
+			"-object", "memory-backend-file,id=ram0,size=160M,mem-path=/mnt/pmem/inner.ram,share=on",
+			"-kernel", "/srv/guest/vmlinuz", "-initrd", "/srv/guest/guest.cpio.gz",
+			"-append", "console=ttyS0 quiet panic=-1 hb.ip=" + innerAddr + "/24 hb.mem_mib=8 hb.check_ms=5000 hb.interval_ms=1000",
+			"-nodefaults", "-nographic", "-vga", "none", "-no-reboot",
+			"-chardev", "file,id=ser0,path=/mnt/pmem/inner-serial.log,append=on", "-serial", "chardev:ser0",
+			"-qmp", "unix:/run/inner.qmp,server=on,wait=off",
+			"-netdev", "tap,id=n0,ifname=vnet0,script=no,downscript=no",
+			"-device", "virtio-net-pci,netdev=n0,mac=52:54:00:dd:00:03",
+			"-chardev", "socket,id=qga0,path=/run/inner-qga.sock,server=on,wait=off",
+			"-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+		}}},
+	}
+}
+
+// nestedHost is the outer VM with its control line.
+type nestedHost struct {
+	*hostVM
+	ctl  string
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+func bootNestedHost(t *testing.T) *nestedHost {
+	t.Helper()
+	dir := t.TempDir()
+	hj, _ := json.MarshalIndent(nestedHostConfig(), "", "  ")
+	hjPath := filepath.Join(dir, "host.json")
+	os.WriteFile(hjPath, hj, 0o644)
+	img := filepath.Join(dir, "hostroot.img")
+	cmd := exec.Command(filepath.Join(repoRoot, "scripts/hostroot.sh"), hjPath, img)
+	cmd.Dir = repoRoot
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("hostroot.sh: %v\n%s", err, out)
+	}
+	old := kernelVersion(t, "old")
+
+	exec.Command("ip", "netns", "del", nestNS).Run()
+	for _, args := range [][]string{{"netns", "add", nestNS}, {"-n", nestNS, "tuntap", "add", "dev", nestTap, "mode", "tap"},
+		{"-n", nestNS, "addr", "add", "10.80.0.1/24", "dev", nestTap}, {"-n", nestNS, "link", "set", nestTap, "up"}} {
+		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			t.Fatalf("ip %v: %v %s", args, err, out)
+		}
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "del", nestNS).Run() })
+
+	h := &nestedHost{ctl: filepath.Join(dir, "ctl.sock")}
+	h.hostVM = bootHost(t, hostOpts{memmap: true, rootImg: img, netns: nestNS, tap: nestTap,
+		kernel: filepath.Join(repoRoot, ".cache/hostroot/../kernels/old/boot/vmlinuz-"+old),
+		initrd: filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img"),
+		extra:  []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off"},
+		cmdline: []string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}})
+	return h
+}
+
+// run sends one command over the control line and returns its output and
+// exit code.
+func (h *nestedHost) run(cmd string, d time.Duration) (string, int) {
+	h.t.Helper()
+	if h.conn == nil {
+		c, err := net.Dial("unix", h.ctl)
+		if err != nil {
+			h.t.Fatalf("control line: %v", err)
+		}
+		h.conn, h.r = c, bufio.NewReader(c)
+		h.t.Cleanup(func() { c.Close() })
+	}
+	h.conn.SetDeadline(time.Now().Add(d))
+	fmt.Fprintf(h.conn, "%s\n", cmd)
+	var out strings.Builder
+	exitRE := regexp.MustCompile(`@@LU-EXIT (\d+)@@`)
+	for {
+		line, err := h.r.ReadString('\n')
+		out.WriteString(line)
+		if m := exitRE.FindStringSubmatch(line); m != nil {
+			code, _ := strconv.Atoi(m[1])
+			h.t.Logf("host$ %s → exit %d\n%s", cmd, code, out.String())
+			return out.String(), code
+		}
+		if err != nil {
+			h.t.Fatalf("control line, running %q: %v\noutput so far:\n%s", cmd, err, out.String())
+		}
+	}
+}
+
+// echoWatch keeps one TCP connection to the inner guest's echo server busy
+// and records the longest gap between answers.
+type echoWatch struct {
+	mu      sync.Mutex
+	last    time.Time
+	maxGap  time.Duration
+	gapEnd  time.Time
+	err     error
+	stop    chan struct{}
+	stopped chan struct{}
+}
+
+func watchEcho(t *testing.T, addr string) *echoWatch {
+	c, err := dialIn(nestNS, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &echoWatch{last: time.Now(), stop: make(chan struct{}), stopped: make(chan struct{})}
+	go func() {
+		defer close(w.stopped)
+		defer c.Close()
+		r := bufio.NewReader(c)
+		for i := 0; ; i++ {
+			select {
+			case <-w.stop:
+				return
+			default:
+			}
+			c.SetDeadline(time.Now().Add(10 * time.Minute))
+			msg := fmt.Sprintf("ping %d", i)
+			if _, err := fmt.Fprintln(c, msg); err != nil {
+				w.fail(err)
+				return
+			}
+			got, err := r.ReadString('\n')
+			if err != nil || got != msg+"\n" {
+				w.fail(fmt.Errorf("echo %q: %v", got, err))
+				return
+			}
+			now := time.Now()
+			w.mu.Lock()
+			if gap := now.Sub(w.last); gap > w.maxGap {
+				w.maxGap, w.gapEnd = gap, now
+			}
+			w.last = now
+			w.mu.Unlock()
+			time.Sleep(100 * time.Millisecond)
+		}
+	}()
+	return w
+}
+
+func (w *echoWatch) fail(err error) {
+	w.mu.Lock()
+	w.err = err
+	w.mu.Unlock()
+}
+
+// takeGap returns the longest gap so far and resets it.
+func (w *echoWatch) takeGap() (time.Duration, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	g, err := w.maxGap, w.err
+	w.maxGap = 0
+	return g, err
+}
+
+// TestNestedUpdate: a perpetual inner guest through N live kernel updates
+// (default 2: 6.1 → 6.12 → 6.1; LIVEUPDATE_NESTED_N for more), plus the
+// refusals that must leave it untouched.
+func TestNestedUpdate(t *testing.T) {
+	n := 2
+	if s := os.Getenv("LIVEUPDATE_NESTED_N"); s != "" {
+		n, _ = strconv.Atoi(s)
+	}
+	h := bootNestedHost(t)
+	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
+	h.waitFor(`liveupdate: started guest inner pid \d+`, time.Minute)
+	state := innerAddr + ":7008"
+	first, _ := waitGuestState(t, nestNS, state, 5*time.Minute)
+	t.Logf("inner guest up: %+v", first)
+	echo := watchEcho(t, innerAddr+":7007")
+	defer close(echo.stop)
+
+	old, nw := kernelVersion(t, "old"), kernelVersion(t, "new")
+	updateCmd := func(kver string, extra string) string {
+		return fmt.Sprintf("liveupdate update --root /newroot --state-dir /mnt/pmem/liveupdate --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img %s", kver, kver, extra)
+	}
+	innerPID := func() string {
+		out, _ := h.run("liveupdate plan --root /newroot --state-dir /mnt/pmem/liveupdate --json", time.Minute)
+		m := regexp.MustCompile(`"pid": (\d+)`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("plan shows no inner QEMU")
+		}
+		return m[1]
+	}
+
+	// Refusals first: nothing may be touched.
+	pidBefore := innerPID()
+	out, code := h.run(updateCmd(nw, `--append "console=ttyS0 lu.root=LABEL=lu-hostroot"`), 2*time.Minute)
+	if code != 3 || !strings.Contains(out, "drops memmap=512M!1G") {
+		t.Errorf("update dropping memmap: exit %d, output lacks the refusal", code)
+	}
+	h.run("head -c 4096 /dev/urandom > /newroot/tmp/bad-kernel", time.Minute)
+	out, code = h.run("liveupdate update --root /newroot --state-dir /mnt/pmem/liveupdate --kernel /tmp/bad-kernel --initrd /boot/initramfs-"+nw+".img", 2*time.Minute)
+	if code != 1 || !strings.Contains(out, "no guest was touched") || !strings.Contains(out, "kexec_file_load refused") {
+		t.Errorf("update with a bad kernel: exit %d, output lacks the kexec refusal", code)
+	}
+	if p := innerPID(); p != pidBefore {
+		t.Errorf("inner QEMU changed (%s → %s) after refused updates", pidBefore, p)
+	}
+
+	kernels := []string{nw, old}
+	bootsOn := map[string]int{old: 1}
+	prev := first
+	for i := 0; i < n; i++ {
+		target := kernels[i%2]
+		echo.takeGap()
+		before, _ := waitGuestState(t, nestNS, state, time.Minute)
+		start := time.Now()
+		h.run(fmt.Sprintf("echo update %d to %s", i+1, target), time.Minute)
+		// The update never answers: the host reboots into the new kernel.
+		fmt.Fprintf(h.conn, "%s\n", updateCmd(target, ""))
+		bootsOn[target]++
+		readyRE := fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start \(kernel uptime at start ([0-9.]+)s\); guests running: (\d+); ([^\n]*)`, regexp.QuoteMeta(target))
+		m := h.waitForNth(readyRE, bootsOn[target], 5*time.Minute)
+		if m[3] != "1" {
+			t.Fatalf("update %d: %s guests running after kexec, want 1", i+1, m[3])
+		}
+		after, lag := waitGuestState(t, nestNS, state, 2*time.Minute)
+		if after.boot != first.boot {
+			t.Fatalf("update %d: inner guest rebooted (boot id %s → %s)", i+1, first.boot, after.boot)
+		}
+		if after.seq <= before.seq || after.seq <= prev.seq || after.mem != "ok" {
+			t.Fatalf("update %d: heartbeat %+v after, %+v before", i+1, after, before)
+		}
+		if lag < -2*time.Second || lag > 2*time.Second {
+			t.Errorf("update %d: inner guest clock off by %s (not corrected)", i+1, lag)
+		}
+		time.Sleep(2 * time.Second)
+		gap, err := echo.takeGap()
+		if err != nil {
+			t.Fatalf("update %d: the TCP connection opened before the updates broke: %v", i+1, err)
+		}
+		h.conn.Close()
+		h.conn = nil
+		status, _ := h.run("liveupdate restore --root /newroot --state-dir /mnt/pmem/liveupdate --json 2>/dev/null | head -40", time.Minute)
+		t.Logf("update %d to %s: TCP echo longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
+			i+1, target, gap.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], m[2], m[4], status)
+		prev = after
+	}
+}
