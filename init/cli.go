@@ -423,8 +423,11 @@ func report(out io.Writer, m *manifest.Manifest, asJSON bool) {
 			}
 		}
 		for _, p := range m.Phases {
-			fmt.Fprintf(tw, "  %s\t%s\t+%.1f ms\t%.1f ms\t%s\n", p.Name, orDash(p.VM),
-				ms(p.Start.Sub(t0)), ms(p.End.Sub(p.Start)), p.Error)
+			took := "-" // still running when recorded (the kexec)
+			if !p.End.IsZero() {
+				took = fmt.Sprintf("%.1f ms", ms(p.End.Sub(p.Start)))
+			}
+			fmt.Fprintf(tw, "  %s\t%s\t+%.1f ms\t%s\t%s\n", p.Name, orDash(p.VM), ms(p.Start.Sub(t0)), took, p.Error)
 		}
 		tw.Flush()
 	}

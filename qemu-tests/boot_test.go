@@ -103,6 +103,7 @@ type hostVM struct {
 	log     string
 	monitor string // HMP socket
 	cmd     *exec.Cmd
+	abort   chan string // a message here ends waitForNth with a failure
 }
 
 type hostOpts struct {
@@ -223,7 +224,11 @@ func (h *hostVM) waitForNth(re string, n int, d time.Duration) []string {
 		if strings.Count(string(b), "liveupdate: RESCUE SHELL") > 0 {
 			h.t.Fatalf("PID 1 went to the rescue shell; console:\n%s", tail(string(b), 80))
 		}
-		time.Sleep(200 * time.Millisecond)
+		select {
+		case msg := <-h.abort:
+			h.t.Fatalf("%s\nconsole:\n%s", msg, tail(string(b), 40))
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
 	b, _ := os.ReadFile(h.log)
 	h.t.Fatalf("console never matched %q %d times within %s; console:\n%s", re, n, d, tail(string(b), 80))

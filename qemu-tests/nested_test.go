@@ -263,8 +263,24 @@ func TestNestedUpdate(t *testing.T) {
 		before, _ := waitGuestState(t, nestNS, state, time.Minute)
 		start := time.Now()
 		h.run(fmt.Sprintf("echo update %d to %s", i+1, target), time.Minute)
-		// The update never answers: the host reboots into the new kernel.
+		// A successful update never answers: the host reboots into the new
+		// kernel. An answer means it failed.
+		h.abort = make(chan string, 1)
 		fmt.Fprintf(h.conn, "%s\n", updateCmd(target, ""))
+		go func(r *bufio.Reader, abort chan string) {
+			var out strings.Builder
+			for {
+				line, err := r.ReadString('\n')
+				out.WriteString(line)
+				if strings.Contains(line, "@@LU-EXIT") {
+					abort <- "the update returned instead of rebooting:\n" + out.String()
+					return
+				}
+				if err != nil {
+					return
+				}
+			}
+		}(h.r, h.abort)
 		bootsOn[target]++
 		readyRE := fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start \(kernel uptime at start ([0-9.]+)s\); guests running: (\d+); ([^\n]*)`, regexp.QuoteMeta(target))
 		m := h.waitForNth(readyRE, bootsOn[target], 5*time.Minute)
@@ -288,6 +304,7 @@ func TestNestedUpdate(t *testing.T) {
 		}
 		h.conn.Close()
 		h.conn = nil
+		time.Sleep(100 * time.Millisecond)
 		status, _ := h.run("liveupdate restore --root /newroot --state-dir /mnt/pmem/liveupdate --json 2>/dev/null | head -40", time.Minute)
 		t.Logf("update %d to %s: TCP echo longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
 			i+1, target, gap.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], m[2], m[4], status)

@@ -126,8 +126,10 @@ func newManifest(stateDir string) *manifest.Manifest {
 // that must outlive the old QEMU (taps are made persistent).
 func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	p := t.Proc
+	// /proc shows the binary and working directory from our root; a QEMU
+	// chrooted in e.Root sees them without that prefix.
 	rec := &manifest.VM{
-		Name: t.Name(), PID: p.PID, Binary: p.Exe, Argv: p.Argv, Cwd: p.Cwd, Env: p.Env,
+		Name: t.Name(), PID: p.PID, Binary: e.guest(p.Exe), Argv: p.Argv, Cwd: e.guest(p.Cwd), Env: p.Env,
 		UID: p.UID, GID: p.GID, Groups: p.Groups, Cgroup: p.Cgroup, NetNS: t.NetNS,
 		QMP: t.Facts.QMPPath, MachineType: strings.TrimSuffix(t.Facts.MachineType, "-machine"),
 		QEMUVersion: fmt.Sprintf("%d.%d.%d", t.Facts.Version[0], t.Facts.Version[1], t.Facts.Version[2]),
@@ -466,6 +468,19 @@ func (e *Engine) writeManifest() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return manifest.Write(e.host(filepath.Join(e.StateDir, manifest.FileName)), e.man)
+}
+
+// guest turns a path as this process sees it into the path as a QEMU
+// chrooted in e.Root sees it (the inverse of host).
+func (e *Engine) guest(p string) string {
+	if e.Root == "" || e.Root == "/" {
+		return p
+	}
+	rel, err := filepath.Rel(e.Root, p)
+	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
+		return p
+	}
+	return filepath.Join("/", rel)
 }
 
 // host turns a path as QEMU sees it into the path as this process sees it.

@@ -77,14 +77,19 @@ func (p *Plan) Close() {
 	}
 }
 
-// MakePlan checks everything an update needs without touching anything.
-func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
+func (o Options) withDefaults() Options {
 	if o.ProcCmdline == "" {
 		o.ProcCmdline = "/proc/cmdline"
 	}
 	if o.MountsFile == "" {
 		o.MountsFile = "/proc/mounts"
 	}
+	return o
+}
+
+// MakePlan checks everything an update needs without touching anything.
+func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
+	o = o.withDefaults()
 	p := &Plan{Kernel: o.Kernel, Initrd: o.Initrd, StateDir: e.StateDir}
 	bad := func(format string, a ...any) { p.Problems = append(p.Problems, fmt.Sprintf(format, a...)) }
 
@@ -319,6 +324,7 @@ func guestPath(root, p string) string {
 // putting every guest back to running on this kernel) — on success the
 // machine is running the new kernel.
 func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Manifest, error) {
+	o = o.withDefaults()
 	if !p.OK() {
 		return nil, fmt.Errorf("refusing to update: %s", strings.Join(p.Problems, "; "))
 	}
