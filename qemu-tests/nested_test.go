@@ -209,6 +209,49 @@ func (w *echoWatch) takeGap() (time.Duration, error) {
 	return g, err
 }
 
+// beatWatch polls the guest's state server and records the longest time
+// between two different heartbeat counters, on this machine's clock.
+type beatWatch struct {
+	mu     sync.Mutex
+	maxGap time.Duration
+	stop   chan struct{}
+}
+
+func watchBeats(addr string) *beatWatch {
+	w := &beatWatch{stop: make(chan struct{})}
+	go func() {
+		var lastSeq uint64
+		lastChange := time.Now()
+		for {
+			select {
+			case <-w.stop:
+				return
+			case <-time.After(250 * time.Millisecond):
+			}
+			b, _, err := guestState(nestNS, addr)
+			if err != nil || b.seq == lastSeq {
+				continue
+			}
+			now := time.Now()
+			w.mu.Lock()
+			if lastSeq != 0 && now.Sub(lastChange) > w.maxGap {
+				w.maxGap = now.Sub(lastChange)
+			}
+			w.mu.Unlock()
+			lastSeq, lastChange = b.seq, now
+		}
+	}()
+	return w
+}
+
+func (w *beatWatch) takeGap() time.Duration {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	g := w.maxGap
+	w.maxGap = 0
+	return g
+}
+
 // TestNestedUpdate: a perpetual inner guest through N live kernel updates
 // (default 2: 6.1 → 6.12 → 6.1; LIVEUPDATE_NESTED_N for more), plus the
 // refusals that must leave it untouched.
@@ -218,6 +261,12 @@ func TestNestedUpdate(t *testing.T) {
 		n, _ = strconv.Atoi(s)
 	}
 	h := bootNestedHost(t)
+	// On failure, show the inner guest's own console (on the host's PMEM).
+	t.Cleanup(func() {
+		if t.Failed() && h.conn != nil {
+			h.run("tail -n 25 /mnt/pmem/inner-serial.log", 30*time.Second)
+		}
+	})
 	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
 	h.waitFor(`liveupdate: started guest inner pid \d+`, time.Minute)
 	state := innerAddr + ":7008"
@@ -225,6 +274,8 @@ func TestNestedUpdate(t *testing.T) {
 	t.Logf("inner guest up: %+v", first)
 	echo := watchEcho(t, innerAddr+":7007")
 	defer close(echo.stop)
+	beats := watchBeats(state)
+	defer close(beats.stop)
 
 	old, nw := kernelVersion(t, "old"), kernelVersion(t, "new")
 	updateCmd := func(kver string, extra string) string {
@@ -260,6 +311,7 @@ func TestNestedUpdate(t *testing.T) {
 	for i := 0; i < n; i++ {
 		target := kernels[i%2]
 		echo.takeGap()
+		beats.takeGap()
 		before, _ := waitGuestState(t, nestNS, state, time.Minute)
 		start := time.Now()
 		h.run(fmt.Sprintf("echo update %d to %s", i+1, target), time.Minute)
@@ -306,8 +358,8 @@ func TestNestedUpdate(t *testing.T) {
 		h.conn = nil
 		time.Sleep(100 * time.Millisecond)
 		status, _ := h.run("liveupdate restore --root /newroot --state-dir /mnt/pmem/liveupdate --json 2>/dev/null | head -40", time.Minute)
-		t.Logf("update %d to %s: TCP echo longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
-			i+1, target, gap.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], m[2], m[4], status)
+		t.Logf("update %d to %s: TCP echo longest gap %s; heartbeat longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
+			i+1, target, gap.Round(time.Millisecond), beats.takeGap().Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], m[2], m[4], status)
 		prev = after
 	}
 }

@@ -122,8 +122,10 @@ func runGuestAgent(out io.Writer) {
 	if _, err := os.Stat(bin); err != nil {
 		return
 	}
+	// The port appears once virtio-serial probed: under nested emulation
+	// that can take minutes.
 	port := ""
-	for i := 0; i < 300 && port == ""; i++ {
+	for i := 0; i < 6000 && port == ""; i++ {
 		names, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
 		for _, n := range names {
 			if b, _ := os.ReadFile(n); strings.TrimSpace(string(b)) == "org.qemu.guest_agent.0" {
@@ -131,7 +133,7 @@ func runGuestAgent(out io.Writer) {
 			}
 		}
 		if port == "" {
-			time.Sleep(20 * time.Millisecond)
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
 	if port == "" {

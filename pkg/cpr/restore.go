@@ -205,8 +205,8 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 		return
 	}
 	err := e.timed("clock-fix", vm.Name, func() error {
-		// The agent may still be waking up in the guest: retry briefly.
-		deadline := time.Now().Add(10 * time.Second)
+		// The agent may still be waking up in the guest: retry a while.
+		deadline := time.Now().Add(20 * time.Second)
 		for {
 			actx, cancel := context.WithTimeout(ctx, 2*time.Second)
 			err := guestagent.SyncClock(actx, e.host(vm.Agent))
