@@ -263,7 +263,8 @@ func TestNestedUpdate(t *testing.T) {
 	h := bootNestedHost(t)
 	// On failure, show the inner guest's own console (on the host's PMEM).
 	t.Cleanup(func() {
-		if t.Failed() && h.conn != nil {
+		if t.Failed() {
+			h.conn = nil // the control connection of the test was closed
 			h.run("tail -n 25 /mnt/pmem/inner-serial.log", 30*time.Second)
 		}
 	})
@@ -301,6 +302,18 @@ func TestNestedUpdate(t *testing.T) {
 	if code != 1 || !strings.Contains(out, "no guest was touched") || !strings.Contains(out, "kexec_file_load refused") {
 		t.Errorf("update with a bad kernel: exit %d, output lacks the kexec refusal", code)
 	}
+	// A second guest with private RAM on the host: the update is refused
+	// before anything is saved, naming it.
+	h.run("chroot /newroot /usr/bin/qemu-system-x86_64 -name priv -S -accel tcg -m 64 -nodefaults -display none "+
+		"-qmp unix:/run/priv.qmp,server=on,wait=off -daemonize -pidfile /run/priv.pid", time.Minute)
+	out, code = h.run(updateCmd(nw, ""), 2*time.Minute)
+	if code != 3 || !strings.Contains(out, "priv: guest RAM is -m without -machine memory-backend= (anonymous private RAM)") {
+		t.Errorf("update with a private-RAM guest: exit %d, output lacks the refusal naming it", code)
+	}
+	if out, _ := h.run("ls /mnt/pmem/liveupdate", time.Minute); strings.Contains(out, ".state") {
+		t.Errorf("a refused update left state files: %s", out)
+	}
+	h.run("kill $(cat /run/priv.pid)", time.Minute)
 	if p := innerPID(); p != pidBefore {
 		t.Errorf("inner QEMU changed (%s → %s) after refused updates", pidBefore, p)
 	}

@@ -52,6 +52,11 @@ type Engine struct {
 	QuitTimeout    time.Duration // old QEMU to exit after quit
 	RestoreTimeout time.Duration // new QEMU start → running
 
+	// ClockAsync: Restore returns once the guests run, and their clocks
+	// are corrected afterwards (PID 1 must not wait for slow agents).
+	ClockAsync bool
+	clocks     sync.WaitGroup
+
 	mu      sync.Mutex // guards man, pending and the manifest's writes
 	man     *manifest.Manifest
 	pending []manifest.Phase // phases timed before Save created the manifest

@@ -188,10 +188,24 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 			}
 		}
 	}
-	e.fixClock(ctx, vm)
-	e.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout(), "clock", vm.Clock)
+	e.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout())
+	if e.ClockAsync {
+		e.clocks.Add(1)
+		go func() {
+			defer e.clocks.Done()
+			e.fixClock(context.WithoutCancel(ctx), vm)
+			if err := e.writeManifest(); err != nil {
+				e.Log.Warn("recording the clock fix", "vm", vm.Name, "err", err)
+			}
+		}()
+	} else {
+		e.fixClock(ctx, vm)
+	}
 	return nil
 }
+
+// WaitClocks waits for the clock fixes started by an asynchronous restore.
+func (e *Engine) WaitClocks() { e.clocks.Wait() }
 
 // fixClock puts the guest's clock right through its guest agent: it stood
 // still while the guest was stopped. A guest without an agent is reported.
@@ -205,10 +219,11 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 		return
 	}
 	err := e.timed("clock-fix", vm.Name, func() error {
-		// The agent may still be waking up in the guest: retry a while.
-		deadline := time.Now().Add(20 * time.Second)
+		// The agent may still be waking up in the guest (slowly, under
+		// emulation): give each try time, and retry a while.
+		deadline := time.Now().Add(90 * time.Second)
 		for {
-			actx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			actx, cancel := context.WithTimeout(ctx, 15*time.Second)
 			err := guestagent.SyncClock(actx, e.host(vm.Agent))
 			cancel()
 			if err == nil || time.Now().After(deadline) {
@@ -223,6 +238,7 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 		return
 	}
 	vm.Clock = "corrected"
+	e.Log.Info("guest clock corrected", "vm", vm.Name)
 }
 
 // openFds returns the files to pass as fds 3, 4, … and those of them this

@@ -364,6 +364,7 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	e := cpr.New(m.StateDir, b.Log)
 	e.Root = b.Root
 	e.OnStart = b.manage
+	e.ClockAsync = true // READY means running; clocks are put right just after
 	err := e.Restore(ctx, m, nil)
 	for _, v := range m.VMs {
 		b.Log.Info("guest", "vm", v.Name, "status", v.Status, "pid", v.NewPID, "err", v.Error)
