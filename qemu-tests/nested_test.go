@@ -105,9 +105,9 @@ func bootNestedHost(t *testing.T) *nestedHost {
 
 	h := &nestedHost{ctl: filepath.Join(dir, "ctl.sock")}
 	h.hostVM = bootHost(t, hostOpts{memmap: true, rootImg: img, netns: nestNS, tap: nestTap,
-		kernel: filepath.Join(repoRoot, ".cache/hostroot/../kernels/old/boot/vmlinuz-"+old),
-		initrd: filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img"),
-		extra:  []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off"},
+		kernel:  filepath.Join(repoRoot, ".cache/hostroot/../kernels/old/boot/vmlinuz-"+old),
+		initrd:  filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img"),
+		extra:   []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off"},
 		cmdline: []string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}})
 	return h
 }
@@ -352,6 +352,8 @@ func TestNestedUpdate(t *testing.T) {
 		if m[3] != "1" {
 			t.Fatalf("update %d: %s guests running after kexec, want 1", i+1, m[3])
 		}
+		// PID 1 corrects the guest's clock just after READY.
+		h.waitForNth(`msg="guest clock (corrected|not corrected)`, i+1, 3*time.Minute)
 		after, lag := waitGuestState(t, nestNS, state, 2*time.Minute)
 		if after.boot != first.boot {
 			t.Fatalf("update %d: inner guest rebooted (boot id %s → %s)", i+1, first.boot, after.boot)

@@ -213,8 +213,13 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 	if !vm.WasRunning {
 		return
 	}
+	setClock := func(s string) { // the manifest may be being written meanwhile
+		e.mu.Lock()
+		vm.Clock = s
+		e.mu.Unlock()
+	}
 	if vm.Agent == "" {
-		vm.Clock = "no guest agent"
+		setClock("no guest agent")
 		e.Log.Warn("guest has no agent channel: its clock is behind by the blackout", "vm", vm.Name)
 		return
 	}
@@ -233,11 +238,11 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 		}
 	})
 	if err != nil {
-		vm.Clock = "not corrected: " + err.Error()
+		setClock("not corrected: " + err.Error())
 		e.Log.Warn("guest clock not corrected", "vm", vm.Name, "err", err)
 		return
 	}
-	vm.Clock = "corrected"
+	setClock("corrected")
 	e.Log.Info("guest clock corrected", "vm", vm.Name)
 }
 
