@@ -18,6 +18,7 @@ import (
 
 	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/update"
 )
@@ -46,6 +47,47 @@ var commands = []command{
 	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
 	{"check-kernel", "check a kernel config against kernelconfig/host.config", cmdCheckKernel},
 	{"update", "live kernel update: save guests, kexec into a new kernel", cmdUpdate},
+	{"sync-clock", "set running guests' clocks to the host's through their guest agents", cmdSyncClock},
+}
+
+func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("sync-clock", "sync-clock [--timeout D] [VM…]", &c)
+	timeout := fs.Duration("timeout", 15*time.Second, "how long to wait for each guest's agent")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	e := c.engine()
+	ts, err := e.Plan(ctx, fs.Args())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate sync-clock:", err)
+		return exitFailed
+	}
+	defer closeAll(ts)
+	code := exitOK
+	for _, t := range ts {
+		sock := guestagent.Socket(t.Proc.Cmdline)
+		if sock == "" {
+			fmt.Fprintf(out, "%s: no guest agent channel\n", t.Name())
+			code = exitFailed
+			continue
+		}
+		if !filepath.IsAbs(sock) {
+			sock = filepath.Join(t.Proc.Cwd, sock)
+		} else if c.root != "" {
+			sock = filepath.Join(c.root, sock)
+		}
+		actx, cancel := context.WithTimeout(ctx, *timeout)
+		err := guestagent.SyncClock(actx, sock)
+		cancel()
+		if err != nil {
+			fmt.Fprintf(out, "%s: %v\n", t.Name(), err)
+			code = exitFailed
+			continue
+		}
+		fmt.Fprintf(out, "%s: clock set to the host's\n", t.Name())
+	}
+	return code
 }
 
 func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {

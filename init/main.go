@@ -49,6 +49,7 @@ commands:
   restart-qemu  save and restore in place, optionally onto a new QEMU binary
   check-kernel  check a kernel config for what a liveupdate host needs
   update        live kernel update: save every guest, kexec into a new kernel
+  sync-clock    set running guests' clocks to the host's through their agents
 
 Run 'liveupdate COMMAND -h' for a command's flags.
 `)
