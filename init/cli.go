@@ -73,9 +73,9 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 			continue
 		}
 		if !filepath.IsAbs(sock) {
-			sock = filepath.Join(t.Proc.Cwd, sock)
-		} else if c.root != "" {
-			sock = filepath.Join(c.root, sock)
+			sock = filepath.Join(t.Proc.Cwd, sock) // /proc's cwd is already as we see it
+		} else {
+			sock = e.HostPath(sock)
 		}
 		actx, cancel := context.WithTimeout(ctx, *timeout)
 		err := guestagent.SyncClock(actx, sock)

@@ -12,6 +12,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // LimitFiles are the interface files recorded and re-applied.
@@ -186,4 +188,25 @@ func Verify(root string, cgs []Cgroup) ([]Cgroup, error) {
 		got = append(got, rb)
 	}
 	return got, errors.Join(errs...)
+}
+
+// Mounted tells whether root is a cgroup v2 mount.
+func Mounted(root string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(root, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+}
+
+// OpenDir opens (creating it if needed) the cgroup at path under root, for
+// cloning a process straight into it (SysProcAttr.UseCgroupFD). The caller
+// closes the fd once the process has started.
+func OpenDir(root, path string) (int, error) {
+	dir := filepath.Join(root, filepath.Clean("/"+path))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return -1, fmt.Errorf("creating cgroup %s: %w", path, err)
+	}
+	fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, fmt.Errorf("opening cgroup %s: %w", path, err)
+	}
+	return fd, nil
 }

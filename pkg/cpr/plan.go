@@ -130,7 +130,7 @@ func (e *Engine) Plan(ctx context.Context, names []string) ([]*Target, error) {
 			return nil, fmt.Errorf("no running QEMU is called %q (see 'liveupdate plan')", n)
 		}
 	}
-	free := stateDirFree(e.host(e.StateDir))
+	free := stateDirFree(e.HostPath(e.StateDir))
 	ts := make([]*Target, len(sel))
 	var wg sync.WaitGroup
 	for i, p := range sel {
@@ -141,7 +141,7 @@ func (e *Engine) Plan(ctx context.Context, names []string) ([]*Target, error) {
 			t.QMP, t.Facts = e.gatherFacts(ctx, p)
 			var nsErr error
 			t.NetNS, nsErr = tapdev.NamedNetNS(p.NetNS)
-			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: e.host(e.StateDir), StateDirFree: free,
+			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: e.HostPath(e.StateDir), StateDirFree: free,
 				NetNSErr: nsErr, ProcRoot: filepath.Join(e.ProcRoot, fmt.Sprint(p.PID), "root")})
 			ts[i] = t
 		}()
@@ -184,7 +184,7 @@ func (e *Engine) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Cli
 	}
 	cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
 	defer cancel()
-	c, err := qmp.Dial(cctx, e.host(f.QMPPath))
+	c, err := qmp.Dial(cctx, e.HostPath(f.QMPPath))
 	if err != nil {
 		f.QMPErr = err
 		return nil, f

@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
@@ -75,14 +76,14 @@ func (e *Engine) Restore(ctx context.Context, m *manifest.Manifest, held map[str
 func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.File) error {
 	ctx, cancel := context.WithTimeout(ctx, e.RestoreTimeout)
 	defer cancel()
-	if _, err := os.Stat(e.host(vm.StateFile)); err != nil {
+	if _, err := os.Stat(e.HostPath(vm.StateFile)); err != nil {
 		return fmt.Errorf("state file: %w", err)
 	}
 	for _, b := range vm.RAM {
 		if b.MemPath == "" {
 			continue
 		}
-		st, err := os.Stat(e.host(b.MemPath))
+		st, err := os.Stat(e.HostPath(b.MemPath))
 		if err != nil {
 			return fmt.Errorf("RAM of backend %s: %w", b.ID, err)
 		}
@@ -109,7 +110,11 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		if err != nil {
 			return err
 		}
-		return e.timed("qemu-start", vm.Name, cmd.Start)
+		err = e.timed("qemu-start", vm.Name, cmd.Start)
+		if cmd.SysProcAttr.UseCgroupFD {
+			unix.Close(cmd.SysProcAttr.CgroupFD) // the child has its cgroup
+		}
+		return err
 	})
 	if err != nil {
 		return fmt.Errorf("starting QEMU: %w", err)
@@ -133,7 +138,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		return fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
 	}
 
-	c, err := dialUntil(ctx, e.host(vm.QMP), exited, func() error { return waitErr })
+	c, err := dialUntil(ctx, e.HostPath(vm.QMP), exited, func() error { return waitErr })
 	if err != nil {
 		return fail(err)
 	}
@@ -178,7 +183,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 	// Confirmed: the state file is done with; keep it for inspection.
 	vm.Status = manifest.StatusRunning
 	vm.Error = ""
-	if err := os.Rename(e.host(vm.StateFile), e.host(vm.StateFile)+".done"); err != nil {
+	if err := os.Rename(e.HostPath(vm.StateFile), e.HostPath(vm.StateFile)+".done"); err != nil {
 		e.Log.Warn("marking state file done", "vm", vm.Name, "err", err)
 	}
 	for _, fd := range vm.Fds {
@@ -229,7 +234,7 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 		deadline := time.Now().Add(90 * time.Second)
 		for {
 			actx, cancel := context.WithTimeout(ctx, 15*time.Second)
-			err := guestagent.SyncClock(actx, e.host(vm.Agent))
+			err := guestagent.SyncClock(actx, e.HostPath(vm.Agent))
 			cancel()
 			if err == nil || time.Now().After(deadline) {
 				return err
@@ -261,7 +266,7 @@ func (e *Engine) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened 
 			case qemuargv.FdVhost:
 				f, err = os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
 			case qemuargv.FdChardev:
-				f, err = listenUnix(e.host(fd.SocketPath))
+				f, err = listenUnix(e.HostPath(fd.SocketPath))
 			default:
 				err = fmt.Errorf("fd %d of kind %s cannot be re-created", fd.Num, fd.Kind)
 			}
@@ -287,7 +292,7 @@ func listenUnix(path string) (*os.File, error) {
 }
 
 func (e *Engine) logPath(vm *manifest.VM) string {
-	return e.host(filepath.Join(e.StateDir, vm.Name+".qemu.log"))
+	return e.HostPath(filepath.Join(e.StateDir, vm.Name+".qemu.log"))
 }
 
 // command builds the new QEMU process: same cwd, environment, credentials
@@ -322,21 +327,12 @@ func (e *Engine) command(vm *manifest.VM, files []*os.File) (*exec.Cmd, error) {
 // cgroupFD opens (creating if needed) the VM's recorded cgroup v2 directory,
 // so the new QEMU is cloned straight into it.
 func (e *Engine) cgroupFD(vm *manifest.VM) (int, bool) {
-	if vm.Cgroup == "" || vm.Cgroup == "/" {
+	if vm.Cgroup == "" || vm.Cgroup == "/" || !cgroupv2.Mounted(CgroupRoot) {
 		return 0, false
 	}
-	var st unix.Statfs_t
-	if unix.Statfs(CgroupRoot, &st) != nil || st.Type != unix.CGROUP2_SUPER_MAGIC {
-		return 0, false
-	}
-	dir := filepath.Join(CgroupRoot, filepath.Clean("/"+vm.Cgroup))
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		e.Log.Warn("re-creating cgroup; starting QEMU outside it", "vm", vm.Name, "cgroup", vm.Cgroup, "err", err)
-		return 0, false
-	}
-	fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	fd, err := cgroupv2.OpenDir(CgroupRoot, vm.Cgroup)
 	if err != nil {
-		e.Log.Warn("opening cgroup; starting QEMU outside it", "vm", vm.Name, "cgroup", vm.Cgroup, "err", err)
+		e.Log.Warn("starting QEMU outside its cgroup", "vm", vm.Name, "err", err)
 		return 0, false
 	}
 	return fd, true

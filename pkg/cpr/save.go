@@ -42,7 +42,7 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 			return nil, fmt.Errorf("VM %s is not safe to save: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
 		}
 	}
-	if err := os.MkdirAll(e.host(e.StateDir), 0o700); err != nil {
+	if err := os.MkdirAll(e.HostPath(e.StateDir), 0o700); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
 	prior := e.pending
@@ -129,7 +129,7 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	// /proc shows the binary and working directory from our root; a QEMU
 	// chrooted in e.Root sees them without that prefix.
 	rec := &manifest.VM{
-		Name: t.Name(), PID: p.PID, Binary: e.guest(p.Exe), Argv: p.Argv, Cwd: e.guest(p.Cwd), Env: p.Env,
+		Name: t.Name(), PID: p.PID, Binary: e.GuestPath(p.Exe), Argv: p.Argv, Cwd: e.GuestPath(p.Cwd), Env: p.Env,
 		UID: p.UID, GID: p.GID, Groups: p.Groups, Cgroup: p.Cgroup, NetNS: t.NetNS,
 		QMP: t.Facts.QMPPath, MachineType: strings.TrimSuffix(t.Facts.MachineType, "-machine"),
 		QEMUVersion: fmt.Sprintf("%d.%d.%d", t.Facts.Version[0], t.Facts.Version[1], t.Facts.Version[2]),
@@ -217,8 +217,7 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 // them, so failures are logged, not fatal.
 func (e *Engine) captureHost(ts []*Target) {
 	var chains [][]cgroupv2.Cgroup
-	var st unix.Statfs_t
-	v2 := unix.Statfs(CgroupRoot, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+	v2 := cgroupv2.Mounted(CgroupRoot)
 	taps := map[string]netsetup.TapInfo{}
 	for _, t := range ts {
 		if v2 && t.rec.Cgroup != "" {
@@ -343,7 +342,7 @@ func (e *Engine) saveOne(ctx context.Context, t *Target) error {
 			break
 		}
 	}
-	if st, err := os.Stat(e.host(t.rec.StateFile)); err == nil {
+	if st, err := os.Stat(e.HostPath(t.rec.StateFile)); err == nil {
 		t.rec.StateSize = st.Size()
 	}
 	e.Log.Info("saved", "vm", t.Name(), "state_bytes", t.rec.StateSize)
@@ -379,7 +378,7 @@ func (e *Engine) Resume(ts []*Target) error {
 			continue
 		}
 		t.rec.Status = manifest.StatusResumed
-		if sf := e.host(t.rec.StateFile); fileExists(sf) {
+		if sf := e.HostPath(t.rec.StateFile); fileExists(sf) {
 			os.Rename(sf, sf+".aborted")
 		}
 		e.Log.Info("resumed on old QEMU", "vm", t.Name())
@@ -467,12 +466,12 @@ func (e *Engine) Timed(name, vm string, fn func() error) error { return e.timed(
 func (e *Engine) writeManifest() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return manifest.Write(e.host(filepath.Join(e.StateDir, manifest.FileName)), e.man)
+	return manifest.Write(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
 }
 
-// guest turns a path as this process sees it into the path as a QEMU
-// chrooted in e.Root sees it (the inverse of host).
-func (e *Engine) guest(p string) string {
+// GuestPath turns a path as this process sees it into the path as a QEMU
+// chrooted in e.Root sees it (the inverse of HostPath).
+func (e *Engine) GuestPath(p string) string {
 	if e.Root == "" || e.Root == "/" {
 		return p
 	}
@@ -483,8 +482,8 @@ func (e *Engine) guest(p string) string {
 	return filepath.Join("/", rel)
 }
 
-// host turns a path as QEMU sees it into the path as this process sees it.
-func (e *Engine) host(p string) string {
+// HostPath turns a path as QEMU sees it into the path as this process sees it.
+func (e *Engine) HostPath(p string) string {
 	if e.Root == "" || e.Root == "/" {
 		return p
 	}
@@ -512,7 +511,7 @@ func (e *Engine) timed(name, vm string, fn func() error) error {
 // EmptyManifest starts and writes a manifest with no VMs (an update of a
 // host without guests still tells PID 1 what to rebuild).
 func (e *Engine) EmptyManifest() (*manifest.Manifest, error) {
-	if err := os.MkdirAll(e.host(e.StateDir), 0o700); err != nil {
+	if err := os.MkdirAll(e.HostPath(e.StateDir), 0o700); err != nil {
 		return nil, err
 	}
 	prior := e.pending

@@ -138,26 +138,46 @@ func HasDAX(opts string) bool {
 	return false
 }
 
-// MountOptions returns the options of the mount at dir from a mounts file
-// (/proc/mounts); the last mount on dir wins.
-func MountOptions(mountsFile, dir string) (string, error) {
+// Entry is one line of a mount table.
+type Entry struct {
+	Source, Dir, FSType, Opts string
+}
+
+// Table reads a mount table (/proc/mounts), in mount order.
+func Table(mountsFile string) ([]Entry, error) {
 	f, err := os.Open(mountsFile)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	defer f.Close()
-	opts, found := "", false
+	var out []Entry
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		fs := strings.Fields(sc.Text())
-		if len(fs) >= 4 && unescape(fs[1]) == dir {
-			opts, found = fs[3], true
+		if len(fs) >= 4 {
+			out = append(out, Entry{Source: unescape(fs[0]), Dir: unescape(fs[1]), FSType: fs[2], Opts: fs[3]})
+		}
+	}
+	return out, sc.Err()
+}
+
+// MountOptions returns the options of the mount at dir from a mounts file
+// (/proc/mounts); the last mount on dir wins.
+func MountOptions(mountsFile, dir string) (string, error) {
+	ms, err := Table(mountsFile)
+	if err != nil {
+		return "", err
+	}
+	opts, found := "", false
+	for _, m := range ms {
+		if m.Dir == dir {
+			opts, found = m.Opts, true
 		}
 	}
 	if !found {
 		return "", fmt.Errorf("%s is not a mount point", dir)
 	}
-	return opts, sc.Err()
+	return opts, nil
 }
 
 func unescape(s string) string {

@@ -93,9 +93,9 @@ func (b *Boot) startGuest(g Guest) (int, error) {
 	cmd := &exec.Cmd{Path: g.Argv[0], Args: g.Argv, Dir: cwd, Env: g.Env, Stdout: log, Stderr: log,
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true, Chroot: b.Root}}
 	if g.Cgroup != "" {
-		dir := filepath.Join(cpr.CgroupRoot, filepath.Clean("/"+g.Cgroup))
-		os.MkdirAll(dir, 0o755)
-		if fd, err := unix.Open(dir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0); err == nil {
+		if fd, err := cgroupv2.OpenDir(cpr.CgroupRoot, g.Cgroup); err != nil {
+			b.Log.Warn("starting guest outside its cgroup", "vm", g.Name, "err", err)
+		} else {
 			defer unix.Close(fd)
 			cmd.SysProcAttr.UseCgroupFD = true
 			cmd.SysProcAttr.CgroupFD = fd

@@ -17,7 +17,6 @@
 package update
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -106,16 +105,16 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	}
 
 	// The state directory must be on a DAX filesystem on PMEM.
-	hostState := hostPath(e.Root, e.StateDir)
+	hostState := e.HostPath(e.StateDir)
 	m, err := mountOf(o.MountsFile, hostState)
 	switch {
 	case err != nil:
 		bad("state directory %s: %v", e.StateDir, err)
-	case !mounts.HasDAX(m.opts) || !strings.HasPrefix(m.source, "/dev/pmem"):
-		bad("state directory %s is on %s (%s, %s), not on PMEM mounted with dax: guest RAM and state would not survive the kexec. Use --state-dir on the PMEM filesystem", e.StateDir, m.dir, m.source, m.opts)
+	case !mounts.HasDAX(m.Opts) || !strings.HasPrefix(m.Source, "/dev/pmem"):
+		bad("state directory %s is on %s (%s, %s), not on PMEM mounted with dax: guest RAM and state would not survive the kexec. Use --state-dir on the PMEM filesystem", e.StateDir, m.Dir, m.Source, m.Opts)
 	default:
-		p.PMEMDevice = m.source
-		p.PMEMMount = guestPath(e.Root, m.dir)
+		p.PMEMDevice = m.Source
+		p.PMEMMount = e.GuestPath(m.Dir)
 	}
 	// Every guest's RAM must be on that filesystem.
 	if p.PMEMMount != "" {
@@ -135,15 +134,15 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 			bad("no %s given", f.what)
 			continue
 		}
-		fh, err := os.Open(hostPath(e.Root, f.path))
+		fh, err := os.Open(e.HostPath(f.path))
 		if err != nil {
 			bad("%s: %v", f.what, err)
 			continue
 		}
 		fh.Close()
 	}
-	if cfg := configFor(hostPath(e.Root, o.Kernel)); cfg != "" {
-		p.KernelConfig = guestPath(e.Root, cfg)
+	if cfg := configFor(e.HostPath(o.Kernel)); cfg != "" {
+		p.KernelConfig = e.GuestPath(cfg)
 		if f, err := os.Open(cfg); err == nil {
 			c, err := kernelconfig.ParseConfig(f)
 			f.Close()
@@ -264,60 +263,23 @@ func configFor(kernel string) string {
 	return c
 }
 
-type mountEntry struct{ source, dir, fstype, opts string }
-
-func readMounts(file string) ([]mountEntry, error) {
-	f, err := os.Open(file)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []mountEntry
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fs := strings.Fields(sc.Text())
-		if len(fs) >= 4 {
-			out = append(out, mountEntry{source: fs[0], dir: fs[1], fstype: fs[2], opts: fs[3]})
-		}
-	}
-	return out, sc.Err()
-}
-
 // mountOf returns the mount that holds path (the longest mount point that
 // contains it; the last one mounted there).
-func mountOf(file, path string) (mountEntry, error) {
-	ms, err := readMounts(file)
+func mountOf(file, path string) (mounts.Entry, error) {
+	ms, err := mounts.Table(file)
 	if err != nil {
-		return mountEntry{}, err
+		return mounts.Entry{}, err
 	}
-	best := mountEntry{}
+	best := mounts.Entry{}
 	for _, m := range ms {
-		if manifest.Within(path, m.dir) && len(m.dir) >= len(best.dir) {
+		if manifest.Within(path, m.Dir) && len(m.Dir) >= len(best.Dir) {
 			best = m
 		}
 	}
-	if best.dir == "" {
+	if best.Dir == "" {
 		return best, fmt.Errorf("no mount holds %s", path)
 	}
 	return best, nil
-}
-
-func hostPath(root, p string) string {
-	if root == "" || root == "/" {
-		return p
-	}
-	return filepath.Join(root, p)
-}
-
-func guestPath(root, p string) string {
-	if root == "" || root == "/" {
-		return p
-	}
-	rel, err := filepath.Rel(root, p)
-	if err != nil || strings.HasPrefix(rel, "..") {
-		return p
-	}
-	return "/" + rel
 }
 
 // Run carries out a plan that is OK. It returns only on failure (after
@@ -331,7 +293,7 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 	// LoadKernel first: a kernel the running one refuses is found out
 	// before any guest is touched.
 	if err := e.Timed("kexec-load", "", func() error {
-		return kexec.Load(hostPath(e.Root, p.Kernel), hostPath(e.Root, p.Initrd), p.Cmdline)
+		return kexec.Load(e.HostPath(p.Kernel), e.HostPath(p.Initrd), p.Cmdline)
 	}); err != nil {
 		return nil, fmt.Errorf("no guest was touched: %w", err)
 	}
@@ -367,7 +329,7 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 	}
 
 	// RemountRO: everything that can be, PMEM last.
-	remounted, err := remountRO(o.MountsFile, hostPath(e.Root, p.PMEMMount), e)
+	remounted, err := remountRO(o.MountsFile, e.HostPath(p.PMEMMount), e)
 	if err != nil {
 		return m, rollback(ctx, e, p, m, remounted, unload, err)
 	}
@@ -408,7 +370,7 @@ func anyQuit(m *manifest.Manifest) bool {
 // read-only, the one holding pmemMount last. It returns what it remounted.
 func remountRO(mountsFile, pmemMount string, e *cpr.Engine) ([]string, error) {
 	unix.Sync()
-	ms, err := readMounts(mountsFile)
+	ms, err := mounts.Table(mountsFile)
 	if err != nil {
 		return nil, err
 	}
@@ -417,15 +379,15 @@ func remountRO(mountsFile, pmemMount string, e *cpr.Engine) ([]string, error) {
 	pmemDir := ""
 	for i := len(ms) - 1; i >= 0; i-- {
 		m := ms[i]
-		if !strings.HasPrefix(m.source, "/dev/") || seen[m.source] || !slices.Contains(strings.Split(m.opts, ","), "rw") {
+		if !strings.HasPrefix(m.Source, "/dev/") || seen[m.Source] || !slices.Contains(strings.Split(m.Opts, ","), "rw") {
 			continue
 		}
-		seen[m.source] = true
-		if m.dir == pmemMount {
-			pmemDir = m.dir
+		seen[m.Source] = true
+		if m.Dir == pmemMount {
+			pmemDir = m.Dir
 			continue
 		}
-		order = append(order, m.dir)
+		order = append(order, m.Dir)
 	}
 	if pmemDir != "" {
 		order = append(order, pmemDir)

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
+	"github.com/liveupdate/liveupdate/pkg/cpr"
 )
 
 func TestBuildCmdline(t *testing.T) {
@@ -59,11 +60,13 @@ func TestMountOf(t *testing.T) {
 	os.WriteFile(p, []byte("/dev/vda / ext4 rw 0 0\n/dev/pmem0 /mnt/pmem ext4 rw,dax=always 0 0\n/dev/pmem0 /newroot/mnt/pmem ext4 rw,dax=always 0 0\n"), 0o644)
 	for path, want := range map[string]string{"/mnt/pmem/lu": "/mnt/pmem", "/var/lib": "/", "/mnt/pmemx": "/", "/newroot/mnt/pmem/a": "/newroot/mnt/pmem"} {
 		m, err := mountOf(p, path)
-		if err != nil || m.dir != want {
+		if err != nil || m.Dir != want {
 			t.Errorf("mountOf(%s) = %+v, %v; want %s", path, m, err, want)
 		}
 	}
-	if g := guestPath("/newroot", "/newroot/mnt/pmem"); g != "/mnt/pmem" {
-		t.Errorf("guestPath = %s", g)
+	e := cpr.New("/mnt/pmem/lu", nil)
+	e.Root = "/newroot"
+	if g := e.GuestPath("/newroot/mnt/pmem"); g != "/mnt/pmem" {
+		t.Errorf("GuestPath = %s", g)
 	}
 }
