@@ -53,7 +53,7 @@ var commands = []command{
 func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
 	fs := newFlagSet("sync-clock", "sync-clock [--timeout D] [VM…]", &c)
-	timeout := fs.Duration("timeout", 15*time.Second, "how long to wait for each guest's agent")
+	timeout := fs.Duration("timeout", 15*time.Second, "how long to wait for each guest's agent to answer (it is asked again until then)")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
@@ -78,14 +78,14 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 			sock = e.HostPath(sock)
 		}
 		actx, cancel := context.WithTimeout(ctx, *timeout)
-		err := guestagent.SyncClock(actx, sock)
+		off, err := guestagent.SyncClock(actx, sock, *timeout)
 		cancel()
 		if err != nil {
 			fmt.Fprintf(out, "%s: %v\n", t.Name(), err)
 			code = exitFailed
 			continue
 		}
-		fmt.Fprintf(out, "%s: clock set to the host's\n", t.Name())
+		fmt.Fprintf(out, "%s: clock set to the host's (guest − host = %s after)\n", t.Name(), off.Round(time.Microsecond))
 	}
 	return code
 }
@@ -431,6 +431,7 @@ type VMResult struct {
 	OldPID     int             `json:"old_pid"`
 	NewPID     int             `json:"new_pid,omitempty"`
 	Clock      string          `json:"clock,omitempty"`
+	ClockOffMS float64         `json:"clock_offset_ms,omitempty"`
 }
 
 func results(m *manifest.Manifest) Result {
@@ -442,7 +443,8 @@ func results(m *manifest.Manifest) Result {
 		}
 		r.VMs = append(r.VMs, VMResult{Name: v.Name, Status: v.Status, Error: v.Error,
 			BlackoutMS: float64(v.Blackout().Microseconds()) / 1000, StateBytes: v.StateSize,
-			RAMBytes: ram, OldPID: v.PID, NewPID: v.NewPID, Clock: v.Clock})
+			RAMBytes: ram, OldPID: v.PID, NewPID: v.NewPID, Clock: v.Clock,
+			ClockOffMS: ms(v.ClockOffset)})
 	}
 	return r
 }
@@ -487,7 +489,11 @@ func printVMs(out io.Writer, m *manifest.Manifest) {
 		if r.NewPID != 0 {
 			pid = fmt.Sprintf("%d → %d", r.OldPID, r.NewPID)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Status, bo, size(uint64(r.StateBytes)), size(r.RAMBytes), pid, orDash(r.Clock))
+		clock := orDash(r.Clock)
+		if r.Clock == "corrected" {
+			clock = fmt.Sprintf("corrected (%+.1f ms)", r.ClockOffMS)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Status, bo, size(uint64(r.StateBytes)), size(r.RAMBytes), pid, clock)
 	}
 	tw.Flush()
 	for _, v := range m.VMs {

@@ -147,6 +147,10 @@ func TestClockAndTCP(t *testing.T) {
 	if r.VMs[0].Clock != "corrected" {
 		t.Errorf("clock: %q, want corrected", r.VMs[0].Clock)
 	}
+	// The offset the agent read back is reported, and it is small.
+	if off := r.VMs[0].ClockOffMS; off == 0 || off < -1000 || off > 1000 {
+		t.Errorf("clock offset read back after the fix = %.3f ms, want a measured value within ±1 s", off)
+	}
 	after, lagAfter := waitGuestState(t, ns, addr, 30*time.Second)
 	if lagAfter < -time.Second || lagAfter > time.Second {
 		t.Errorf("guest clock off by %s after restart (was %s)", lagAfter, lag)
@@ -157,5 +161,5 @@ func TestClockAndTCP(t *testing.T) {
 	if err := roundTrip("after"); err != nil {
 		t.Errorf("the TCP connection opened before the restart no longer echoes: %v", err)
 	}
-	t.Logf("clock lag %s before the restart, %s after; blackout %.1f ms", lag, lagAfter, r.VMs[0].BlackoutMS)
+	t.Logf("clock lag %s before the restart, %s after (agent read back %+.3f ms); blackout %.1f ms", lag, lagAfter, r.VMs[0].ClockOffMS, r.VMs[0].BlackoutMS)
 }

@@ -267,6 +267,7 @@ type restartResult struct {
 		OldPID     int     `json:"old_pid"`
 		NewPID     int     `json:"new_pid"`
 		Clock      string  `json:"clock"`
+		ClockOffMS float64 `json:"clock_offset_ms"`
 	} `json:"vms"`
 }
 

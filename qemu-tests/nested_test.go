@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/pid1"
 )
@@ -367,7 +368,7 @@ func TestNestedUpdate(t *testing.T) {
 			t.Fatalf("update %d: %s guests running after kexec, want 1", i+1, m[3])
 		}
 		// PID 1 corrects the guest's clock just after READY.
-		clock := h.waitForNth(`msg="guest clock (corrected|not corrected)"`, i+1, 3*time.Minute)
+		clock := h.waitForNth(`msg="guest clock (corrected|not corrected)"`, i+1, cpr.ClockFixTimeout+time.Minute)
 		after, lag := waitGuestState(t, nestNS, state, 4*time.Minute)
 		if after.boot != first.boot {
 			t.Fatalf("update %d: inner guest rebooted (boot id %s → %s)", i+1, first.boot, after.boot)

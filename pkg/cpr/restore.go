@@ -228,28 +228,30 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 		e.Log.Warn("guest has no agent channel: its clock is behind by the blackout", "vm", vm.Name)
 		return
 	}
+	var offset time.Duration
 	err := e.timed("clock-fix", vm.Name, func() error {
-		// The agent may still be waking up in the guest (slowly, under
-		// emulation): give each try time, and retry a while.
-		deadline := time.Now().Add(90 * time.Second)
-		for {
-			actx, cancel := context.WithTimeout(ctx, 15*time.Second)
-			err := guestagent.SyncClock(actx, e.HostPath(vm.Agent))
-			cancel()
-			if err == nil || time.Now().After(deadline) {
-				return err
-			}
-			time.Sleep(200 * time.Millisecond)
-		}
+		// The agent may still be waking up in the guest, and it answers
+		// only after hwclock -w: both slow under emulation.
+		actx, cancel := context.WithTimeout(ctx, ClockFixTimeout)
+		defer cancel()
+		var err error
+		offset, err = guestagent.SyncClock(actx, e.HostPath(vm.Agent), 20*time.Second)
+		return err
 	})
 	if err != nil {
 		setClock("not corrected: " + err.Error())
 		e.Log.Warn("guest clock not corrected", "vm", vm.Name, "err", err)
 		return
 	}
+	e.mu.Lock()
+	vm.ClockOffset = offset
+	e.mu.Unlock()
 	setClock("corrected")
-	e.Log.Info("guest clock corrected", "vm", vm.Name)
+	e.Log.Info("guest clock corrected", "vm", vm.Name, "offset", offset.Round(time.Microsecond))
 }
+
+// ClockFixTimeout bounds putting one guest's clock right after restore.
+const ClockFixTimeout = 3 * time.Minute
 
 // openFds returns the files to pass as fds 3, 4, … and those of them this
 // function opened (the caller closes them once QEMU has its copies).

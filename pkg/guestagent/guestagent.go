@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -52,61 +53,120 @@ func Socket(c *qemuargv.Cmdline) string {
 }
 
 // SyncClock sets the guest's clock to the host's (qemu-ga also writes it to
-// the guest's RTC). It is bounded by ctx.
-func SyncClock(ctx context.Context, socket string) error {
+// the guest's RTC) and returns the guest's offset from the host read back
+// afterwards. It is bounded by ctx.
+//
+// The handshake is retried, each try bounded by try, until ctx ends: after
+// a restore the agent may still be waking up. The answer to guest-set-time
+// is awaited until ctx ends, because qemu-ga answers only once hwclock -w
+// has run, which takes many seconds in a guest under nested emulation.
+func SyncClock(ctx context.Context, socket string, try time.Duration) (time.Duration, error) {
+	for {
+		tctx, cancel := context.WithTimeout(ctx, try)
+		conn, r, err := handshake(tctx, socket)
+		cancel()
+		if err == nil {
+			defer conn.Close()
+			return setTime(ctx, conn, r, socket)
+		}
+		select {
+		case <-ctx.Done():
+			return 0, err
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// handshake connects and flushes the channel with guest-sync-delimited.
+func handshake(ctx context.Context, socket string) (net.Conn, *bufio.Reader, error) {
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", socket)
 	if err != nil {
-		return fmt.Errorf("guest agent %s: %w", socket, err)
+		return nil, nil, fmt.Errorf("guest agent %s: %w", socket, err)
 	}
-	defer conn.Close()
 	if dl, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(dl)
 	}
 	r := bufio.NewReader(conn)
 	id := rand.Int64N(1 << 31)
 	if err := send(conn, "guest-sync-delimited", map[string]any{"id": id}); err != nil {
-		return err
+		conn.Close()
+		return nil, nil, err
 	}
 	// The reply is preceded by 0xFF; skip anything stale before it.
 	for {
 		line, err := r.ReadBytes('\n')
 		if err != nil {
-			return fmt.Errorf("guest agent %s: no answer to guest-sync (is qemu-ga running in the guest?): %w", socket, err)
+			conn.Close()
+			return nil, nil, fmt.Errorf("guest agent %s: no answer to guest-sync (is qemu-ga running in the guest?): %w", socket, err)
 		}
 		line = bytes.TrimLeft(line, "\xff")
 		var resp struct {
 			Return int64 `json:"return"`
 		}
 		if json.Unmarshal(line, &resp) == nil && resp.Return == id {
-			break
+			return conn, r, nil
 		}
 	}
-	// The host's time as it is sent: off by the one-way latency of the
-	// channel, well under a millisecond.
-	if err := send(conn, "guest-set-time", map[string]any{"time": time.Now().UnixNano()}); err != nil {
-		return err
+}
+
+// setTime sends guest-set-time with the host's time as it is sent (off by
+// the channel's one-way latency, well under a millisecond), then reads the
+// guest's clock back.
+func setTime(ctx context.Context, conn net.Conn, r *bufio.Reader, socket string) (time.Duration, error) {
+	conn.SetDeadline(time.Time{})
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
 	}
+	if err := send(conn, "guest-set-time", map[string]any{"time": time.Now().UnixNano()}); err != nil {
+		return 0, err
+	}
+	if _, err := reply(r); err != nil {
+		return 0, fmt.Errorf("guest agent %s: guest-set-time (sent; qemu-ga answers after hwclock -w): %w", socket, err)
+	}
+	sent := time.Now()
+	if err := send(conn, "guest-get-time", nil); err != nil {
+		return 0, err
+	}
+	ret, err := reply(r)
+	if err != nil {
+		return 0, fmt.Errorf("guest agent %s: guest-get-time after setting the clock: %w", socket, err)
+	}
+	var ns int64
+	if err := json.Unmarshal(ret, &ns); err != nil {
+		return 0, fmt.Errorf("guest agent %s: guest-get-time returned %s", socket, ret)
+	}
+	mid := sent.Add(time.Since(sent) / 2)
+	return time.Unix(0, ns).Sub(mid), nil
+}
+
+// reply reads one answer and returns its "return" value or its error.
+func reply(r *bufio.Reader) (json.RawMessage, error) {
 	line, err := r.ReadBytes('\n')
 	if err != nil {
-		return fmt.Errorf("guest agent %s: guest-set-time: %w", socket, err)
+		return nil, err
 	}
 	var resp struct {
-		Error *struct {
+		Return json.RawMessage `json:"return"`
+		Error  *struct {
 			Desc string `json:"desc"`
 		} `json:"error"`
 	}
 	if err := json.Unmarshal(bytes.TrimLeft(line, "\xff"), &resp); err != nil {
-		return fmt.Errorf("guest agent %s: guest-set-time reply %q: %w", socket, line, err)
+		return nil, fmt.Errorf("unreadable reply %q: %w", line, err)
 	}
 	if resp.Error != nil {
-		return fmt.Errorf("guest agent %s: guest-set-time: %s", socket, resp.Error.Desc)
+		return nil, errors.New(resp.Error.Desc)
 	}
-	return nil
+	return resp.Return, nil
 }
 
 func send(conn net.Conn, cmd string, args any) error {
-	b, _ := json.Marshal(map[string]any{"execute": cmd, "arguments": args})
+	m := map[string]any{"execute": cmd}
+	if args != nil {
+		m["arguments"] = args
+	}
+	b, _ := json.Marshal(m)
 	if _, err := conn.Write(append(b, '\n')); err != nil {
 		return fmt.Errorf("guest agent: sending %s: %w", cmd, err)
 	}

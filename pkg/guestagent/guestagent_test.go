@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -26,8 +27,9 @@ func TestSocket(t *testing.T) {
 }
 
 // fakeAgent answers like qemu-ga: stale junk first, then the sync reply
-// behind 0xFF, then a guest-set-time result.
-func fakeAgent(t *testing.T, setTimeErr string) (string, chan int64) {
+// behind 0xFF, then a guest-set-time result after setDelay (qemu-ga runs
+// hwclock first), then guest-get-time with the clock it was set to.
+func fakeAgent(t *testing.T, setTimeErr string, setDelay time.Duration) (string, chan int64) {
 	p := filepath.Join(t.TempDir(), "qga.sock")
 	l, err := net.Listen("unix", p)
 	if err != nil {
@@ -42,6 +44,7 @@ func fakeAgent(t *testing.T, setTimeErr string) (string, chan int64) {
 		}
 		defer c.Close()
 		r := bufio.NewReader(c)
+		var offset int64
 		for {
 			line, err := r.ReadBytes('\n')
 			if err != nil {
@@ -59,11 +62,16 @@ func fakeAgent(t *testing.T, setTimeErr string) (string, chan int64) {
 				c.Write(append(b, '\n'))
 			case "guest-set-time":
 				got <- req.Arguments["time"]
+				offset = req.Arguments["time"] - time.Now().UnixNano()
+				time.Sleep(setDelay)
 				if setTimeErr != "" {
 					c.Write([]byte(`{"error": {"class": "GenericError", "desc": "` + setTimeErr + `"}}` + "\n"))
 				} else {
 					c.Write([]byte(`{"return": {}}` + "\n"))
 				}
+			case "guest-get-time":
+				b, _ := json.Marshal(map[string]int64{"return": time.Now().UnixNano() + offset + int64(3*time.Millisecond)})
+				c.Write(append(b, '\n'))
 			}
 		}
 	}()
@@ -71,19 +79,40 @@ func fakeAgent(t *testing.T, setTimeErr string) (string, chan int64) {
 }
 
 func TestSyncClock(t *testing.T) {
-	p, got := fakeAgent(t, "")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	before := time.Now().UnixNano()
-	if err := SyncClock(ctx, p); err != nil {
-		t.Fatal(err)
-	}
-	if ts := <-got; ts < before || ts > time.Now().UnixNano() {
-		t.Errorf("time sent %d is not now", ts)
-	}
-	p, _ = fakeAgent(t, "hwclock failed")
-	if err := SyncClock(ctx, p); err == nil || !strings.Contains(err.Error(), "hwclock failed") {
-		t.Errorf("agent error not reported: %v", err)
+	for _, tc := range []struct {
+		name     string
+		setErr   string
+		setDelay time.Duration
+		wantErr  string
+	}{
+		{"answers at once", "", 0, ""},
+		// The set-time answer may come long after a handshake try would
+		// have given up: it is awaited until the overall deadline.
+		{"slow hwclock", "", 400 * time.Millisecond, ""},
+		{"agent error", "hwclock failed", 0, "hwclock failed"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, got := fakeAgent(t, tc.setErr, tc.setDelay)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			before := time.Now().UnixNano()
+			off, err := SyncClock(ctx, p, 100*time.Millisecond)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Errorf("agent error not reported: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ts := <-got; ts < before || ts > time.Now().UnixNano() {
+				t.Errorf("time sent %d is not now", ts)
+			}
+			if off < 2*time.Millisecond || off > 10*time.Millisecond {
+				t.Errorf("offset read back = %s, want about 3ms", off)
+			}
+		})
 	}
 }
 
@@ -93,7 +122,21 @@ func TestSyncClockNoAgent(t *testing.T) {
 	defer l.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	if err := SyncClock(ctx, p); err == nil || !strings.Contains(err.Error(), "is qemu-ga running") {
+	if _, err := SyncClock(ctx, p, 100*time.Millisecond); err == nil || !strings.Contains(err.Error(), "is qemu-ga running") {
 		t.Errorf("err = %v", err)
+	}
+}
+
+// An agent that comes up late (its socket appears after the first tries)
+// is still reached: the handshake is retried until the deadline.
+func TestSyncClockLateAgent(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "qga.sock")
+	late, _ := fakeAgent(t, "", 0)
+	time.AfterFunc(300*time.Millisecond, func() { os.Rename(late, p) })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := SyncClock(ctx, p, 100*time.Millisecond); err != nil {
+		t.Fatalf("late agent not reached: %v", err)
 	}
 }

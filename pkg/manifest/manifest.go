@@ -91,6 +91,9 @@ type VM struct {
 	// Clock says what became of the guest's clock after restore:
 	// "corrected", "no guest agent", or "not corrected: …".
 	Clock string `json:"clock,omitempty"`
+	// ClockOffset is the guest's clock minus the host's, read back through
+	// the agent just after it was corrected.
+	ClockOffset time.Duration `json:"clock_offset_ns,omitempty"`
 
 	StateFile  string `json:"state_file"`
 	StateSize  int64  `json:"state_size,omitempty"`
