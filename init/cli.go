@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -20,6 +21,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/timeline"
 	"github.com/liveupdate/liveupdate/pkg/update"
 )
 
@@ -47,7 +49,56 @@ var commands = []command{
 	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
 	{"check-kernel", "check a kernel config against kernelconfig/host.config", cmdCheckKernel},
 	{"update", "live kernel update: save guests, kexec into a new kernel", cmdUpdate},
+	{"status", "the last run: each guest's blackout and every phase, as a table, JSON, SVG or metrics", cmdStatus},
 	{"sync-clock", "set running guests' clocks to the host's through their guest agents", cmdSyncClock},
+}
+
+func cmdStatus(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("status", "status [--manifest PATH] [--json] [--svg FILE] [--prom FILE]", &c)
+	mpath := fs.String("manifest", "", "the run's manifest (default: STATE_DIR/manifest.json); PID 1's boot record is read from next to it")
+	asJSON := fs.Bool("json", false, "print the timeline as JSON")
+	svg := fs.String("svg", "", "also write a waterfall picture of the run to `FILE`")
+	prom := fs.String("prom", "", "also write the figures as node_exporter textfile metrics to `FILE` (e.g. …/textfile/liveupdate.prom)")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	if *mpath == "" {
+		*mpath = manifestPath(c.stateDir)
+	}
+	m, err := manifest.Read(*mpath)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate status:", err)
+		return exitFailed
+	}
+	boot, err := timeline.ReadBoot(filepath.Dir(*mpath))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate status: the boot record is unreadable, showing the manifest alone:", err)
+	}
+	tl := timeline.Build(m, boot)
+	for _, f := range []struct {
+		path   string
+		render func(io.Writer)
+	}{{*svg, tl.SVG}, {*prom, tl.Prom}} {
+		if f.path == "" {
+			continue
+		}
+		var b bytes.Buffer
+		f.render(&b)
+		// Atomic, so that a textfile collector never reads half a file.
+		if err := manifest.WriteFileAtomic(f.path, b.Bytes(), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "liveupdate status:", err)
+			return exitFailed
+		}
+	}
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		enc.Encode(tl)
+		return exitOK
+	}
+	tl.Table(out)
+	return exitOK
 }
 
 func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
@@ -343,9 +394,10 @@ func cmdSave(ctx context.Context, args []string, out io.Writer) int {
 
 func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
-	fs := newFlagSet("restore", "restore [--manifest PATH] [--json]", &c)
+	fs := newFlagSet("restore", "restore [--manifest PATH] [--host] [--json]", &c)
 	mpath := fs.String("manifest", "", "manifest to restore from (default: STATE_DIR/manifest.json)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
+	host := fs.Bool("host", false, "first re-create the manifest's bridges, taps and cgroup tree, as PID 1 does after kexec\n(for a rescue shell after PID 1 stopped before doing so)")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
@@ -357,6 +409,12 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintln(os.Stderr, "liveupdate restore:", err)
 		return exitFailed
 	}
+	if *host {
+		if err := rebuildHost(m, os.Stderr); err != nil {
+			fmt.Fprintf(os.Stderr, "liveupdate restore: rebuilding the host for the guests: %v\nNo guest was started; their RAM and state files are kept\n", err)
+			return exitFailed
+		}
+	}
 	e := c.engine()
 	err = e.Restore(ctx, m, nil)
 	report(out, m, *asJSON)
@@ -365,6 +423,26 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 		return exitFailed
 	}
 	return exitOK
+}
+
+// rebuildHost re-creates the manifest's network and cgroups and shows what
+// the kernel reads back.
+func rebuildHost(m *manifest.Manifest, out io.Writer) error {
+	taps, err := cpr.RebuildNetwork(m)
+	for _, t := range taps {
+		fmt.Fprintln(out, t)
+	}
+	if err != nil {
+		return fmt.Errorf("network: %w", err)
+	}
+	cgs, err := cpr.RebuildCgroups(m)
+	for _, c := range cgs {
+		fmt.Fprintln(out, c)
+	}
+	if err != nil {
+		return fmt.Errorf("cgroups: %w", err)
+	}
+	return nil
 }
 
 func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
@@ -458,22 +536,8 @@ func report(out io.Writer, m *manifest.Manifest, asJSON bool) {
 	}
 	printVMs(out, m)
 	if len(m.Phases) > 0 {
-		fmt.Fprintln(out, "\nphases:")
-		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-		t0 := m.Phases[0].Start
-		for _, p := range m.Phases {
-			if p.Start.Before(t0) {
-				t0 = p.Start
-			}
-		}
-		for _, p := range m.Phases {
-			took := "-" // still running when recorded (the kexec)
-			if !p.End.IsZero() {
-				took = fmt.Sprintf("%.1f ms", ms(p.End.Sub(p.Start)))
-			}
-			fmt.Fprintf(tw, "  %s\t%s\t+%.1f ms\t%s\t%s\n", p.Name, orDash(p.VM), ms(p.Start.Sub(t0)), took, p.Error)
-		}
-		tw.Flush()
+		fmt.Fprintln(out)
+		timeline.Build(m, nil).PhaseTable(out)
 	}
 }
 

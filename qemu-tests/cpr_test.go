@@ -1,6 +1,7 @@
 package qemutests
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -71,6 +72,20 @@ func TestRestartOne(t *testing.T) {
 		t.Errorf("state file is %d bytes for %d bytes of RAM: RAM was copied?", st.Size(), after.Size)
 	}
 	t.Logf("blackout %.1f ms, state file %d bytes, guest RAM %d bytes", vm.BlackoutMS, st.Size(), after.Size)
+
+	// status shows the same run: the blackout, the phases, a picture and
+	// metrics.
+	svg, prom := filepath.Join(state, "run.svg"), filepath.Join(state, "run.prom")
+	code, out, _ = runLU(t, "status", "--state-dir", state, "--svg", svg, "--prom", prom)
+	if code != 0 || !strings.Contains(out, fmt.Sprintf("one    running  %.1f ms", vm.BlackoutMS)) || !strings.Contains(out, "qemu-start") {
+		t.Errorf("status: exit %d, lacks the blackout or the phases:\n%s", code, out)
+	}
+	if b, _ := os.ReadFile(svg); !bytes.Contains(b, []byte("<svg")) || !bytes.Contains(b, []byte("one blackout")) {
+		t.Errorf("status --svg wrote no waterfall with the blackout")
+	}
+	if b, _ := os.ReadFile(prom); !bytes.Contains(b, []byte(`liveupdate_guest_blackout_seconds{vm="one"}`)) {
+		t.Errorf("status --prom wrote no blackout metric:\n%s", b)
+	}
 
 	// The manifest pinned the machine alias "pc" to the versioned type.
 	m, err := manifest.Read(filepath.Join(state, manifest.FileName))

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net"
 	"os"
 	"os/exec"
@@ -21,6 +22,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/pid1"
+	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
 
 // Nested update tests (tier 4): the outer VM is the host, booted on the old
@@ -76,6 +78,7 @@ func nestedHostConfig() pid1.HostConfig {
 // nestedHost is the outer VM with its control line.
 type nestedHost struct {
 	*hostVM
+	top  testing.TB // the test that owns the host (subtests come and go)
 	ctl  string
 	conn net.Conn
 	r    *bufio.Reader
@@ -104,7 +107,7 @@ func bootNestedHost(t *testing.T) *nestedHost {
 	}
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", nestNS).Run() })
 
-	h := &nestedHost{ctl: filepath.Join(dir, "ctl.sock")}
+	h := &nestedHost{top: t, ctl: filepath.Join(dir, "ctl.sock")}
 	h.hostVM = bootHost(t, hostOpts{memmap: true, rootImg: img, netns: nestNS, tap: nestTap,
 		kernel:  filepath.Join(repoRoot, ".cache/hostroot/../kernels/old/boot/vmlinuz-"+old),
 		initrd:  filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img"),
@@ -123,7 +126,7 @@ func (h *nestedHost) run(cmd string, d time.Duration) (string, int) {
 			h.t.Fatalf("control line: %v", err)
 		}
 		h.conn, h.r = c, bufio.NewReader(c)
-		h.t.Cleanup(func() { c.Close() })
+		h.top.Cleanup(func() { c.Close() })
 	}
 	h.conn.SetDeadline(time.Now().Add(d))
 	fmt.Fprintf(h.conn, "%s\n", cmd)
@@ -254,8 +257,11 @@ func (w *beatWatch) takeGap() time.Duration {
 }
 
 // TestNestedUpdate: a perpetual inner guest through N live kernel updates
-// (default 2: 6.1 → 6.12 → 6.1; LIVEUPDATE_NESTED_N for more), plus the
-// refusals that must leave it untouched.
+// (default 2: 6.1 → 6.12 → 6.1; LIVEUPDATE_NESTED_N for more). The bad
+// paths are subtests on the same host, so that the slow nested boot is paid
+// once: three refusals that must leave the guest untouched, and a manifest
+// corrupted across a kexec, which must end in the rescue shell with all
+// guest data kept and be restorable from there.
 func TestNestedUpdate(t *testing.T) {
 	n := 2
 	if s := os.Getenv("LIVEUPDATE_NESTED_N"); s != "" {
@@ -265,6 +271,7 @@ func TestNestedUpdate(t *testing.T) {
 	// On failure, show the inner guest's own console (on the host's PMEM).
 	t.Cleanup(func() {
 		if t.Failed() {
+			h.use(t)
 			h.conn = nil // the control connection of the test was closed
 			h.run("tail -n 25 /mnt/pmem/inner-serial.log", 30*time.Second)
 		}
@@ -294,43 +301,63 @@ func TestNestedUpdate(t *testing.T) {
 	defer close(beats.stop)
 
 	old, nw := kernelVersion(t, "old"), kernelVersion(t, "new")
+	const lu = "liveupdate %s --root /newroot --state-dir /mnt/pmem/liveupdate"
 	updateCmd := func(kver string, extra string) string {
-		return fmt.Sprintf("liveupdate update --root /newroot --state-dir /mnt/pmem/liveupdate --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img %s", kver, kver, extra)
+		return fmt.Sprintf(lu+" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img %s", "update", kver, kver, extra)
 	}
 	innerPID := func() string {
-		out, _ := h.run("liveupdate plan --root /newroot --state-dir /mnt/pmem/liveupdate --json", time.Minute)
+		out, _ := h.run(fmt.Sprintf(lu, "plan")+" --json", time.Minute)
 		m := regexp.MustCompile(`"pid": (\d+)`).FindStringSubmatch(out)
 		if m == nil {
-			t.Fatalf("plan shows no inner QEMU")
+			h.t.Fatalf("plan shows no inner QEMU")
 		}
 		return m[1]
 	}
+	// Each refusal must leave the inner QEMU as it was, and no state file.
+	untouched := func(t *testing.T, pidBefore string) {
+		if p := innerPID(); p != pidBefore {
+			t.Errorf("inner QEMU changed (%s → %s) after a refused update", pidBefore, p)
+		}
+		if out, _ := h.run("ls /mnt/pmem/liveupdate", time.Minute); strings.Contains(out, ".state") {
+			t.Errorf("a refused update left state files: %s", out)
+		}
+	}
 
-	// Refusals first: nothing may be touched.
-	pidBefore := innerPID()
-	out, code := h.run(updateCmd(nw, `--append "console=ttyS0 lu.root=LABEL=lu-hostroot"`), 2*time.Minute)
-	if code != 3 || !strings.Contains(out, "drops memmap=512M!1G") {
-		t.Errorf("update dropping memmap: exit %d, output lacks the refusal", code)
-	}
-	h.run("head -c 4096 /dev/urandom > /newroot/tmp/bad-kernel", time.Minute)
-	out, code = h.run("liveupdate update --root /newroot --state-dir /mnt/pmem/liveupdate --kernel /tmp/bad-kernel --initrd /boot/initramfs-"+nw+".img", 2*time.Minute)
-	if code != 1 || !strings.Contains(out, "no guest was touched") || !strings.Contains(out, "kexec_file_load refused") {
-		t.Errorf("update with a bad kernel: exit %d, output lacks the kexec refusal", code)
-	}
+	t.Run("RefuseMemmapDrop", func(t *testing.T) {
+		defer h.use(t)()
+		pid := innerPID()
+		out, code := h.run(updateCmd(nw, `--append "console=ttyS0 lu.root=LABEL=lu-hostroot"`), 2*time.Minute)
+		if code != 3 || !strings.Contains(out, "drops memmap=512M!1G") {
+			t.Errorf("update dropping memmap: exit %d, output lacks the refusal", code)
+		}
+		untouched(t, pid)
+	})
+	t.Run("RefuseBadKernel", func(t *testing.T) {
+		defer h.use(t)()
+		pid := innerPID()
+		h.run("head -c 4096 /dev/urandom > /newroot/tmp/bad-kernel", time.Minute)
+		out, code := h.run(fmt.Sprintf(lu, "update")+" --kernel /tmp/bad-kernel --initrd /boot/initramfs-"+nw+".img", 2*time.Minute)
+		if code != 1 || !strings.Contains(out, "no guest was touched") || !strings.Contains(out, "kexec_file_load refused") {
+			t.Errorf("update with a bad kernel: exit %d, output lacks the kexec refusal", code)
+		}
+		untouched(t, pid)
+	})
 	// A second guest with private RAM on the host: the update is refused
 	// before anything is saved, naming it.
-	h.run("chroot /newroot /usr/bin/qemu-system-x86_64 -name priv -S -accel tcg -m 64 -nodefaults -display none "+
-		"-qmp unix:/run/priv.qmp,server=on,wait=off -daemonize -pidfile /run/priv.pid", time.Minute)
-	out, code = h.run(updateCmd(nw, ""), 2*time.Minute)
-	if code != 3 || !strings.Contains(out, "priv: guest RAM is -m without -machine memory-backend= (anonymous private RAM)") {
-		t.Errorf("update with a private-RAM guest: exit %d, output lacks the refusal naming it", code)
-	}
-	if out, _ := h.run("ls /mnt/pmem/liveupdate", time.Minute); strings.Contains(out, ".state") {
-		t.Errorf("a refused update left state files: %s", out)
-	}
-	h.run("kill $(cat /run/priv.pid)", time.Minute)
-	if p := innerPID(); p != pidBefore {
-		t.Errorf("inner QEMU changed (%s → %s) after refused updates", pidBefore, p)
+	t.Run("RefusePrivateRAM", func(t *testing.T) {
+		defer h.use(t)()
+		pid := innerPID()
+		h.run("chroot /newroot /usr/bin/qemu-system-x86_64 -name priv -S -accel tcg -m 64 -nodefaults -display none "+
+			"-qmp unix:/run/priv.qmp,server=on,wait=off -daemonize -pidfile /run/priv.pid", time.Minute)
+		defer h.run("kill $(cat /run/priv.pid)", time.Minute)
+		out, code := h.run(updateCmd(nw, ""), 2*time.Minute)
+		if code != 3 || !strings.Contains(out, "priv: guest RAM is -m without -machine memory-backend= (anonymous private RAM)") {
+			t.Errorf("update with a private-RAM guest: exit %d, output lacks the refusal naming it", code)
+		}
+		untouched(t, pid)
+	})
+	if t.Failed() {
+		return
 	}
 
 	kernels := []string{nw, old}
@@ -338,59 +365,165 @@ func TestNestedUpdate(t *testing.T) {
 	prev := first
 	for i := 0; i < n; i++ {
 		target := kernels[i%2]
-		echo.takeGap()
-		beats.takeGap()
-		before, _ := waitGuestState(t, nestNS, state, time.Minute)
-		start := time.Now()
-		h.run(fmt.Sprintf("echo update %d to %s", i+1, target), time.Minute)
-		// A successful update never answers: the host reboots into the new
-		// kernel. An answer means it failed.
-		h.abort = make(chan string, 1)
-		fmt.Fprintf(h.conn, "%s\n", updateCmd(target, ""))
-		go func(r *bufio.Reader, abort chan string) {
-			var out strings.Builder
-			for {
-				line, err := r.ReadString('\n')
-				out.WriteString(line)
-				if strings.Contains(line, "@@LU-EXIT") {
-					abort <- "the update returned instead of rebooting:\n" + out.String()
-					return
-				}
-				if err != nil {
-					return
-				}
+		ok := t.Run(fmt.Sprintf("Update%d_to_%s", i+1, target), func(t *testing.T) {
+			defer h.use(t)()
+			echo.takeGap()
+			beats.takeGap()
+			before, _ := waitGuestState(t, nestNS, state, time.Minute)
+			start := time.Now()
+			h.run(fmt.Sprintf("echo update %d to %s", i+1, target), time.Minute)
+			h.sendNoAnswer(updateCmd(target, ""), "the update returned instead of rebooting")
+			bootsOn[target]++
+			readyRE := fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start \(kernel uptime at start ([0-9.]+)s\); guests running: (\d+); ([^\n]*)`, regexp.QuoteMeta(target))
+			m := h.waitForNth(readyRE, bootsOn[target], 5*time.Minute)
+			if m[3] != "1" {
+				t.Fatalf("%s guests running after kexec, want 1", m[3])
 			}
-		}(h.r, h.abort)
-		bootsOn[target]++
-		readyRE := fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start \(kernel uptime at start ([0-9.]+)s\); guests running: (\d+); ([^\n]*)`, regexp.QuoteMeta(target))
-		m := h.waitForNth(readyRE, bootsOn[target], 5*time.Minute)
-		if m[3] != "1" {
-			t.Fatalf("update %d: %s guests running after kexec, want 1", i+1, m[3])
+			// PID 1 corrects the guest's clock just after READY.
+			clock := h.waitForNth(`msg="guest clock (corrected|not corrected)"`, i+1, cpr.ClockFixTimeout+time.Minute)
+			after, lag := waitGuestState(t, nestNS, state, 4*time.Minute)
+			if after.boot != first.boot {
+				t.Fatalf("inner guest rebooted (boot id %s → %s)", first.boot, after.boot)
+			}
+			if after.seq <= before.seq || after.seq <= prev.seq || after.mem != "ok" {
+				t.Fatalf("heartbeat %+v after, %+v before", after, before)
+			}
+			if clock[1] != "corrected" || lag < -2*time.Second || lag > 2*time.Second {
+				t.Errorf("guest clock %s by PID 1, off by %s", clock[1], lag)
+			}
+			t.Logf("guest clock %s by PID 1; guest clock − host clock = %s", clock[1], lag.Round(time.Millisecond))
+			time.Sleep(2 * time.Second)
+			gap, err := echo.takeGap()
+			if err != nil {
+				t.Fatalf("the TCP connection opened before the updates broke: %v", err)
+			}
+			h.conn.Close()
+			h.conn = nil
+			time.Sleep(100 * time.Millisecond)
+			split, tl := h.split()
+			// The time across the kexec was carried by the TSC, to well
+			// under a millisecond; the RTC would give ±1 s.
+			if tl == nil || tl.ClockSource != "tsc" || tl.Uncertainty <= 0 || tl.Uncertainty > time.Millisecond || tl.To != target {
+				t.Errorf("timeline after the update: %+v", tl)
+			}
+			t.Logf("update %d to %s: TCP echo longest gap %s; heartbeat longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
+				i+1, target, gap.Round(time.Millisecond), beats.takeGap().Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], m[2], m[4], split)
+			prev = after
+		})
+		if !ok {
+			return
 		}
-		// PID 1 corrects the guest's clock just after READY.
-		clock := h.waitForNth(`msg="guest clock (corrected|not corrected)"`, i+1, cpr.ClockFixTimeout+time.Minute)
-		after, lag := waitGuestState(t, nestNS, state, 4*time.Minute)
-		if after.boot != first.boot {
-			t.Fatalf("update %d: inner guest rebooted (boot id %s → %s)", i+1, first.boot, after.boot)
+	}
+
+	// The manifest is damaged between the save and the new kernel's PID 1
+	// (by hand here: save, truncate the manifest, kexec). PID 1 must stop in
+	// the rescue shell touching nothing, and `restore --host` from that
+	// shell must bring the guest back once the manifest is put right.
+	t.Run("CorruptManifestAfterKexec", func(t *testing.T) {
+		defer h.use(t)()
+		target := kernels[n%2]
+		before, _ := waitGuestState(t, nestNS, state, time.Minute)
+		const dir = "/mnt/pmem/liveupdate"
+		if _, code := h.run(fmt.Sprintf(lu, "save"), 3*time.Minute); code != 0 {
+			t.Fatalf("save exit %d", code)
 		}
-		if after.seq <= before.seq || after.seq <= prev.seq || after.mem != "ok" {
-			t.Fatalf("update %d: heartbeat %+v after, %+v before", i+1, after, before)
+		h.run("cp "+dir+"/manifest.json "+dir+"/manifest.good", time.Minute)
+		sums, _ := h.run("shasum -a 256 "+dir+"/inner.state "+dir+"/manifest.good", 2*time.Minute)
+		h.run("head -c 300 "+dir+"/manifest.good > "+dir+"/manifest.json", time.Minute)
+		h.run("sync", time.Minute)
+		if _, code := h.run(fmt.Sprintf("kexec --reuse-cmdline -i /newroot/boot/initramfs-%s.img -l /newroot/boot/vmlinuz-%s", target, target), 2*time.Minute); code != 0 {
+			t.Fatalf("kexec load exit %d", code)
 		}
-		if clock[1] != "corrected" || lag < -2*time.Second || lag > 2*time.Second {
-			t.Errorf("update %d: guest clock %s by PID 1, off by %s", i+1, clock[1], lag)
-		}
-		t.Logf("update %d: guest clock %s by PID 1; guest clock − host clock = %s", i+1, clock[1], lag.Round(time.Millisecond))
-		time.Sleep(2 * time.Second)
-		gap, err := echo.takeGap()
-		if err != nil {
-			t.Fatalf("update %d: the TCP connection opened before the updates broke: %v", i+1, err)
-		}
+		h.sendNoAnswer("kexec -e", "kexec -e returned")
 		h.conn.Close()
 		h.conn = nil
-		time.Sleep(100 * time.Millisecond)
-		status, _ := h.run("liveupdate restore --root /newroot --state-dir /mnt/pmem/liveupdate --json 2>/dev/null | head -n 60", time.Minute)
-		t.Logf("update %d to %s: TCP echo longest gap %s; heartbeat longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
-			i+1, target, gap.Round(time.Millisecond), beats.takeGap().Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], m[2], m[4], status)
-		prev = after
+		m := h.waitFor(`liveupdate: FATAL: manifest: ([^\n]*)\n(?s:.*)liveupdate: RESCUE SHELL`, 5*time.Minute)
+		t.Logf("PID 1 stopped: manifest: %s", m[1])
+		if !strings.Contains(h.console(), "restore --host --root /newroot") {
+			t.Errorf("the rescue message does not say how to restore")
+		}
+		// Nothing was touched: the state file is byte for byte the same.
+		after, _ := h.run("shasum -a 256 "+dir+"/inner.state "+dir+"/manifest.good", 2*time.Minute)
+		if strings.TrimSpace(strings.Split(after, "@@")[0]) != strings.TrimSpace(strings.Split(sums, "@@")[0]) {
+			t.Errorf("state file or manifest copy changed in the rescue path:\n%s\nwas:\n%s", after, sums)
+		}
+		if out, _ := h.run("ls -l /mnt/pmem/inner.ram", time.Minute); !strings.Contains(out, "167772160") {
+			t.Errorf("guest RAM file not as it was: %s", out)
+		}
+		h.run("cp "+dir+"/manifest.good "+dir+"/manifest.json", time.Minute)
+		out, code := h.run(fmt.Sprintf(lu, "restore")+" --host --json", cpr.ClockFixTimeout+2*time.Minute)
+		if code != 0 {
+			t.Fatalf("restore --host from the rescue shell: exit %d\n%s", code, out)
+		}
+		got, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
+		if got.boot != first.boot || got.seq <= before.seq || got.mem != "ok" {
+			t.Fatalf("guest after restore from the rescue shell: %+v, before %+v", got, before)
+		}
+		t.Logf("restored by hand from the rescue shell: %+v", got)
+	})
+}
+
+// use points the host's failures at t (a subtest) and returns the undo.
+func (h *nestedHost) use(t testing.TB) func() {
+	prev := h.t
+	h.t = t
+	return func() { h.t = prev }
+}
+
+// sendNoAnswer sends a command that should never answer (the host kexecs);
+// an answer aborts the next console wait with msg.
+func (h *nestedHost) sendNoAnswer(cmd, msg string) {
+	h.abort = make(chan string, 1)
+	fmt.Fprintf(h.conn, "%s\n", cmd)
+	go func(r *bufio.Reader, abort chan string) {
+		var out strings.Builder
+		for {
+			line, err := r.ReadString('\n')
+			out.WriteString(line)
+			if strings.Contains(line, "@@LU-EXIT") {
+				abort <- msg + ":\n" + out.String()
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}(h.r, h.abort)
+}
+
+// split asks `liveupdate status` where the last update's guest blackout
+// went: the old QEMU's STOP to the new one's RESUME, cut at the phase
+// boundaries of the run's timeline (the kexec is measured by the TSC,
+// which the test checks). It returns the summary and the timeline.
+func (h *nestedHost) split() (string, *timeline.Timeline) {
+	out, code := h.run("liveupdate status --state-dir /mnt/pmem/liveupdate --json --svg /mnt/pmem/liveupdate/last.svg --prom /mnt/pmem/liveupdate/last.prom", time.Minute)
+	var tl timeline.Timeline
+	if err := json.Unmarshal([]byte(strings.Split(out, "@@LU-EXIT")[0]), &tl); code != 0 || err != nil {
+		h.t.Errorf("status after the update: exit %d, %v", code, err)
+		return "", nil
 	}
+	if len(tl.Guests) == 0 {
+		return "no guest in the timeline", &tl
+	}
+	g := tl.Guests[0]
+	ends := map[string]time.Time{}
+	starts := map[string]time.Time{}
+	for _, s := range tl.Spans {
+		if s.Row == "host" || s.Row == g.Name {
+			ends[s.Name], starts[s.Name] = s.End, s.Start
+		}
+	}
+	ms := func(a, b time.Time) float64 {
+		if a.IsZero() || b.IsZero() {
+			return math.NaN()
+		}
+		return float64(b.Sub(a).Microseconds()) / 1000
+	}
+	// STOP → end of quit → kexec (sync, unmount, kexec, purgatory) → kernel
+	// boot → PID 1 up to the restore → QEMU exec, init, load, cont → RESUME
+	return fmt.Sprintf("blackout of %s %.0f ms (clock %s ±%s) = save after STOP %.0f + quit %.0f + until kexec %.0f + kexec %.0f + kernel boot %.0f + PID 1 before restore %.0f + QEMU exec %.0f + QEMU init until QMP %.0f + load %.0f + to RESUME %.0f",
+		g.Name, float64(g.Blackout.Microseconds())/1000, tl.ClockSource, tl.Uncertainty.Round(time.Microsecond),
+		ms(g.Stopped, ends["save"]), ms(ends["save"], ends["quit"]), ms(ends["quit"], starts["kexec"]), ms(starts["kexec"], ends["kexec"]),
+		ms(starts["kernel boot"], ends["kernel boot"]), ms(ends["kernel boot"], starts["qemu-start"]),
+		ms(starts["qemu-start"], ends["qemu-start"]), ms(ends["qemu-start"], ends["qemu-init"]), ms(ends["qemu-init"], ends["load"]), ms(ends["load"], g.Resumed)), &tl
 }

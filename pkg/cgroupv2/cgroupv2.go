@@ -32,6 +32,18 @@ type Cgroup struct {
 	Limits      map[string]string `json:"limits,omitempty"` // file → content, only non-default ones
 }
 
+// String shows a cgroup the way operators read it in the boot log: its
+// enabled controllers and its limits, in LimitFiles order.
+func (c Cgroup) String() string {
+	var kv []string
+	for _, f := range LimitFiles {
+		if v, ok := c.Limits[f]; ok {
+			kv = append(kv, fmt.Sprintf("%s=%q", f, v))
+		}
+	}
+	return strings.TrimSpace(fmt.Sprintf("cgroup %s subtree_control=%q %s", c.Path, strings.Join(c.Controllers, " "), strings.Join(kv, " ")))
+}
+
 // Capture records path and its ancestors (root first) under the cgroup2
 // mount at root ("/sys/fs/cgroup").
 func Capture(root, path string) ([]Cgroup, error) {

@@ -138,7 +138,12 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		return fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
 	}
 
-	c, err := dialUntil(ctx, e.HostPath(vm.QMP), exited, func() error { return waitErr })
+	// QEMU's own start-up: until its QMP socket answers.
+	var c *qmp.Client
+	err = e.timed("qemu-init", vm.Name, func() (err error) {
+		c, err = dialUntil(ctx, e.HostPath(vm.QMP), exited, func() error { return waitErr })
+		return err
+	})
 	if err != nil {
 		return fail(err)
 	}

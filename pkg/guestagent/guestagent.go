@@ -67,7 +67,7 @@ func SyncClock(ctx context.Context, socket string, try time.Duration) (time.Dura
 		cancel()
 		if err == nil {
 			defer conn.Close()
-			return setTime(ctx, conn, r, socket)
+			return setTimeTight(ctx, conn, r, socket)
 		}
 		select {
 		case <-ctx.Done():
@@ -110,15 +110,36 @@ func handshake(ctx context.Context, socket string) (net.Conn, *bufio.Reader, err
 	}
 }
 
-// setTime sends guest-set-time with the host's time as it is sent (off by
-// the channel's one-way latency, well under a millisecond), then reads the
-// guest's clock back.
-func setTime(ctx context.Context, conn net.Conn, r *bufio.Reader, socket string) (time.Duration, error) {
+// Tolerance is the clock offset SyncClock settles for; beyond it, the time
+// sent is advanced by the agent's measured lag and set again (a slow,
+// emulated guest applies the time hundreds of milliseconds after it was
+// sent).
+const Tolerance = 20 * time.Millisecond
+
+// setTimeTight sets the time up to three times, each time sending it
+// ahead by the offset the previous try left.
+func setTimeTight(ctx context.Context, conn net.Conn, r *bufio.Reader, socket string) (time.Duration, error) {
+	var lead, off time.Duration
+	for try := 0; try < 3; try++ {
+		var err error
+		off, err = setTime(ctx, conn, r, socket, lead)
+		if err != nil || off.Abs() <= Tolerance {
+			return off, err
+		}
+		lead -= off
+	}
+	return off, nil
+}
+
+// setTime sends guest-set-time with the host's time as it is sent plus
+// lead (the agent applies it that much later), then reads the guest's
+// clock back and returns its offset from the host's.
+func setTime(ctx context.Context, conn net.Conn, r *bufio.Reader, socket string, lead time.Duration) (time.Duration, error) {
 	conn.SetDeadline(time.Time{})
 	if dl, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(dl)
 	}
-	if err := send(conn, "guest-set-time", map[string]any{"time": time.Now().UnixNano()}); err != nil {
+	if err := send(conn, "guest-set-time", map[string]any{"time": time.Now().Add(lead).UnixNano()}); err != nil {
 		return 0, err
 	}
 	if _, err := reply(r); err != nil {

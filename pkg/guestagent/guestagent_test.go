@@ -30,13 +30,19 @@ func TestSocket(t *testing.T) {
 // behind 0xFF, then a guest-set-time result after setDelay (qemu-ga runs
 // hwclock first), then guest-get-time with the clock it was set to.
 func fakeAgent(t *testing.T, setTimeErr string, setDelay time.Duration) (string, chan int64) {
+	return fakeAgentLag(t, setTimeErr, setDelay, 0)
+}
+
+// fakeAgentLag applies a set time only applyLag after receiving it, as a
+// slow guest does: its clock ends up behind by that much.
+func fakeAgentLag(t *testing.T, setTimeErr string, setDelay, applyLag time.Duration) (string, chan int64) {
 	p := filepath.Join(t.TempDir(), "qga.sock")
 	l, err := net.Listen("unix", p)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
-	got := make(chan int64, 1)
+	got := make(chan int64, 8)
 	go func() {
 		c, err := l.Accept()
 		if err != nil {
@@ -62,6 +68,7 @@ func fakeAgent(t *testing.T, setTimeErr string, setDelay time.Duration) (string,
 				c.Write(append(b, '\n'))
 			case "guest-set-time":
 				got <- req.Arguments["time"]
+				time.Sleep(applyLag)
 				offset = req.Arguments["time"] - time.Now().UnixNano()
 				time.Sleep(setDelay)
 				if setTimeErr != "" {
@@ -138,5 +145,23 @@ func TestSyncClockLateAgent(t *testing.T) {
 	defer cancel()
 	if _, err := SyncClock(ctx, p, 100*time.Millisecond); err != nil {
 		t.Fatalf("late agent not reached: %v", err)
+	}
+}
+
+// A guest that applies the time 150 ms late is set again with the time
+// sent that much ahead, and ends within the tolerance.
+func TestSyncClockCompensatesLag(t *testing.T) {
+	p, got := fakeAgentLag(t, "", 0, 150*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	off, err := SyncClock(ctx, p, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if off.Abs() > Tolerance {
+		t.Errorf("offset after compensation = %s, want within %s", off, Tolerance)
+	}
+	if n := len(got); n < 2 {
+		t.Errorf("time set %d times, want a second, compensated try", n)
 	}
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/crossclock"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
@@ -43,6 +44,17 @@ type Manifest struct {
 	// cgroup v2 tree holding them and their host-side network.
 	Cgroups []cgroupv2.Cgroup `json:"cgroups,omitempty"`
 	Network netsetup.Network  `json:"network,omitzero"`
+
+	// KexecClock carries time across the kexec (update only).
+	KexecClock *KexecClock `json:"kexec_clock,omitempty"`
+}
+
+// KexecClock lets the new kernel's PID 1 measure the time since the kexec
+// and put its wall clock right (see package crossclock).
+type KexecClock struct {
+	Start crossclock.Stamp `json:"start"`  // when the update was planned
+	Kexec crossclock.Stamp `json:"kexec"`  // just before the reboot
+	TSCHz float64          `json:"tsc_hz"` // calibrated between the two; 0 if unknown
 }
 
 // Host identifies the machine and kernel that wrote the manifest.

@@ -46,6 +46,11 @@ type Tap struct {
 	Up     bool   `json:"up"`
 }
 
+// String shows a tap the way operators read it in the boot log.
+func (t Tap) String() string {
+	return fmt.Sprintf("tap %s mac=%s mtu=%d flags=%s master=%s up=%v", t.Name, t.MAC, t.MTU, FlagsString(t.Flags), t.Master, t.Up)
+}
+
 // Capture records the named taps (with their TUN flags and queue counts,
 // which netlink does not report reliably) and the bridges they belong to.
 func Capture(taps map[string]TapInfo) (Network, error) {

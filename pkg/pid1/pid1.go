@@ -28,12 +28,13 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
-	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/crossclock"
 	"github.com/liveupdate/liveupdate/pkg/kmod"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
+	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
 
 // Paths inside the initramfs.
@@ -47,11 +48,15 @@ const (
 type Boot struct {
 	Params   bootparams.Params
 	Log      *slog.Logger
-	Start    time.Time // when PID 1 started (monotonic)
-	Uptime0  float64   // kernel uptime at PID 1 start, seconds
+	Start    time.Time        // when PID 1 started (monotonic)
+	Stamp    crossclock.Stamp // the same instant on the TSC, to measure since the kexec
+	Uptime0  float64          // kernel uptime at PID 1 start, seconds
 	Phases   []Phase
 	Manifest *manifest.Manifest
-	Root     string // host root mount ("" if none)
+	Root     string        // host root mount ("" if none)
+	Boot     timeline.Boot // the boot record, written next to the manifest
+
+	manifestPath string // as PID 1 sees it
 
 	mu      sync.Mutex
 	managed map[int]bool // children someone else waits for
@@ -74,7 +79,7 @@ type step struct {
 
 // Main runs PID 1. It never returns.
 func Main() {
-	b := &Boot{Start: time.Now(), managed: map[int]bool{}}
+	b := &Boot{Start: time.Now(), Stamp: crossclock.Now(), managed: map[int]bool{}}
 	defer func() {
 		if r := recover(); r != nil {
 			b.rescue(fmt.Errorf("panic: %v", r))
@@ -113,6 +118,7 @@ func Main() {
 		{"devices", b.waitDevices},
 		{"mounts", b.mountAll},
 		{"manifest", b.readManifest},
+		{"clock", b.setClock},
 		{"network", b.setupNetwork},
 		{"cgroups", b.setupCgroups},
 		{"restore", b.restoreGuests},
@@ -131,6 +137,7 @@ func Main() {
 		b.rescue(fmt.Errorf("%s: %w", s.name, err))
 	}
 	b.ready()
+	b.writeBootRecord()
 	if restoreErr != nil {
 		b.Log.Error("some guests were not restored; their RAM and state files are kept", "err", restoreErr)
 		go b.guard("rescue shell", func() {
@@ -294,9 +301,62 @@ func (b *Boot) readManifest(ctx context.Context) error {
 	if p.PMEM != "" && !manifest.Within(m.StateDir, p.PMEMMount) {
 		return fmt.Errorf("manifest state_dir %s is outside the PMEM mount %s", m.StateDir, p.PMEMMount)
 	}
-	b.Manifest = m
+	b.Manifest, b.manifestPath = m, path
 	b.Log.Info("manifest read", "path", path, "vms", len(m.VMs), "from_kernel", m.Host.Kernel)
 	return nil
+}
+
+// setClock steps the wall clock onto the old kernel's, carried across the
+// kexec by the TSC: the new kernel seeded it from the RTC, which is off by
+// up to a second, and the guests' clocks and blackout figures are taken
+// from it. Without a usable TSC the wall clock stays as it is, and the
+// boot record says how much less exact the spans across the kexec are.
+func (b *Boot) setClock(ctx context.Context) error {
+	b.Boot = timeline.Boot{Kernel: b.Stamp.Kernel, Start: b.Stamp.Wall, ClockSource: "rtc", Uncertainty: timeline.RTCUncertainty,
+		KernelBoot: time.Duration(b.Uptime0 * float64(time.Second))}
+	if b.Manifest == nil || b.Manifest.KexecClock == nil {
+		return nil
+	}
+	kc := b.Manifest.KexecClock
+	since, err := crossclock.Since(kc.Kexec, b.Stamp, kc.TSCHz)
+	if err != nil {
+		b.Log.Warn("wall clock left as the RTC set it (±1 s)", "err", err)
+		return nil
+	}
+	start := kc.Kexec.Wall.Add(since)
+	wallErr := b.Stamp.Wall.Sub(start)
+	if wallErr.Abs() > time.Hour {
+		b.Log.Warn("wall clock left as the RTC set it: the TSC disagrees by more than an hour", "off_by", wallErr)
+		return nil
+	}
+	tv := unix.NsecToTimeval(time.Now().Add(-wallErr).UnixNano())
+	if err := unix.Settimeofday(&tv); err != nil {
+		b.Log.Warn("setting the wall clock", "err", err)
+		return nil
+	}
+	b.Boot.Start, b.Boot.SinceKexec, b.Boot.WallError = start, since, wallErr
+	b.Boot.ClockSource = "tsc"
+	b.Boot.Uncertainty = crossclock.Uncertainty(kc.Start, kc.Kexec, b.Stamp, kc.TSCHz)
+	b.Log.Info("wall clock set from the TSC across the kexec", "was_off_by", wallErr, "since_kexec", since, "uncertainty", b.Boot.Uncertainty)
+	return nil
+}
+
+// writeBootRecord puts PID 1's phases next to the manifest, on the run's
+// time axis, for `liveupdate status`.
+func (b *Boot) writeBootRecord() {
+	if b.Manifest == nil {
+		return
+	}
+	for _, p := range b.Phases {
+		ph := manifest.Phase{Name: p.Name, Start: b.Boot.Start.Add(p.Start), End: b.Boot.Start.Add(p.Start + p.Took)}
+		if p.Err != nil {
+			ph.Error = p.Err.Error()
+		}
+		b.Boot.Phases = append(b.Boot.Phases, ph)
+	}
+	if err := timeline.WriteBoot(filepath.Dir(b.manifestPath), &b.Boot); err != nil {
+		b.Log.Warn("writing the boot record", "err", err)
+	}
 }
 
 // setupNetwork brings up loopback, DHCP on the management interface, and
@@ -318,41 +378,29 @@ func (b *Boot) setupNetwork(ctx context.Context) error {
 	if b.Manifest == nil {
 		return nil
 	}
-	if err := netsetup.Apply(b.Manifest.Network); err != nil {
-		return err
-	}
+	got, err := cpr.RebuildNetwork(b.Manifest)
 	for _, br := range b.Manifest.Network.Bridges {
 		b.Log.Info("bridge", "name", br.Name, "mac", br.MAC, "addrs", br.Addrs)
 	}
-	// Read the taps back from the kernel: what runs is what was recorded.
-	got, err := netsetup.Verify(b.Manifest.Network)
-	for _, t := range got {
-		fmt.Fprintf(consoleOut(), "liveupdate: tap %s mac=%s mtu=%d flags=%s master=%s up=%v\n",
-			t.Name, t.MAC, t.MTU, netsetup.FlagsString(t.Flags), t.Master, t.Up)
-	}
+	printHost(got)
 	return err
 }
 
 // setupCgroups re-creates the recorded cgroup v2 tree with its limits.
 func (b *Boot) setupCgroups(ctx context.Context) error {
-	if b.Manifest == nil || len(b.Manifest.Cgroups) == 0 {
+	if b.Manifest == nil {
 		return nil
 	}
-	if err := cgroupv2.Apply(cpr.CgroupRoot, b.Manifest.Cgroups); err != nil {
-		return err
-	}
-	// Read the tree back from the cgroup files.
-	got, err := cgroupv2.Verify(cpr.CgroupRoot, b.Manifest.Cgroups)
-	for _, c := range got {
-		var kv []string
-		for _, f := range cgroupv2.LimitFiles {
-			if v, ok := c.Limits[f]; ok {
-				kv = append(kv, fmt.Sprintf("%s=%q", f, v))
-			}
-		}
-		fmt.Fprintf(consoleOut(), "liveupdate: cgroup %s subtree_control=%q %s\n", c.Path, strings.Join(c.Controllers, " "), strings.Join(kv, " "))
-	}
+	got, err := cpr.RebuildCgroups(b.Manifest)
+	printHost(got)
 	return err
+}
+
+// printHost shows taps and cgroups as read back from the kernel.
+func printHost[T fmt.Stringer](items []T) {
+	for _, it := range items {
+		fmt.Fprintf(consoleOut(), "liveupdate: %s\n", it)
+	}
 }
 
 // restoreGuests starts every recorded guest, in parallel, from the host root.
@@ -513,7 +561,7 @@ func (b *Boot) stop() error {
 func (b *Boot) rescue(err error) {
 	msg := fmt.Sprintf("liveupdate: FATAL: %v\nNo guest data was touched: guest RAM and state files stay where they are.\n", err)
 	if b.Params.Manifest != "" {
-		msg += fmt.Sprintf("When the cause is fixed, restore with: liveupdate restore --root %s --manifest %s\n", orSlash(b.Root), b.Params.Manifest)
+		msg += fmt.Sprintf("When the cause is fixed, restore with: liveupdate restore --host --root %s --manifest %s\n", orSlash(b.Root), b.Params.Manifest)
 	}
 	if b.Log != nil {
 		b.Log.Error("fatal", "err", err)

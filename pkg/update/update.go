@@ -20,18 +20,19 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"sort"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/crossclock"
 	"github.com/liveupdate/liveupdate/pkg/kexec"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
@@ -64,6 +65,7 @@ type Plan struct {
 	Problems     []string            `json:"problems,omitempty"`
 
 	targets []*cpr.Target
+	start   crossclock.Stamp // first of the two stamps that calibrate the TSC
 }
 
 // OK tells whether the update may go ahead.
@@ -89,7 +91,7 @@ func (o Options) withDefaults() Options {
 // MakePlan checks everything an update needs without touching anything.
 func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	o = o.withDefaults()
-	p := &Plan{Kernel: o.Kernel, Initrd: o.Initrd, StateDir: e.StateDir}
+	p := &Plan{Kernel: o.Kernel, Initrd: o.Initrd, StateDir: e.StateDir, start: crossclock.Now()}
 	bad := func(format string, a ...any) { p.Problems = append(p.Problems, fmt.Sprintf(format, a...)) }
 
 	ts, err := e.Plan(ctx, nil)
@@ -282,6 +284,18 @@ func mountOf(file, path string) (mounts.Entry, error) {
 	return best, nil
 }
 
+// kexecClock stamps the moment of the kexec and calibrates the TSC since
+// the plan's stamp, for the new kernel to carry the time across.
+func kexecClock(start crossclock.Stamp, log *slog.Logger) *manifest.KexecClock {
+	kc := &manifest.KexecClock{Start: start, Kexec: crossclock.Now()}
+	hz, err := crossclock.Rate(kc.Start, kc.Kexec)
+	if err != nil {
+		log.Warn("no TSC rate: the new kernel's wall clock will be as the RTC sets it (±1 s)", "err", err)
+	}
+	kc.TSCHz = hz
+	return kc
+}
+
 // Run carries out a plan that is OK. It returns only on failure (after
 // putting every guest back to running on this kernel) — on success the
 // machine is running the new kernel.
@@ -323,7 +337,8 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 			return nil, err
 		}
 	}
-	m.Phases = append(m.Phases, manifest.Phase{Name: "kexec", Start: time.Now()})
+	m.KexecClock = kexecClock(p.start, e.Log)
+	m.Phases = append(m.Phases, manifest.Phase{Name: "kexec", Start: m.KexecClock.Kexec.Wall})
 	if err := e.WriteManifest(); err != nil {
 		return m, rollback(ctx, e, p, m, nil, unload, fmt.Errorf("writing the manifest: %w", err))
 	}

@@ -1,0 +1,4 @@
+package crossclock
+
+// rdtsc reads the time stamp counter.
+func rdtsc() uint64

@@ -1,0 +1,185 @@
+// Package timeline puts one run's phases on one time axis and shows them.
+//
+// The phases before the kexec come from the manifest (the old kernel's
+// clock); those after it from the boot record PID 1 writes next to the
+// manifest. PID 1 steps the new kernel's wall clock onto the old one's,
+// carried across the kexec by the TSC (package crossclock), before it
+// restores any guest, so both halves — and the QMP event times that give
+// each guest's blackout — share one axis. How exact the spans across the
+// kexec are is recorded, not assumed: to microseconds through the TSC, to
+// about a second when the wall clock had to come from the RTC.
+package timeline
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+)
+
+// BootFileName is the boot record's name, next to the manifest.
+const BootFileName = "boot.json"
+
+// Boot is what PID 1 records about the boot after a kexec.
+type Boot struct {
+	Kernel string `json:"kernel"`
+	// Start is PID 1's start on the run's time axis (see ClockSource).
+	Start time.Time `json:"start"`
+	// KernelBoot is the kernel's own uptime when PID 1 started.
+	KernelBoot time.Duration `json:"kernel_boot_ns"`
+	// SinceKexec is the kexec stamp to PID 1's start, by the TSC (0 when
+	// the TSC could not carry the time).
+	SinceKexec time.Duration `json:"since_kexec_ns,omitempty"`
+	// WallError is how far the new kernel's wall clock (from the RTC) was
+	// off before PID 1 stepped it; positive means ahead.
+	WallError time.Duration `json:"wall_error_ns"`
+	// ClockSource is "tsc" when the axis was carried across the kexec by
+	// the TSC, "rtc" when the new kernel's wall clock had to be trusted.
+	ClockSource string `json:"clock_source"`
+	// Uncertainty bounds the error of any span that crosses the kexec.
+	Uncertainty time.Duration `json:"uncertainty_ns"`
+	// Phases are PID 1's, on the same axis.
+	Phases []manifest.Phase `json:"phases"`
+}
+
+// RTCUncertainty is what a span across the kexec is worth without the
+// TSC: the new kernel reads the RTC's whole seconds.
+const RTCUncertainty = time.Second
+
+// WriteBoot writes the boot record into dir (the manifest's directory).
+func WriteBoot(dir string, b *Boot) error {
+	data, err := json.MarshalIndent(b, "", "  ")
+	if err != nil {
+		return err
+	}
+	return manifest.WriteFileAtomic(filepath.Join(dir, BootFileName), append(data, '\n'), 0o600)
+}
+
+// ReadBoot reads the boot record in dir; (nil, nil) when there is none
+// (a run without kexec, or before the new kernel's PID 1 got that far).
+func ReadBoot(dir string) (*Boot, error) {
+	data, err := os.ReadFile(filepath.Join(dir, BootFileName))
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var b Boot
+	if err := json.Unmarshal(data, &b); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, BootFileName), err)
+	}
+	return &b, nil
+}
+
+// Span is one bar of the timeline.
+type Span struct {
+	Row   string    `json:"row"` // "host" or a VM's name
+	Name  string    `json:"name"`
+	Start time.Time `json:"start"`
+	End   time.Time `json:"end"`
+	Error string    `json:"error,omitempty"`
+}
+
+// Took is the span's length.
+func (s Span) Took() time.Duration { return s.End.Sub(s.Start) }
+
+// Guest is one VM's outcome.
+type Guest struct {
+	Name     string          `json:"name"`
+	Status   manifest.Status `json:"status"`
+	Blackout time.Duration   `json:"blackout_ns"`
+	Stopped  time.Time       `json:"stopped,omitzero"`
+	Resumed  time.Time       `json:"resumed,omitzero"`
+	Clock    string          `json:"clock,omitempty"`
+	Error    string          `json:"error,omitempty"`
+}
+
+// Timeline is one run on one axis.
+type Timeline struct {
+	ID     string  `json:"id"`
+	Kexec  bool    `json:"kexec"` // an update (else a QEMU-only restart)
+	From   string  `json:"from_kernel"`
+	To     string  `json:"to_kernel,omitempty"`
+	Spans  []Span  `json:"spans"`
+	Guests []Guest `json:"guests"`
+	// Uncertainty bounds spans that cross the kexec (blackouts of an
+	// update among them); zero for a restart on one kernel.
+	Uncertainty time.Duration `json:"uncertainty_ns"`
+	ClockSource string        `json:"clock_source,omitempty"`
+}
+
+// Build lays out the run recorded in m (and b, the boot record, when the
+// run crossed a kexec and PID 1 got as far as writing it).
+func Build(m *manifest.Manifest, b *Boot) *Timeline {
+	t := &Timeline{ID: m.ID, From: m.Host.Kernel}
+	var kexecAt time.Time
+	for _, p := range m.Phases {
+		row := "host"
+		if p.VM != "" {
+			row = p.VM
+		}
+		end := p.End
+		if p.Name == "kexec" {
+			t.Kexec, kexecAt = true, p.Start
+			if b == nil {
+				continue // it never ended as far as the manifest knows
+			}
+			end = b.Start.Add(-b.KernelBoot) // the new kernel starts
+		}
+		if end.IsZero() {
+			continue
+		}
+		t.Spans = append(t.Spans, Span{Row: row, Name: p.Name, Start: p.Start, End: end, Error: p.Error})
+	}
+	if b != nil {
+		t.To, t.ClockSource, t.Uncertainty = b.Kernel, b.ClockSource, b.Uncertainty
+		if !kexecAt.IsZero() {
+			t.Spans = append(t.Spans, Span{Row: "host", Name: "kernel boot", Start: b.Start.Add(-b.KernelBoot), End: b.Start})
+		}
+		for _, p := range b.Phases {
+			t.Spans = append(t.Spans, Span{Row: "host", Name: "pid1 " + p.Name, Start: p.Start, End: p.End, Error: p.Error})
+		}
+	}
+	sort.SliceStable(t.Spans, func(i, j int) bool { return t.Spans[i].Start.Before(t.Spans[j].Start) })
+	for _, v := range m.VMs {
+		t.Guests = append(t.Guests, Guest{Name: v.Name, Status: v.Status, Blackout: v.Blackout(),
+			Stopped: v.Stopped, Resumed: v.Resumed, Clock: v.Clock, Error: v.Error})
+	}
+	return t
+}
+
+// Bounds returns the first start and the last end of the timeline.
+func (t *Timeline) Bounds() (time.Time, time.Time) {
+	var a, z time.Time
+	for _, s := range t.Spans {
+		if a.IsZero() || s.Start.Before(a) {
+			a = s.Start
+		}
+		if s.End.After(z) {
+			z = s.End
+		}
+	}
+	for _, g := range t.Guests {
+		if !g.Stopped.IsZero() && (a.IsZero() || g.Stopped.Before(a)) {
+			a = g.Stopped
+		}
+		if g.Resumed.After(z) {
+			z = g.Resumed
+		}
+	}
+	return a, z
+}
+
+// Rows are the row names in display order: host first, then the guests.
+func (t *Timeline) Rows() []string {
+	rows := []string{"host"}
+	for _, g := range t.Guests {
+		rows = append(rows, g.Name)
+	}
+	return rows
+}
