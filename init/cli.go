@@ -447,15 +447,16 @@ func rebuildHost(m *manifest.Manifest, out io.Writer) error {
 
 func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
-	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [VM…]", &c)
+	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [VM…]", &c)
 	binary := fs.String("qemu", "", "restart the VMs on this QEMU binary (default: the one each runs now)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	skip := fs.Bool("skip-unsafe", false, "restart the safe VMs and leave unsafe ones running untouched (default: refuse all)")
+	copyRAM := fs.Bool("copy-ram", false, "also copy guest RAM through the state file, as a plain migration does\n(the slow way, for comparison; the default leaves shared RAM in place)")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
 	e := c.engine()
-	m, ts, err := e.RestartQEMU(ctx, fs.Args(), *binary, *skip)
+	m, ts, err := e.RestartQEMU(ctx, fs.Args(), cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM}, *skip)
 	if m == nil {
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "liveupdate restart-qemu:", err)

@@ -4,28 +4,49 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"testing"
 )
 
-// Benchmarks of the QEMU-only live restart. They measure, they assert
-// nothing about speed; `make bench` runs them and records the figures.
+// Benchmarks of the QEMU-only live restart (issue 5's P1–P4). They
+// measure; they assert nothing about speed. `make bench` runs them (with
+// the nested update's figures for P5–P7) and rewrites docs/benchmarks.md
+// from the BENCH lines they print:
 //
-//	go test -run XXX -bench Restart -benchtime 5x ./qemu-tests
+//	go test -run '^$' -bench . -benchtime 5x ./qemu-tests
 
-func benchRestart(b *testing.B, n int) {
+// benchOpts shape one benchmark's guests.
+type benchOpts struct {
+	id      string // P1…
+	guests  int
+	ramMiB  int  // guest RAM, a shared file backend on /dev/shm
+	touched int  // MiB the guest fills with a pattern and checks (hb.mem_mib)
+	copyRAM bool // the naive way: RAM through the state file
+}
+
+func benchRestart(b *testing.B, o benchOpts) {
 	var specs []guestSpec
 	var names []string
-	for i := range n {
-		name := fmt.Sprintf("bench%d", i)
-		specs = append(specs, guestSpec{name: name})
+	for i := range o.guests {
+		name := fmt.Sprintf("b%s-%d", strings.ToLower(o.id), i)
+		ram := "/dev/shm/lu-test-" + name + ".ram"
+		specs = append(specs, guestSpec{name: name,
+			memory: []string{"-m", fmt.Sprint(o.ramMiB), "-machine", "pc,memory-backend=ram0",
+				"-object", fmt.Sprintf("memory-backend-file,id=ram0,size=%dM,mem-path=%s,share=on", o.ramMiB, ram)},
+			kargs: []string{fmt.Sprintf("hb.mem_mib=%d", o.touched), "hb.check_ms=60000"}})
 		names = append(names, name)
+		b.Cleanup(func() { os.Remove(ram) })
 	}
 	gs := bootAll(b, specs...)
 	state := b.TempDir()
+	args := []string{"restart-qemu", "--json", "--state-dir", state}
+	if o.copyRAM {
+		args = append(args, "--copy-ram")
+	}
 	var blackouts, stateBytes []float64
 	b.ResetTimer()
 	for b.Loop() {
-		code, out, _ := runLU(b, append([]string{"restart-qemu", "--json", "--state-dir", state}, names...)...)
+		code, out, _ := runLU(b, append(args, names...)...)
 		if code != 0 {
 			b.Fatalf("restart-qemu exit %d", code)
 		}
@@ -43,9 +64,10 @@ func benchRestart(b *testing.B, n int) {
 	b.ReportMetric(median(blackouts), "blackout-median-ms")
 	b.ReportMetric(blackouts[0], "blackout-min-ms")
 	b.ReportMetric(blackouts[len(blackouts)-1], "blackout-max-ms")
-	b.ReportMetric(median(stateBytes), "state-bytes")
-	b.ReportMetric(256<<20, "ram-bytes")
-	fmt.Fprintf(os.Stderr, "restart-qemu %d guest(s): blackouts (ms) %v\n", n, blackouts)
+	// One line per benchmark for scripts/bench.sh.
+	fmt.Fprintf(os.Stderr, "BENCH id=%s name=%s guests=%d ram_mib=%d touched_mib=%d copy_ram=%v samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f state_bytes=%.0f raw=%s\n",
+		o.id, b.Name(), o.guests, o.ramMiB, o.touched, o.copyRAM, len(blackouts), median(blackouts), blackouts[0], blackouts[len(blackouts)-1],
+		median(stateBytes), strings.Trim(strings.Join(strings.Fields(fmt.Sprint(blackouts)), ","), "[]"))
 }
 
 func median(v []float64) float64 {
@@ -60,5 +82,36 @@ func median(v []float64) float64 {
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
 }
 
-func BenchmarkRestart1Guest(b *testing.B)  { benchRestart(b, 1) }
-func BenchmarkRestart3Guests(b *testing.B) { benchRestart(b, 3) }
+// P1: one 256 MiB guest.
+func BenchmarkRestart1Guest(b *testing.B) {
+	benchRestart(b, benchOpts{id: "P1", guests: 1, ramMiB: 256, touched: 16})
+}
+
+// P2: sixteen guests at once.
+func BenchmarkRestart16Guests(b *testing.B) {
+	benchRestart(b, benchOpts{id: "P2", guests: 16, ramMiB: 256, touched: 16})
+}
+
+// P3: the blackout against guest RAM size (the RAM is not copied, so it
+// should not grow). Each guest fills and checks 512 MiB of its RAM.
+func BenchmarkRestartRAM(b *testing.B) {
+	for _, mib := range []int{256, 4096, 8192} {
+		b.Run(fmt.Sprintf("%dMiB", mib), func(b *testing.B) {
+			benchRestart(b, benchOpts{id: "P3", guests: 1, ramMiB: mib, touched: min(mib/2, 512)})
+		})
+	}
+}
+
+// P4: the naive way at 4 GiB — the same restart with guest RAM copied
+// through the state file — against ours, the guest having written 1 GiB.
+func BenchmarkRestart4GiB(b *testing.B) {
+	for _, naive := range []bool{false, true} {
+		name := "shared"
+		if naive {
+			name = "copied"
+		}
+		b.Run(name, func(b *testing.B) {
+			benchRestart(b, benchOpts{id: "P4", guests: 1, ramMiB: 4096, touched: 1024, copyRAM: naive})
+		})
+	}
+}

@@ -304,7 +304,7 @@ func bootAll(t testing.TB, specs ...guestSpec) []*guest {
 	var wg sync.WaitGroup
 	for _, g := range gs {
 		wg.Add(1)
-		go func() { defer wg.Done(); g.waitBeatNoFatal(3, 120*time.Second) }()
+		go func() { defer wg.Done(); g.waitBeatNoFatal(3, 120*time.Second+time.Duration(len(gs))*15*time.Second) }()
 	}
 	wg.Wait()
 	for _, g := range gs {

@@ -14,7 +14,7 @@ import (
 // selected VM, then start each again (on binary, if set) and restore it. If
 // any selected VM is unsafe nothing is touched, unless skipUnsafe, in which
 // case only the safe ones are restarted and the others are reported.
-func (e *Engine) RestartQEMU(ctx context.Context, names []string, binary string, skipUnsafe bool) (*manifest.Manifest, []*Target, error) {
+func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions, skipUnsafe bool) (*manifest.Manifest, []*Target, error) {
 	var ts []*Target
 	err := e.timed("plan", "", func() error {
 		var err error
@@ -44,12 +44,12 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, binary string,
 	if len(unsafe) > 0 && !skipUnsafe {
 		return nil, ts, fmt.Errorf("refusing to touch any VM, these are not safe to restart (nothing was changed):\n  %s", strings.Join(unsafe, "\n  "))
 	}
-	if binary != "" {
-		if _, err := os.Stat(binary); err != nil {
+	if o.QEMUBinary != "" {
+		if _, err := os.Stat(o.QEMUBinary); err != nil {
 			return nil, ts, fmt.Errorf("new QEMU binary: %w", err)
 		}
 	}
-	m, err := e.Save(ctx, safe, SaveOptions{QEMUBinary: binary})
+	m, err := e.Save(ctx, safe, o)
 	if err != nil && (m == nil || !anyQuit(m)) {
 		return m, ts, err
 	}

@@ -149,7 +149,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 	}
 	defer c.Close()
 	err = e.timed("load", vm.Name, func() error {
-		if err := migrateSetup(ctx, c); err != nil {
+		if err := migrateSetup(ctx, c, vm); err != nil {
 			return err
 		}
 		if err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + vm.StateFile}, nil); err != nil {

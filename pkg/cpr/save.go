@@ -25,6 +25,9 @@ import (
 type SaveOptions struct {
 	// QEMUBinary, when set, is the binary the VMs are restarted on.
 	QEMUBinary string
+	// CopyRAM saves guest RAM into the state file too, as a plain
+	// migration does (no x-ignore-shared): the slow way, for comparison.
+	CopyRAM bool
 }
 
 // firstFd is where the new QEMU's inherited fds start (after stdio).
@@ -138,6 +141,7 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	if o.QEMUBinary != "" {
 		rec.Binary = o.QEMUBinary
 	}
+	rec.CopyRAM = o.CopyRAM
 	if a := guestagent.Socket(p.Cmdline); a != "" {
 		if !filepath.IsAbs(a) {
 			a = filepath.Join(p.Cwd, a)
@@ -210,10 +214,11 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	return rec, nil
 }
 
-// migrateSetup sets the capabilities and mode both sides of CPR use.
-func migrateSetup(ctx context.Context, c *qmp.Client) error {
+// migrateSetup sets the capabilities and mode both sides of CPR use:
+// shared RAM stays where it is unless the VM's RAM is to be copied.
+func migrateSetup(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
 	caps := []map[string]any{
-		{"capability": "x-ignore-shared", "state": true},
+		{"capability": "x-ignore-shared", "state": !vm.CopyRAM},
 		{"capability": "events", "state": true},
 	}
 	if err := c.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
@@ -273,7 +278,7 @@ func (e *Engine) saveOne(ctx context.Context, t *Target) error {
 	ctx, cancel := context.WithTimeout(ctx, e.SaveTimeout)
 	defer cancel()
 	c := t.QMP
-	if err := migrateSetup(ctx, c); err != nil {
+	if err := migrateSetup(ctx, c, t.rec); err != nil {
 		return fmt.Errorf("%s: %w", t.Name(), err)
 	}
 	mark := len(c.Events())

@@ -107,6 +107,7 @@ type VM struct {
 	// the agent just after it was corrected.
 	ClockOffset time.Duration `json:"clock_offset_ns,omitempty"`
 
+	CopyRAM    bool   `json:"copy_ram,omitempty"` // RAM is in the state file (no x-ignore-shared)
 	StateFile  string `json:"state_file"`
 	StateSize  int64  `json:"state_size,omitempty"`
 	WasRunning bool   `json:"was_running"` // resume after restore only if it ran before

@@ -94,7 +94,11 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	p := &Plan{Kernel: o.Kernel, Initrd: o.Initrd, StateDir: e.StateDir, start: crossclock.Now()}
 	bad := func(format string, a ...any) { p.Problems = append(p.Problems, fmt.Sprintf(format, a...)) }
 
-	ts, err := e.Plan(ctx, nil)
+	var ts []*cpr.Target
+	err := e.Timed("plan", "", func() (err error) {
+		ts, err = e.Plan(ctx, nil)
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -337,14 +341,22 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 			return nil, err
 		}
 	}
+	// RemountRO: every other filesystem first; then the manifest records
+	// that, and the moment of the kexec; then PMEM, last.
+	var remounted []string
+	if err := e.Timed("remount-ro", "", func() (err error) {
+		remounted, err = remountRO(o.MountsFile, e.HostPath(p.PMEMMount), false, e)
+		return err
+	}); err != nil {
+		return m, rollback(ctx, e, p, m, remounted, unload, err)
+	}
 	m.KexecClock = kexecClock(p.start, e.Log)
 	m.Phases = append(m.Phases, manifest.Phase{Name: "kexec", Start: m.KexecClock.Kexec.Wall})
 	if err := e.WriteManifest(); err != nil {
-		return m, rollback(ctx, e, p, m, nil, unload, fmt.Errorf("writing the manifest: %w", err))
+		return m, rollback(ctx, e, p, m, remounted, unload, fmt.Errorf("writing the manifest: %w", err))
 	}
-
-	// RemountRO: everything that can be, PMEM last.
-	remounted, err := remountRO(o.MountsFile, e.HostPath(p.PMEMMount), e)
+	pm, err := remountRO(o.MountsFile, e.HostPath(p.PMEMMount), true, e)
+	remounted = append(remounted, pm...)
 	if err != nil {
 		return m, rollback(ctx, e, p, m, remounted, unload, err)
 	}
@@ -381,9 +393,10 @@ func anyQuit(m *manifest.Manifest) bool {
 	return false
 }
 
-// remountRO syncs and remounts every writable block-device filesystem
-// read-only, the one holding pmemMount last. It returns what it remounted.
-func remountRO(mountsFile, pmemMount string, e *cpr.Engine) ([]string, error) {
+// remountRO syncs and remounts read-only every writable block-device
+// filesystem but the one holding pmemMount — or, with pmemOnly, that one
+// alone (it goes last). It returns what it remounted.
+func remountRO(mountsFile, pmemMount string, pmemOnly bool, e *cpr.Engine) ([]string, error) {
 	unix.Sync()
 	ms, err := mounts.Table(mountsFile)
 	if err != nil {
@@ -404,8 +417,11 @@ func remountRO(mountsFile, pmemMount string, e *cpr.Engine) ([]string, error) {
 		}
 		order = append(order, m.Dir)
 	}
-	if pmemDir != "" {
-		order = append(order, pmemDir)
+	if pmemOnly {
+		order = nil
+		if pmemDir != "" {
+			order = []string{pmemDir}
+		}
 	}
 	var done []string
 	for _, d := range order {
