@@ -21,6 +21,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
 	"github.com/liveupdate/liveupdate/pkg/update"
 )
@@ -49,6 +50,7 @@ var commands = []command{
 	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
 	{"check-kernel", "check a kernel config against kernelconfig/host.config", cmdCheckKernel},
 	{"update", "live kernel update: save guests, kexec into a new kernel", cmdUpdate},
+	{"recover", "bring every guest of an interrupted run back to running (cont or restore); safe to repeat", cmdRecover},
 	{"status", "the last run: each guest's blackout and every phase, as a table, JSON, SVG or metrics", cmdStatus},
 	{"sync-clock", "set running guests' clocks to the host's through their guest agents", cmdSyncClock},
 }
@@ -114,7 +116,7 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintln(os.Stderr, "liveupdate sync-clock:", err)
 		return exitFailed
 	}
-	defer closeAll(ts)
+	defer cpr.CloseAll(ts)
 	code := exitOK
 	for _, t := range ts {
 		sock := guestagent.Socket(t.Proc.Cmdline)
@@ -151,6 +153,13 @@ func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {
 	asJSON := fs.Bool("json", false, "print the plan (and outcome) as JSON")
 	if code, ok := parse(fs, args); !ok {
 		return code
+	}
+	if !*dry {
+		l, ok := c.lock("update", args)
+		if !ok {
+			return exitRefused
+		}
+		defer l.Release()
 	}
 	e := c.engine()
 	p, err := update.MakePlan(ctx, e, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs})
@@ -258,6 +267,7 @@ type commonFlags struct {
 	verbose  bool
 	qmpWait  time.Duration
 	root     string
+	lockPath string
 }
 
 func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
@@ -269,8 +279,20 @@ func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
 	fs.StringVar(&c.stateDir, "state-dir", defaultStateDir, "directory for state files and the manifest (for a kernel update: on the PMEM filesystem)")
 	fs.BoolVar(&c.verbose, "v", false, "verbose logging")
 	fs.DurationVar(&c.qmpWait, "qmp-timeout", 5*time.Second, "how long to wait for each QEMU's QMP monitor")
+	fs.StringVar(&c.lockPath, "lock", runlock.DefaultPath, "the lock that lets one liveupdate at a time change guests")
 	fs.StringVar(&c.root, "root", "", "the host root as this process sees it when run from PID 1's shell (/newroot): QEMUs run chrooted there and paths are inside it")
 	return fs
+}
+
+// lock takes the one-updater lock for a command that changes guests; on
+// failure it prints who holds it.
+func (c *commonFlags) lock(cmd string, args []string) (*runlock.Lock, bool) {
+	l, err := runlock.Acquire(c.lockPath, strings.TrimSpace(cmd+" "+strings.Join(args, " ")))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "liveupdate %s: %v\n", cmd, err)
+		return nil, false
+	}
+	return l, true
 }
 
 func (c *commonFlags) engine() *cpr.Engine {
@@ -308,7 +330,7 @@ func cmdPlan(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintln(os.Stderr, "liveupdate plan:", err)
 		return exitFailed
 	}
-	defer closeAll(ts)
+	defer cpr.CloseAll(ts)
 	code := exitOK
 	if *asJSON {
 		var vs []any
@@ -364,13 +386,18 @@ func cmdSave(ctx context.Context, args []string, out io.Writer) int {
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
+	l, ok := c.lock("save", args)
+	if !ok {
+		return exitRefused
+	}
+	defer l.Release()
 	e := c.engine()
 	ts, err := e.Plan(ctx, fs.Args())
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "liveupdate save:", err)
 		return exitFailed
 	}
-	defer closeAll(ts)
+	defer cpr.CloseAll(ts)
 	if len(ts) == 0 {
 		fmt.Fprintln(os.Stderr, "liveupdate save: no running QEMU found")
 		return exitFailed
@@ -401,6 +428,11 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
+	l, ok := c.lock("restore", args)
+	if !ok {
+		return exitRefused
+	}
+	defer l.Release()
 	if *mpath == "" {
 		*mpath = manifestPath(c.stateDir)
 	}
@@ -445,6 +477,58 @@ func rebuildHost(m *manifest.Manifest, out io.Writer) error {
 	return nil
 }
 
+func cmdRecover(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("recover", "recover [--manifest PATH] [--host] [--json]", &c)
+	mpath := fs.String("manifest", "", "the manifest of the interrupted run (default: STATE_DIR/manifest.json)")
+	asJSON := fs.Bool("json", false, "print what was done as JSON")
+	host := fs.Bool("host", false, "first re-create the manifest's bridges, taps and cgroup tree (after a kexec, when PID 1 stopped before doing so)")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	l, ok := c.lock("recover", args)
+	if !ok {
+		return exitRefused
+	}
+	defer l.Release()
+	if *mpath == "" {
+		*mpath = manifestPath(c.stateDir)
+	}
+	m, err := manifest.Read(*mpath)
+	if errors.Is(err, os.ErrNotExist) {
+		fmt.Fprintf(out, "no manifest at %s: no interrupted run to recover\n", *mpath)
+		return exitOK
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "liveupdate recover: %v\nNothing was touched. If the manifest is damaged, put a good copy in its place (guests' RAM and state files are where it says).\n", err)
+		return exitFailed
+	}
+	if *host {
+		if err := rebuildHost(m, os.Stderr); err != nil {
+			fmt.Fprintf(os.Stderr, "liveupdate recover: rebuilding the host for the guests: %v\nNo guest was touched\n", err)
+			return exitFailed
+		}
+	}
+	rs, err := c.engine().Recover(ctx, m, nil)
+	if *asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		enc.Encode(rs)
+	} else {
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "VM\tDONE\tDETAIL")
+		for _, r := range rs {
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", r.VM, r.Action, r.Detail)
+		}
+		tw.Flush()
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "liveupdate recover: %v\nRAM and state files of the guests not running are kept; fix the cause and run recover again\n", err)
+		return exitFailed
+	}
+	return exitOK
+}
+
 func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
 	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [VM…]", &c)
@@ -455,6 +539,11 @@ func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
+	l, ok := c.lock("restart-qemu", args)
+	if !ok {
+		return exitRefused
+	}
+	defer l.Release()
 	e := c.engine()
 	m, ts, err := e.RestartQEMU(ctx, fs.Args(), cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM}, *skip)
 	if m == nil {
@@ -482,12 +571,6 @@ func refusals(ts []*cpr.Target) string {
 		}
 	}
 	return b.String()
-}
-
-func closeAll(ts []*cpr.Target) {
-	for _, t := range ts {
-		t.Close()
-	}
 }
 
 func manifestPath(stateDir string) string { return filepath.Join(stateDir, manifest.FileName) }

@@ -3,10 +3,13 @@ package main
 import (
 	"bytes"
 	"context"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/liveupdate/liveupdate/pkg/runlock"
 )
 
 func TestUsageAndHelp(t *testing.T) {
@@ -48,5 +51,23 @@ func TestRestoreBadManifest(t *testing.T) {
 	var out bytes.Buffer
 	if code := cmdRestore(context.Background(), []string{"--state-dir", dir}, &out); code != exitFailed {
 		t.Errorf("exit %d, want %d", code, exitFailed)
+	}
+}
+
+// A second updater is refused before it touches anything, and told who
+// holds the lock.
+func TestLockBusy(t *testing.T) {
+	dir := t.TempDir()
+	lock := filepath.Join(dir, "lock")
+	l, err := runlock.Acquire(lock, "update --kernel k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Release()
+	for _, cmd := range []func(context.Context, []string, io.Writer) int{cmdSave, cmdRestore, cmdRestartQEMU, cmdUpdate} {
+		var out bytes.Buffer
+		if code := cmd(context.Background(), []string{"--lock", lock, "--state-dir", dir}, &out); code != exitRefused {
+			t.Errorf("exit %d with the lock held, want %d", code, exitRefused)
+		}
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,10 +60,12 @@ func setup(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, "qemu-tests: guest kernel missing: run scripts/setup.sh:", err)
 		return 1
 	}
-	for _, b := range []struct{ out, pkg string }{
-		{"liveupdate", "./init"}, {"heartbeat", "./cmds/heartbeat"}, {"mkinitrd", "./cmds/mkinitrd"},
+	for _, b := range []struct{ out, pkg, tags string }{
+		{"liveupdate", "./init", ""}, {"heartbeat", "./cmds/heartbeat", ""}, {"mkinitrd", "./cmds/mkinitrd", ""},
+		// The same program with the fault-injection hook compiled in.
+		{"liveupdate-fault", "./init", "faultinject"},
 	} {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, b.out), b.pkg)
+		cmd := exec.Command("go", "build", "-tags", b.tags, "-o", filepath.Join(binDir, b.out), b.pkg)
 		cmd.Dir = repoRoot
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
@@ -239,15 +242,25 @@ func (g *guest) checkContinues(before beat) beat {
 // runLU runs the liveupdate CLI and returns its exit code, stdout, stderr.
 func runLU(t testing.TB, args ...string) (int, string, string) {
 	t.Helper()
+	return runLUWith(t, "liveupdate", nil, args...)
+}
+
+// runLUWith runs one of the built liveupdate binaries with more environment.
+func runLUWith(t testing.TB, bin string, env []string, args ...string) (int, string, string) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, filepath.Join(binDir, "liveupdate"), args...)
+	cmd := exec.CommandContext(ctx, filepath.Join(binDir, bin), args...)
+	cmd.Env = append(os.Environ(), env...)
 	var stdout, stderr strings.Builder
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	code := 0
 	if ee, ok := err.(*exec.ExitError); ok {
 		code = ee.ExitCode()
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			code = 128 + int(ws.Signal())
+		}
 	} else if err != nil {
 		t.Fatalf("running liveupdate: %v", err)
 	}

@@ -307,7 +307,7 @@ func TestNestedUpdate(t *testing.T) {
 	}
 	innerPID := func() string {
 		out, _ := h.run(fmt.Sprintf(lu, "plan")+" --json", time.Minute)
-		m := regexp.MustCompile(`"pid": (\d+)`).FindStringSubmatch(out)
+		m := regexp.MustCompile(`"vm": "inner",\s*"pid": (\d+)`).FindStringSubmatch(out)
 		if m == nil {
 			h.t.Fatalf("plan shows no inner QEMU")
 		}
@@ -418,7 +418,7 @@ func TestNestedUpdate(t *testing.T) {
 
 	// The manifest is damaged between the save and the new kernel's PID 1
 	// (by hand here: save, truncate the manifest, kexec). PID 1 must stop in
-	// the rescue shell touching nothing, and `restore --host` from that
+	// the rescue shell touching nothing, and `recover --host` from that
 	// shell must bring the guest back once the manifest is put right.
 	t.Run("CorruptManifestAfterKexec", func(t *testing.T) {
 		defer h.use(t)()
@@ -440,8 +440,8 @@ func TestNestedUpdate(t *testing.T) {
 		h.conn = nil
 		m := h.waitFor(`liveupdate: FATAL: manifest: ([^\n]*)\n(?s:.*)liveupdate: RESCUE SHELL`, 5*time.Minute)
 		t.Logf("PID 1 stopped: manifest: %s", m[1])
-		if !strings.Contains(h.console(), "restore --host --root /newroot") {
-			t.Errorf("the rescue message does not say how to restore")
+		if !strings.Contains(h.console(), "recover --host --root /newroot") {
+			t.Errorf("the rescue message does not say how to bring the guests back")
 		}
 		// Nothing was touched: the state file is byte for byte the same.
 		after, _ := h.run("shasum -a 256 "+dir+"/inner.state "+dir+"/manifest.good", 2*time.Minute)
@@ -452,9 +452,14 @@ func TestNestedUpdate(t *testing.T) {
 			t.Errorf("guest RAM file not as it was: %s", out)
 		}
 		h.run("cp "+dir+"/manifest.good "+dir+"/manifest.json", time.Minute)
-		out, code := h.run(fmt.Sprintf(lu, "restore")+" --host --json", cpr.ClockFixTimeout+2*time.Minute)
-		if code != 0 {
-			t.Fatalf("restore --host from the rescue shell: exit %d\n%s", code, out)
+		out, code := h.run(fmt.Sprintf(lu, "recover")+" --host", cpr.ClockFixTimeout+2*time.Minute)
+		if code != 0 || !regexp.MustCompile(`inner +restored`).MatchString(out) {
+			t.Fatalf("recover --host from the rescue shell: exit %d\n%s", code, out)
+		}
+		// Idempotent: a second run finds the guest running and changes nothing.
+		out, code = h.run(fmt.Sprintf(lu, "recover"), 2*time.Minute)
+		if code != 0 || !regexp.MustCompile(`inner +running`).MatchString(out) {
+			t.Errorf("second recover: exit %d\n%s", code, out)
 		}
 		got, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
 		if got.boot != first.boot || got.seq <= before.seq || got.mem != "ok" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/liveupdate/liveupdate/pkg/fault"
 	"os"
 	"strings"
 
@@ -32,6 +33,9 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 	if len(ts) == 0 {
 		return nil, nil, fmt.Errorf("no running QEMU found")
 	}
+	if err := fault.At("plan"); err != nil {
+		return nil, ts, err
+	}
 	var safe []*Target
 	var unsafe []string
 	for _, t := range ts {
@@ -50,7 +54,7 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 		}
 	}
 	m, err := e.Save(ctx, safe, o)
-	if err != nil && (m == nil || !anyQuit(m)) {
+	if err != nil && (m == nil || !AnyQuit(m)) {
 		return m, ts, err
 	}
 	saveErr := err
@@ -66,7 +70,9 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 	return m, ts, err
 }
 
-func anyQuit(m *manifest.Manifest) bool {
+// AnyQuit tells whether some VM of m was saved (and its old QEMU may be
+// gone): the way back is then a restore, not a resume.
+func AnyQuit(m *manifest.Manifest) bool {
 	for _, v := range m.VMs {
 		if v.Status == manifest.StatusQuit || v.Status == manifest.StatusSaved {
 			return true

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/liveupdate/liveupdate/pkg/fault"
 	"net"
 	"os"
 	"os/exec"
@@ -114,6 +115,13 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		if cmd.SysProcAttr.UseCgroupFD {
 			unix.Close(cmd.SysProcAttr.CgroupFD) // the child has its cgroup
 		}
+		if err == nil {
+			if ferr := fault.At("qemu-start"); ferr != nil {
+				cmd.Process.Kill()
+				cmd.Wait()
+				return ferr
+			}
+		}
 		return err
 	})
 	if err != nil {
@@ -157,6 +165,9 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		}
 		return waitMigration(ctx, c, "loading "+vm.Name)
 	})
+	if err == nil {
+		err = fault.At("load")
+	}
 	if err != nil {
 		return fail(err)
 	}

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
@@ -68,6 +69,11 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 		e.releaseTaps(ts)
 		return nil, err
 	}
+	if err := fault.At("manifest"); err != nil {
+		e.releaseTaps(ts)
+		return nil, err
+	}
+	fault.OnKillQEMU(func(string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
 
 	// Save all in parallel; quit none until all have saved.
 	errs := make([]error, len(ts))
@@ -91,6 +97,10 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 		rerr := e.Resume(ts)
 		return e.man, fmt.Errorf("recording the save failed, every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
 	}
+	if err := fault.At("saved"); err != nil {
+		rerr := e.Resume(ts)
+		return e.man, fmt.Errorf("every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
+	}
 
 	// Quit: from here on the way back is Restore.
 	for i, t := range ts {
@@ -103,6 +113,9 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	wg.Wait()
 	if err := e.writeManifest(); err != nil {
 		e.Log.Error("recording quit", "err", err)
+	}
+	if err := fault.At("quit"); err != nil {
+		errs = append(errs, err)
 	}
 	return e.man, errors.Join(errs...)
 }

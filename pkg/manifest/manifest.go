@@ -20,6 +20,7 @@ import (
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
+	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
@@ -275,12 +276,18 @@ func Write(path string, m *Manifest) error {
 		return fmt.Errorf("encoding manifest: %w", err)
 	}
 	b = append(b, '\n')
-	return WriteFileAtomic(path, b, 0o600)
+	return writeFileAtomic(path, b, 0o600, func() error { return fault.At("manifest-write") })
 }
 
 // WriteFileAtomic writes data to path through a temp file in the same
 // directory: write, fsync, rename, fsync the directory.
 func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
+	return writeFileAtomic(path, data, mode, nil)
+}
+
+// writeFileAtomic is WriteFileAtomic with a hook just before the rename
+// (where an interrupted write leaves the old file whole).
+func writeFileAtomic(path string, data []byte, mode os.FileMode, beforeRename func() error) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
 	if err != nil {
@@ -302,6 +309,11 @@ func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
+	}
+	if beforeRename != nil {
+		if err := beforeRename(); err != nil {
+			return fmt.Errorf("writing %s: %w", path, err)
+		}
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("renaming into %s: %w", path, err)

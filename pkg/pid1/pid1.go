@@ -34,6 +34,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
+	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
 
@@ -141,7 +142,7 @@ func Main() {
 	if restoreErr != nil {
 		b.Log.Error("some guests were not restored; their RAM and state files are kept", "err", restoreErr)
 		go b.guard("rescue shell", func() {
-			b.rescueShellLoop(fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate restore --root %s --manifest %s\n", restoreErr, orSlash(b.Root), b.Params.Manifest))
+			b.rescueShellLoop(fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate recover --root %s --manifest %s\n", restoreErr, orSlash(b.Root), b.Params.Manifest))
 		})
 	}
 	if p.Handover {
@@ -409,11 +410,18 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	if m == nil || len(m.VMs) == 0 {
 		return nil
 	}
+	// A liveupdate started meanwhile from the control line or a shell
+	// waits its turn (it is told PID 1 holds the lock).
+	if l, err := runlock.Acquire(runlock.DefaultPath, "PID 1 restoring the guests"); err == nil {
+		defer l.Release()
+	} else {
+		b.Log.Warn("restoring without the lock", "err", err)
+	}
 	e := cpr.New(m.StateDir, b.Log)
 	e.Root = b.Root
 	e.OnStart = b.manage
 	e.ClockAsync = true // READY means running; clocks are put right just after
-	err := e.Restore(ctx, m, nil)
+	_, err := e.Recover(ctx, m, nil)
 	for _, v := range m.VMs {
 		b.Log.Info("guest", "vm", v.Name, "status", v.Status, "pid", v.NewPID, "err", v.Error)
 	}
@@ -561,7 +569,7 @@ func (b *Boot) stop() error {
 func (b *Boot) rescue(err error) {
 	msg := fmt.Sprintf("liveupdate: FATAL: %v\nNo guest data was touched: guest RAM and state files stay where they are.\n", err)
 	if b.Params.Manifest != "" {
-		msg += fmt.Sprintf("When the cause is fixed, restore with: liveupdate restore --host --root %s --manifest %s\n", orSlash(b.Root), b.Params.Manifest)
+		msg += fmt.Sprintf("When the cause is fixed, bring the guests back with: liveupdate recover --host --root %s --manifest %s\n", orSlash(b.Root), b.Params.Manifest)
 	}
 	if b.Log != nil {
 		b.Log.Error("fatal", "err", err)

@@ -33,6 +33,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
+	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/kexec"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
@@ -308,11 +309,18 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 	if !p.OK() {
 		return nil, fmt.Errorf("refusing to update: %s", strings.Join(p.Problems, "; "))
 	}
+	if err := fault.At("plan"); err != nil {
+		return nil, fmt.Errorf("no guest was touched: %w", err)
+	}
 	// LoadKernel first: a kernel the running one refuses is found out
 	// before any guest is touched.
 	if err := e.Timed("kexec-load", "", func() error {
 		return kexec.Load(e.HostPath(p.Kernel), e.HostPath(p.Initrd), p.Cmdline)
 	}); err != nil {
+		return nil, fmt.Errorf("no guest was touched: %w", err)
+	}
+	if err := fault.At("kexec-load"); err != nil {
+		kexec.Unload()
 		return nil, fmt.Errorf("no guest was touched: %w", err)
 	}
 	unload := func() {
@@ -327,9 +335,9 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 		m, err = e.Save(ctx, p.targets, cpr.SaveOptions{})
 		if err != nil {
 			unload()
-			if m != nil && anyQuit(m) {
+			if m != nil && cpr.AnyQuit(m) {
 				// Some old QEMUs are gone: bring them back here.
-				rerr := e.Restore(ctx, m, heldFiles(p.targets))
+				_, rerr := e.Recover(ctx, m, heldFiles(p.targets))
 				return m, fmt.Errorf("update abandoned, guests restored on the running kernel: %w", errors.Join(err, rerr))
 			}
 			return m, fmt.Errorf("update abandoned: %w", err)
@@ -355,9 +363,15 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 	if err := e.WriteManifest(); err != nil {
 		return m, rollback(ctx, e, p, m, remounted, unload, fmt.Errorf("writing the manifest: %w", err))
 	}
+	if err := fault.At("remount-ro"); err != nil {
+		return m, rollback(ctx, e, p, m, remounted, unload, err)
+	}
 	pm, err := remountRO(o.MountsFile, e.HostPath(p.PMEMMount), true, e)
 	remounted = append(remounted, pm...)
 	if err != nil {
+		return m, rollback(ctx, e, p, m, remounted, unload, err)
+	}
+	if err := fault.At("kexec"); err != nil {
 		return m, rollback(ctx, e, p, m, remounted, unload, err)
 	}
 	e.Log.Info("rebooting into the new kernel", "kernel", p.Kernel, "cmdline", p.Cmdline)
@@ -371,7 +385,7 @@ func rollback(ctx context.Context, e *cpr.Engine, p *Plan, m *manifest.Manifest,
 	unload()
 	var err error
 	if len(m.VMs) > 0 {
-		err = e.Restore(ctx, m, heldFiles(p.targets))
+		_, err = e.Recover(ctx, m, heldFiles(p.targets))
 	}
 	return fmt.Errorf("update abandoned, guests restored on the running kernel: %w", errors.Join(cause, rerr, err))
 }
@@ -382,15 +396,6 @@ func heldFiles(ts []*cpr.Target) map[string]map[int]*os.File {
 		held[t.Name()] = t.Files()
 	}
 	return held
-}
-
-func anyQuit(m *manifest.Manifest) bool {
-	for _, v := range m.VMs {
-		if v.Status == manifest.StatusQuit {
-			return true
-		}
-	}
-	return false
 }
 
 // remountRO syncs and remounts read-only every writable block-device

@@ -1,0 +1,164 @@
+package cpr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+)
+
+// Recovery says what Recover did with one guest.
+type Recovery struct {
+	VM     string `json:"vm"`
+	Action string `json:"action"` // running, resumed, restored, failed
+	Detail string `json:"detail,omitempty"`
+}
+
+// Recover brings every guest the manifest records back to running, from
+// whatever state it finds — whichever step of a restart or an update was
+// interrupted, and however (our crash, a QEMU killed, a full disk, a hung
+// monitor) — and is idempotent: a second run finds everything running and
+// changes nothing.
+//
+//   - a QEMU of that name runs the guest: nothing to do;
+//   - the guest's old QEMU still lives, paused (the save ran, or was
+//     cancelled, and nobody quit it): its migration is cancelled and it
+//     continues, and its state file is set aside as .aborted;
+//   - a new QEMU of that name waits for its state and never got it: it is
+//     stopped, and the guest restored again;
+//   - no QEMU runs it and its state file is there: it is restored;
+//   - anything else is reported, with its RAM and files left as they are.
+//
+// held are fds the caller still holds (see Restore). The rollbacks of
+// restart-qemu and update, PID 1's restore and `liveupdate recover` all
+// come through here.
+func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File) ([]Recovery, error) {
+	e.man = m
+	e.StateDir = m.StateDir
+	ts, err := e.Plan(ctx, nil)
+	if err != nil {
+		return nil, fmt.Errorf("finding the running QEMUs: %w", err)
+	}
+	defer CloseAll(ts)
+	live := map[string]*Target{}
+	for _, t := range ts {
+		live[t.Name()] = t
+	}
+	sameBoot := m.Host.BootID == currentBootID()
+	out := make([]Recovery, len(m.VMs))
+	var resume []*Target
+	var errs []error
+	failed := func(i int, detail string) {
+		out[i].Action, out[i].Detail = "failed", detail
+		m.VMs[i].Status, m.VMs[i].Error = manifest.StatusFailed, detail
+		errs = append(errs, fmt.Errorf("%s: %s", m.VMs[i].Name, detail))
+	}
+	for i := range m.VMs {
+		vm := &m.VMs[i]
+		out[i] = Recovery{VM: vm.Name}
+		t := live[vm.Name]
+		isOld := t != nil && sameBoot && t.Proc.PID == vm.PID
+		switch {
+		case t != nil && t.Facts.QMPErr != nil:
+			failed(i, fmt.Sprintf("QEMU pid %d runs it but its monitor does not answer (stopped? hung?): %v", t.Proc.PID, t.Facts.QMPErr))
+		case t != nil && t.Facts.Status == "running":
+			out[i].Action = "running"
+			if isOld {
+				vm.Status = manifest.StatusResumed
+				e.setAside(vm)
+			} else {
+				vm.Status, vm.NewPID, vm.Error = manifest.StatusRunning, t.Proc.PID, ""
+			}
+		case isOld:
+			t.rec = vm
+			resume = append(resume, t)
+			out[i].Action = "resumed"
+		case t != nil && t.Facts.Status == "inmigrate":
+			// A new QEMU that never got its state: start that again.
+			e.Log.Warn("stopping a new QEMU that never loaded its state", "vm", vm.Name, "pid", t.Proc.PID)
+			stopProcess(t.Proc.PID)
+			vm.Status = manifest.StatusQuit
+			out[i].Action = "restored"
+		case t != nil:
+			// Loaded but not continued (e.g. we died before cont).
+			c := t.QMP
+			cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
+			err := c.Execute(cctx, "cont", nil, nil)
+			cancel()
+			if err != nil {
+				failed(i, "cont: "+err.Error())
+				continue
+			}
+			vm.Status, vm.NewPID, vm.Error = manifest.StatusRunning, t.Proc.PID, ""
+			e.markDone(vm)
+			out[i].Action = "running"
+			out[i].Detail = "continued the restored QEMU"
+		case fileExists(e.HostPath(vm.StateFile)):
+			vm.Status = manifest.StatusQuit
+			out[i].Action = "restored"
+		default:
+			failed(i, "no QEMU runs it and its state file "+vm.StateFile+" is gone (its RAM file is left as it is)")
+		}
+	}
+	if len(resume) > 0 {
+		if err := e.Resume(resume); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := e.Restore(ctx, m, held); err != nil {
+		errs = append(errs, err)
+	}
+	for i := range m.VMs {
+		if vm := &m.VMs[i]; vm.Status == manifest.StatusFailed && out[i].Action != "failed" {
+			out[i].Action, out[i].Detail = "failed", vm.Error // Resume or Restore said why
+		}
+	}
+	if err := e.writeManifest(); err != nil {
+		errs = append(errs, err)
+	}
+	return out, errors.Join(errs...)
+}
+
+// setAside renames a state file that will not be loaded (its guest runs on
+// the QEMU that wrote it) to .aborted.
+func (e *Engine) setAside(vm *manifest.VM) {
+	if sf := e.HostPath(vm.StateFile); fileExists(sf) {
+		os.Rename(sf, sf+".aborted")
+	}
+}
+
+// markDone renames a loaded state file to .done.
+func (e *Engine) markDone(vm *manifest.VM) {
+	if sf := e.HostPath(vm.StateFile); fileExists(sf) {
+		os.Rename(sf, sf+".done")
+	}
+}
+
+func currentBootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
+}
+
+// CloseAll releases the targets' QMP connections and held files.
+func CloseAll(ts []*Target) {
+	for _, t := range ts {
+		t.Close()
+	}
+}
+
+// stopProcess asks a process to end, then kills it.
+func stopProcess(pid int) {
+	syscall.Kill(pid, syscall.SIGTERM)
+	for i := 0; i < 50; i++ {
+		if syscall.Kill(pid, 0) != nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	syscall.Kill(pid, syscall.SIGKILL)
+}

@@ -1,0 +1,31 @@
+//go:build faultinject
+
+package fault
+
+import (
+	"errors"
+	"testing"
+)
+
+func TestAt(t *testing.T) {
+	t.Setenv("LIVEUPDATE_FAULT", "saved=fail,quit=killqemu,manifest-write@2=fail")
+	if err := At("plan"); err != nil {
+		t.Errorf("unarmed point failed: %v", err)
+	}
+	var fe *Error
+	if err := At("saved"); !errors.As(err, &fe) || fe.Point != "saved" {
+		t.Errorf("armed point: %v", err)
+	}
+	if err := At("saved"); err != nil {
+		t.Errorf("a point fires once: %v", err)
+	}
+	if At("manifest-write") != nil || At("manifest-write") == nil || At("manifest-write") != nil {
+		t.Errorf("@2 must fire on the second time only")
+	}
+	killed := ""
+	OnKillQEMU(func(p string) { killed = p })
+	At("quit")
+	if killed != "quit" {
+		t.Errorf("killqemu did not call the killer")
+	}
+}

@@ -1,0 +1,13 @@
+//go:build !faultinject
+
+package fault
+
+// At marks a phase boundary. Without the faultinject build tag it does
+// nothing.
+func At(point string) error { return nil }
+
+// Enabled tells whether this binary was built with fault injection.
+const Enabled = false
+
+// OnKillQEMU registers what "killqemu" does; a no-op here.
+func OnKillQEMU(func(point string)) {}

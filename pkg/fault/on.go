@@ -1,0 +1,70 @@
+//go:build faultinject
+
+package fault
+
+import (
+	"fmt"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+// Enabled tells whether this binary was built with fault injection.
+const Enabled = true
+
+var (
+	mu       sync.Mutex
+	killQEMU func(point string)
+	counts   = map[string]int{}
+)
+
+// OnKillQEMU registers what "killqemu" does.
+func OnKillQEMU(f func(point string)) {
+	mu.Lock()
+	killQEMU = f
+	mu.Unlock()
+}
+
+// At marks a phase boundary and, when LIVEUPDATE_FAULT arms it, fails
+// there. "point=action" fires the first time the point is reached,
+// "point@n=action" the n-th time; each fires once per process.
+func At(point string) error {
+	mu.Lock()
+	counts[point]++
+	n := counts[point]
+	mu.Unlock()
+	for _, spec := range strings.Split(os.Getenv("LIVEUPDATE_FAULT"), ",") {
+		p, action, ok := strings.Cut(spec, "=")
+		if !ok {
+			continue
+		}
+		want := 1
+		if name, nth, ok := strings.Cut(p, "@"); ok {
+			p = name
+			if _, err := fmt.Sscan(nth, &want); err != nil {
+				continue
+			}
+		}
+		if p != point || n != want {
+			continue
+		}
+		mu.Lock()
+		k := killQEMU
+		mu.Unlock()
+		fmt.Fprintf(os.Stderr, "liveupdate: FAULT INJECTED: %s at %s (#%d)\n", action, point, n)
+		switch action {
+		case "kill":
+			syscall.Kill(os.Getpid(), syscall.SIGKILL)
+			select {} // never returns
+		case "killqemu":
+			if k != nil {
+				k(point)
+			}
+			return nil
+		default:
+			return &Error{Point: point}
+		}
+	}
+	return nil
+}
