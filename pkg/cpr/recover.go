@@ -6,8 +6,9 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 )
@@ -40,17 +41,18 @@ type Recovery struct {
 func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File) ([]Recovery, error) {
 	e.man = m
 	e.StateDir = m.StateDir
-	ts, err := e.Plan(ctx, nil)
+	live, err := e.liveQEMUs(ctx, m)
 	if err != nil {
-		return nil, fmt.Errorf("finding the running QEMUs: %w", err)
+		return nil, err
 	}
-	defer CloseAll(ts)
-	live := map[string]*Target{}
-	for _, t := range ts {
-		live[t.Name()] = t
-	}
+	defer func() {
+		for _, t := range live {
+			t.Close()
+		}
+	}()
 	sameBoot := m.Host.BootID == currentBootID()
 	out := make([]Recovery, len(m.VMs))
+	restore := map[string]bool{}
 	var resume []*Target
 	var errs []error
 	failed := func(i int, detail string) {
@@ -81,8 +83,9 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 		case t != nil && t.Facts.Status == "inmigrate":
 			// A new QEMU that never got its state: start that again.
 			e.Log.Warn("stopping a new QEMU that never loaded its state", "vm", vm.Name, "pid", t.Proc.PID)
-			stopProcess(t.Proc.PID)
+			killAndWait(t.Proc.PID)
 			vm.Status = manifest.StatusQuit
+			restore[vm.Name] = true
 			out[i].Action = "restored"
 		case t != nil:
 			// Loaded but not continued (e.g. we died before cont).
@@ -100,6 +103,7 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 			out[i].Detail = "continued the restored QEMU"
 		case fileExists(e.HostPath(vm.StateFile)):
 			vm.Status = manifest.StatusQuit
+			restore[vm.Name] = true
 			out[i].Action = "restored"
 		default:
 			failed(i, "no QEMU runs it and its state file "+vm.StateFile+" is gone (its RAM file is left as it is)")
@@ -110,7 +114,7 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 			errs = append(errs, err)
 		}
 	}
-	if err := e.Restore(ctx, m, held); err != nil {
+	if err := e.restore(ctx, m, held, restore); err != nil {
 		errs = append(errs, err)
 	}
 	for i := range m.VMs {
@@ -151,14 +155,44 @@ func CloseAll(ts []*Target) {
 	}
 }
 
-// stopProcess asks a process to end, then kills it.
-func stopProcess(pid int) {
-	syscall.Kill(pid, syscall.SIGTERM)
-	for i := 0; i < 50; i++ {
-		if syscall.Kill(pid, 0) != nil {
-			return
+// liveQEMUs finds the running QEMUs by name. A QEMU of the manifest's
+// whose monitor is not up yet may be one the interrupted run had just
+// started: it is given the QMP timeout to come up before it is judged.
+func (e *Engine) liveQEMUs(ctx context.Context, m *manifest.Manifest) (map[string]*Target, error) {
+	deadline := time.Now().Add(e.QMPTimeout)
+	for {
+		ts, err := e.Plan(ctx, nil)
+		if err != nil {
+			return nil, fmt.Errorf("finding the running QEMUs: %w", err)
 		}
-		time.Sleep(100 * time.Millisecond)
+		live := map[string]*Target{}
+		waiting := false
+		for _, t := range ts {
+			live[t.Name()] = t
+			for _, vm := range m.VMs {
+				waiting = waiting || (vm.Name == t.Name() && t.Facts.QMPErr != nil)
+			}
+		}
+		if !waiting || time.Now().After(deadline) {
+			return live, nil
+		}
+		CloseAll(ts)
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
-	syscall.Kill(pid, syscall.SIGKILL)
+}
+
+// killAndWait kills a new QEMU that never loaded its state (it holds
+// nothing of the guest) and waits until it is gone.
+func killAndWait(pid int) {
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return // already gone
+	}
+	defer unix.Close(pidfd)
+	unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
+	waitPidfd(pidfd, 10*time.Second)
 }

@@ -33,12 +33,21 @@ var CgroupRoot = "/sys/fs/cgroup"
 // are re-created. A VM that fails keeps its RAM and state files and is
 // marked failed in the manifest, so Restore can be run again.
 func (e *Engine) Restore(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File) error {
+	return e.restore(ctx, m, held, nil)
+}
+
+// restore restores the VMs of m that need it — only those in only, when
+// only is not nil.
+func (e *Engine) restore(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File, only map[string]bool) error {
 	e.man = m
 	e.StateDir = m.StateDir
 	var wg sync.WaitGroup
 	errs := make([]error, len(m.VMs))
 	for i := range m.VMs {
 		vm := &m.VMs[i]
+		if only != nil && !only[vm.Name] {
+			continue
+		}
 		switch vm.Status {
 		case manifest.StatusRunning, manifest.StatusResumed:
 			continue // nothing to do: idempotent

@@ -69,11 +69,12 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 		e.releaseTaps(ts)
 		return nil, err
 	}
+	fault.On("killqemu", func(string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
+	fault.On("fill", func(string) { fillDisk(e.HostPath(e.StateDir)) })
 	if err := fault.At("manifest"); err != nil {
 		e.releaseTaps(ts)
 		return nil, err
 	}
-	fault.OnKillQEMU(func(string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
 
 	// Save all in parallel; quit none until all have saved.
 	errs := make([]error, len(ts))
@@ -485,4 +486,19 @@ func (e *Engine) EmptyManifest() (*manifest.Manifest, error) {
 	e.man.Phases = prior
 	e.man.VMs = []manifest.VM{}
 	return e.man, e.writeManifest()
+}
+
+// fillDisk fills dir's filesystem (fault injection: a full disk).
+func fillDisk(dir string) {
+	f, err := os.Create(filepath.Join(dir, ".fault-fill"))
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for {
+		if _, err := f.Write(buf); err != nil {
+			return
+		}
+	}
 }

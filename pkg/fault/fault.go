@@ -9,6 +9,7 @@
 //	fail       At returns an error (the code's own error path runs)
 //	kill       the process SIGKILLs itself (nothing after runs: recover)
 //	killqemu   At calls the registered QEMU killer (a QEMU dies by itself)
+//	fill       At fills the state directory's filesystem (a full disk)
 //
 // Points are the names passed to At, listed in Points.
 package fault

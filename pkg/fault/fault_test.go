@@ -23,7 +23,7 @@ func TestAt(t *testing.T) {
 		t.Errorf("@2 must fire on the second time only")
 	}
 	killed := ""
-	OnKillQEMU(func(p string) { killed = p })
+	On("killqemu", func(p string) { killed = p })
 	At("quit")
 	if killed != "quit" {
 		t.Errorf("killqemu did not call the killer")

@@ -9,5 +9,5 @@ func At(point string) error { return nil }
 // Enabled tells whether this binary was built with fault injection.
 const Enabled = false
 
-// OnKillQEMU registers what "killqemu" does; a no-op here.
-func OnKillQEMU(func(point string)) {}
+// On registers what an action such as "killqemu" does; a no-op here.
+func On(action string, f func(point string)) {}

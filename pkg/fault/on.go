@@ -14,15 +14,15 @@ import (
 const Enabled = true
 
 var (
-	mu       sync.Mutex
-	killQEMU func(point string)
-	counts   = map[string]int{}
+	mu      sync.Mutex
+	actions = map[string]func(point string){}
+	counts  = map[string]int{}
 )
 
-// OnKillQEMU registers what "killqemu" does.
-func OnKillQEMU(f func(point string)) {
+// On registers what an action such as "killqemu" or "fill" does.
+func On(action string, f func(point string)) {
 	mu.Lock()
-	killQEMU = f
+	actions[action] = f
 	mu.Unlock()
 }
 
@@ -50,19 +50,20 @@ func At(point string) error {
 			continue
 		}
 		mu.Lock()
-		k := killQEMU
+		f := actions[action]
 		mu.Unlock()
 		fmt.Fprintf(os.Stderr, "liveupdate: FAULT INJECTED: %s at %s (#%d)\n", action, point, n)
 		switch action {
 		case "kill":
 			syscall.Kill(os.Getpid(), syscall.SIGKILL)
 			select {} // never returns
-		case "killqemu":
-			if k != nil {
-				k(point)
-			}
-			return nil
+		case "fail":
+			return &Error{Point: point}
 		default:
+			if f != nil {
+				f(point)
+				return nil
+			}
 			return &Error{Point: point}
 		}
 	}
