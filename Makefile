@@ -8,7 +8,7 @@
 
 SHELL     := /bin/bash
 GO        ?= go
-FUZZTIME  ?= 8s
+FUZZTIME  ?= 6s
 BIN       := bin
 
 .PHONY: all build setup test unit fuzz-short qemu-test lint demo demo-restart soak bench fuzz clean initramfs
@@ -35,7 +35,8 @@ unit:
 	$(GO) test -count=1 ./init/... ./cmds/... ./pkg/... ./internal/... ./kernelconfig/...
 
 # Every parser of outside input, fuzzed briefly (longer: make fuzz FUZZTIME=10m).
-FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzParse:./pkg/bootparams
+FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzParse:./pkg/bootparams \
+	FuzzProcFiles:./pkg/discover FuzzDecodeReply:./pkg/qmp FuzzReply:./pkg/guestagent
 fuzz-short fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		name=$${t%%:*}; pkg=$${t#*:}; \

@@ -177,12 +177,16 @@ func parseStartTime(stat string) uint64 {
 }
 
 func (p *Process) readStatus(path string) error {
-	f, err := os.Open(path)
+	b, err := os.ReadFile(path)
 	if err != nil {
 		return fmt.Errorf("pid %d: %w", p.PID, err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
+	return p.parseStatus(string(b))
+}
+
+// parseStatus takes the credentials from /proc/PID/status.
+func (p *Process) parseStatus(s string) error {
+	sc := bufio.NewScanner(strings.NewReader(s))
 	for sc.Scan() {
 		k, v, _ := strings.Cut(sc.Text(), ":")
 		fs := strings.Fields(v)

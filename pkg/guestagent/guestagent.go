@@ -82,7 +82,7 @@ func handshake(ctx context.Context, socket string) (net.Conn, *bufio.Reader, err
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", socket)
 	if err != nil {
-		return nil, nil, fmt.Errorf("guest agent %s: %w", socket, err)
+		return nil, nil, fmt.Errorf("guest agent %s: %w (is qemu-ga running in the guest?)", socket, err)
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		conn.SetDeadline(dl)

@@ -154,16 +154,24 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, out any) err
 	if out == nil {
 		return nil
 	}
-	var resp struct {
-		Return json.RawMessage `json:"return"`
-	}
-	if err := json.Unmarshal(r.raw, &resp); err != nil {
-		return fmt.Errorf("decoding reply to %s: %w", cmd, err)
-	}
-	if err := json.Unmarshal(resp.Return, out); err != nil {
+	if err := decodeReply(r.raw, out); err != nil {
 		return fmt.Errorf("decoding reply to %s: %w", cmd, err)
 	}
 	return nil
+}
+
+// decodeReply puts a QMP reply's "return" value into out.
+func decodeReply(raw []byte, out any) error {
+	var resp struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(raw, &resp); err != nil {
+		return err
+	}
+	if resp.Return == nil {
+		return errors.New("the reply has no return value")
+	}
+	return json.Unmarshal(resp.Return, out)
 }
 
 // Events returns a copy of the events received so far.
