@@ -182,6 +182,13 @@ func (e *Engine) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Cli
 	if !filepath.IsAbs(f.QMPPath) {
 		f.QMPPath = filepath.Join(p.Cwd, f.QMPPath)
 	}
+	// Only a socket of our own user is trusted: whoever owns it could pose
+	// as QEMU, and we would hand it guests' state.
+	var sst unix.Stat_t
+	if err := unix.Stat(e.HostPath(f.QMPPath), &sst); err == nil && sst.Uid != uint32(os.Geteuid()) {
+		f.QMPErr = fmt.Errorf("QMP socket %s is owned by uid %d, not by uid %d: not trusted", f.QMPPath, sst.Uid, os.Geteuid())
+		return nil, f
+	}
 	cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
 	defer cancel()
 	c, err := qmp.Dial(cctx, e.HostPath(f.QMPPath))

@@ -47,6 +47,9 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	if err := os.MkdirAll(e.HostPath(e.StateDir), 0o700); err != nil {
 		return nil, fmt.Errorf("creating state directory: %w", err)
 	}
+	if err := manifest.CheckPrivate(filepath.Join(e.HostPath(e.StateDir), manifest.FileName)); err != nil {
+		return nil, err
+	}
 	prior := e.pending
 	e.pending = nil
 	e.man = newManifest(e.StateDir)
@@ -311,6 +314,9 @@ func (e *Engine) saveOne(ctx context.Context, t *Target) error {
 	if st, err := os.Stat(e.HostPath(t.rec.StateFile)); err == nil {
 		t.rec.StateSize = st.Size()
 	}
+	// QEMU creates it 0660 less its umask: the guest's device state is
+	// the host's business only.
+	os.Chmod(e.HostPath(t.rec.StateFile), 0o600)
 	e.Log.Info("saved", "vm", t.Name(), "state_bytes", t.rec.StateSize)
 	return nil
 }

@@ -11,7 +11,9 @@ package manifest
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"os"
 	"path/filepath"
 	"slices"
@@ -255,6 +257,9 @@ func Decode(b []byte, allowedRoots ...string) (*Manifest, error) {
 
 // Read reads and validates the manifest at path.
 func Read(path string, allowedRoots ...string) (*Manifest, error) {
+	if err := CheckPrivate(path); err != nil {
+		return nil, err
+	}
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("reading manifest: %w", err)
@@ -325,6 +330,71 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode, beforeRename fu
 	defer d.Close()
 	if err := d.Sync(); err != nil {
 		return fmt.Errorf("syncing directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// CheckPrivate refuses a manifest (or state file) that someone else could
+// have written: it must be a regular file — not a symlink — owned by this
+// user (root), as must its directory, and neither may be group- or
+// world-writable. A missing file passes (callers report that themselves).
+func CheckPrivate(path string) error {
+	euid := uint32(os.Geteuid())
+	for _, p := range []string{filepath.Dir(path), path} {
+		var st unix.Stat_t
+		if err := unix.Lstat(p, &st); err != nil {
+			if errors.Is(err, unix.ENOENT) {
+				return nil
+			}
+			return fmt.Errorf("checking %s: %w", p, err)
+		}
+		isDir := st.Mode&unix.S_IFMT == unix.S_IFDIR
+		switch {
+		case p == path && st.Mode&unix.S_IFMT != unix.S_IFREG:
+			return fmt.Errorf("%s is not a regular file (a symlink?): refusing it; put the real file there", p)
+		case st.Uid != euid:
+			return fmt.Errorf("%s is owned by uid %d, not by uid %d: refusing it (anyone who owns it could have changed it); chown it after checking it", p, st.Uid, euid)
+		case st.Mode&0o022 != 0:
+			want := "0600"
+			if isDir {
+				want = "0700"
+			}
+			return fmt.Errorf("%s is group- or world-writable (mode %04o): refusing it; chmod %s it after checking it", p, st.Mode&0o7777, want)
+		}
+	}
+	return nil
+}
+
+// CheckBeneath resolves every file the manifest names that lies inside
+// root (the PMEM mount) without leaving root — no symlink or ".." may lead
+// out of it — through openat2(RESOLVE_BENEATH). Files that do not exist
+// pass (the restore reports them).
+func (m *Manifest) CheckBeneath(root string) error {
+	dir, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", root, err)
+	}
+	defer unix.Close(dir)
+	for _, v := range m.VMs {
+		paths := []string{v.StateFile}
+		for _, b := range v.RAM {
+			paths = append(paths, b.MemPath)
+		}
+		for _, p := range paths {
+			if p == "" || !Within(p, root) {
+				continue
+			}
+			rel, _ := filepath.Rel(root, p)
+			fd, err := unix.Openat2(dir, rel, &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC,
+				Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS})
+			if errors.Is(err, unix.ENOENT) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("%s (guest %s) does not resolve inside %s: %w; refusing to restore from a path that leads elsewhere", p, v.Name, root, err)
+			}
+			unix.Close(fd)
+		}
 	}
 	return nil
 }

@@ -125,3 +125,58 @@ func FuzzDecode(f *testing.F) {
 		}
 	})
 }
+
+func TestCheckPrivate(t *testing.T) {
+	dir := t.TempDir()
+	os.Chmod(dir, 0o700)
+	p := filepath.Join(dir, FileName)
+	if err := CheckPrivate(p); err != nil {
+		t.Errorf("missing file: %v", err)
+	}
+	os.WriteFile(p, []byte("{}"), 0o600)
+	if err := CheckPrivate(p); err != nil {
+		t.Errorf("private file: %v", err)
+	}
+	for _, tc := range []struct {
+		name  string
+		setup func()
+		want  string
+	}{
+		{"world-writable file", func() { os.Chmod(p, 0o606) }, "chmod 0600"},
+		{"group-writable dir", func() { os.Chmod(p, 0o600); os.Chmod(dir, 0o770) }, "chmod 0700"},
+		{"symlink", func() {
+			os.Chmod(dir, 0o700)
+			os.Rename(p, p+".real")
+			os.Symlink(p+".real", p)
+		}, "not a regular file"},
+		{"other owner", func() {
+			os.Remove(p)
+			os.WriteFile(p, []byte("{}"), 0o600)
+			os.Chown(p, 4242, 4242)
+		}, "owned by uid 4242"},
+	} {
+		tc.setup()
+		if err := CheckPrivate(p); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// A state file that is a symlink out of the PMEM mount is refused; one
+// that stays inside is fine.
+func TestCheckBeneath(t *testing.T) {
+	root := t.TempDir()
+	outside := t.TempDir()
+	os.WriteFile(filepath.Join(outside, "secret"), nil, 0o600)
+	os.WriteFile(filepath.Join(root, "ram"), nil, 0o600)
+	os.Symlink(filepath.Join(outside, "secret"), filepath.Join(root, "vm1.state"))
+	os.Symlink("ram", filepath.Join(root, "vm2.state"))
+	m := &Manifest{VMs: []VM{{Name: "vm2", StateFile: filepath.Join(root, "vm2.state")}}}
+	if err := m.CheckBeneath(root); err != nil {
+		t.Errorf("symlink inside the mount: %v", err)
+	}
+	m.VMs = append(m.VMs, VM{Name: "vm1", StateFile: filepath.Join(root, "vm1.state")})
+	if err := m.CheckBeneath(root); err == nil || !strings.Contains(err.Error(), "vm1") {
+		t.Errorf("symlink out of the mount: err = %v", err)
+	}
+}

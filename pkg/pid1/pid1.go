@@ -302,6 +302,11 @@ func (b *Boot) readManifest(ctx context.Context) error {
 	if p.PMEM != "" && !manifest.Within(m.StateDir, p.PMEMMount) {
 		return fmt.Errorf("manifest state_dir %s is outside the PMEM mount %s", m.StateDir, p.PMEMMount)
 	}
+	if p.PMEM != "" {
+		if err := m.CheckBeneath(p.PMEMMount); err != nil {
+			return err
+		}
+	}
 	b.Manifest, b.manifestPath = m, path
 	b.Log.Info("manifest read", "path", path, "vms", len(m.VMs), "from_kernel", m.Host.Kernel)
 	return nil
