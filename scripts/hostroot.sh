@@ -23,6 +23,8 @@ for k in old new; do
 	install -D -m 0644 "$ir" "$tree/boot/initramfs-$kver.img"
 done
 CGO_ENABLED=0 go build -o "$tree/usr/sbin/liveupdate" ./init
+# The same program with fault injection compiled in, for the nested fault tests.
+CGO_ENABLED=0 go build -tags faultinject -o "$tree/usr/sbin/liveupdate-fault" ./init
 scripts/guest-initrd.sh "$cache/guest.cpio.gz"
 install -D -m 0644 "$cache/guest.cpio.gz" "$tree/srv/guest/guest.cpio.gz"
 install -D -m 0644 .cache/kernels/new/boot/vmlinuz-"$(cat .cache/kernels/new/version)" "$tree/srv/guest/vmlinuz"

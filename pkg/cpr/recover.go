@@ -5,12 +5,15 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/liveupdate/liveupdate/pkg/kexec"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/mounts"
 )
 
 // Recovery says what Recover did with one guest.
@@ -41,6 +44,10 @@ type Recovery struct {
 func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File) ([]Recovery, error) {
 	e.man = m
 	e.StateDir = m.StateDir
+	sameBoot := m.Host.BootID == currentBootID()
+	if sameBoot {
+		e.undoUpdate(m)
+	}
 	live, err := e.liveQEMUs(ctx, m)
 	if err != nil {
 		return nil, err
@@ -50,7 +57,6 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 			t.Close()
 		}
 	}()
-	sameBoot := m.Host.BootID == currentBootID()
 	out := make([]Recovery, len(m.VMs))
 	restore := map[string]bool{}
 	var resume []*Target
@@ -126,6 +132,42 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 		errs = append(errs, err)
 	}
 	return out, errors.Join(errs...)
+}
+
+// undoUpdate undoes what an update that died before its kexec did to this
+// host: the filesystems it made read-only (and PMEM, where the state
+// directory is) are made writable again, and the new kernel it loaded is
+// unloaded. Each step is idempotent.
+func (e *Engine) undoUpdate(m *manifest.Manifest) {
+	loaded := false
+	for _, p := range m.Phases {
+		loaded = loaded || p.Name == "kexec-load"
+	}
+	if !loaded {
+		return // not an update
+	}
+	dirs := slices.Clone(m.Remounted)
+	if pm, err := mounts.Holding("/proc/self/mounts", e.HostPath(m.StateDir)); err == nil {
+		dirs = append(dirs, pm.Dir)
+	}
+	for _, d := range dirs {
+		var st unix.Statfs_t
+		if unix.Statfs(d, &st) != nil || st.Flags&unix.ST_RDONLY == 0 {
+			continue
+		}
+		if err := unix.Mount("", d, "", unix.MS_REMOUNT, ""); err != nil {
+			e.Log.Error("remounting read-write", "mount", d, "err", err)
+			continue
+		}
+		e.Log.Info("remounted read-write (the update had made it read-only)", "mount", d)
+	}
+	if kexec.Loaded() {
+		if err := kexec.Unload(); err != nil {
+			e.Log.Warn("unloading the new kernel the update had loaded", "err", err)
+		} else {
+			e.Log.Info("unloaded the new kernel the update had loaded")
+		}
+	}
 }
 
 // setAside renames a state file that will not be loaded (its guest runs on

@@ -50,6 +50,10 @@ type Manifest struct {
 
 	// KexecClock carries time across the kexec (update only).
 	KexecClock *KexecClock `json:"kexec_clock,omitempty"`
+	// Remounted are the filesystems the update made read-only before its
+	// last manifest write (PMEM follows): recover makes them writable
+	// again if the update died before its kexec.
+	Remounted []string `json:"remounted,omitempty"`
 }
 
 // KexecClock lets the new kernel's PID 1 measure the time since the kexec

@@ -281,3 +281,24 @@ func Unmount(paths ...string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// Holding returns the mount that holds path (the longest mount point that
+// contains it; the last one mounted there), from a mounts table file.
+func Holding(mountsFile, path string) (Entry, error) {
+	ms, err := Table(mountsFile)
+	if err != nil {
+		return Entry{}, err
+	}
+	path = filepath.Clean(path)
+	best := Entry{}
+	for _, m := range ms {
+		inside := m.Dir == "/" || path == m.Dir || strings.HasPrefix(path, m.Dir+"/")
+		if inside && len(m.Dir) >= len(best.Dir) {
+			best = m
+		}
+	}
+	if best.Dir == "" {
+		return best, fmt.Errorf("no mount holds %s", path)
+	}
+	return best, nil
+}

@@ -113,7 +113,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 
 	// The state directory must be on a DAX filesystem on PMEM.
 	hostState := e.HostPath(e.StateDir)
-	m, err := mountOf(o.MountsFile, hostState)
+	m, err := mounts.Holding(o.MountsFile, hostState)
 	switch {
 	case err != nil:
 		bad("state directory %s: %v", e.StateDir, err)
@@ -270,25 +270,6 @@ func configFor(kernel string) string {
 	return c
 }
 
-// mountOf returns the mount that holds path (the longest mount point that
-// contains it; the last one mounted there).
-func mountOf(file, path string) (mounts.Entry, error) {
-	ms, err := mounts.Table(file)
-	if err != nil {
-		return mounts.Entry{}, err
-	}
-	best := mounts.Entry{}
-	for _, m := range ms {
-		if manifest.Within(path, m.Dir) && len(m.Dir) >= len(best.Dir) {
-			best = m
-		}
-	}
-	if best.Dir == "" {
-		return best, fmt.Errorf("no mount holds %s", path)
-	}
-	return best, nil
-}
-
 // kexecClock stamps the moment of the kexec and calibrates the TSC since
 // the plan's stamp, for the new kernel to carry the time across.
 func kexecClock(start crossclock.Stamp, log *slog.Logger) *manifest.KexecClock {
@@ -358,6 +339,7 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 	}); err != nil {
 		return m, rollback(ctx, e, p, m, remounted, unload, err)
 	}
+	m.Remounted = remounted
 	m.KexecClock = kexecClock(p.start, e.Log)
 	m.Phases = append(m.Phases, manifest.Phase{Name: "kexec", Start: m.KexecClock.Kexec.Wall})
 	if err := e.WriteManifest(); err != nil {

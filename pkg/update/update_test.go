@@ -1,6 +1,7 @@
 package update
 
 import (
+	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"os"
 	"path/filepath"
 	"strings"
@@ -59,9 +60,9 @@ func TestMountOf(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "mounts")
 	os.WriteFile(p, []byte("/dev/vda / ext4 rw 0 0\n/dev/pmem0 /mnt/pmem ext4 rw,dax=always 0 0\n/dev/pmem0 /newroot/mnt/pmem ext4 rw,dax=always 0 0\n"), 0o644)
 	for path, want := range map[string]string{"/mnt/pmem/lu": "/mnt/pmem", "/var/lib": "/", "/mnt/pmemx": "/", "/newroot/mnt/pmem/a": "/newroot/mnt/pmem"} {
-		m, err := mountOf(p, path)
+		m, err := mounts.Holding(p, path)
 		if err != nil || m.Dir != want {
-			t.Errorf("mountOf(%s) = %+v, %v; want %s", path, m, err, want)
+			t.Errorf("Holding(%s) = %+v, %v; want %s", path, m, err, want)
 		}
 	}
 	e := cpr.New("/mnt/pmem/lu", nil)
