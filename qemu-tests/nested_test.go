@@ -279,7 +279,7 @@ func TestNestedUpdate(t *testing.T) {
 	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
 	h.waitFor(`liveupdate: started guest inner pid \d+`, time.Minute)
 	state := innerAddr + ":7008"
-	first, _ := waitGuestState(t, nestNS, state, 5*time.Minute)
+	first, _ := waitGuestState(t, nestNS, state, 8*time.Minute) // nested TCG: minutes
 	t.Logf("inner guest up: %+v", first)
 	// The guest agent comes up minutes after the guest's network under
 	// nested emulation: wait until it answers, so that the updates can put
