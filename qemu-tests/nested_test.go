@@ -408,6 +408,7 @@ func TestNestedUpdate(t *testing.T) {
 				t.Errorf("timeline after the update: %+v", tl)
 			}
 			recordNestedBench(t, tl, gap)
+			recordNestedSoak(t, h, i+1, target)
 			t.Logf("update %d to %s: TCP echo longest gap %s; heartbeat longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
 				i+1, target, gap.Round(time.Millisecond), beats.takeGap().Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], m[2], m[4], split)
 			prev = after
@@ -570,6 +571,46 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 	if err != nil {
 		t.Logf("bench record: %v", err)
+		return
+	}
+	defer f.Close()
+	f.Write(append(b, '\n'))
+}
+
+// recordNestedSoak appends, when $LIVEUPDATE_SOAK_OUT is set (make soak),
+// what the outer host holds after an update: PID 1's open fds, processes,
+// mounts, network devices, and the files on PMEM. Each update boots a new
+// kernel, so only PMEM can accumulate; the rest shows PID 1 stays lean.
+func recordNestedSoak(t *testing.T, h *nestedHost, n int, kernel string) {
+	path := os.Getenv("LIVEUPDATE_SOAK_OUT")
+	if path == "" {
+		return
+	}
+	count := func(cmd string) int {
+		out, _ := h.run(cmd, time.Minute)
+		lines := strings.Split(strings.TrimSpace(strings.Split(out, "@@LU-EXIT")[0]), "\n")
+		n := 0
+		for _, l := range lines {
+			if strings.TrimSpace(l) != "" {
+				n++
+			}
+		}
+		return n
+	}
+	procs := 0
+	out, _ := h.run("ls /proc", time.Minute)
+	for _, f := range strings.Fields(strings.Split(out, "@@LU-EXIT")[0]) {
+		if _, err := strconv.Atoi(f); err == nil {
+			procs++
+		}
+	}
+	rec := map[string]any{"kind": "update", "cycle": n, "to": kernel, "ok": !t.Failed(), "counts": map[string]int{
+		"pid1_fds": count("ls /proc/1/fd"), "processes": procs, "mounts": count("cat /proc/mounts"),
+		"netdevs": count("ls /sys/class/net"), "pmem_files": count("ls /mnt/pmem/liveupdate"),
+	}}
+	b, _ := json.Marshal(rec)
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
 		return
 	}
 	defer f.Close()
