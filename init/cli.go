@@ -428,33 +428,50 @@ func cmdRestore(ctx context.Context, args []string, out io.Writer) int {
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
-	l, ok := c.lock("restore", args)
-	if !ok {
-		return exitRefused
+	m, release, code, ok := c.openRun("restore", args, *mpath, *host, out)
+	if !ok || m == nil {
+		return code
 	}
-	defer l.Release()
-	if *mpath == "" {
-		*mpath = manifestPath(c.stateDir)
-	}
-	m, err := manifest.Read(*mpath)
-	if err != nil {
-		fmt.Fprintln(os.Stderr, "liveupdate restore:", err)
-		return exitFailed
-	}
-	if *host {
-		if err := rebuildHost(m, os.Stderr); err != nil {
-			fmt.Fprintf(os.Stderr, "liveupdate restore: rebuilding the host for the guests: %v\nNo guest was started; their RAM and state files are kept\n", err)
-			return exitFailed
-		}
-	}
-	e := c.engine()
-	err = e.Restore(ctx, m, nil)
+	defer release()
+	err := c.engine().Restore(ctx, m, nil)
 	report(out, m, *asJSON)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "liveupdate restore: %v\nRAM and state files of failed VMs are kept; fix the cause and run 'liveupdate restore --manifest %s' again\n", err, *mpath)
+		fmt.Fprintf(os.Stderr, "liveupdate restore: %v\nRAM and state files of failed VMs are kept; fix the cause and run 'liveupdate recover' (or restore) again\n", err)
 		return exitFailed
 	}
 	return exitOK
+}
+
+// openRun starts restore or recover: it takes the lock, reads the manifest
+// (default STATE_DIR/manifest.json; a missing one is no interrupted run:
+// nil, exit 0) and, with host, rebuilds the manifest's network and cgroups.
+func (c *commonFlags) openRun(cmd string, args []string, path string, host bool, out io.Writer) (*manifest.Manifest, func(), int, bool) {
+	l, ok := c.lock(cmd, args)
+	if !ok {
+		return nil, nil, exitRefused, false
+	}
+	if path == "" {
+		path = manifestPath(c.stateDir)
+	}
+	m, err := manifest.Read(path)
+	if errors.Is(err, os.ErrNotExist) {
+		l.Release()
+		fmt.Fprintf(out, "no manifest at %s: no interrupted run to %s\n", path, cmd)
+		return nil, nil, exitOK, true
+	}
+	if err != nil {
+		l.Release()
+		fmt.Fprintf(os.Stderr, "liveupdate %s: %v\nNothing was touched. If the manifest is damaged, put a good copy in its place (the guests' RAM and state files are where it says).\n", cmd, err)
+		return nil, nil, exitFailed, false
+	}
+	if host {
+		if err := rebuildHost(m, os.Stderr); err != nil {
+			l.Release()
+			fmt.Fprintf(os.Stderr, "liveupdate %s: rebuilding the host for the guests: %v\nNo guest was touched; their RAM and state files are kept\n", cmd, err)
+			return nil, nil, exitFailed, false
+		}
+	}
+	return m, l.Release, exitOK, true
 }
 
 // rebuildHost re-creates the manifest's network and cgroups and shows what
@@ -486,29 +503,11 @@ func cmdRecover(ctx context.Context, args []string, out io.Writer) int {
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
-	l, ok := c.lock("recover", args)
-	if !ok {
-		return exitRefused
+	m, release, code, ok := c.openRun("recover", args, *mpath, *host, out)
+	if !ok || m == nil {
+		return code
 	}
-	defer l.Release()
-	if *mpath == "" {
-		*mpath = manifestPath(c.stateDir)
-	}
-	m, err := manifest.Read(*mpath)
-	if errors.Is(err, os.ErrNotExist) {
-		fmt.Fprintf(out, "no manifest at %s: no interrupted run to recover\n", *mpath)
-		return exitOK
-	}
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "liveupdate recover: %v\nNothing was touched. If the manifest is damaged, put a good copy in its place (guests' RAM and state files are where it says).\n", err)
-		return exitFailed
-	}
-	if *host {
-		if err := rebuildHost(m, os.Stderr); err != nil {
-			fmt.Fprintf(os.Stderr, "liveupdate recover: rebuilding the host for the guests: %v\nNo guest was touched\n", err)
-			return exitFailed
-		}
-	}
+	defer release()
 	rs, err := c.engine().Recover(ctx, m, nil)
 	if *asJSON {
 		enc := json.NewEncoder(out)
