@@ -356,6 +356,35 @@ func TestNestedUpdate(t *testing.T) {
 		}
 		untouched(t, pid)
 	})
+	// The updater dies (SIGKILL) just before its kexec: the guest is saved
+	// and quit, the filesystems read-only, the new kernel loaded. recover
+	// must bring the guest back on this kernel and undo the rest.
+	t.Run("CrashBeforeKexec", func(t *testing.T) {
+		defer h.use(t)()
+		before, _ := waitGuestState(t, nestNS, state, time.Minute)
+		out, code := h.run("LIVEUPDATE_FAULT=kexec=kill /newroot/usr/sbin/liveupdate-fault update --root /newroot --state-dir /mnt/pmem/liveupdate"+
+			fmt.Sprintf(" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", nw, nw), 3*time.Minute)
+		if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at kexec") {
+			t.Fatalf("the injected crash did not happen: exit %d", code)
+		}
+		out, code = h.run(fmt.Sprintf(lu, "recover"), cpr.ClockFixTimeout+2*time.Minute)
+		if code != 0 || !regexp.MustCompile(`inner +restored`).MatchString(out) {
+			t.Fatalf("recover after the crash: exit %d\n%s", code, out)
+		}
+		after, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
+		if after.boot != first.boot || after.seq <= before.seq || after.mem != "ok" {
+			t.Fatalf("guest after recover: %+v, before %+v", after, before)
+		}
+		if out, _ := h.run("cat /sys/kernel/kexec_loaded", time.Minute); !strings.HasPrefix(out, "0") {
+			t.Errorf("the new kernel is still loaded after recover: %s", out)
+		}
+		if _, code := h.run("touch /mnt/pmem/liveupdate/writable /newroot/tmp/writable", time.Minute); code != 0 {
+			t.Errorf("PMEM or the host root is still read-only after recover")
+		}
+		if _, err := echo.takeGap(); err != nil {
+			t.Errorf("the TCP connection broke: %v", err)
+		}
+	})
 	if t.Failed() {
 		return
 	}
