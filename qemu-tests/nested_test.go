@@ -467,9 +467,11 @@ func TestNestedUpdate(t *testing.T) {
 			t.Fatalf("kexec load exit %d", code)
 		}
 		h.sendNoAnswer("kexec -e", "kexec -e returned")
+		// Keep the control connection open until the new kernel is up:
+		// closing it at once can drop the command before the host read it.
+		m := h.waitFor(`liveupdate: FATAL: manifest: ([^\n]*)\n(?s:.*)liveupdate: RESCUE SHELL`, 5*time.Minute)
 		h.conn.Close()
 		h.conn = nil
-		m := h.waitFor(`liveupdate: FATAL: manifest: ([^\n]*)\n(?s:.*)liveupdate: RESCUE SHELL`, 5*time.Minute)
 		t.Logf("PID 1 stopped: manifest: %s", m[1])
 		if !strings.Contains(h.console(), "recover --host --root /newroot") {
 			t.Errorf("the rescue message does not say how to bring the guests back")
