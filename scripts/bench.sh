@@ -13,7 +13,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 local_cmd="go test -count=1 -timeout 90m -run '^\$' -bench . -benchtime ${runs}x ./qemu-tests"
-nested_cmd="LIVEUPDATE_NESTED_N=$nested LIVEUPDATE_BENCH_OUT=FILE go test -count=1 -timeout 90m -run 'TestNestedUpdate/(CrashBeforeKexec|Update)' ./qemu-tests"
+nested_cmd="LIVEUPDATE_NESTED_N=$nested LIVEUPDATE_BENCH_OUT=FILE go test -count=1 -timeout 90m -run 'TestNestedUpdate/(CrashBeforeKexec|Update|Corrupt)' ./qemu-tests"
 
 echo "== local restarts (P1–P4): $local_cmd"
 eval "$local_cmd" 2>&1 | tee "$work/local.log" | grep -E '^(BENCH|Benchmark|ok|FAIL|---)' || true
