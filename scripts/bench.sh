@@ -9,16 +9,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${BENCH_RUNS:-5}
 nested=${BENCH_NESTED:-5}
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+# Raw results stay in .cache/bench/ (BENCH_REUSE=1 rewrites the report
+# from them without running anything again).
+work=.cache/bench
+mkdir -p "$work"
 
 local_cmd="go test -count=1 -timeout 90m -run '^\$' -bench . -benchtime ${runs}x ./qemu-tests"
 nested_cmd="LIVEUPDATE_NESTED_N=$nested LIVEUPDATE_BENCH_OUT=FILE go test -count=1 -timeout 90m -run 'TestNestedUpdate/(CrashBeforeKexec|Update|Corrupt)' ./qemu-tests"
 
-echo "== local restarts (P1–P4): $local_cmd"
-eval "$local_cmd" 2>&1 | tee "$work/local.log" | grep -E '^(BENCH|Benchmark|ok|FAIL|---)' || true
-echo "== nested updates (P5, P6): $nested_cmd"
-eval "${nested_cmd/FILE/$work/nested.jsonl}" 2>&1 | tee "$work/nested.log" | grep -E '^(ok|FAIL|---|    ---)' || true
+if [ -z "${BENCH_REUSE:-}" ]; then
+	rm -f "$work/local.log" "$work/nested.jsonl" "$work/nested.log"
+	echo "== local restarts (P1–P4): $local_cmd"
+	eval "$local_cmd" 2>&1 | tee "$work/local.log" | grep -E '^(BENCH|Benchmark|ok|FAIL|---)' || true
+	echo "== nested updates (P5, P6): $nested_cmd"
+	eval "${nested_cmd/FILE/$work/nested.jsonl}" 2>&1 | tee "$work/nested.log" | grep -E '^(ok|FAIL|---|    ---)' || true
+fi
 old=$(cat .cache/kernels/old/version)
 new=$(cat .cache/kernels/new/version)
 python3 - "$work" "$runs" "$nested" "$local_cmd" "$nested_cmd" "$old" "$new" <<'PY' >docs/benchmarks.new
@@ -37,11 +42,13 @@ def mmm(v):
 def b(name): return benches.get(name, {})
 def fl(name, k): return float(b(name).get(k, "nan"))
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-").strip()
+mem = sh("free -g | awk '/Mem:/{print $2}'")
+qemu = sh("qemu-system-x86_64 --version | head -1")
 print("# Benchmarks\n")
 print(f"Written by `make bench` (scripts/bench.sh) on {datetime.date.today()}. Figures are measurements of this")
 print("machine, not assertions: tests never check speed. Targets are issue 5's.\n")
-print(f"- Machine: {os.cpu_count()} cores ({cpu}), {sh('free -g | awk \"/Mem:/{print \\$2}\"')} GiB RAM, host kernel {os.uname().release}")
-print(f"- QEMU: {sh('qemu-system-x86_64 --version | head -1')}, **TCG** (no KVM on this machine)")
+print(f"- Machine: {os.cpu_count()} cores ({cpu}), {mem} GiB RAM, host kernel {os.uname().release}")
+print(f"- QEMU: {qemu}, **TCG** (no KVM on this machine)")
 print(f"- Guests: the heartbeat test guest (Debian kernel {new}), RAM in a shared `memory-backend-file` on /dev/shm")
 print(f"- Local restarts: `{local_cmd}`")
 print(f"- Nested updates: `{nested_cmd}` ({old} ⇄ {new}, outer host under TCG, inner guest nested TCG)")

@@ -34,9 +34,10 @@ python3 - "$work" "$faults_cmd" "$soak_cmd" "$nested_cmd" <<'PY' >docs/reliabili
 import json, os, re, sys, datetime, subprocess
 work, faults_cmd, soak_cmd, nested_cmd = sys.argv[1:]
 def sh(c): return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
+cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-").strip()
+qemu = sh("qemu-system-x86_64 --version | head -1")
 print("# Reliability\n")
-print(f"Written by `make soak` (scripts/soak.sh) on {datetime.date.today()}, on {os.cpu_count()} cores "
-      f"({sh('grep -m1 \"model name\" /proc/cpuinfo | cut -d: -f2-').strip()}), {sh('qemu-system-x86_64 --version | head -1')} under TCG.\n")
+print(f"Written by `make soak` (scripts/soak.sh) on {datetime.date.today()}, on {os.cpu_count()} cores ({cpu}), {qemu} under TCG.\n")
 print("## Injected faults\n")
 print(f"`{faults_cmd}` (the binary built with `-tags faultinject`), and the nested subtests of `TestNestedUpdate`.")
 print("Each row: where the fault hits, what it is, what the tool did, and whether every guest ran afterwards")
