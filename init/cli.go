@@ -268,6 +268,7 @@ type commonFlags struct {
 	qmpWait  time.Duration
 	root     string
 	lockPath string
+	clock    time.Duration
 }
 
 func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
@@ -279,6 +280,7 @@ func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
 	fs.StringVar(&c.stateDir, "state-dir", defaultStateDir, "directory for state files and the manifest (for a kernel update: on the PMEM filesystem)")
 	fs.BoolVar(&c.verbose, "v", false, "verbose logging")
 	fs.DurationVar(&c.qmpWait, "qmp-timeout", 5*time.Second, "how long to wait for each QEMU's QMP monitor")
+	fs.DurationVar(&c.clock, "clock-timeout", cpr.ClockFixTimeout, "how long to try to put each restored guest's clock right through its agent")
 	fs.StringVar(&c.lockPath, "lock", runlock.DefaultPath, "the lock that lets one liveupdate at a time change guests")
 	fs.StringVar(&c.root, "root", "", "the host root as this process sees it when run from PID 1's shell (/newroot): QEMUs run chrooted there and paths are inside it")
 	return fs
@@ -303,6 +305,7 @@ func (c *commonFlags) engine() *cpr.Engine {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
 	e := cpr.New(c.stateDir, log)
 	e.QMPTimeout = c.qmpWait
+	e.ClockTimeout = c.clock
 	e.Root = c.root
 	return e
 }

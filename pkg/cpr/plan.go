@@ -51,6 +51,7 @@ type Engine struct {
 	SaveTimeout    time.Duration // one VM's migrate to file
 	QuitTimeout    time.Duration // old QEMU to exit after quit
 	RestoreTimeout time.Duration // new QEMU start → running
+	ClockTimeout   time.Duration // one guest's clock fix through its agent
 
 	// ClockAsync: Restore returns once the guests run, and their clocks
 	// are corrected afterwards (PID 1 must not wait for slow agents).
@@ -71,6 +72,7 @@ func New(stateDir string, log *slog.Logger) *Engine {
 		StateDir: stateDir, ProcRoot: "/proc", Log: log,
 		QMPTimeout: 5 * time.Second, SaveTimeout: 120 * time.Second,
 		QuitTimeout: 20 * time.Second, RestoreTimeout: 120 * time.Second,
+		ClockTimeout: ClockFixTimeout,
 	}
 }
 

@@ -257,7 +257,7 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 	err := e.timed("clock-fix", vm.Name, func() error {
 		// The agent may still be waking up in the guest, and it answers
 		// only after hwclock -w: both slow under emulation.
-		actx, cancel := context.WithTimeout(ctx, ClockFixTimeout)
+		actx, cancel := context.WithTimeout(ctx, e.ClockTimeout)
 		defer cancel()
 		var err error
 		offset, err = guestagent.SyncClock(actx, e.HostPath(vm.Agent), 20*time.Second)
@@ -275,7 +275,8 @@ func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
 	e.Log.Info("guest clock corrected", "vm", vm.Name, "offset", offset.Round(time.Microsecond))
 }
 
-// ClockFixTimeout bounds putting one guest's clock right after restore.
+// ClockFixTimeout is the default bound on putting one guest's clock right
+// after restore (Engine.ClockTimeout).
 const ClockFixTimeout = 3 * time.Minute
 
 // openFds returns the files to pass as fds 3, 4, … and those of them this
