@@ -454,6 +454,11 @@ func TestNestedUpdate(t *testing.T) {
 	// the rescue shell touching nothing, and `recover --host` from that
 	// shell must bring the guest back once the manifest is put right.
 	t.Run("CorruptManifestAfterKexec", func(t *testing.T) {
+		// One more kexec and boot: minutes under nested emulation, which
+		// CI's half hour cannot spare. make bench and make soak run it.
+		if os.Getenv("LIVEUPDATE_NESTED_FULL") == "" {
+			t.Skip("set LIVEUPDATE_NESTED_FULL=1 (make soak and make bench do)")
+		}
 		defer h.use(t)()
 		target := kernels[n%2]
 		before, _ := waitGuestState(t, nestNS, state, time.Minute)

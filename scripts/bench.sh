@@ -15,7 +15,7 @@ work=.cache/bench
 mkdir -p "$work"
 
 local_cmd="go test -count=1 -timeout 90m -run '^\$' -bench . -benchtime ${runs}x ./qemu-tests"
-nested_cmd="LIVEUPDATE_NESTED_N=$nested LIVEUPDATE_BENCH_OUT=FILE go test -count=1 -timeout 90m -run 'TestNestedUpdate/(CrashBeforeKexec|Update|Corrupt)' ./qemu-tests"
+nested_cmd="LIVEUPDATE_NESTED_N=$nested LIVEUPDATE_NESTED_FULL=1 LIVEUPDATE_BENCH_OUT=FILE go test -count=1 -timeout 90m -run 'TestNestedUpdate/(CrashBeforeKexec|Update|Corrupt)' ./qemu-tests"
 
 if [ -z "${BENCH_REUSE:-}" ]; then
 	rm -f "$work/local.log" "$work/nested.jsonl" "$work/nested.log"

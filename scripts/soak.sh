@@ -13,7 +13,7 @@ trap 'rm -rf "$work"' EXIT
 
 faults_cmd="go test -count=1 -timeout 30m -v -run 'TestFault' ./qemu-tests"
 soak_cmd="LIVEUPDATE_SOAK_CYCLES=$m LIVEUPDATE_SOAK_GUESTS=$k LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 60m -v -run TestSoakRestart ./qemu-tests"
-nested_cmd="LIVEUPDATE_NESTED_N=$n LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 120m -v -run TestNestedUpdate ./qemu-tests"
+nested_cmd="LIVEUPDATE_NESTED_N=$n LIVEUPDATE_NESTED_FULL=1 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 120m -v -run TestNestedUpdate ./qemu-tests"
 
 echo "== faults: $faults_cmd"
 eval "$faults_cmd" >"$work/faults.log" 2>&1 || true
@@ -69,7 +69,7 @@ for name, row in [("TestNestedUpdate/RefuseMemmapDrop", "| update: plan | a comm
                   ("TestNestedUpdate/CrashBeforeKexec", "| update: kexec | the updater SIGKILLed just before reboot | recover restores the guest on the old kernel, filesystems writable, kernel unloaded"),
                   ("TestNestedUpdate/CorruptManifestAfterKexec", "| after kexec: manifest | the manifest truncated | PID 1 stops in the rescue shell touching nothing; `recover --host` restores")]:
     ok = nstatus.get(name)
-    verdict = ("yes" if ok == "PASS" else "**NO**") if ok else "not run here (N=0); `make test` runs it"
+    verdict = ("yes" if ok == "PASS" else "**NO**") if ok else "not run here (N=0)"
     print(f"{row} | {verdict} | {name} |")
 print()
 print("## Soak\n")
