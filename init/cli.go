@@ -533,10 +533,11 @@ func cmdRecover(ctx context.Context, args []string, out io.Writer) int {
 
 func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
-	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [VM…]", &c)
+	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [--sequential] [VM…]", &c)
 	binary := fs.String("qemu", "", "restart the VMs on this QEMU binary (default: the one each runs now)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	skip := fs.Bool("skip-unsafe", false, "restart the safe VMs and leave unsafe ones running untouched (default: refuse all)")
+	sequential := fs.Bool("sequential", false, "start each new QEMU only after its old one quit (the default starts it\nbefore the save, so that QEMU's start-up is not part of the blackout)")
 	copyRAM := fs.Bool("copy-ram", false, "also copy guest RAM through the state file, as a plain migration does\n(the slow way, for comparison; the default leaves shared RAM in place)")
 	if code, ok := parse(fs, args); !ok {
 		return code
@@ -547,7 +548,7 @@ func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	}
 	defer l.Release()
 	e := c.engine()
-	m, ts, err := e.RestartQEMU(ctx, fs.Args(), cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM}, *skip)
+	m, ts, err := e.RestartQEMU(ctx, fs.Args(), cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM, EarlyStart: !*sequential}, *skip)
 	if m == nil {
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "liveupdate restart-qemu:", err)

@@ -176,7 +176,7 @@ func (h *hostVM) waitFor(re string, d time.Duration) []string {
 		if m := rx.FindStringSubmatch(string(b)); m != nil {
 			return m
 		}
-		if !strings.Contains(re, "RESCUE") && strings.Contains(string(b), "liveupdate: RESCUE SHELL") {
+		if !strings.Contains(re, "RESCUE") && fatalRescue(string(b)) {
 			h.t.Fatalf("PID 1 went to the rescue shell while waiting for %q; console:\n%s", re, tail(string(b), 60))
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -221,7 +221,7 @@ func (h *hostVM) waitForNth(re string, n int, d time.Duration) []string {
 		if ms := rx.FindAllStringSubmatch(string(b), -1); len(ms) >= n {
 			return ms[n-1]
 		}
-		if strings.Count(string(b), "liveupdate: RESCUE SHELL") > 0 {
+		if fatalRescue(string(b)) {
 			h.t.Fatalf("PID 1 went to the rescue shell; console:\n%s", tail(string(b), 80))
 		}
 		select {
@@ -233,6 +233,16 @@ func (h *hostVM) waitForNth(re string, n int, d time.Duration) []string {
 	b, _ := os.ReadFile(h.log)
 	h.t.Fatalf("console never matched %q %d times within %s; console:\n%s", re, n, d, tail(string(b), 80))
 	return nil
+}
+
+// partialRescue is the rescue shell PID 1 offers when some guests failed to
+// restore while the others run.
+var partialRescue = regexp.MustCompile(`Fix the cause, then: liveupdate recover [^\n]*\nliveupdate: RESCUE SHELL`)
+
+// fatalRescue tells whether PID 1 stopped in the rescue shell (not the one
+// it offers beside running guests after a partial restore).
+func fatalRescue(console string) bool {
+	return strings.Count(console, "liveupdate: RESCUE SHELL") > len(partialRescue.FindAllStringIndex(console, -1))
 }
 
 func (h *hostVM) console() string {

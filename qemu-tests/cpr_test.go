@@ -2,10 +2,12 @@ package qemutests
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -14,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
@@ -98,13 +101,76 @@ func TestRestartOne(t *testing.T) {
 	if fi, _ := os.Stat(filepath.Join(state, manifest.FileName)); fi.Mode().Perm() != 0o600 {
 		t.Errorf("manifest mode %v", fi.Mode().Perm())
 	}
+	checkEarlyStart(t, m, g)
 
-	// And again, from the restored QEMU: the cycle repeats.
+	// And again, from the restored QEMU, the sequential way: the cycle
+	// repeats.
 	last, _ = g.lastBeat()
-	if code, _, _ := runLU(t, "restart-qemu", "--state-dir", state, "one"); code != 0 {
+	if code, _, _ := runLU(t, "restart-qemu", "--sequential", "--state-dir", state, "one"); code != 0 {
 		t.Fatalf("second restart-qemu exit %d", code)
 	}
 	g.checkContinues(last)
+	m, err = manifest.Read(filepath.Join(state, manifest.FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vm := vmOf(t, m, "one"); qemuStarted(m, "one").Before(vm.Stopped) || g.pid() != vm.NewPID {
+		t.Errorf("--sequential: the new QEMU started before the old one stopped, or its pidfile is not its own")
+	}
+}
+
+func vmOf(t *testing.T, m *manifest.Manifest, name string) *manifest.VM {
+	t.Helper()
+	for i := range m.VMs {
+		if m.VMs[i].Name == name {
+			return &m.VMs[i]
+		}
+	}
+	t.Fatalf("%s is not in the manifest", name)
+	return nil
+}
+
+// qemuStarted is when the VM's new QEMU was started (its qemu-start phase).
+func qemuStarted(m *manifest.Manifest, vm string) time.Time {
+	for _, p := range m.Phases {
+		if p.Name == "qemu-start" && p.VM == vm {
+			return p.Start
+		}
+	}
+	return time.Time{}
+}
+
+// checkEarlyStart checks a restart started the guest's new QEMU before its
+// old one stopped, and left it as QEMU itself would be: its pidfile names
+// it, its monitor answers at the command line's path, no socket is left
+// aside.
+func checkEarlyStart(t *testing.T, m *manifest.Manifest, g *guest) {
+	t.Helper()
+	vm := vmOf(t, m, g.name)
+	var ready time.Time
+	for _, p := range m.Phases {
+		if p.Name == "qemu-init" && p.VM == g.name {
+			ready = p.End
+		}
+	}
+	if ready.IsZero() || !ready.Before(vm.Stopped) {
+		t.Errorf("%s: the new QEMU's monitor answered at %v, not before the old one stopped (%v)", g.name, ready, vm.Stopped)
+	}
+	if g.pid() != vm.NewPID {
+		t.Errorf("%s: pidfile says %d, the new QEMU is %d", g.name, g.pid(), vm.NewPID)
+	}
+	c, err := qmp.Dial(context.Background(), g.qmp)
+	if err != nil {
+		t.Fatalf("%s: the new QEMU's monitor at %s: %v", g.name, g.qmp, err)
+	}
+	defer c.Close()
+	var st struct{ Status string }
+	if err := c.Execute(context.Background(), "query-status", nil, &st); err != nil || st.Status != "running" {
+		t.Errorf("%s: query-status %q %v", g.name, st.Status, err)
+	}
+	if left, _ := filepath.Glob(filepath.Join(filepath.Dir(g.qmp), "*.lu-old")); len(left) > 0 {
+		t.Errorf("%s: sockets left aside: %v", g.name, left)
+	}
 }
 
 // TestRestartThreeShapes restarts three differently shaped guests at once:
@@ -138,8 +204,11 @@ func TestRestartThreeShapes(t *testing.T) {
 	idx := ifindex()
 
 	gs := bootAll(t,
+		// A VNC TCP port cannot be bound by two QEMUs at once: this one is
+		// restarted the sequential way, the others with an early start.
 		guestSpec{name: "json", memory: []string{"-m", "256", "-machine", "q35,memory-backend=ram0",
-			"-object", `{"qom-type":"memory-backend-file","id":"ram0","size":268435456,"mem-path":"/dev/shm/lu-test-json.ram","share":true}`}},
+			"-object", `{"qom-type":"memory-backend-file","id":"ram0","size":268435456,"mem-path":"/dev/shm/lu-test-json.ram","share":true}`},
+			extra: []string{"-vnc", "127.0.0.1:57"}},
 		guestSpec{name: "numa", memory: []string{"-m", "256", "-smp", "2", "-machine", "pc",
 			"-object", "memory-backend-file,id=m0,size=128M,mem-path=/dev/shm/lu-test-numa0.ram,share=on",
 			"-object", "memory-backend-file,id=m1,size=128M,mem-path=/dev/shm/lu-test-numa1.ram,share=on",
@@ -156,9 +225,21 @@ func TestRestartThreeShapes(t *testing.T) {
 		oldPIDs = append(oldPIDs, g.pid())
 	}
 	state := t.TempDir()
-	code, out, _ := runLU(t, "restart-qemu", "--json", "--state-dir", state, "json", "numa", "tap")
+	code, out, errOut := runLU(t, "restart-qemu", "--json", "--state-dir", state, "json", "numa", "tap")
 	if code != 0 {
 		t.Fatalf("restart-qemu exit %d", code)
+	}
+	if !regexp.MustCompile(`restarting this VM the sequential way.*vm=json.*-vnc 127.0.0.1:57 listens on a TCP port`).MatchString(errOut) {
+		t.Errorf("the VNC guest was not restarted the sequential way, with the reason:\n%s", errOut)
+	}
+	m, err := manifest.Read(filepath.Join(state, manifest.FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkEarlyStart(t, m, gs[1])
+	checkEarlyStart(t, m, gs[2])
+	if qemuStarted(m, "json").Before(vmOf(t, m, "json").Stopped) {
+		t.Errorf("json: started early despite its VNC port")
 	}
 	r := parseResult(t, out)
 	if len(r.VMs) != 3 {

@@ -27,6 +27,8 @@ func TestFaults(t *testing.T) {
 		{"manifest=fail", "manifest written, nothing saved"},
 		{"manifest-write=kill", "the first manifest write interrupted before its rename"},
 		{"manifest=kill", "manifest written, nothing saved"},
+		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back"},
+		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back"},
 		{"saved=fail", "all saved, none quit: resumed"},
 		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs"},
 		{"manifest-write@2=kill", "saves done, recording them interrupted"},

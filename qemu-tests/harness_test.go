@@ -177,7 +177,7 @@ func (g *guest) kill() {
 	if p := g.pid(); p > 0 {
 		exec.Command("kill", "-9", strconv.Itoa(p)).Run()
 	}
-	out, _ := exec.Command("pgrep", "-f", "-name "+g.name+" ").Output()
+	out, _ := exec.Command("pgrep", "-f", "--", "-name "+g.name+" ").Output()
 	for _, f := range strings.Fields(string(out)) {
 		exec.Command("kill", "-9", f).Run()
 	}

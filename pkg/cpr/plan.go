@@ -61,6 +61,7 @@ type Engine struct {
 	mu      sync.Mutex // guards man, pending and the manifest's writes
 	man     *manifest.Manifest
 	pending []manifest.Phase // phases timed before Save created the manifest
+	early   map[string]*newQEMU // new QEMUs started before the save, by VM (early.go)
 }
 
 // New returns an engine with default timeouts.
@@ -73,6 +74,7 @@ func New(stateDir string, log *slog.Logger) *Engine {
 		QMPTimeout: 5 * time.Second, SaveTimeout: 120 * time.Second,
 		QuitTimeout: 20 * time.Second, RestoreTimeout: 120 * time.Second,
 		ClockTimeout: ClockFixTimeout,
+		early:        map[string]*newQEMU{},
 	}
 }
 
@@ -87,6 +89,7 @@ type Target struct {
 
 	rec   *manifest.VM
 	files map[int]*os.File // fds taken from the old QEMU, by their new number
+	dying int              // pidfd of the old QEMU once killed (early start), else 0
 }
 
 // Name is the VM's name.
@@ -106,6 +109,12 @@ func (t *Target) Close() {
 // Plan discovers QEMU processes (all, or those named), connects to each one's
 // QMP socket, gathers facts and gives a verdict. It changes nothing.
 func (e *Engine) Plan(ctx context.Context, names []string) ([]*Target, error) {
+	return e.plan(ctx, names, false)
+}
+
+// plan is Plan; twins allows two QEMUs of one name (recover looks for the
+// new QEMU an interrupted restart started beside the old one).
+func (e *Engine) plan(ctx context.Context, names []string, twins bool) ([]*Target, error) {
 	procs, err := discover.All(e.ProcRoot)
 	if err != nil {
 		return nil, err
@@ -117,8 +126,8 @@ func (e *Engine) Plan(ctx context.Context, names []string) ([]*Target, error) {
 		if len(names) > 0 && !slices.Contains(names, n) && !slices.Contains(names, fmt.Sprint(p.PID)) {
 			continue
 		}
-		if seen[n] {
-			return nil, fmt.Errorf("two QEMU processes are both called %q: give each VM a unique -name", n)
+		if seen[n] && !twins {
+			return nil, fmt.Errorf("two QEMU processes are both called %q: give each VM a unique -name (or, if a restart was interrupted, run 'liveupdate recover')", n)
 		}
 		seen[n] = true
 		sel = append(sel, p)

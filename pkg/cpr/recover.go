@@ -34,7 +34,9 @@ type Recovery struct {
 //     cancelled, and nobody quit it): its migration is cancelled and it
 //     continues, and its state file is set aside as .aborted;
 //   - a new QEMU of that name waits for its state and never got it: it is
-//     stopped, and the guest restored again;
+//     stopped, and the guest restored again — or, if it was started early
+//     and the old QEMU still lives, stopped and the old one resumed, with
+//     its sockets put back;
 //   - no QEMU runs it and its state file is there: it is restored;
 //   - anything else is reported, with its RAM and files left as they are.
 //
@@ -71,6 +73,7 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
 		isOld := t != nil && sameBoot && t.Proc.PID == vm.PID
+		e.settleAside(vm, isOld)
 		switch {
 		case t != nil && t.Facts.QMPErr != nil:
 			failed(i, fmt.Sprintf("QEMU pid %d runs it but its monitor does not answer (stopped? hung?): %v", t.Proc.PID, t.Facts.QMPErr))
@@ -203,19 +206,28 @@ func CloseAll(ts []*Target) {
 func (e *Engine) liveQEMUs(ctx context.Context, m *manifest.Manifest) (map[string]*Target, error) {
 	deadline := time.Now().Add(e.QMPTimeout)
 	for {
-		ts, err := e.Plan(ctx, nil)
+		ts, err := e.plan(ctx, nil, true)
 		if err != nil {
 			return nil, fmt.Errorf("finding the running QEMUs: %w", err)
 		}
-		live := map[string]*Target{}
+		if e.settleTwins(ts, m) {
+			CloseAll(ts) // old QEMUs' sockets are back: look again
+			continue
+		}
 		waiting := false
 		for _, t := range ts {
-			live[t.Name()] = t
 			for _, vm := range m.VMs {
 				waiting = waiting || (vm.Name == t.Name() && t.Facts.QMPErr != nil)
 			}
 		}
 		if !waiting || time.Now().After(deadline) {
+			live := map[string]*Target{}
+			for _, t := range ts {
+				if prev := live[t.Name()]; prev != nil {
+					prev.Close()
+				}
+				live[t.Name()] = t
+			}
 			return live, nil
 		}
 		CloseAll(ts)

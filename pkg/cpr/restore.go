@@ -86,88 +86,31 @@ func (e *Engine) restore(ctx context.Context, m *manifest.Manifest, held map[str
 func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.File) error {
 	ctx, cancel := context.WithTimeout(ctx, e.RestoreTimeout)
 	defer cancel()
-	if _, err := os.Stat(e.HostPath(vm.StateFile)); err != nil {
-		return fmt.Errorf("state file: %w", err)
-	}
-	for _, b := range vm.RAM {
-		if b.MemPath == "" {
-			continue
-		}
-		st, err := os.Stat(e.HostPath(b.MemPath))
-		if err != nil {
-			return fmt.Errorf("RAM of backend %s: %w", b.ID, err)
-		}
-		if st.Mode().IsRegular() && b.Size > 0 && uint64(st.Size()) < b.Size {
-			return fmt.Errorf("RAM file %s of backend %s is %d bytes, smaller than the guest's %d: refusing to start on it", b.MemPath, b.ID, st.Size(), b.Size)
-		}
-	}
-
-	var cmd *exec.Cmd
-	var files []*os.File
-	var opened []*os.File
-	defer func() {
-		for _, f := range opened {
-			f.Close()
-		}
-	}()
-	err := tapdev.InNetNS(vm.NetNS, func() error {
-		var err error
-		files, opened, err = e.openFds(vm, held)
-		if err != nil {
-			return err
-		}
-		cmd, err = e.command(vm, files)
-		if err != nil {
-			return err
-		}
-		err = e.timed("qemu-start", vm.Name, cmd.Start)
-		if cmd.SysProcAttr.UseCgroupFD {
-			unix.Close(cmd.SysProcAttr.CgroupFD) // the child has its cgroup
-		}
-		if err == nil {
-			if ferr := fault.At("qemu-start"); ferr != nil {
-				cmd.Process.Kill()
-				cmd.Wait()
-				return ferr
-			}
+	q := e.takeEarly(vm.Name) // started before the save, if it was
+	if err := e.checkGuestFiles(vm); err != nil {
+		if q != nil {
+			q.stop()
 		}
 		return err
-	})
-	if err != nil {
-		return fmt.Errorf("starting QEMU: %w", err)
 	}
-	vm.NewPID = cmd.Process.Pid
-	if e.OnStart != nil {
-		e.OnStart(vm.NewPID)
-	}
-	// exited is closed when the new QEMU exits; waitErr then says how.
-	exited := make(chan struct{})
-	var waitErr error
-	go func() { waitErr = cmd.Wait(); close(exited) }()
-	fail := func(err error) error {
-		cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
+	if q == nil {
+		var err error
+		if q, err = e.startQEMU(ctx, vm, held, vm.RestartArgv); err != nil {
+			return err
 		}
+	}
+	fail := func(err error) error {
+		q.stop()
 		vm.NewPID = 0
 		return fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
 	}
-
-	// QEMU's own start-up: until its QMP socket answers.
-	var c *qmp.Client
-	err = e.timed("qemu-init", vm.Name, func() (err error) {
-		c, err = dialUntil(ctx, e.HostPath(vm.QMP), exited, func() error { return waitErr })
-		return err
-	})
-	if err != nil {
-		return fail(err)
-	}
-	defer c.Close()
-	err = e.timed("load", vm.Name, func() error {
-		if err := migrateSetup(ctx, c, vm); err != nil {
-			return err
+	defer q.c.Close()
+	c := q.c
+	err := e.timed("load", vm.Name, func() error {
+		if !q.setUp {
+			if err := migrateSetup(ctx, c, vm); err != nil {
+				return err
+			}
 		}
 		if err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + vm.StateFile}, nil); err != nil {
 			return err
@@ -213,7 +156,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 	}
 	for _, fd := range vm.Fds {
 		if fd.Kind == qemuargv.FdTap && !fd.TapPersist {
-			if err := tapdev.SetPersist(files[fd.Num-firstFd], false); err != nil {
+			if err := tapdev.SetPersist(q.files[fd.Num-firstFd], false); err != nil {
 				e.Log.Warn("restoring tap persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
 			}
 		}
@@ -232,6 +175,106 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		e.fixClock(ctx, vm)
 	}
 	return nil
+}
+
+// checkGuestFiles checks that a VM's state file is there and its RAM
+// files are whole before a QEMU is started on them.
+func (e *Engine) checkGuestFiles(vm *manifest.VM) error {
+	if _, err := os.Stat(e.HostPath(vm.StateFile)); err != nil {
+		return fmt.Errorf("state file: %w", err)
+	}
+	for _, b := range vm.RAM {
+		if b.MemPath == "" {
+			continue
+		}
+		st, err := os.Stat(e.HostPath(b.MemPath))
+		if err != nil {
+			return fmt.Errorf("RAM of backend %s: %w", b.ID, err)
+		}
+		if st.Mode().IsRegular() && b.Size > 0 && uint64(st.Size()) < b.Size {
+			return fmt.Errorf("RAM file %s of backend %s is %d bytes, smaller than the guest's %d: refusing to start on it", b.MemPath, b.ID, st.Size(), b.Size)
+		}
+	}
+	return nil
+}
+
+// newQEMU is a QEMU started for a VM, waiting for its state.
+type newQEMU struct {
+	cmd     *exec.Cmd
+	exited  chan struct{} // closed when it exits; waitErr then says how
+	waitErr error
+	c       *qmp.Client
+	files   []*os.File // its inherited fds 3, 4, …
+	setUp   bool       // migration capabilities already set
+	aside   []string   // started early: the old QEMU's sockets, moved aside (early.go)
+}
+
+// startQEMU starts a VM's new QEMU on argv (in its network namespace,
+// cgroup and credentials) and connects to its monitor. Its inverse is stop.
+func (e *Engine) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.File, argv []string) (*newQEMU, error) {
+	q := &newQEMU{exited: make(chan struct{})}
+	var opened []*os.File
+	defer func() {
+		for _, f := range opened {
+			f.Close() // QEMU has its copies
+		}
+	}()
+	err := tapdev.InNetNS(vm.NetNS, func() error {
+		var err error
+		q.files, opened, err = e.openFds(vm, held)
+		if err != nil {
+			return err
+		}
+		q.cmd, err = e.command(vm, argv, q.files)
+		if err != nil {
+			return err
+		}
+		err = e.timed("qemu-start", vm.Name, q.cmd.Start)
+		if q.cmd.SysProcAttr.UseCgroupFD {
+			unix.Close(q.cmd.SysProcAttr.CgroupFD) // the child has its cgroup
+		}
+		if err == nil {
+			if ferr := fault.At("qemu-start"); ferr != nil {
+				q.cmd.Process.Kill()
+				q.cmd.Wait()
+				return ferr
+			}
+		}
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("starting QEMU: %w", err)
+	}
+	vm.NewPID = q.cmd.Process.Pid
+	if e.OnStart != nil {
+		e.OnStart(vm.NewPID)
+	}
+	go func() { q.waitErr = q.cmd.Wait(); close(q.exited) }()
+	// QEMU's own start-up: until its QMP socket answers.
+	err = e.timed("qemu-init", vm.Name, func() (err error) {
+		q.c, err = dialUntil(ctx, e.HostPath(vm.QMP), q.exited, func() error { return q.waitErr })
+		return err
+	})
+	if err != nil {
+		q.stop()
+		vm.NewPID = 0
+		return nil, fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
+	}
+	return q, nil
+}
+
+// stop ends a new QEMU (asking first) and waits until it is gone.
+func (q *newQEMU) stop() {
+	q.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-q.exited:
+	case <-time.After(5 * time.Second):
+		q.cmd.Process.Kill()
+		<-q.exited
+	}
+	if q.c != nil {
+		q.c.Close()
+	}
 }
 
 // WaitClocks waits for the clock fixes started by an asynchronous restore.
@@ -325,14 +368,14 @@ func (e *Engine) logPath(vm *manifest.VM) string {
 
 // command builds the new QEMU process: same cwd, environment, credentials
 // and cgroup as the old one, detached into its own session.
-func (e *Engine) command(vm *manifest.VM, files []*os.File) (*exec.Cmd, error) {
+func (e *Engine) command(vm *manifest.VM, argv []string, files []*os.File) (*exec.Cmd, error) {
 	log, err := os.OpenFile(e.logPath(vm), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(log, "--- liveupdate restore %s: %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(vm.RestartArgv, " "))
+	fmt.Fprintf(log, "--- liveupdate restore %s: %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(argv, " "))
 	cmd := &exec.Cmd{
-		Path: vm.Binary, Args: vm.RestartArgv, Dir: vm.Cwd, Env: vm.Env,
+		Path: vm.Binary, Args: argv, Dir: vm.Cwd, Env: vm.Env,
 		Stdout: log, Stderr: log, ExtraFiles: files,
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
 	}

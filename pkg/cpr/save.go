@@ -29,6 +29,10 @@ type SaveOptions struct {
 	// CopyRAM saves guest RAM into the state file too, as a plain
 	// migration does (no x-ignore-shared): the slow way, for comparison.
 	CopyRAM bool
+	// EarlyStart starts each new QEMU before its old one stops, so that
+	// QEMU's start-up is not part of the blackout (restart-qemu; see
+	// early.go). An update cannot: its new QEMUs run on the new kernel.
+	EarlyStart bool
 }
 
 // firstFd is where the new QEMU's inherited fds start (after stdio).
@@ -77,6 +81,16 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	if err := fault.At("manifest"); err != nil {
 		e.releaseTaps(ts)
 		return nil, err
+	}
+	if o.EarlyStart {
+		e.startEarly(ctx, ts)
+		if err := fault.At("early-start"); err != nil {
+			for _, t := range ts {
+				e.dropEarly(t.rec)
+			}
+			e.releaseTaps(ts)
+			return nil, err
+		}
 	}
 
 	// Save all in parallel; quit none until all have saved.
@@ -330,6 +344,7 @@ func (e *Engine) Resume(ts []*Target) error {
 		if t.rec == nil || t.QMP == nil {
 			continue
 		}
+		e.dropEarly(t.rec)
 		ctx, cancel := context.WithTimeout(context.Background(), e.QMPTimeout)
 		var q struct{ Status string }
 		if err := t.QMP.Execute(ctx, "query-migrate", nil, &q); err == nil && q.Status != "" &&
@@ -383,6 +398,9 @@ func (e *Engine) releaseTaps(ts []*Target) {
 // quitOne quits an old QEMU that has saved, and waits for it to exit. If it
 // does not exit in time it is killed: its state is already saved.
 func (e *Engine) quitOne(ctx context.Context, t *Target) error {
+	if e.hasEarly(t.Name()) {
+		return e.killOld(t)
+	}
 	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
 	if err != nil {
 		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)

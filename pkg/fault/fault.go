@@ -21,6 +21,7 @@ var Points = []string{
 	"plan",           // restart/update: planned, nothing touched
 	"kexec-load",     // update: new kernel loaded
 	"manifest",       // first manifest written, nothing saved
+	"early-start",    // restart: new QEMUs started beside the old ones
 	"saved",          // every guest saved, none quit
 	"manifest-write", // inside an atomic manifest write, before its rename
 	"quit",           // every old QEMU quit

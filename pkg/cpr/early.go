@@ -1,0 +1,260 @@
+package cpr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+)
+
+// Starting the new QEMU early (restart-qemu). A QEMU takes 100 ms and more
+// to start before its monitor answers (seconds in a nested host); started
+// with -incoming defer while the old QEMU still runs the guest, that time
+// leaves the blackout, which becomes save + kill + load + cont.
+//
+// Two QEMUs of one guest at once need care:
+//   - QEMU unlinks a server socket's path before it binds it, and again when
+//     it quits; it locks its -pidfile. The old QEMU's sockets and pidfile
+//     are moved aside (PATH.lu-old) before the new one starts, so that the
+//     new one makes its own and a rollback can put the old ones back; and
+//     once saved the old QEMU is killed, not quit, as quitting would unlink
+//     the paths the new one uses. Its disks were flushed and released by
+//     the migration. The new QEMU runs the very same command line.
+//   - A tap opened by name (single queue), a TCP port, a client socket whose
+//     server takes one client cannot be held twice (qemuargv.TwinConflicts):
+//     such a VM, and any VM whose early QEMU does not come up, is restarted
+//     the sequential way.
+
+// asideSuffix marks an old QEMU's socket moved out of its new twin's way.
+const asideSuffix = ".lu-old"
+
+// startEarly starts every target's new QEMU beside its old one, in
+// parallel. A VM whose new QEMU cannot start early is logged and left to
+// the sequential way; nothing of its old QEMU is changed.
+func (e *Engine) startEarly(ctx context.Context, ts []*Target) {
+	var wg sync.WaitGroup
+	for _, t := range ts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			err := e.timed("early-start", t.Name(), func() error { return e.startEarlyOne(ctx, t) })
+			if err != nil {
+				e.Log.Warn("cannot start the new QEMU beside the old one; restarting this VM the sequential way", "vm", t.Name(), "why", err)
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+func (e *Engine) startEarlyOne(ctx context.Context, t *Target) error {
+	vm := t.rec
+	c, err := qemuargv.Parse(vm.RestartArgv)
+	if err != nil {
+		return err
+	}
+	if conflicts := c.TwinConflicts(); len(conflicts) > 0 {
+		return errors.New(strings.Join(conflicts, "; "))
+	}
+	aside := e.ownPaths(vm)
+	for i, p := range aside {
+		if err := os.Rename(p, p+asideSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+			putBack(aside[:i])
+			return fmt.Errorf("moving the old QEMU's socket aside: %w", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, e.RestoreTimeout)
+	defer cancel()
+	q, err := e.startQEMU(ctx, vm, t.files, vm.RestartArgv)
+	if err == nil {
+		if err = migrateSetup(ctx, q.c, vm); err != nil {
+			q.stop()
+		}
+	}
+	if err != nil {
+		vm.NewPID = 0
+		putBack(aside)
+		return err
+	}
+	q.setUp, q.aside = true, aside
+	e.mu.Lock()
+	e.early[vm.Name] = q
+	e.mu.Unlock()
+	return nil
+}
+
+// dropEarly is startEarly's inverse for one VM, for a rollback to its old
+// QEMU: the new QEMU is stopped and the old one's sockets are put back.
+func (e *Engine) dropEarly(vm *manifest.VM) {
+	q := e.takeEarly(vm.Name)
+	if q == nil {
+		return
+	}
+	q.stop()
+	vm.NewPID = 0
+	putBack(q.aside)
+	e.Log.Info("stopped the new QEMU started early; the old one keeps its sockets", "vm", vm.Name)
+}
+
+// takeEarly returns (and forgets) the VM's early-started QEMU, if any.
+func (e *Engine) takeEarly(name string) *newQEMU {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	q := e.early[name]
+	delete(e.early, name)
+	return q
+}
+
+// hasEarly tells whether the VM's new QEMU was started early.
+func (e *Engine) hasEarly(name string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.early[name] != nil
+}
+
+// killOld ends an old QEMU whose saved guest an early-started QEMU takes
+// over: SIGKILL, because quit would unlink the sockets and pidfile the
+// new one made. It does not wait: a process with gigabytes mapped takes
+// tens of milliseconds to die, and the old QEMU, stopped and saved, can
+// no longer touch the guest, so the new one loads meanwhile (reapOld
+// waits).
+func (e *Engine) killOld(t *Target) error {
+	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
+	switch {
+	case err == nil:
+		if err := unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0); err != nil {
+			unix.Close(pidfd)
+			return fmt.Errorf("%s: killing old QEMU pid %d: %w", t.Name(), t.Proc.PID, err)
+		}
+		t.dying = pidfd
+	case !errors.Is(err, unix.ESRCH): // else gone already
+		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
+	}
+	t.QMP.Close()
+	t.rec.Status = manifest.StatusQuit
+	for _, p := range e.ownPaths(t.rec) {
+		os.Remove(p + asideSuffix) // a killed QEMU unlinks nothing
+	}
+	return nil
+}
+
+// reapOld waits until the old QEMUs killOld killed are gone.
+func (e *Engine) reapOld(ts []*Target) error {
+	var errs []error
+	for _, t := range ts {
+		if t.dying == 0 {
+			continue
+		}
+		if !waitPidfd(t.dying, e.QuitTimeout) {
+			errs = append(errs, fmt.Errorf("%s: old QEMU pid %d, killed, does not exit (stuck in the kernel?)", t.Name(), t.Proc.PID))
+		}
+		unix.Close(t.dying)
+		t.dying = 0
+	}
+	return errors.Join(errs...)
+}
+
+// ownPaths are the host paths of what the VM's QEMU makes its own and a
+// second QEMU would take from it: the unix sockets it binds, its pidfile.
+func (e *Engine) ownPaths(vm *manifest.VM) []string {
+	c, err := qemuargv.Parse(vm.Argv)
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, p := range c.ListenPaths() {
+		out = append(out, e.hostPathIn(vm, p))
+	}
+	if p := c.Pidfile(); p != "" {
+		out = append(out, e.hostPathIn(vm, p))
+	}
+	return out
+}
+
+// hostPathIn resolves a path of the VM's command line (relative to its
+// QEMU's working directory, inside e.Root) to ours.
+func (e *Engine) hostPathIn(vm *manifest.VM, p string) string {
+	if !filepath.IsAbs(p) {
+		p = filepath.Join(vm.Cwd, p)
+	}
+	return e.HostPath(p)
+}
+
+// putBack moves an old QEMU's sockets and pidfile back from aside, over
+// whatever a new QEMU left at their paths, and tells whether there were any.
+func putBack(paths []string) (any bool) {
+	for _, p := range paths {
+		if _, err := os.Lstat(p + asideSuffix); err == nil {
+			any = os.Rename(p+asideSuffix, p) == nil || any
+		}
+	}
+	return any
+}
+
+// settleAside tidies the files an interrupted early start moved aside:
+// put back if the old QEMU still runs, removed if it is gone.
+func (e *Engine) settleAside(vm *manifest.VM, oldLives bool) {
+	paths := e.ownPaths(vm)
+	if oldLives {
+		putBack(paths)
+		return
+	}
+	for _, p := range paths {
+		os.Remove(p + asideSuffix)
+	}
+}
+
+// settleTwins undoes an early start interrupted before the old QEMU was
+// killed: a new QEMU that never got its state is stopped, and the old
+// one's files moved aside are put back (also when we died before the new
+// QEMU started). It tells whether it changed anything (the old QEMUs'
+// monitors are then reachable again, and the caller looks anew). Meanwhile the monitor
+// path is the new QEMU's: whichever of the two got through to it (a
+// monitor serves one client at a time) learnt the new QEMU's state.
+func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
+	if m.Host.BootID != currentBootID() {
+		return false // PIDs of another boot mean nothing
+	}
+	alive := map[int]bool{}
+	for _, t := range ts {
+		alive[t.Proc.PID] = true
+	}
+	stopped := false
+	for i := range m.VMs {
+		vm := &m.VMs[i]
+		if !alive[vm.PID] {
+			continue
+		}
+		var twin *Target
+		status := ""
+		for _, t := range ts {
+			if t.Name() != vm.Name {
+				continue
+			}
+			if t.Proc.PID != vm.PID {
+				twin = t
+			}
+			if t.Facts.QMPErr == nil {
+				status = t.Facts.Status
+			}
+		}
+		switch {
+		case twin != nil && status == "inmigrate":
+			e.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
+			killAndWait(twin.Proc.PID)
+			putBack(e.ownPaths(vm))
+			stopped = true
+		case twin == nil && putBack(e.ownPaths(vm)):
+			e.Log.Info("put the old QEMU's sockets back from aside", "vm", vm.Name)
+			stopped = true
+		}
+	}
+	return stopped
+}

@@ -1,0 +1,87 @@
+package qemuargv
+
+import (
+	"fmt"
+	"strings"
+)
+
+// What a second QEMU of the same guest, started while the first still
+// runs (restart-qemu starts the new QEMU early), would clash with.
+
+// ListenPaths lists the unix socket paths QEMU binds as a server:
+// -chardev socket,path=P,server=on and -qmp, -qmp-pretty, -monitor,
+// -serial, -parallel unix:P,server. QEMU unlinks such a path before it
+// binds it, and again when it quits. Sockets passed by fd are not listed.
+func (c *Cmdline) ListenPaths() []string {
+	var out []string
+	for _, ch := range c.Chardevs() {
+		if ch.Backend == "socket" && ch.Server && ch.Path != "" && ch.FD < 0 {
+			out = append(out, ch.Path)
+		}
+	}
+	for _, i := range c.Find("qmp", "qmp-pretty", "monitor", "serial", "parallel") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		dev, _ := p.Get("dev")
+		if path, ok := strings.CutPrefix(dev, "unix:"); ok && p.Bool("server", false) {
+			out = append(out, strings.TrimPrefix(path, "path="))
+		}
+	}
+	return out
+}
+
+// Pidfile is the -pidfile path, "" if none.
+func (c *Cmdline) Pidfile() string {
+	idx := c.Find("pidfile")
+	if len(idx) == 0 {
+		return ""
+	}
+	return c.Opts[idx[len(idx)-1]].Value
+}
+
+// TwinConflicts says what on the command line two QEMUs of one guest
+// cannot hold at once: TCP ports it listens on, client sockets whose
+// server may take one client only (vhost-user, …), taps opened by name
+// (a single-queue tap opens once). Empty means a new QEMU can start
+// beside the running one.
+func (c *Cmdline) TwinConflicts() []string {
+	var out []string
+	for _, ch := range c.Chardevs() {
+		if ch.Backend != "socket" || ch.FD >= 0 {
+			continue
+		}
+		switch {
+		case ch.Path == "" && ch.Server:
+			out = append(out, fmt.Sprintf("chardev %q listens on a TCP port", ch.ID))
+		case ch.Path != "" && !ch.Server:
+			out = append(out, fmt.Sprintf("chardev %q is a client of %s, whose server may take one client only", ch.ID, ch.Path))
+		}
+	}
+	for _, i := range c.Find("qmp", "qmp-pretty", "monitor", "serial", "parallel") {
+		if v := c.Opts[i].Value; strings.HasPrefix(v, "tcp:") || strings.HasPrefix(v, "telnet:") {
+			out = append(out, fmt.Sprintf("-%s %s listens on a TCP port", c.Opts[i].Name, v))
+		}
+	}
+	for _, i := range c.Find("vnc", "gdb") {
+		if v := c.Opts[i].Value; v != "none" && !strings.HasPrefix(v, "unix:") {
+			out = append(out, fmt.Sprintf("-%s %s listens on a TCP port", c.Opts[i].Name, v))
+		}
+	}
+	for _, i := range c.Find("spice") {
+		if p, err := c.Opts[i].Props(); err == nil {
+			_, port := p.Get("port")
+			_, tls := p.Get("tls-port")
+			if port || tls {
+				out = append(out, "-spice listens on a TCP port")
+			}
+		}
+	}
+	for _, n := range c.Netdevs() {
+		if n.Type == "tap" && n.Ifname != "" && len(n.FDs) == 0 && n.Queues <= 1 {
+			out = append(out, fmt.Sprintf("netdev %q opens tap %s by name, which a single-queue tap allows once", n.ID, n.Ifname))
+		}
+	}
+	return out
+}

@@ -1,0 +1,75 @@
+package qemuargv
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestTwin(t *testing.T) {
+	tests := []struct {
+		name      string
+		argv      []string
+		listen    []string
+		pidfile   string
+		conflicts []string // substrings, one per conflict
+	}{
+		{
+			name: "as the tests start guests: QMP socket, pidfile, file chardev",
+			argv: []string{"qemu", "-chardev", "file,id=ser0,path=/l/serial.log,append=on", "-serial", "chardev:ser0",
+				"-monitor", "none", "-qmp", "unix:/run/q.sock,server=on,wait=off", "-daemonize", "-pidfile", "/run/q.pid"},
+			listen:  []string{"/run/q.sock"},
+			pidfile: "/run/q.pid",
+		},
+		{
+			name: "as libvirt writes it: monitor by fd, agent socket by path, taps by fd",
+			argv: []string{"qemu", "-chardev", "socket,id=charmonitor,fd=31,server=on,wait=off", "-mon", "chardev=charmonitor,id=monitor,mode=control",
+				"-chardev", `{"backend":"socket","id":"charchannel0","path":"/var/lib/libvirt/qemu/channel/target/domain-1-g/org.qemu.guest_agent.0","server":true,"wait":false}`,
+				"-netdev", `{"type":"tap","fd":"33","vhost":true,"vhostfd":"35","id":"hostnet0"}`,
+				"-pidfile", "/run/libvirt/qemu/g.pid"},
+			listen:  []string{"/var/lib/libvirt/qemu/channel/target/domain-1-g/org.qemu.guest_agent.0"},
+			pidfile: "/run/libvirt/qemu/g.pid",
+		},
+		{
+			name:   "old boolean syntax",
+			argv:   []string{"qemu", "-serial", "unix:/run/s.sock,server,nowait", "-qmp", "unix:/run/q.sock,server"},
+			listen: []string{"/run/s.sock", "/run/q.sock"},
+		},
+		{
+			name: "what two QEMUs cannot share",
+			argv: []string{"qemu", "-chardev", "socket,id=c0,host=0.0.0.0,port=4555,server=on,wait=off",
+				"-chardev", "socket,id=vu0,path=/run/vhost-user.sock", "-monitor", "telnet:127.0.0.1:4444,server,nowait",
+				"-vnc", ":1", "-gdb", "tcp::1234", "-spice", "port=5930,disable-ticketing=on",
+				"-netdev", "tap,id=n0,ifname=vnet0,script=no,downscript=no"},
+			conflicts: []string{`"c0" listens on a TCP port`, `"vu0" is a client of /run/vhost-user.sock`, "-monitor telnet:",
+				"-vnc :1", "-gdb tcp::1234", "-spice", `tap vnet0 by name`},
+		},
+		{
+			name: "shareable: unix VNC, multi-queue tap by name, no gdb",
+			argv: []string{"qemu", "-vnc", "unix:/run/vnc.sock", "-vnc", "none", "-netdev", "tap,id=n0,ifname=vnet0,queues=4,vhost=on"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Parse(tt.argv)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := c.ListenPaths(); !reflect.DeepEqual(got, tt.listen) {
+				t.Errorf("ListenPaths = %q, want %q", got, tt.listen)
+			}
+			if got := c.Pidfile(); got != tt.pidfile {
+				t.Errorf("Pidfile = %q, want %q", got, tt.pidfile)
+			}
+			got := c.TwinConflicts()
+			if len(got) != len(tt.conflicts) {
+				t.Fatalf("TwinConflicts = %q, want %d matching %q", got, len(tt.conflicts), tt.conflicts)
+			}
+			for i, want := range tt.conflicts {
+				if !strings.Contains(got[i], want) {
+					t.Errorf("conflict %d = %q, want it to say %q", i, got[i], want)
+				}
+			}
+		})
+	}
+}
