@@ -60,7 +60,7 @@ type Engine struct {
 
 	mu      sync.Mutex // guards man, pending and the manifest's writes
 	man     *manifest.Manifest
-	pending []manifest.Phase // phases timed before Save created the manifest
+	pending []manifest.Phase    // phases timed before Save created the manifest
 	early   map[string]*newQEMU // new QEMUs started before the save, by VM (early.go)
 }
 
