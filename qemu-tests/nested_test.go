@@ -529,7 +529,8 @@ type frailGuest struct {
 }
 
 const (
-	frailBin = "/newroot/usr/local/bin/qemu-frail"
+	// A QEMU of its own (discovery knows QEMUs by their binary's name).
+	frailBin = "/newroot/usr/local/bin/qemu-system-x86_64"
 	// Its RAM's 33rd MiB: SeaBIOS (all a guest without disks runs) lives
 	// at the bottom and the top of RAM and leaves the middle alone.
 	frailRegion = "dd if=/mnt/pmem/frail.ram bs=1M skip=32 count=1 | shasum -a 256"
@@ -540,7 +541,7 @@ func startFrail(t *testing.T, h *nestedHost) *frailGuest {
 	for _, c := range []string{
 		"mkdir -p /newroot/usr/local/bin",
 		"cp /newroot/usr/bin/qemu-system-x86_64 " + frailBin,
-		"chroot /newroot /usr/local/bin/qemu-frail -name frail -accel tcg -m 64 -machine pc,memory-backend=fr0 " +
+		"chroot /newroot /usr/local/bin/qemu-system-x86_64 -name frail -accel tcg -m 64 -machine pc,memory-backend=fr0 " +
 			"-object memory-backend-file,id=fr0,size=64M,mem-path=/mnt/pmem/frail.ram,share=on " +
 			"-nodefaults -display none -qmp unix:/run/frail.qmp,server=on,wait=off -daemonize",
 		"dd if=/dev/urandom of=/mnt/pmem/frail.ram bs=1M seek=32 count=1 conv=notrunc",

@@ -291,6 +291,9 @@ func FuzzParse(f *testing.F) {
 		c.RAM()
 		c.Netdevs()
 		c.QMPEndpoints()
+		c.ListenPaths()
+		c.Pidfile()
+		c.TwinConflicts()
 		m := map[int]int{}
 		for i, r := range c.FdRefs() {
 			m[r.Num] = 3 + i

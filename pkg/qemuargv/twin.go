@@ -44,10 +44,20 @@ func (c *Cmdline) Pidfile() string {
 // TwinConflicts says what on the command line two QEMUs of one guest
 // cannot hold at once: TCP ports it listens on, client sockets whose
 // server may take one client only (vhost-user, …), taps opened by name
-// (a single-queue tap opens once). Empty means a new QEMU can start
-// beside the running one.
+// (a single-queue tap opens once), preallocated RAM (a second QEMU would
+// touch every page of RAM the guest is writing). Empty means a new QEMU
+// can start beside the running one.
 func (c *Cmdline) TwinConflicts() []string {
 	var out []string
+	if len(c.Find("mem-prealloc")) > 0 {
+		out = append(out, "-mem-prealloc: a second QEMU would touch every page of the running guest's RAM")
+	}
+	for _, i := range c.Find("object") {
+		if p, err := c.Opts[i].Props(); err == nil && p.Bool("prealloc", false) {
+			id, _ := p.Get("id")
+			out = append(out, fmt.Sprintf("memory backend %q has prealloc=on: a second QEMU would touch every page of the running guest's RAM", id))
+		}
+	}
 	for _, ch := range c.Chardevs() {
 		if ch.Backend != "socket" || ch.FD >= 0 {
 			continue

@@ -37,11 +37,12 @@ func TestTwin(t *testing.T) {
 		},
 		{
 			name: "what two QEMUs cannot share",
-			argv: []string{"qemu", "-chardev", "socket,id=c0,host=0.0.0.0,port=4555,server=on,wait=off",
+			argv: []string{"qemu", "-object", `{"qom-type":"memory-backend-file","id":"ram0","mem-path":"/dev/hugepages/g","share":true,"prealloc":true}`,
+				"-mem-prealloc", "-chardev", "socket,id=c0,host=0.0.0.0,port=4555,server=on,wait=off",
 				"-chardev", "socket,id=vu0,path=/run/vhost-user.sock", "-monitor", "telnet:127.0.0.1:4444,server,nowait",
 				"-vnc", ":1", "-gdb", "tcp::1234", "-spice", "port=5930,disable-ticketing=on",
 				"-netdev", "tap,id=n0,ifname=vnet0,script=no,downscript=no"},
-			conflicts: []string{`"c0" listens on a TCP port`, `"vu0" is a client of /run/vhost-user.sock`, "-monitor telnet:",
+			conflicts: []string{"-mem-prealloc", `backend "ram0" has prealloc=on`, `"c0" listens on a TCP port`, `"vu0" is a client of /run/vhost-user.sock`, "-monitor telnet:",
 				"-vnc :1", "-gdb tcp::1234", "-spice", `tap vnet0 by name`},
 		},
 		{
