@@ -1,12 +1,14 @@
-// Package kmod loads the kernel modules the host needs, with their
-// dependencies from modules.dep, through u-root's kmodule prober: all the
-// named modules at once, each one as soon as its dependencies are in.
+// Package kmod loads the kernel modules the host needs, in dependency order
+// from modules.dep (resolved with u-root's kmodule), letting the kernel
+// decompress .ko.xz itself (finit_module with MODULE_INIT_COMPRESSED_FILE)
+// where it can, and falling back to kmodule's userspace decompression.
 package kmod
 
 import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 
@@ -16,7 +18,8 @@ import (
 
 // Result says what happened to one requested module.
 type Result struct {
-	Name string
+	Name   string
+	Loaded []string // module files loaded for it (dependencies first)
 	// NoDevice: the module refused to load because its hardware is not
 	// there (ENODEV), e.g. crc32c_intel on a CPU without SSE4.2. That is
 	// not an error: a generic module covers for it.
@@ -24,38 +27,80 @@ type Result struct {
 	Err      error
 }
 
-// Load loads the named modules with their dependencies, in parallel: the
-// prober loads every module once, after its dependencies, and independent
-// ones side by side (linking a module is CPU work: seconds of a boot under
-// emulation). Soft dependencies, which kmodule does not follow, are only
-// needed by the time the modules are used, and Load returns when all are
-// in. Modules built in or already loaded count as loaded; a module not in
-// modules.dep is an error for that module only.
+// Load loads each named module with its dependencies, in the order given
+// (the list puts soft dependencies first, which kmodule does not follow).
+// Modules that are built in or already loaded count as loaded. A module
+// that is not in modules.dep at all is an error for that module only.
 func Load(names []string, opts kmodule.ProbeOpts) []Result {
-	res := make([]Result, len(names))
-	prober, err := kmodule.NewProber(opts)
+	var mu sync.Mutex
+	var order []string
+	dry := opts
+	dry.DryRunCB = func(p string) {
+		mu.Lock()
+		order = append(order, p)
+		mu.Unlock()
+	}
+	prober, err := kmodule.NewProber(dry)
 	if err != nil {
+		res := make([]Result, len(names))
 		for i, n := range names {
 			res[i] = Result{Name: n, Err: fmt.Errorf("reading modules.dep: %w", err)}
 		}
 		return res
 	}
-	var wg sync.WaitGroup
-	for i, n := range names {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			res[i].Name = n
-			switch err := prober.Probe(n, ""); {
-			case errors.Is(err, unix.ENODEV):
-				res[i].NoDevice = true
-			case err != nil:
-				res[i].Err = err
+	var res []Result
+	for _, n := range names {
+		mu.Lock()
+		order = order[:0]
+		mu.Unlock()
+		r := Result{Name: n}
+		if err := prober.Probe(n, ""); err != nil {
+			r.Err = err
+			res = append(res, r)
+			continue
+		}
+		for _, p := range order {
+			err := loadFile(p)
+			if errors.Is(err, unix.ENODEV) && filepath.Base(p) == filepath.Base(order[len(order)-1]) {
+				r.NoDevice = true
+				break
 			}
-		}()
+			if err != nil {
+				r.Err = fmt.Errorf("loading %s: %w", filepath.Base(p), err)
+				break
+			}
+			r.Loaded = append(r.Loaded, strings.TrimSuffix(filepath.Base(p), filepath.Ext(p)))
+		}
+		res = append(res, r)
 	}
-	wg.Wait()
 	return res
+}
+
+func loadFile(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	flags := 0
+	if strings.HasSuffix(path, ".xz") || strings.HasSuffix(path, ".gz") || strings.HasSuffix(path, ".zst") {
+		flags = unix.MODULE_INIT_COMPRESSED_FILE
+	}
+	err = unix.FinitModule(int(f.Fd()), "", flags)
+	switch {
+	case err == nil, errors.Is(err, unix.EEXIST):
+		return nil
+	case flags != 0 && (errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP)):
+		// The kernel cannot decompress: do it here.
+		if _, err := f.Seek(0, 0); err != nil {
+			return err
+		}
+		if err := kmodule.FileInit(f, "", 0); err != nil && !errors.Is(err, unix.EEXIST) {
+			return err
+		}
+		return nil
+	}
+	return err
 }
 
 // ReadList reads a module list file: one name per line, # comments.

@@ -203,6 +203,7 @@ func (b *Boot) loadModules(ctx context.Context) error {
 		if r.NoDevice {
 			b.Log.Info("module has no device here, skipped", "name", r.Name)
 		}
+		b.Log.Debug("module", "name", r.Name, "loaded", r.Loaded)
 	}
 	if len(errs) == 0 {
 		b.Log.Info("modules loaded", "count", len(names), "list", strings.Join(names, ","))
