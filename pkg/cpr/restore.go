@@ -71,7 +71,7 @@ func (e *Engine) restore(ctx context.Context, m *manifest.Manifest, held map[str
 				vm.Status = manifest.StatusFailed
 				vm.Error = err.Error()
 				e.Log.Error("restore failed; RAM and state files kept", "vm", vm.Name, "err", err)
-				errs[i] = err
+				errs[i] = fmt.Errorf("%s: %w", vm.Name, err)
 			}
 		}()
 	}
