@@ -263,6 +263,23 @@ func TestRestartThreeShapes(t *testing.T) {
 	if out, _ := exec.Command("ip", "-n", ns, "-d", "link", "show", "lutap0").Output(); strings.Contains(string(out), "persist on") {
 		t.Errorf("tap left persistent: %s", out)
 	}
+
+	// A restart that dies after its save leaves the tap persistent (so
+	// that it outlives the old QEMU); recover continues the old QEMU and
+	// gives the tap back its own persistence.
+	before, _ := gs[2].lastBeat()
+	state2 := t.TempDir()
+	if code, _, _ := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=saved=kill"}, "restart-qemu", "--state-dir", state2, "tap"); code != 128+int(syscall.SIGKILL) {
+		t.Fatalf("restart-qemu with saved=kill: exit %d", code)
+	}
+	if out, _ := exec.Command("ip", "-n", ns, "-d", "link", "show", "lutap0").Output(); !strings.Contains(string(out), "persist on") {
+		t.Fatalf("the save did not make the tap persistent: %s", out)
+	}
+	recoverAll(t, state2)
+	gs[2].checkContinues(before)
+	if out, _ := exec.Command("ip", "-n", ns, "-d", "link", "show", "lutap0").Output(); strings.Contains(string(out), "persist on") || ifindex() != idx {
+		t.Errorf("after recover the tap is persistent or another device: %s", out)
+	}
 }
 
 // TestRefusePrivateRAM: a guest whose RAM is private is refused by plan and

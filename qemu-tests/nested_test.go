@@ -430,7 +430,10 @@ func TestNestedUpdate(t *testing.T) {
 			}
 			t.Logf("guest clock %s by PID 1; guest clock − host clock = %s", clock[1], lag.Round(time.Millisecond))
 			if fr != nil {
-				fr.recoverAfterKexec(t)
+				t.Run("OneRestoreFails", func(t *testing.T) {
+					defer h.use(t)()
+					fr.recoverAfterKexec(t)
+				})
 			}
 			time.Sleep(2 * time.Second)
 			gap, err := echo.takeGap()

@@ -14,6 +14,8 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/kexec"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
 // Recovery says what Recover did with one guest.
@@ -79,6 +81,7 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 			failed(i, fmt.Sprintf("QEMU pid %d runs it but its monitor does not answer (stopped? hung?): %v", t.Proc.PID, t.Facts.QMPErr))
 		case t != nil && t.Facts.Status == "running":
 			out[i].Action = "running"
+			e.dropTapPersistence(t, vm)
 			if isOld {
 				vm.Status = manifest.StatusResumed
 				e.setAside(vm)
@@ -108,6 +111,7 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 			}
 			vm.Status, vm.NewPID, vm.Error = manifest.StatusRunning, t.Proc.PID, ""
 			e.markDone(vm)
+			e.dropTapPersistence(t, vm)
 			out[i].Action = "running"
 			out[i].Detail = "continued the restored QEMU"
 		case fileExists(e.HostPath(vm.StateFile)):
@@ -121,6 +125,9 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 	if len(resume) > 0 {
 		if err := e.Resume(resume); err != nil {
 			errs = append(errs, err)
+		}
+		for _, t := range resume {
+			e.dropTapPersistence(t, t.rec)
 		}
 	}
 	if err := e.restore(ctx, m, held, restore); err != nil {
@@ -169,6 +176,32 @@ func (e *Engine) undoUpdate(m *manifest.Manifest) {
 			e.Log.Warn("unloading the new kernel the update had loaded", "err", err)
 		} else {
 			e.Log.Info("unloaded the new kernel the update had loaded")
+		}
+	}
+}
+
+// dropTapPersistence gives the taps of a guest's running QEMU back the
+// non-persistence a save took from them (a run interrupted after its save
+// leaves them persistent, so they would outlive the QEMU), through a copy
+// of the QEMU's own fd: a single-queue tap cannot be opened twice.
+func (e *Engine) dropTapPersistence(t *Target, vm *manifest.VM) {
+	for _, fd := range vm.Fds {
+		if fd.Kind != qemuargv.FdTap || fd.TapPersist {
+			continue
+		}
+		for num, fi := range t.Proc.Fds {
+			if fi.TapName != fd.TapName {
+				continue
+			}
+			f, err := tapdev.DupFromProcess(t.Proc.PID, num)
+			if err == nil {
+				err = tapdev.SetPersist(f, false)
+				f.Close()
+			}
+			if err != nil {
+				e.Log.Warn("giving the tap back its non-persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
+			}
+			break
 		}
 	}
 }
