@@ -21,27 +21,41 @@ import (
 func TestFaults(t *testing.T) {
 	gs := bootAll(t, guestSpec{name: "f1"}, guestSpec{name: "f2"}, guestSpec{name: "f3"})
 	names := []string{"f1", "f2", "f3"}
-	cases := []struct{ fault, why string }{
-		{"plan=fail", "nothing touched"},
-		{"plan=kill", "nothing touched"},
-		{"manifest=fail", "manifest written, nothing saved"},
-		{"manifest-write=kill", "the first manifest write interrupted before its rename"},
-		{"manifest=kill", "manifest written, nothing saved"},
-		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back"},
-		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back"},
-		{"saved=fail", "all saved, none quit: resumed"},
-		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs"},
-		{"manifest-write@2=kill", "saves done, recording them interrupted"},
-		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file"},
-		{"quit=fail", "all quit, then an error: restored"},
-		{"quit=kill", "all quit, we die: recover restores from the state files"},
-		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it"},
-		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores"},
-		{"load=fail", "one restore fails after loading: recover restores it again"},
-		{"load=kill", "we die before cont: recover continues the loaded QEMUs"},
+	cases := []struct {
+		fault, why string
+		sequential bool // restart-qemu --sequential: no early start
+	}{
+		{"plan=fail", "nothing touched", false},
+		{"plan=kill", "nothing touched", false},
+		{"manifest=fail", "manifest written, nothing saved", false},
+		{"manifest-write=kill", "the first manifest write interrupted before its rename", false},
+		{"manifest=kill", "manifest written, nothing saved", false},
+		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false},
+		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false},
+		{"saved=fail", "all saved, none quit: resumed", false},
+		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false},
+		{"manifest-write@2=kill", "saves done, recording them interrupted", false},
+		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false},
+		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false},
+		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false},
+		{"qemu-start=fail", "one early QEMU fails to start: that VM restarts the sequential way", false},
+		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false},
+		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false},
+		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false},
+		{"quit=fail", "all quit, then an error: restored", true},
+		{"quit=kill", "all quit, we die: recover restores from the state files", true},
+		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true},
+		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true},
+		{"load=fail", "one restore fails after loading: recover restores it again", true},
+		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true},
 	}
 	for _, c := range cases {
-		t.Run(strings.ReplaceAll(c.fault, "=", "_"), func(t *testing.T) {
+		name, args := strings.ReplaceAll(c.fault, "=", "_"), []string{"restart-qemu"}
+		if c.sequential {
+			name += "_sequential"
+			args = append(args, "--sequential")
+		}
+		t.Run(name, func(t *testing.T) {
 			for _, g := range gs {
 				g.t = t
 			}
@@ -52,7 +66,7 @@ func TestFaults(t *testing.T) {
 			}
 			state := t.TempDir()
 			code, _, errOut := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=" + c.fault},
-				append([]string{"restart-qemu", "--state-dir", state}, names...)...)
+				append(append(args, "--state-dir", state), names...)...)
 			if !strings.Contains(errOut, "FAULT INJECTED") {
 				t.Fatalf("the fault %s never fired (exit %d)", c.fault, code)
 			}
@@ -60,7 +74,7 @@ func TestFaults(t *testing.T) {
 			for i, g := range gs {
 				g.checkContinues(before[i])
 			}
-			t.Logf("%s (%s): restart-qemu exit %d; every guest runs after recover", c.fault, c.why, code)
+			t.Logf("%s (%s): restart-qemu exit %d; every guest runs after recover", strings.Join(append([]string{c.fault}, args[1:]...), " "), c.why, code)
 		})
 	}
 }

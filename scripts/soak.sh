@@ -47,13 +47,14 @@ print("| boundary | fault | what happened | every guest running after | test |")
 print("|---|---|---|---|---|")
 log = open(f"{work}/faults.log").read()
 status = {b: a for a, b in re.findall(r"--- (PASS|FAIL): (\S+)", log)}
-for m in re.finditer(r"fault_test.go:\d+: (\S+?)=(\S+) \((.*?)\): restart-qemu exit (\d+)", log):
-    point, action, why, code = m.groups()
-    name = f"TestFaults/{point}_{action}"
+for m in re.finditer(r"fault_test.go:\d+: (\S+?)=(\S+)( --sequential)? \((.*?)\): restart-qemu exit (\d+)", log):
+    point, action, seq, why, code = m.groups()
+    name = f"TestFaults/{point}_{action}" + ("_sequential" if seq else "")
     ok = status.get(name, "?")
     fault = {"fail": "our process fails there", "kill": "our process SIGKILLed there",
              "killqemu": "one old QEMU SIGKILLed there", "fill": "the state filesystem fills up"}.get(action, action)
-    print(f"| restart-qemu: {point} | {fault} | {why}; exit {code} | {'yes' if ok == 'PASS' else '**NO**'} | {name} |")
+    mode = " (--sequential)" if seq else ""
+    print(f"| restart-qemu{mode}: {point} | {fault} | {why}; exit {code} | {'yes' if ok == 'PASS' else '**NO**'} | {name} |")
 for name, row in [("TestFaultFullDisk", "| restart-qemu: after the manifest | ENOSPC: the state filesystem fills up | saves fail, all resumed on their old QEMUs at once | {} | TestFaultFullDisk |"),
                   ("TestFaultQMPHangRecover", "| recover after saved=kill | one QEMU's monitor hangs (SIGSTOP) | recover names it and touches it not, resumes the other; recovered once it answers | {} | TestFaultQMPHangRecover |"),
                   ("TestQMPHang", "| restart-qemu: plan | one QEMU's monitor hangs | refused naming it (or --skip-unsafe restarts the others) | {} | TestQMPHang |"),

@@ -25,9 +25,10 @@ import (
 //     it quits; it locks its -pidfile. The old QEMU's sockets and pidfile
 //     are moved aside (PATH.lu-old) before the new one starts, so that the
 //     new one makes its own and a rollback can put the old ones back; and
-//     once saved the old QEMU is killed, not quit, as quitting would unlink
-//     the paths the new one uses. Its disks were flushed and released by
-//     the migration. The new QEMU runs the very same command line.
+//     the old QEMU, once its guest runs on the new one, is killed, not
+//     quit, as quitting would unlink the paths the new one uses. Its disks
+//     were flushed and released by the migration. The new QEMU runs the
+//     very same command line.
 //   - A tap opened by name (single queue), a TCP port, a client socket whose
 //     server takes one client cannot be held twice (qemuargv.TwinConflicts):
 //     such a VM, and any VM whose early QEMU does not come up, is restarted
@@ -87,6 +88,7 @@ func (e *Engine) startEarlyOne(ctx context.Context, t *Target) error {
 	e.mu.Lock()
 	e.early[vm.Name] = q
 	e.mu.Unlock()
+	t.early = true
 	return nil
 }
 
@@ -112,19 +114,46 @@ func (e *Engine) takeEarly(name string) *newQEMU {
 	return q
 }
 
-// hasEarly tells whether the VM's new QEMU was started early.
-func (e *Engine) hasEarly(name string) bool {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.early[name] != nil
+// retireOld runs after the restore of early-started VMs. An old QEMU whose
+// guest now runs on its new QEMU is killed — SIGKILL, because quit would
+// unlink the sockets and pidfile the new one made; stopped and saved, it
+// has not touched the guest since its STOP, and killing it only now keeps
+// its teardown (unmapping gigabytes) out of every guest's blackout. A
+// guest whose new QEMU failed before running it continues on its old
+// QEMU, paused there since the save, with its files put back.
+func (e *Engine) retireOld(ctx context.Context, ts []*Target) error {
+	var back []*Target
+	var errs []error
+	for _, t := range ts {
+		if !t.early || t.rec == nil {
+			continue
+		}
+		switch t.rec.Status {
+		case manifest.StatusRunning, manifest.StatusRestored:
+			if err := e.timed("kill-old", t.Name(), func() error { return e.killOld(t) }); err != nil {
+				errs = append(errs, err)
+			}
+		case manifest.StatusSaved, manifest.StatusFailed:
+			putBack(e.ownPaths(t.rec))
+			back = append(back, t)
+		}
+	}
+	if len(back) > 0 {
+		for _, t := range back {
+			e.Log.Warn("the new QEMU did not take the guest; continuing it on its old QEMU", "vm", t.Name(), "why", t.rec.Error)
+		}
+		if err := e.Resume(back); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := e.reapOld(ts); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
-// killOld ends an old QEMU whose saved guest an early-started QEMU takes
-// over: SIGKILL, because quit would unlink the sockets and pidfile the
-// new one made. It does not wait: a process with gigabytes mapped takes
-// tens of milliseconds to die, and the old QEMU, stopped and saved, can
-// no longer touch the guest, so the new one loads meanwhile (reapOld
-// waits).
+// killOld SIGKILLs an old QEMU whose guest runs on its new QEMU, without
+// waiting (reapOld does), and removes its files moved aside.
 func (e *Engine) killOld(t *Target) error {
 	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
 	switch {
@@ -138,7 +167,6 @@ func (e *Engine) killOld(t *Target) error {
 		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
 	}
 	t.QMP.Close()
-	t.rec.Status = manifest.StatusQuit
 	for _, p := range e.ownPaths(t.rec) {
 		os.Remove(p + asideSuffix) // a killed QEMU unlinks nothing
 	}
@@ -211,10 +239,10 @@ func (e *Engine) settleAside(vm *manifest.VM, oldLives bool) {
 	}
 }
 
-// settleTwins undoes an early start interrupted before the old QEMU was
-// killed: a new QEMU that never got its state is stopped, and the old
+// settleTwins finishes an early start interrupted before the old QEMU was
+// retired: a new QEMU that never got its state is stopped and the old
 // one's files moved aside are put back (also when we died before the new
-// QEMU started). It tells whether it changed anything (the old QEMUs'
+// QEMU started); an old QEMU whose new one has loaded the guest is killed. It tells whether it changed anything (the old QEMUs'
 // monitors are then reachable again, and the caller looks anew). Meanwhile the monitor
 // path is the new QEMU's: whichever of the two got through to it (a
 // monitor serves one client at a time) learnt the new QEMU's state.
@@ -246,6 +274,15 @@ func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 			}
 		}
 		switch {
+		case twin != nil && status != "" && status != "inmigrate":
+			// The new QEMU loaded the guest: the old one, saved, is
+			// superseded (we died before retireOld).
+			e.Log.Warn("stopping an old QEMU whose guest its new QEMU has taken over", "vm", vm.Name, "pid", vm.PID)
+			killAndWait(vm.PID)
+			for _, p := range e.ownPaths(vm) {
+				os.Remove(p + asideSuffix)
+			}
+			stopped = true
 		case twin != nil && status == "inmigrate":
 			e.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
 			killAndWait(twin.Proc.PID)

@@ -89,6 +89,7 @@ type Target struct {
 
 	rec   *manifest.VM
 	files map[int]*os.File // fds taken from the old QEMU, by their new number
+	early bool             // its new QEMU was started before the save (early.go)
 	dying int              // pidfd of the old QEMU once killed (early start), else 0
 }
 

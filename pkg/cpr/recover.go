@@ -87,6 +87,7 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 				e.setAside(vm)
 			} else {
 				vm.Status, vm.NewPID, vm.Error = manifest.StatusRunning, t.Proc.PID, ""
+				e.markDone(vm) // a new QEMU runs it: its state file was loaded
 			}
 		case isOld:
 			t.rec = vm

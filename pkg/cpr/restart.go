@@ -63,7 +63,7 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 		held[t.Name()] = t.files
 	}
 	rerr := e.Restore(ctx, m, held)
-	err = errors.Join(saveErr, rerr, e.reapOld(safe))
+	err = errors.Join(saveErr, rerr, e.retireOld(ctx, safe))
 	if err == nil && len(unsafe) > 0 {
 		err = fmt.Errorf("skipped unsafe VMs:\n  %s", strings.Join(unsafe, "\n  "))
 	}

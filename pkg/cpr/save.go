@@ -120,8 +120,13 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 		return e.man, fmt.Errorf("every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
 	}
 
-	// Quit: from here on the way back is Restore.
+	// Quit: from here on the way back is Restore. An old QEMU with a new
+	// one started early waits, paused, until the new one runs its guest
+	// (retireOld).
 	for i, t := range ts {
+		if t.early {
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -398,9 +403,6 @@ func (e *Engine) releaseTaps(ts []*Target) {
 // quitOne quits an old QEMU that has saved, and waits for it to exit. If it
 // does not exit in time it is killed: its state is already saved.
 func (e *Engine) quitOne(ctx context.Context, t *Target) error {
-	if e.hasEarly(t.Name()) {
-		return e.killOld(t)
-	}
 	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
 	if err != nil {
 		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
