@@ -4,11 +4,11 @@
 # Nothing here asserts on speed: the targets are printed next to the
 # measurements, and a miss is explained in the text of docs/benchmarks.md.
 #
-#   BENCH_RUNS=5 (runs per benchmark)   BENCH_NESTED=5 (nested updates)
+#   BENCH_RUNS=10 (runs per benchmark)   BENCH_NESTED=5 (nested updates)
 #   BENCH_ONLY=local|nested (one half)   BENCH_REUSE=1 (rewrite the report only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs=${BENCH_RUNS:-5}
+runs=${BENCH_RUNS:-10}
 nested=${BENCH_NESTED:-5}
 # Raw results stay in .cache/bench/ (BENCH_REUSE=1 rewrites the report
 # from them without running anything again).
