@@ -109,6 +109,9 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		for _, pr := range t.Verdict.Problems {
 			bad("%s: %s", t.Name(), pr)
 		}
+		for _, pr := range kexecLosses(t.Proc, t.NetNS, filepath.Join(e.ProcRoot, fmt.Sprint(t.Proc.PID), "root")) {
+			bad("%s: %s", t.Name(), pr)
+		}
 	}
 
 	// The state directory must be on a DAX filesystem on PMEM.
