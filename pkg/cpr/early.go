@@ -226,26 +226,33 @@ func putBack(paths []string) (any bool) {
 	return any
 }
 
-// settleAside tidies the files an interrupted early start moved aside:
-// put back if the old QEMU still runs, removed if it is gone.
-func (e *Engine) settleAside(vm *manifest.VM, oldLives bool) {
-	paths := e.ownPaths(vm)
-	if oldLives {
-		putBack(paths)
-		return
-	}
-	for _, p := range paths {
+// dropAside removes the files an old QEMU that is gone left moved aside.
+func (e *Engine) dropAside(vm *manifest.VM) {
+	for _, p := range e.ownPaths(vm) {
 		os.Remove(p + asideSuffix)
 	}
 }
 
+// hasAside tells whether some of the old QEMU's files are moved aside:
+// while they are, their paths belong to its new twin (or to nobody).
+func (e *Engine) hasAside(vm *manifest.VM) bool {
+	for _, p := range e.ownPaths(vm) {
+		if _, err := os.Lstat(p + asideSuffix); err == nil {
+			return true
+		}
+	}
+	return false
+}
+
 // settleTwins finishes an early start interrupted before the old QEMU was
-// retired: a new QEMU that never got its state is stopped and the old
-// one's files moved aside are put back (also when we died before the new
-// QEMU started); an old QEMU whose new one has loaded the guest is killed. It tells whether it changed anything (the old QEMUs'
-// monitors are then reachable again, and the caller looks anew). Meanwhile the monitor
-// path is the new QEMU's: whichever of the two got through to it (a
-// monitor serves one client at a time) learnt the new QEMU's state.
+// retired. While the old QEMU's files are moved aside the monitor path is
+// its new twin's, so what QEMU answered there (whichever of the two
+// targets got through: a monitor serves one client at a time) is the
+// twin's state: a twin that never got its state is stopped and the old
+// files put back; an old QEMU whose twin has loaded the guest is killed.
+// Files moved aside with no twin (we died before it started) are put back.
+// A twin whose monitor does not answer is left alone (recover reports it).
+// It tells whether it changed anything: the caller then looks anew.
 func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 	if m.Host.BootID != currentBootID() {
 		return false // PIDs of another boot mean nothing
@@ -254,10 +261,10 @@ func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 	for _, t := range ts {
 		alive[t.Proc.PID] = true
 	}
-	stopped := false
+	changed := false
 	for i := range m.VMs {
 		vm := &m.VMs[i]
-		if !alive[vm.PID] {
+		if !alive[vm.PID] || !e.hasAside(vm) {
 			continue
 		}
 		var twin *Target
@@ -274,24 +281,23 @@ func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 			}
 		}
 		switch {
-		case twin != nil && status != "" && status != "inmigrate":
+		case twin == nil:
+			putBack(e.ownPaths(vm))
+			e.Log.Info("put the old QEMU's sockets back from aside", "vm", vm.Name)
+			changed = true
+		case status == "inmigrate":
+			e.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
+			killAndWait(twin.Proc.PID)
+			putBack(e.ownPaths(vm))
+			changed = true
+		case status == "running" || status == "paused":
 			// The new QEMU loaded the guest: the old one, saved, is
 			// superseded (we died before retireOld).
 			e.Log.Warn("stopping an old QEMU whose guest its new QEMU has taken over", "vm", vm.Name, "pid", vm.PID)
 			killAndWait(vm.PID)
-			for _, p := range e.ownPaths(vm) {
-				os.Remove(p + asideSuffix)
-			}
-			stopped = true
-		case twin != nil && status == "inmigrate":
-			e.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
-			killAndWait(twin.Proc.PID)
-			putBack(e.ownPaths(vm))
-			stopped = true
-		case twin == nil && putBack(e.ownPaths(vm)):
-			e.Log.Info("put the old QEMU's sockets back from aside", "vm", vm.Name)
-			stopped = true
+			e.dropAside(vm)
+			changed = true
 		}
 	}
-	return stopped
+	return changed
 }

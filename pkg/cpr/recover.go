@@ -75,7 +75,9 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
 		isOld := t != nil && sameBoot && t.Proc.PID == vm.PID
-		e.settleAside(vm, isOld)
+		if !sameBoot || unix.Kill(vm.PID, 0) != nil {
+			e.dropAside(vm) // the old QEMU is gone: nothing to put back
+		}
 		switch {
 		case t != nil && t.Facts.QMPErr != nil:
 			failed(i, fmt.Sprintf("QEMU pid %d runs it but its monitor does not answer (stopped? hung?): %v", t.Proc.PID, t.Facts.QMPErr))
