@@ -18,7 +18,8 @@ import (
 // Starting the new QEMU early (restart-qemu). A QEMU takes 100 ms and more
 // to start before its monitor answers (seconds in a nested host); started
 // with -incoming defer while the old QEMU still runs the guest, that time
-// leaves the blackout, which becomes save + kill + load + cont.
+// leaves the blackout, which becomes save + load (the old QEMU is killed
+// once the new one runs the guest).
 //
 // Two QEMUs of one guest at once need care:
 //   - QEMU unlinks a server socket's path before it binds it, and again when
