@@ -93,5 +93,9 @@ for kind, title in [("restart", "restart-qemu cycles (host after each; any growt
     grew = [k for k in keys if last[k] > first[k]]
     print(f"\nGrowth from the first cycle to the last: {', '.join(grew) if grew else 'none'}.\n")
 PY
+# The notes at the end are written by hand; keep them.
+if [ -f docs/reliability.md ] && grep -q '^## Notes (by hand)' docs/reliability.md; then
+	{ echo; sed -n '/^## Notes (by hand)/,$p' docs/reliability.md; } >>docs/reliability.new
+fi
 mv docs/reliability.new docs/reliability.md
 echo "wrote docs/reliability.md"
