@@ -437,3 +437,54 @@ func TestSaveRestoreChrooted(t *testing.T) {
 		t.Errorf("second restore: exit %d, %+v", code, r2)
 	}
 }
+
+// TestEarlyStartFdMonitor: a guest whose QMP monitor is a socket passed by
+// fd, as libvirt starts guests. restart-qemu starts its new QEMU early with
+// a copy of that socket and restarts it. A restart killed during its early
+// start leaves two QEMUs listening on that one socket, so that neither can
+// be asked alone: recover touches neither and names both; once the new one
+// is stopped, recover finds the guest running on the old one.
+func TestEarlyStartFdMonitor(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "fdmon", qmpFD: true})[0]
+	last, _ := g.lastBeat()
+	state := t.TempDir()
+	code, out, _ := runLU(t, "restart-qemu", "--json", "--state-dir", state, "fdmon")
+	if code != 0 {
+		t.Fatalf("restart-qemu exit %d", code)
+	}
+	if r := parseResult(t, out); len(r.VMs) != 1 || r.VMs[0].Status != "running" {
+		t.Fatalf("result: %+v", r)
+	}
+	m, err := manifest.Read(filepath.Join(state, manifest.FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkEarlyStart(t, m, g)
+	g.checkContinues(last)
+
+	last, _ = g.lastBeat()
+	oldPID := g.pid()
+	state2 := t.TempDir()
+	if code, _, _ := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=early-start=kill"}, "restart-qemu", "--state-dir", state2, "fdmon"); code != 128+int(syscall.SIGKILL) {
+		t.Fatalf("restart-qemu with early-start=kill: exit %d", code)
+	}
+	code, out, _ = runLU(t, "recover", "--qmp-timeout", "2s", "--state-dir", state2)
+	m2 := regexp.MustCompile(`fdmon +failed +2 QEMUs run it \(pids \[(\d+) (\d+)\]\).*the old one is pid (\d+)`).FindStringSubmatch(out)
+	if code != 1 || m2 == nil || m2[3] != fmt.Sprint(oldPID) {
+		t.Fatalf("recover with two QEMUs on one monitor socket: exit %d\n%s", code, out)
+	}
+	if !alive(oldPID) {
+		t.Fatalf("recover touched the old QEMU")
+	}
+	twin := m2[1]
+	if twin == m2[3] {
+		twin = m2[2]
+	}
+	exec.Command("kill", "-9", twin).Run()
+	time.Sleep(500 * time.Millisecond)
+	recoverAll(t, state2)
+	g.checkContinues(last)
+	if g.pid() != oldPID {
+		t.Errorf("pidfile names %d, not the old QEMU %d that runs the guest", g.pid(), oldPID)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -102,6 +103,9 @@ type guestSpec struct {
 	wrapper []string // command prefix (e.g. unshare …)
 	netns   string
 	kargs   []string // more kernel parameters (hb.ip=…)
+	// qmpFD: the QMP monitor listens on a socket the test binds and passes
+	// as fd 3, as libvirt does, instead of -qmp unix:PATH.
+	qmpFD bool
 }
 
 func startGuest(t testing.TB, s guestSpec) *guest {
@@ -132,12 +136,26 @@ func startGuest(t testing.TB, s guestSpec) *guest {
 	argv := append([]string{}, s.wrapper...)
 	argv = append(argv, qemuBinary, "-name", s.name, "-accel", "tcg", "-nodefaults", "-nographic", "-vga", "none", "-no-reboot")
 	argv = append(argv, mem...)
+	qmp := []string{"-qmp", "unix:" + g.qmp + ",server=on,wait=off"}
+	if s.qmpFD {
+		l, err := net.ListenUnix("unix", &net.UnixAddr{Name: g.qmp, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		l.SetUnlinkOnClose(false)
+		f, _ := l.File()
+		l.Close()
+		defer f.Close()
+		s.files = append([]*os.File{f}, s.files...)
+		qmp = []string{"-chardev", "socket,id=charmonitor,fd=3,server=on,wait=off", "-mon", "chardev=charmonitor,id=monitor,mode=control"}
+	}
 	argv = append(argv,
 		"-kernel", guestKernel, "-initrd", guestInitrd,
 		"-append", strings.Join(append([]string{"console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000"}, s.kargs...), " "),
 		"-chardev", "file,id=ser0,path="+g.serial+",append=on", "-serial", "chardev:ser0",
-		"-monitor", "none", "-qmp", "unix:"+g.qmp+",server=on,wait=off",
-		"-daemonize", "-pidfile", g.pidfile)
+		"-monitor", "none")
+	argv = append(argv, qmp...)
+	argv = append(argv, "-daemonize", "-pidfile", g.pidfile)
 	argv = append(argv, s.extra...)
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Dir = g.dir

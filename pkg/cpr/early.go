@@ -234,8 +234,7 @@ func (e *Engine) dropAside(vm *manifest.VM) {
 	}
 }
 
-// hasAside tells whether some of the old QEMU's files are moved aside:
-// while they are, their paths belong to its new twin (or to nobody).
+// hasAside tells whether some of the old QEMU's files are moved aside.
 func (e *Engine) hasAside(vm *manifest.VM) bool {
 	for _, p := range e.ownPaths(vm) {
 		if _, err := os.Lstat(p + asideSuffix); err == nil {
@@ -245,10 +244,22 @@ func (e *Engine) hasAside(vm *manifest.VM) bool {
 	return false
 }
 
+// monitorAside tells whether the old QEMU's monitor socket is moved aside:
+// while it is, the monitor path is the new twin's. A monitor passed by fd
+// (libvirt's way) is never moved: both QEMUs listen on that one socket and
+// either may answer.
+func (e *Engine) monitorAside(vm *manifest.VM) bool {
+	if vm.QMP == "" {
+		return false
+	}
+	_, err := os.Lstat(e.hostPathIn(vm, vm.QMP) + asideSuffix)
+	return err == nil
+}
+
 // settleTwins finishes an early start interrupted before the old QEMU was
-// retired. While the old QEMU's files are moved aside the monitor path is
-// its new twin's, so what QEMU answered there (whichever of the two
-// targets got through: a monitor serves one client at a time) is the
+// retired. While the old QEMU's monitor socket is moved aside the monitor
+// path is its new twin's, so what QEMU answered there (whichever of the
+// two targets got through: a monitor serves one client at a time) is the
 // twin's state: a twin that never got its state is stopped and the old
 // files put back; an old QEMU whose twin has loaded the guest is killed.
 // Files moved aside with no twin (we died before it started) are put back.
@@ -269,7 +280,8 @@ func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 			continue
 		}
 		var twin *Target
-		status := ""
+		status := "" // the twin's, when its monitor path is known to be its own
+		trust := e.monitorAside(vm)
 		for _, t := range ts {
 			if t.Name() != vm.Name {
 				continue
@@ -277,7 +289,7 @@ func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 			if t.Proc.PID != vm.PID {
 				twin = t
 			}
-			if t.Facts.QMPErr == nil {
+			if t.Facts.QMPErr == nil && trust {
 				status = t.Facts.Status
 			}
 		}

@@ -52,7 +52,7 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 	if sameBoot {
 		e.undoUpdate(m)
 	}
-	live, err := e.liveQEMUs(ctx, m)
+	live, twins, err := e.liveQEMUs(ctx, m)
 	if err != nil {
 		return nil, err
 	}
@@ -74,6 +74,12 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 		vm := &m.VMs[i]
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
+		if pids := twins[vm.Name]; len(pids) > 1 && !e.monitorAside(vm) {
+			// Twins settleTwins could not tell apart: their monitor is one
+			// socket passed by fd to both (libvirt's way). Touch neither.
+			failed(i, fmt.Sprintf("%d QEMUs run it (pids %v), left by an interrupted restart; they share one monitor socket and cannot be told apart from here: stop the one that does not run the guest (the old one is pid %d, the others were started for it), then run recover again", len(pids), pids, vm.PID))
+			continue
+		}
 		isOld := t != nil && sameBoot && t.Proc.PID == vm.PID
 		if !sameBoot || unix.Kill(vm.PID, 0) != nil {
 			e.dropAside(vm) // the old QEMU is gone: nothing to put back
@@ -239,12 +245,12 @@ func CloseAll(ts []*Target) {
 // liveQEMUs finds the running QEMUs by name. A QEMU of the manifest's
 // whose monitor is not up yet may be one the interrupted run had just
 // started: it is given the QMP timeout to come up before it is judged.
-func (e *Engine) liveQEMUs(ctx context.Context, m *manifest.Manifest) (map[string]*Target, error) {
+func (e *Engine) liveQEMUs(ctx context.Context, m *manifest.Manifest) (live map[string]*Target, twins map[string][]int, err error) {
 	deadline := time.Now().Add(e.QMPTimeout)
 	for {
 		ts, err := e.plan(ctx, nil, true)
 		if err != nil {
-			return nil, fmt.Errorf("finding the running QEMUs: %w", err)
+			return nil, nil, fmt.Errorf("finding the running QEMUs: %w", err)
 		}
 		if e.settleTwins(ts, m) {
 			CloseAll(ts) // old QEMUs' sockets are back: look again
@@ -257,19 +263,20 @@ func (e *Engine) liveQEMUs(ctx context.Context, m *manifest.Manifest) (map[strin
 			}
 		}
 		if !waiting || time.Now().After(deadline) {
-			live := map[string]*Target{}
+			live, twins = map[string]*Target{}, map[string][]int{}
 			for _, t := range ts {
 				if prev := live[t.Name()]; prev != nil {
 					prev.Close()
 				}
 				live[t.Name()] = t
+				twins[t.Name()] = append(twins[t.Name()], t.Proc.PID)
 			}
-			return live, nil
+			return live, twins, nil
 		}
 		CloseAll(ts)
 		select {
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, nil, ctx.Err()
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
