@@ -168,25 +168,25 @@ func TestForRestart(t *testing.T) {
 			name: "alias pinned, incoming replaced, daemonize dropped",
 			argv: []string{"qemu", "-machine", "pc,memory-backend=r", "-daemonize", "-incoming", "tcp:0:4444"},
 			opts: RestartOptions{MachineType: "pc-i440fx-10.0-machine", Binary: "/opt/qemu-new"},
-			want: []string{"/opt/qemu-new", "-machine", "pc-i440fx-10.0,memory-backend=r", "-incoming", "defer"},
+			want: []string{"/opt/qemu-new", "-machine", "pc-i440fx-10.0,memory-backend=r", "-S", "-incoming", "defer"},
 		},
 		{
 			name: "no machine option: added",
 			argv: []string{"qemu", "-m", "256"},
 			opts: RestartOptions{MachineType: "pc-i440fx-10.0"},
-			want: []string{"qemu", "-m", "256", "-machine", "pc-i440fx-10.0", "-incoming", "defer"},
+			want: []string{"qemu", "-m", "256", "-machine", "pc-i440fx-10.0", "-S", "-incoming", "defer"},
 		},
 		{
 			name: "machine without type: type added first",
 			argv: []string{"qemu", "-machine", "accel=tcg"},
 			opts: RestartOptions{MachineType: "pc-q35-10.0"},
-			want: []string{"qemu", "-machine", "pc-q35-10.0,accel=tcg", "-incoming", "defer"},
+			want: []string{"qemu", "-machine", "pc-q35-10.0,accel=tcg", "-S", "-incoming", "defer"},
 		},
 		{
 			name: "versioned type kept",
 			argv: []string{"qemu", "-M", "pc-q35-8.2"},
 			opts: RestartOptions{MachineType: "pc-q35-8.2"},
-			want: []string{"qemu", "-M", "pc-q35-8.2", "-incoming", "defer"},
+			want: []string{"qemu", "-M", "pc-q35-8.2", "-S", "-incoming", "defer"},
 		},
 		{
 			name: "fds renumbered in key=val and JSON",
@@ -194,7 +194,7 @@ func TestForRestart(t *testing.T) {
 				"-netdev", `{"type":"tap","id":"n1","fd":"40"}`},
 			opts: RestartOptions{FdMap: map[int]int{30: 3, 31: 4, 32: 5, 33: 6, 40: 7}},
 			want: []string{"qemu", "-netdev", "tap,id=n0,fds=3:4,vhostfds=5:6",
-				"-netdev", `{"fd":"7","id":"n1","type":"tap"}`, "-incoming", "defer"},
+				"-netdev", `{"fd":"7","id":"n1","type":"tap"}`, "-S", "-incoming", "defer"},
 		},
 		{
 			name:    "unmapped fd is an error",
@@ -203,9 +203,14 @@ func TestForRestart(t *testing.T) {
 			wantErr: "no new fd for inherited fd 9",
 		},
 		{
+			name: "-S given: not doubled",
+			argv: []string{"qemu", "-S", "-m", "256"},
+			want: []string{"qemu", "-S", "-m", "256", "-incoming", "defer"},
+		},
+		{
 			name: "escaped comma survives",
 			argv: []string{"qemu", "-object", "memory-backend-file,id=r,mem-path=/a,,b,share=on,size=1M"},
-			want: []string{"qemu", "-object", "memory-backend-file,id=r,mem-path=/a,,b,share=on,size=1M", "-incoming", "defer"},
+			want: []string{"qemu", "-object", "memory-backend-file,id=r,mem-path=/a,,b,share=on,size=1M", "-S", "-incoming", "defer"},
 		},
 	}
 	for _, tt := range tests {

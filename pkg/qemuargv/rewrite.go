@@ -21,8 +21,11 @@ type RestartOptions struct {
 }
 
 // ForRestart returns a copy of c rewritten for the restore side of CPR:
-// "-incoming defer" (replacing any -incoming), no -daemonize (the restorer
-// supervises the process), the machine type pinned, and fds renumbered.
+// "-incoming defer" (replacing any -incoming), -S (QEMU would otherwise run
+// the guest the moment its state is loaded, before the restorer has
+// checked it: a guest that has run cannot be given back to its state file
+// or its old QEMU), no -daemonize (the restorer supervises the process),
+// the machine type pinned, and fds renumbered.
 func (c *Cmdline) ForRestart(o RestartOptions) (*Cmdline, error) {
 	n := &Cmdline{Binary: c.Binary}
 	if o.Binary != "" {
@@ -40,6 +43,9 @@ func (c *Cmdline) ForRestart(o RestartOptions) (*Cmdline, error) {
 	}
 	if err := n.renumberFds(o.FdMap); err != nil {
 		return nil, err
+	}
+	if len(n.Find("S")) == 0 {
+		n.Opts = append(n.Opts, Option{Name: "S"})
 	}
 	n.Opts = append(n.Opts, Option{Name: "incoming", Value: "defer", HasValue: true})
 	return n, nil
