@@ -168,9 +168,7 @@ func (e *Engine) killOld(t *Target) error {
 		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
 	}
 	t.QMP.Close()
-	for _, p := range e.ownPaths(t.rec) {
-		os.Remove(p + asideSuffix) // a killed QEMU unlinks nothing
-	}
+	e.dropAside(t.rec) // a killed QEMU unlinks nothing
 	return nil
 }
 
