@@ -409,12 +409,22 @@ func (e *Engine) cgroupFD(vm *manifest.VM) (int, bool) {
 	return fd, true
 }
 
-// dialUntil connects to a new QEMU's QMP socket as soon as it listens.
+// dialUntil connects to a new QEMU's QMP socket as soon as it listens. A
+// connection, once made, is waited on until QEMU greets it or exits: giving
+// up on a handshake half-way and dialling again is what leaves a stale reply
+// in QEMU's monitor for the next connection (see qmp.Dial).
 func dialUntil(ctx context.Context, path string, exited <-chan struct{}, why func() error) (*qmp.Client, error) {
+	dctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-exited:
+			cancel()
+		case <-dctx.Done():
+		}
+	}()
 	for {
-		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		c, err := qmp.Dial(dctx, path)
-		cancel()
 		if err == nil {
 			return c, nil
 		}

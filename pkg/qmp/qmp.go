@@ -15,7 +15,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	dqmp "github.com/digitalocean/go-qemu/qmp"
@@ -74,7 +76,48 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 		return nil, fmt.Errorf("QMP %s: subscribing to events: %w", path, err)
 	}
 	go c.drain(evs)
+	if err := c.sync(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
 	return c, nil
+}
+
+// syncSeq numbers sync commands, so that no two share an id.
+var syncSeq atomic.Uint64
+
+// sync makes the next reply on the connection the answer to the next command.
+// QEMU has one monitor per chardev, not one per connection: a command it was
+// still dispatching when its client hung up is answered on the next
+// connection. Seen under load (sixteen QEMUs starting on two cores): a
+// handshake took a stale {"return": {}} for its own, and from then on every
+// reply answered the command before it ("Capabilities negotiation is already
+// complete" came back for migrate-set-capabilities). So send a command with a
+// unique id and read replies until that id comes back; QEMU dispatches in
+// order, so nothing stale can follow it.
+func (c *Client) sync(ctx context.Context) error {
+	id := fmt.Sprintf("liveupdate-sync-%d-%d", os.Getpid(), syncSeq.Add(1))
+	cmd := []byte(`{"execute": "query-version", "id": "` + id + `"}`)
+	for range 8 {
+		raw, err := c.run(ctx, "query-version", cmd)
+		// The rest are reads: QMP's parser skips whitespace between
+		// commands, and the monitor hands us the next reply.
+		cmd = []byte("\n")
+		if err != nil {
+			var qe *Error
+			if errors.As(err, &qe) {
+				continue // an error reply carries no id: a stale one
+			}
+			return fmt.Errorf("QMP handshake on %s: %w", c.path, err)
+		}
+		var r struct {
+			ID string `json:"id"`
+		}
+		if json.Unmarshal(raw, &r) == nil && r.ID == id {
+			return nil
+		}
+	}
+	return fmt.Errorf("QMP handshake on %s: the monitor keeps answering other commands than ours; is another client talking to it?", c.path)
 }
 
 func (c *Client) drain(evs <-chan dqmp.Event) {
@@ -126,6 +169,23 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, out any) err
 	if err != nil {
 		return err
 	}
+	raw, err := c.run(ctx, cmd, b)
+	if err != nil {
+		return err
+	}
+	if out == nil {
+		return nil
+	}
+	if err := decodeReply(raw, out); err != nil {
+		return fmt.Errorf("decoding reply to %s: %w", cmd, err)
+	}
+	return nil
+}
+
+// run sends b (a command named cmd) and waits for the next reply. A reply
+// that does not come before ctx is done closes the connection: it would
+// otherwise answer the next command.
+func (c *Client) run(ctx context.Context, cmd string, b []byte) ([]byte, error) {
 	type result struct {
 		raw []byte
 		err error
@@ -140,24 +200,18 @@ func (c *Client) Execute(ctx context.Context, cmd string, args any, out any) err
 	case r = <-done:
 	case <-ctx.Done():
 		c.Close()
-		return fmt.Errorf("waiting for QEMU's reply to %s on %s: %w", cmd, c.path, ctx.Err())
+		return nil, fmt.Errorf("waiting for QEMU's reply to %s on %s: %w", cmd, c.path, ctx.Err())
 	}
 	if r.err != nil {
 		// The monitor hands a closed connection to Run as an empty reply,
 		// which fails to decode.
 		var syn *json.SyntaxError
 		if errors.As(r.err, &syn) || errors.Is(r.err, io.EOF) {
-			return fmt.Errorf("%s on %s: %w", cmd, c.path, ErrDisconnected)
+			return nil, fmt.Errorf("%s on %s: %w", cmd, c.path, ErrDisconnected)
 		}
-		return &Error{Command: cmd, Msg: r.err.Error()}
+		return nil, &Error{Command: cmd, Msg: r.err.Error()}
 	}
-	if out == nil {
-		return nil
-	}
-	if err := decodeReply(r.raw, out); err != nil {
-		return fmt.Errorf("decoding reply to %s: %w", cmd, err)
-	}
-	return nil
+	return r.raw, nil
 }
 
 // decodeReply puts a QMP reply's "return" value into out.
