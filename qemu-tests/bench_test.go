@@ -56,6 +56,10 @@ func benchRestart(b *testing.B, o benchOpts) {
 		}
 	}
 	b.StopTimer()
+	// Where the last run's time went, for -v (the phases of every VM).
+	if _, out, _ := runLU(b, "status", "--state-dir", state); out != "" {
+		b.Logf("status of the last run:\n%s", out)
+	}
 	for _, g := range gs {
 		last, _ := g.lastBeat()
 		g.checkContinues(last)

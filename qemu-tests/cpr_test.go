@@ -35,6 +35,10 @@ func TestRestartOne(t *testing.T) {
 		t.Fatalf("%v %s", err, out)
 	}
 	oldPID := g.pid()
+	// The guest's own migration set-up (libvirt turns migration events
+	// on) must survive the restart: cpr-reboot's is for the restart only.
+	g.qmpExecute("migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}})
+	const ownSetup = "mode=normal x-ignore-shared=false events=true"
 	last, _ := g.lastBeat()
 	state := t.TempDir()
 
@@ -57,6 +61,9 @@ func TestRestartOne(t *testing.T) {
 		t.Errorf("new QEMU runs %q, want %q", exe, newQEMU)
 	}
 	g.checkContinues(last)
+	if got := g.migrationSetup(); got != ownSetup {
+		t.Errorf("the new QEMU's migration set-up is %q, want the guest's own %q", got, ownSetup)
+	}
 
 	// RAM stayed in place: same file, same size; the state file holds
 	// device state only.

@@ -24,30 +24,33 @@ func TestFaults(t *testing.T) {
 	cases := []struct {
 		fault, why string
 		sequential bool // restart-qemu --sequential: no early start
+		// The old QEMUs ran on through the failure (Resume): their own
+		// migration set-up must be given back, not left at cpr-reboot's.
+		resumed bool
 	}{
-		{"plan=fail", "nothing touched", false},
-		{"plan=kill", "nothing touched", false},
-		{"manifest=fail", "manifest written, nothing saved", false},
-		{"manifest-write=kill", "the first manifest write interrupted before its rename", false},
-		{"manifest=kill", "manifest written, nothing saved", false},
-		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false},
-		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false},
-		{"saved=fail", "all saved, none quit: resumed", false},
-		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false},
-		{"manifest-write@2=kill", "saves done, recording them interrupted", false},
-		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false},
-		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false},
-		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false},
-		{"qemu-start=fail", "one early QEMU fails to start: that VM restarts the sequential way", false},
-		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false},
-		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false},
-		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false},
-		{"quit=fail", "all quit, then an error: restored", true},
-		{"quit=kill", "all quit, we die: recover restores from the state files", true},
-		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true},
-		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true},
-		{"load=fail", "one restore fails after loading: recover restores it again", true},
-		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true},
+		{"plan=fail", "nothing touched", false, false},
+		{"plan=kill", "nothing touched", false, false},
+		{"manifest=fail", "manifest written, nothing saved", false, false},
+		{"manifest-write=kill", "the first manifest write interrupted before its rename", false, false},
+		{"manifest=kill", "manifest written, nothing saved", false, false},
+		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false, true},
+		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false, false},
+		{"saved=fail", "all saved, none quit: resumed", false, true},
+		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false, false},
+		{"manifest-write@2=kill", "saves done, recording them interrupted", false, false},
+		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false, false},
+		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false, false},
+		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false, false},
+		{"qemu-start=fail", "one early QEMU fails to start: that VM restarts the sequential way", false, false},
+		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false, false},
+		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false, false},
+		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false, false},
+		{"quit=fail", "all quit, then an error: restored", true, false},
+		{"quit=kill", "all quit, we die: recover restores from the state files", true, false},
+		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true, false},
+		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true, false},
+		{"load=fail", "one restore fails after loading: recover restores it again", true, false},
+		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true, false},
 	}
 	for _, c := range cases {
 		name, args := strings.ReplaceAll(c.fault, "=", "_"), []string{"restart-qemu"}
@@ -69,6 +72,13 @@ func TestFaults(t *testing.T) {
 				append(append(args, "--state-dir", state), names...)...)
 			if !strings.Contains(errOut, "FAULT INJECTED") {
 				t.Fatalf("the fault %s never fired (exit %d)", c.fault, code)
+			}
+			if c.resumed {
+				for _, g := range gs {
+					if got, want := g.migrationSetup(), "mode=normal x-ignore-shared=false events=false"; got != want {
+						t.Errorf("%s after the rollback: migration set-up %q, want its own %q", g.name, got, want)
+					}
+				}
 			}
 			recoverAll(t, state)
 			for i, g := range gs {

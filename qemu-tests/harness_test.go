@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
@@ -355,4 +356,48 @@ func (g *guest) waitBeatNoFatal(after uint64, d time.Duration) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// qmpExecute runs one QMP command on the guest's QEMU.
+func (g *guest) qmpExecute(cmd string, args any) {
+	g.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, g.qmp)
+	if err != nil {
+		g.t.Fatalf("%s: %v", g.name, err)
+	}
+	defer c.Close()
+	if err := c.Execute(ctx, cmd, args, nil); err != nil {
+		g.t.Fatalf("%s: %v", g.name, err)
+	}
+}
+
+// migrationSetup is what a guest's QEMU answers about the migration set-up
+// liveupdate changes: "mode=… x-ignore-shared=… events=…".
+func (g *guest) migrationSetup() string {
+	g.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, g.qmp)
+	if err != nil {
+		g.t.Fatalf("%s: %v", g.name, err)
+	}
+	defer c.Close()
+	var caps []struct {
+		Capability string
+		State      bool
+	}
+	var params struct{ Mode string }
+	if err := c.Execute(ctx, "query-migrate-capabilities", nil, &caps); err != nil {
+		g.t.Fatalf("%s: %v", g.name, err)
+	}
+	if err := c.Execute(ctx, "query-migrate-parameters", nil, &params); err != nil {
+		g.t.Fatalf("%s: %v", g.name, err)
+	}
+	on := map[string]bool{}
+	for _, c := range caps {
+		on[c.Capability] = c.State
+	}
+	return fmt.Sprintf("mode=%s x-ignore-shared=%v events=%v", params.Mode, on["x-ignore-shared"], on["events"])
 }

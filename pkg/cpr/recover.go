@@ -90,6 +90,11 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 		case t != nil && t.Facts.Status == "running":
 			out[i].Action = "running"
 			e.dropTapPersistence(t, vm)
+			if t.QMP != nil {
+				cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
+				e.giveBackMigration(cctx, t.QMP, vm)
+				cancel()
+			}
 			if isOld {
 				vm.Status = manifest.StatusResumed
 				e.setAside(vm)
@@ -113,6 +118,9 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 			c := t.QMP
 			cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
 			err := c.Execute(cctx, "cont", nil, nil)
+			if err == nil {
+				e.giveBackMigration(cctx, c, vm)
+			}
 			cancel()
 			if err != nil {
 				failed(i, "cont: "+err.Error())

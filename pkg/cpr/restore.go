@@ -129,14 +129,12 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		Running bool
 		Status  string
 	}
-	if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
-		return fail(err)
-	}
 	if vm.WasRunning {
-		if !st.Running {
-			if err := e.timed("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
-				return fail(err)
-			}
+		// Straight to cont, no query-status first: the new QEMU runs with
+		// -S, so it is paused, and a round trip here is in the blackout.
+		// (cont on a running guest does no harm.)
+		if err := e.timed("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
+			return fail(err)
 		}
 		ev, _, err := c.WaitEvent(ctx, "RESUME", 0, nil)
 		if err != nil {
@@ -147,6 +145,9 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 			return fail(fmt.Errorf("guest is %q after restore, not running (%v)", st.Status, err))
 		}
 	}
+
+	// Outside the blackout: the new QEMU gets the VM's own migration set-up.
+	e.giveBackMigration(ctx, c, vm)
 
 	// Confirmed: the state file is done with; keep it for inspection.
 	vm.Status = manifest.StatusRunning

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -93,9 +95,24 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 		}
 	}
 
-	// Save all in parallel; quit none until all have saved.
+	// Set every old QEMU up for the migration before the first one stops:
+	// these round trips then weigh on no guest's blackout.
 	errs := make([]error, len(ts))
 	var wg sync.WaitGroup
+	for i, t := range ts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = e.timed("migrate-setup", t.Name(), func() error { return e.setupOne(ctx, t) })
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		rerr := e.Resume(ts)
+		return e.man, fmt.Errorf("setting up the migration failed, no VM stopped: %w", errors.Join(err, rerr))
+	}
+
+	// Save all in parallel; quit none until all have saved.
 	for i, t := range ts {
 		wg.Add(1)
 		go func() {
@@ -253,14 +270,88 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 // migrateSetup sets the capabilities and mode both sides of CPR use:
 // shared RAM stays where it is unless the VM's RAM is to be copied.
 func migrateSetup(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
-	caps := []map[string]any{
-		{"capability": "x-ignore-shared", "state": !vm.CopyRAM},
-		{"capability": "events", "state": true},
+	return setMigration(ctx, c, manifest.Migration{
+		Capabilities: map[string]bool{"x-ignore-shared": !vm.CopyRAM, "events": true},
+		Mode:         "cpr-reboot",
+	})
+}
+
+// qemuDefaults is a fresh QEMU's migration set-up, as far as migrateSetup
+// changes it.
+var qemuDefaults = manifest.Migration{
+	Capabilities: map[string]bool{"x-ignore-shared": false, "events": false},
+	Mode:         "normal",
+}
+
+// queryMigration reads the part of a QEMU's migration set-up that
+// migrateSetup changes.
+func queryMigration(ctx context.Context, c *qmp.Client) (*manifest.Migration, error) {
+	var caps []struct {
+		Capability string `json:"capability"`
+		State      bool   `json:"state"`
+	}
+	if err := c.Execute(ctx, "query-migrate-capabilities", nil, &caps); err != nil {
+		return nil, err
+	}
+	var params struct {
+		Mode string `json:"mode"`
+	}
+	if err := c.Execute(ctx, "query-migrate-parameters", nil, &params); err != nil {
+		return nil, err
+	}
+	m := &manifest.Migration{Capabilities: maps.Clone(qemuDefaults.Capabilities), Mode: params.Mode}
+	for _, c := range caps {
+		if _, ours := m.Capabilities[c.Capability]; ours {
+			m.Capabilities[c.Capability] = c.State
+		}
+	}
+	if m.Mode == "" {
+		m.Mode = qemuDefaults.Mode
+	}
+	return m, nil
+}
+
+// setMigration applies m to c's QEMU.
+func setMigration(ctx context.Context, c *qmp.Client, m manifest.Migration) error {
+	var caps []map[string]any
+	for _, name := range slices.Sorted(maps.Keys(m.Capabilities)) {
+		caps = append(caps, map[string]any{"capability": name, "state": m.Capabilities[name]})
 	}
 	if err := c.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
 		return err
 	}
-	return c.Execute(ctx, "migrate-set-parameters", map[string]any{"mode": "cpr-reboot"}, nil)
+	return c.Execute(ctx, "migrate-set-parameters", map[string]any{"mode": m.Mode}, nil)
+}
+
+// giveBackMigration sets the QEMU that runs vm's guest from now on (the old
+// one after a rollback, the new one after a restore) to the VM's own
+// migration set-up again. The guest runs either way, so a failure is only
+// logged, saying what it means.
+func (e *Engine) giveBackMigration(ctx context.Context, c *qmp.Client, vm *manifest.VM) {
+	m := qemuDefaults
+	if vm.Migration != nil {
+		m = *vm.Migration
+	}
+	if err := setMigration(ctx, c, m); err != nil {
+		e.Log.Warn("the QEMU running the guest keeps cpr-reboot's migration set-up: before migrating it elsewhere, set migrate-set-parameters mode and the x-ignore-shared capability back",
+			"vm", vm.Name, "mode", m.Mode, "err", err)
+	}
+}
+
+// setupOne records an old QEMU's migration set-up in the manifest and sets
+// it up for the save. Its inverse is giveBackMigration.
+func (e *Engine) setupOne(ctx context.Context, t *Target) error {
+	ctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
+	defer cancel()
+	own, err := queryMigration(ctx, t.QMP)
+	if err != nil {
+		return fmt.Errorf("%s: reading its migration set-up: %w", t.Name(), err)
+	}
+	t.rec.Migration = own
+	if err := migrateSetup(ctx, t.QMP, t.rec); err != nil {
+		return fmt.Errorf("%s: %w", t.Name(), err)
+	}
+	return nil
 }
 
 // waitMigration waits until the migration on c completed, failing on
@@ -314,9 +405,6 @@ func (e *Engine) saveOne(ctx context.Context, t *Target) error {
 	ctx, cancel := context.WithTimeout(ctx, e.SaveTimeout)
 	defer cancel()
 	c := t.QMP
-	if err := migrateSetup(ctx, c, t.rec); err != nil {
-		return fmt.Errorf("%s: %w", t.Name(), err)
-	}
 	mark := len(c.Events())
 	if err := c.Execute(ctx, "migrate", map[string]any{"uri": "file:" + t.rec.StateFile}, nil); err != nil {
 		return fmt.Errorf("%s: %w", t.Name(), err)
@@ -355,6 +443,9 @@ func (e *Engine) Resume(ts []*Target) error {
 		if err := t.QMP.Execute(ctx, "query-migrate", nil, &q); err == nil && q.Status != "" &&
 			q.Status != "completed" && q.Status != "failed" && q.Status != "cancelled" {
 			t.QMP.Execute(ctx, "migrate_cancel", nil, nil)
+		}
+		if t.rec.Migration != nil { // set up for the save: undo
+			e.giveBackMigration(ctx, t.QMP, t.rec)
 		}
 		var st struct{ Running bool }
 		err := t.QMP.Execute(ctx, "query-status", nil, &st)

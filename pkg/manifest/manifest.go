@@ -86,6 +86,12 @@ const (
 )
 
 // VM is everything needed to start a saved guest again.
+// Migration is the part of a QEMU's migration set-up that CPR changes.
+type Migration struct {
+	Mode         string          `json:"mode"`         // migrate-set-parameters "mode"
+	Capabilities map[string]bool `json:"capabilities"` // by name: x-ignore-shared, events
+}
+
 type VM struct {
 	Name        string   `json:"name"`
 	PID         int      `json:"pid"`
@@ -118,6 +124,11 @@ type VM struct {
 	StateFile  string `json:"state_file"`
 	StateSize  int64  `json:"state_size,omitempty"`
 	WasRunning bool   `json:"was_running"` // resume after restore only if it ran before
+	// Migration is the VM's own migration set-up before liveupdate set
+	// cpr-reboot's; the QEMU that runs the guest afterwards gets it back, so
+	// that its next migration (libvirt's, to another host) is not a
+	// cpr-reboot that leaves shared RAM behind. Nil: QEMU's defaults.
+	Migration *Migration `json:"migration,omitempty"`
 
 	Status  Status    `json:"status"`
 	Error   string    `json:"error,omitempty"`
