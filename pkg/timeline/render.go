@@ -109,7 +109,7 @@ func colour(name string) string {
 		return "#8c6bb1"
 	case strings.HasPrefix(name, "pid1 "):
 		return "#41ab5d"
-	case name == "save" || name == "quit" || name == "remount-ro" || name == "kexec-load" || name == "plan":
+	case name == "migrate-setup" || name == "save" || name == "quit" || name == "remount-ro" || name == "kexec-load" || name == "plan":
 		return "#4292c6"
 	case name == "clock-fix":
 		return "#bdbdbd"
