@@ -128,7 +128,7 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	for _, t := range ts {
 		t.rec.Status = manifest.StatusSaved
 	}
-	if err := e.writeManifest(); err != nil {
+	if err := e.writeManifestUnsynced(); err != nil {
 		rerr := e.Resume(ts)
 		return e.man, fmt.Errorf("recording the save failed, every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
 	}
@@ -140,10 +140,12 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	// Quit: from here on the way back is Restore. An old QEMU with a new
 	// one started early waits, paused, until the new one runs its guest
 	// (retireOld).
+	quit := 0
 	for i, t := range ts {
 		if t.early {
 			continue
 		}
+		quit++
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -151,8 +153,10 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 		}()
 	}
 	wg.Wait()
-	if err := e.writeManifest(); err != nil {
-		e.Log.Error("recording quit", "err", err)
+	if quit > 0 {
+		if err := e.writeManifest(); err != nil {
+			e.Log.Error("recording quit", "err", err)
+		}
 	}
 	if err := fault.At("quit"); err != nil {
 		errs = append(errs, err)
@@ -550,6 +554,14 @@ func (e *Engine) writeManifest() error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return manifest.Write(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
+}
+
+// writeManifestUnsynced records the manifest without waiting for the disk
+// (manifest.WriteUnsynced), for records made inside the guests' blackout.
+func (e *Engine) writeManifestUnsynced() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return manifest.WriteUnsynced(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
 }
 
 // GuestPath turns a path as this process sees it into the path as a QEMU

@@ -288,6 +288,20 @@ func Read(path string, allowedRoots ...string) (*Manifest, error) {
 
 // Write writes m to path atomically with mode 0600.
 func Write(path string, m *Manifest) error {
+	return write(path, m, true)
+}
+
+// WriteUnsynced is Write without the fsyncs: as atomic for every process
+// that reads it (the rename), but durable only once something syncs —
+// the next Write, or the sync before a kexec. It is for a record made
+// while guests are stopped, where each fsync (which also writes out every
+// state file just saved) lengthens their blackout; a power cut then loses
+// the guests anyway.
+func WriteUnsynced(path string, m *Manifest) error {
+	return write(path, m, false)
+}
+
+func write(path string, m *Manifest, durable bool) error {
 	if m.Schema == 0 {
 		m.Schema = SchemaVersion
 	}
@@ -296,18 +310,18 @@ func Write(path string, m *Manifest) error {
 		return fmt.Errorf("encoding manifest: %w", err)
 	}
 	b = append(b, '\n')
-	return writeFileAtomic(path, b, 0o600, func() error { return fault.At("manifest-write") })
+	return writeFileAtomic(path, b, 0o600, durable, func() error { return fault.At("manifest-write") })
 }
 
 // WriteFileAtomic writes data to path through a temp file in the same
 // directory: write, fsync, rename, fsync the directory.
 func WriteFileAtomic(path string, data []byte, mode os.FileMode) error {
-	return writeFileAtomic(path, data, mode, nil)
+	return writeFileAtomic(path, data, mode, true, nil)
 }
 
-// writeFileAtomic is WriteFileAtomic with a hook just before the rename
-// (where an interrupted write leaves the old file whole).
-func writeFileAtomic(path string, data []byte, mode os.FileMode, beforeRename func() error) error {
+// writeFileAtomic is WriteFileAtomic, its fsyncs optional, with a hook just
+// before the rename (where an interrupted write leaves the old file whole).
+func writeFileAtomic(path string, data []byte, mode os.FileMode, durable bool, beforeRename func() error) error {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
 	if err != nil {
@@ -323,9 +337,11 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode, beforeRename fu
 		f.Close()
 		return fmt.Errorf("writing %s: %w", path, err)
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("syncing %s: %w", path, err)
+	if durable {
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return fmt.Errorf("syncing %s: %w", path, err)
+		}
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("writing %s: %w", path, err)
@@ -337,6 +353,9 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode, beforeRename fu
 	}
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("renaming into %s: %w", path, err)
+	}
+	if !durable {
+		return nil
 	}
 	d, err := os.Open(dir)
 	if err != nil {

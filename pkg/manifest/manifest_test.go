@@ -29,29 +29,44 @@ func sample() *Manifest {
 }
 
 func TestWriteRead(t *testing.T) {
-	dir := t.TempDir()
-	p := filepath.Join(dir, FileName)
-	m := sample()
-	if err := Write(p, m); err != nil {
-		t.Fatal(err)
-	}
-	st, err := os.Stat(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if st.Mode().Perm() != 0o600 {
-		t.Errorf("mode = %v, want 0600", st.Mode().Perm())
-	}
-	got, err := Read(p, "/mnt/pmem")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.VMs[0].Name != "vm1" || got.VMs[0].RAM[0].MemPath != "/mnt/pmem/vm1.ram" {
-		t.Fatalf("read back %+v", got.VMs[0])
-	}
-	entries, _ := os.ReadDir(dir)
-	if len(entries) != 1 {
-		t.Fatalf("temp files left behind: %v", entries)
+	for _, tc := range []struct {
+		name  string
+		write func(string, *Manifest) error
+	}{{"Write", Write}, {"WriteUnsynced", WriteUnsynced}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, FileName)
+			m := sample()
+			m.VMs[0].Migration = &Migration{Mode: "normal", Capabilities: map[string]bool{"events": true, "x-ignore-shared": false}}
+			if err := tc.write(p, m); err != nil {
+				t.Fatal(err)
+			}
+			// Written twice: the second replaces the first whole.
+			m.VMs[0].Status = StatusRunning
+			if err := tc.write(p, m); err != nil {
+				t.Fatal(err)
+			}
+			st, err := os.Stat(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st.Mode().Perm() != 0o600 {
+				t.Errorf("mode = %v, want 0600", st.Mode().Perm())
+			}
+			got, err := Read(p, "/mnt/pmem")
+			if err != nil {
+				t.Fatal(err)
+			}
+			vm := got.VMs[0]
+			if vm.Name != "vm1" || vm.RAM[0].MemPath != "/mnt/pmem/vm1.ram" || vm.Status != StatusRunning ||
+				vm.Migration == nil || vm.Migration.Mode != "normal" || !vm.Migration.Capabilities["events"] {
+				t.Fatalf("read back %+v (migration %+v)", vm, vm.Migration)
+			}
+			entries, _ := os.ReadDir(dir)
+			if len(entries) != 1 {
+				t.Fatalf("temp files left behind: %v", entries)
+			}
+		})
 	}
 }
 
