@@ -85,13 +85,13 @@ const (
 	StatusRestored Status = "restored" // new QEMU loaded state; not yet confirmed running
 )
 
-// VM is everything needed to start a saved guest again.
 // Migration is the part of a QEMU's migration set-up that CPR changes.
 type Migration struct {
 	Mode         string          `json:"mode"`         // migrate-set-parameters "mode"
 	Capabilities map[string]bool `json:"capabilities"` // by name: x-ignore-shared, events
 }
 
+// VM is everything needed to start a saved guest again.
 type VM struct {
 	Name        string   `json:"name"`
 	PID         int      `json:"pid"`
