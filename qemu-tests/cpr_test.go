@@ -37,7 +37,7 @@ func TestRestartOne(t *testing.T) {
 	oldPID := g.pid()
 	// The guest's own migration set-up (libvirt turns migration events
 	// on) must survive the restart: cpr-reboot's is for the restart only.
-	g.qmpExecute("migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}})
+	g.qmpExecute("migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "events", "state": true}}}, nil)
 	const ownSetup = "mode=normal x-ignore-shared=false events=true"
 	last, _ := g.lastBeat()
 	state := t.TempDir()

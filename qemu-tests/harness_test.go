@@ -358,8 +358,9 @@ func (g *guest) waitBeatNoFatal(after uint64, d time.Duration) {
 	}
 }
 
-// qmpExecute runs one QMP command on the guest's QEMU.
-func (g *guest) qmpExecute(cmd string, args any) {
+// qmpExecute runs one QMP command on the guest's QEMU and decodes its
+// return value into out (nil to ignore it).
+func (g *guest) qmpExecute(cmd string, args, out any) {
 	g.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -368,7 +369,7 @@ func (g *guest) qmpExecute(cmd string, args any) {
 		g.t.Fatalf("%s: %v", g.name, err)
 	}
 	defer c.Close()
-	if err := c.Execute(ctx, cmd, args, nil); err != nil {
+	if err := c.Execute(ctx, cmd, args, out); err != nil {
 		g.t.Fatalf("%s: %v", g.name, err)
 	}
 }
@@ -377,24 +378,13 @@ func (g *guest) qmpExecute(cmd string, args any) {
 // liveupdate changes: "mode=… x-ignore-shared=… events=…".
 func (g *guest) migrationSetup() string {
 	g.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := qmp.Dial(ctx, g.qmp)
-	if err != nil {
-		g.t.Fatalf("%s: %v", g.name, err)
-	}
-	defer c.Close()
 	var caps []struct {
 		Capability string
 		State      bool
 	}
 	var params struct{ Mode string }
-	if err := c.Execute(ctx, "query-migrate-capabilities", nil, &caps); err != nil {
-		g.t.Fatalf("%s: %v", g.name, err)
-	}
-	if err := c.Execute(ctx, "query-migrate-parameters", nil, &params); err != nil {
-		g.t.Fatalf("%s: %v", g.name, err)
-	}
+	g.qmpExecute("query-migrate-capabilities", nil, &caps)
+	g.qmpExecute("query-migrate-parameters", nil, &params)
 	on := map[string]bool{}
 	for _, c := range caps {
 		on[c.Capability] = c.State

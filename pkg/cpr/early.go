@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -42,18 +41,11 @@ const asideSuffix = ".lu-old"
 // parallel. A VM whose new QEMU cannot start early is logged and left to
 // the sequential way; nothing of its old QEMU is changed.
 func (e *Engine) startEarly(ctx context.Context, ts []*Target) {
-	var wg sync.WaitGroup
-	for _, t := range ts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			err := e.timed("early-start", t.Name(), func() error { return e.startEarlyOne(ctx, t) })
-			if err != nil {
-				e.Log.Warn("cannot start the new QEMU beside the old one; restarting this VM the sequential way", "vm", t.Name(), "why", err)
-			}
-		}()
+	for i, err := range e.inParallel("early-start", ts, func(t *Target) error { return e.startEarlyOne(ctx, t) }) {
+		if err != nil {
+			e.Log.Warn("cannot start the new QEMU beside the old one; restarting this VM the sequential way", "vm", ts[i].Name(), "why", err)
+		}
 	}
-	wg.Wait()
 }
 
 func (e *Engine) startEarlyOne(ctx context.Context, t *Target) error {

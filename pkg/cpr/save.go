@@ -97,30 +97,14 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 
 	// Set every old QEMU up for the migration before the first one stops:
 	// these round trips then weigh on no guest's blackout.
-	errs := make([]error, len(ts))
-	var wg sync.WaitGroup
-	for i, t := range ts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = e.timed("migrate-setup", t.Name(), func() error { return e.setupOne(ctx, t) })
-		}()
-	}
-	wg.Wait()
+	errs := e.inParallel("migrate-setup", ts, func(t *Target) error { return e.setupOne(ctx, t) })
 	if err := errors.Join(errs...); err != nil {
 		rerr := e.Resume(ts)
 		return e.man, fmt.Errorf("setting up the migration failed, no VM stopped: %w", errors.Join(err, rerr))
 	}
 
 	// Save all in parallel; quit none until all have saved.
-	for i, t := range ts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = e.timed("save", t.Name(), func() error { return e.saveOne(ctx, t) })
-		}()
-	}
-	wg.Wait()
+	errs = e.inParallel("save", ts, func(t *Target) error { return e.saveOne(ctx, t) })
 	if err := errors.Join(errs...); err != nil {
 		rerr := e.Resume(ts)
 		return e.man, fmt.Errorf("save failed, every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
@@ -140,20 +124,14 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	// Quit: from here on the way back is Restore. An old QEMU with a new
 	// one started early waits, paused, until the new one runs its guest
 	// (retireOld).
-	quit := 0
-	for i, t := range ts {
-		if t.early {
-			continue
+	var quitting []*Target
+	for _, t := range ts {
+		if !t.early {
+			quitting = append(quitting, t)
 		}
-		quit++
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = e.timed("quit", t.Name(), func() error { return e.quitOne(ctx, t) })
-		}()
 	}
-	wg.Wait()
-	if quit > 0 {
+	errs = e.inParallel("quit", quitting, func(t *Target) error { return e.quitOne(ctx, t) })
+	if len(quitting) > 0 {
 		if err := e.writeManifest(); err != nil {
 			e.Log.Error("recording quit", "err", err)
 		}
@@ -162,6 +140,22 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 		errs = append(errs, err)
 	}
 	return e.man, errors.Join(errs...)
+}
+
+// inParallel runs one phase for every target at once, each timed under
+// its VM's row, and returns their errors, index for index.
+func (e *Engine) inParallel(phase string, ts []*Target, do func(*Target) error) []error {
+	errs := make([]error, len(ts))
+	var wg sync.WaitGroup
+	for i, t := range ts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = e.timed(phase, t.Name(), func() error { return do(t) })
+		}()
+	}
+	wg.Wait()
+	return errs
 }
 
 func newManifest(stateDir string) *manifest.Manifest {
@@ -551,17 +545,19 @@ func (e *Engine) Timed(name, vm string, fn func() error) error { return e.timed(
 
 // writeManifest writes the run's manifest into the state directory.
 func (e *Engine) writeManifest() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return manifest.Write(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
+	return e.writeManifestWith(manifest.Write)
 }
 
 // writeManifestUnsynced records the manifest without waiting for the disk
 // (manifest.WriteUnsynced), for records made inside the guests' blackout.
 func (e *Engine) writeManifestUnsynced() error {
+	return e.writeManifestWith(manifest.WriteUnsynced)
+}
+
+func (e *Engine) writeManifestWith(write func(string, *manifest.Manifest) error) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return manifest.WriteUnsynced(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
+	return write(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
 }
 
 // GuestPath turns a path as this process sees it into the path as a QEMU
