@@ -406,7 +406,10 @@ func TestNestedUpdate(t *testing.T) {
 			if i == n-1 {
 				fr = startFrail(t, h)
 			}
-			before, _ := waitGuestState(t, nestNS, state, time.Minute)
+			// After CrashBeforeKexec's recover the inner guest can be
+			// starved for a while under nested TCG (heartbeats 7–11 s
+			// apart seen): give it the patience the first wait has.
+			before, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
 			start := time.Now()
 			h.run(fmt.Sprintf("echo update %d to %s", i+1, target), time.Minute)
 			h.sendNoAnswer(updateCmd(target, ""), "the update returned instead of rebooting")
