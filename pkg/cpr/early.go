@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -40,15 +39,15 @@ const asideSuffix = ".lu-old"
 // startEarly starts every target's new QEMU beside its old one, in
 // parallel. A VM whose new QEMU cannot start early is logged and left to
 // the sequential way; nothing of its old QEMU is changed.
-func (e *Engine) startEarly(ctx context.Context, ts []*Target) {
-	for i, err := range e.inParallel("early-start", ts, func(t *Target) error { return e.startEarlyOne(ctx, t) }) {
+func (r *run) startEarly(ctx context.Context, ts []*Target) {
+	for i, err := range r.inParallel("early-start", ts, func(t *Target) error { return r.startEarlyOne(ctx, t) }) {
 		if err != nil {
-			e.Log.Warn("cannot start the new QEMU beside the old one; restarting this VM the sequential way", "vm", ts[i].Name(), "why", err)
+			r.Log.Warn("cannot start the new QEMU beside the old one; restarting this VM the sequential way", "vm", ts[i].Name(), "why", err)
 		}
 	}
 }
 
-func (e *Engine) startEarlyOne(ctx context.Context, t *Target) error {
+func (r *run) startEarlyOne(ctx context.Context, t *Target) error {
 	vm := t.rec
 	c, err := qemuargv.Parse(vm.RestartArgv)
 	if err != nil {
@@ -57,16 +56,16 @@ func (e *Engine) startEarlyOne(ctx context.Context, t *Target) error {
 	if conflicts := c.TwinConflicts(); len(conflicts) > 0 {
 		return errors.New(strings.Join(conflicts, "; "))
 	}
-	aside := e.ownPaths(vm)
+	aside := r.ownPaths(vm)
 	for i, p := range aside {
 		if err := os.Rename(p, p+asideSuffix); err != nil && !errors.Is(err, os.ErrNotExist) {
 			putBack(aside[:i])
 			return fmt.Errorf("moving the old QEMU's socket aside: %w", err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, e.RestoreTimeout)
+	ctx, cancel := context.WithTimeout(ctx, r.RestoreTimeout)
 	defer cancel()
-	q, err := e.startQEMU(ctx, vm, t.files, vm.RestartArgv)
+	q, err := r.startQEMU(ctx, vm, t.files, vm.RestartArgv)
 	if err == nil {
 		if err = migrateSetup(ctx, q.c, vm); err != nil {
 			q.stop()
@@ -78,32 +77,32 @@ func (e *Engine) startEarlyOne(ctx context.Context, t *Target) error {
 		return err
 	}
 	q.setUp, q.aside = true, aside
-	e.mu.Lock()
-	e.early[vm.Name] = q
-	e.mu.Unlock()
+	r.mu.Lock()
+	r.early[vm.Name] = q
+	r.mu.Unlock()
 	t.early = true
 	return nil
 }
 
 // dropEarly is startEarly's inverse for one VM, for a rollback to its old
 // QEMU: the new QEMU is stopped and the old one's sockets are put back.
-func (e *Engine) dropEarly(vm *manifest.VM) {
-	q := e.takeEarly(vm.Name)
+func (r *run) dropEarly(vm *manifest.VM) {
+	q := r.takeEarly(vm.Name)
 	if q == nil {
 		return
 	}
 	q.stop()
 	vm.NewPID = 0
 	putBack(q.aside)
-	e.Log.Info("stopped the new QEMU started early; the old one keeps its sockets", "vm", vm.Name)
+	r.Log.Info("stopped the new QEMU started early; the old one keeps its sockets", "vm", vm.Name)
 }
 
 // takeEarly returns (and forgets) the VM's early-started QEMU, if any.
-func (e *Engine) takeEarly(name string) *newQEMU {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	q := e.early[name]
-	delete(e.early, name)
+func (r *run) takeEarly(name string) *newQEMU {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	q := r.early[name]
+	delete(r.early, name)
 	return q
 }
 
@@ -114,7 +113,7 @@ func (e *Engine) takeEarly(name string) *newQEMU {
 // its teardown (unmapping gigabytes) out of every guest's blackout. A
 // guest whose new QEMU failed before running it continues on its old
 // QEMU, paused there since the save, with its files put back.
-func (e *Engine) retireOld(ctx context.Context, ts []*Target) error {
+func (r *run) retireOld(ctx context.Context, ts []*Target) error {
 	var back []*Target
 	var errs []error
 	for _, t := range ts {
@@ -123,23 +122,23 @@ func (e *Engine) retireOld(ctx context.Context, ts []*Target) error {
 		}
 		switch t.rec.Status {
 		case manifest.StatusRunning, manifest.StatusRestored:
-			if err := e.timed("kill-old", t.Name(), func() error { return e.killOld(t) }); err != nil {
+			if err := r.timed("kill-old", t.Name(), func() error { return r.killOld(t) }); err != nil {
 				errs = append(errs, err)
 			}
 		case manifest.StatusSaved, manifest.StatusFailed:
-			putBack(e.ownPaths(t.rec))
+			putBack(r.ownPaths(t.rec))
 			back = append(back, t)
 		}
 	}
 	if len(back) > 0 {
 		for _, t := range back {
-			e.Log.Warn("the new QEMU did not take the guest; continuing it on its old QEMU", "vm", t.Name(), "why", t.rec.Error)
+			r.Log.Warn("the new QEMU did not take the guest; continuing it on its old QEMU", "vm", t.Name(), "why", t.rec.Error)
 		}
-		if err := e.Resume(back); err != nil {
+		if err := r.resume(ctx, back); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if err := e.reapOld(ts); err != nil {
+	if err := r.reapOld(ts); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
@@ -147,7 +146,7 @@ func (e *Engine) retireOld(ctx context.Context, ts []*Target) error {
 
 // killOld SIGKILLs an old QEMU whose guest runs on its new QEMU, without
 // waiting (reapOld does), and removes its files moved aside.
-func (e *Engine) killOld(t *Target) error {
+func (r *run) killOld(t *Target) error {
 	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
 	switch {
 	case err == nil:
@@ -160,18 +159,18 @@ func (e *Engine) killOld(t *Target) error {
 		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
 	}
 	t.QMP.Close()
-	e.dropAside(t.rec) // a killed QEMU unlinks nothing
+	r.dropAside(t.rec) // a killed QEMU unlinks nothing
 	return nil
 }
 
 // reapOld waits until the old QEMUs killOld killed are gone.
-func (e *Engine) reapOld(ts []*Target) error {
+func (r *run) reapOld(ts []*Target) error {
 	var errs []error
 	for _, t := range ts {
 		if t.dying == 0 {
 			continue
 		}
-		if !waitPidfd(t.dying, e.QuitTimeout) {
+		if !waitPidfd(t.dying, r.QuitTimeout) {
 			errs = append(errs, fmt.Errorf("%s: old QEMU pid %d, killed, does not exit (stuck in the kernel?)", t.Name(), t.Proc.PID))
 		}
 		unix.Close(t.dying)
@@ -182,28 +181,19 @@ func (e *Engine) reapOld(ts []*Target) error {
 
 // ownPaths are the host paths of what the VM's QEMU makes its own and a
 // second QEMU would take from it: the unix sockets it binds, its pidfile.
-func (e *Engine) ownPaths(vm *manifest.VM) []string {
+func (r *run) ownPaths(vm *manifest.VM) []string {
 	c, err := qemuargv.Parse(vm.Argv)
 	if err != nil {
 		return nil
 	}
 	var out []string
 	for _, p := range c.ListenPaths() {
-		out = append(out, e.hostPathIn(vm, p))
+		out = append(out, r.localIn(vm, p))
 	}
 	if p := c.Pidfile(); p != "" {
-		out = append(out, e.hostPathIn(vm, p))
+		out = append(out, r.localIn(vm, p))
 	}
 	return out
-}
-
-// hostPathIn resolves a path of the VM's command line (relative to its
-// QEMU's working directory, inside e.Root) to ours.
-func (e *Engine) hostPathIn(vm *manifest.VM, p string) string {
-	if !filepath.IsAbs(p) {
-		p = filepath.Join(vm.Cwd, p)
-	}
-	return e.HostPath(p)
 }
 
 // putBack moves an old QEMU's sockets and pidfile back from aside, over
@@ -218,15 +208,15 @@ func putBack(paths []string) (any bool) {
 }
 
 // dropAside removes the files an old QEMU that is gone left moved aside.
-func (e *Engine) dropAside(vm *manifest.VM) {
-	for _, p := range e.ownPaths(vm) {
+func (r *run) dropAside(vm *manifest.VM) {
+	for _, p := range r.ownPaths(vm) {
 		os.Remove(p + asideSuffix)
 	}
 }
 
 // hasAside tells whether some of the old QEMU's files are moved aside.
-func (e *Engine) hasAside(vm *manifest.VM) bool {
-	for _, p := range e.ownPaths(vm) {
+func (r *run) hasAside(vm *manifest.VM) bool {
+	for _, p := range r.ownPaths(vm) {
 		if _, err := os.Lstat(p + asideSuffix); err == nil {
 			return true
 		}
@@ -238,11 +228,11 @@ func (e *Engine) hasAside(vm *manifest.VM) bool {
 // while it is, the monitor path is the new twin's. A monitor passed by fd
 // (libvirt's way) is never moved: both QEMUs listen on that one socket and
 // either may answer.
-func (e *Engine) monitorAside(vm *manifest.VM) bool {
+func (r *run) monitorAside(vm *manifest.VM) bool {
 	if vm.QMP == "" {
 		return false
 	}
-	_, err := os.Lstat(e.hostPathIn(vm, vm.QMP) + asideSuffix)
+	_, err := os.Lstat(r.localIn(vm, vm.QMP) + asideSuffix)
 	return err == nil
 }
 
@@ -255,7 +245,7 @@ func (e *Engine) monitorAside(vm *manifest.VM) bool {
 // Files moved aside with no twin (we died before it started) are put back.
 // A twin whose monitor does not answer is left alone (recover reports it).
 // It tells whether it changed anything: the caller then looks anew.
-func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
+func (r *run) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 	if m.Host.BootID != currentBootID() {
 		return false // PIDs of another boot mean nothing
 	}
@@ -266,12 +256,12 @@ func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 	changed := false
 	for i := range m.VMs {
 		vm := &m.VMs[i]
-		if !alive[vm.PID] || !e.hasAside(vm) {
+		if !alive[vm.PID] || !r.hasAside(vm) {
 			continue
 		}
 		var twin *Target
 		status := "" // the twin's, when its monitor path is known to be its own
-		trust := e.monitorAside(vm)
+		trust := r.monitorAside(vm)
 		for _, t := range ts {
 			if t.Name() != vm.Name {
 				continue
@@ -285,20 +275,20 @@ func (e *Engine) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 		}
 		switch {
 		case twin == nil:
-			putBack(e.ownPaths(vm))
-			e.Log.Info("put the old QEMU's sockets back from aside", "vm", vm.Name)
+			putBack(r.ownPaths(vm))
+			r.Log.Info("put the old QEMU's sockets back from aside", "vm", vm.Name)
 			changed = true
 		case status == "inmigrate":
-			e.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
+			r.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
 			killAndWait(twin.Proc.PID)
-			putBack(e.ownPaths(vm))
+			putBack(r.ownPaths(vm))
 			changed = true
 		case status == "running" || status == "paused":
 			// The new QEMU loaded the guest: the old one, saved, is
 			// superseded (we died before retireOld).
-			e.Log.Warn("stopping an old QEMU whose guest its new QEMU has taken over", "vm", vm.Name, "pid", vm.PID)
+			r.Log.Warn("stopping an old QEMU whose guest its new QEMU has taken over", "vm", vm.Name, "pid", vm.PID)
 			killAndWait(vm.PID)
-			e.dropAside(vm)
+			r.dropAside(vm)
 			changed = true
 		}
 	}

@@ -12,7 +12,7 @@ import (
 // captureHost records the cgroup tree and host network of the VMs, for
 // PID 1 to rebuild after kexec. A restart on the same kernel does not need
 // them, so failures are logged, not fatal.
-func (e *Engine) captureHost(ts []*Target) {
+func (r *run) captureHost(ts []*Target) {
 	var chains [][]cgroupv2.Cgroup
 	v2 := cgroupv2.Mounted(CgroupRoot)
 	taps := map[string]netsetup.TapInfo{}
@@ -20,7 +20,7 @@ func (e *Engine) captureHost(ts []*Target) {
 		if v2 && t.rec.Cgroup != "" {
 			ch, err := cgroupv2.Capture(CgroupRoot, t.rec.Cgroup)
 			if err != nil {
-				e.Log.Warn("recording cgroup", "vm", t.Name(), "err", err)
+				r.Log.Warn("recording cgroup", "vm", t.Name(), "err", err)
 			} else {
 				chains = append(chains, ch)
 			}
@@ -49,14 +49,14 @@ func (e *Engine) captureHost(ts []*Target) {
 		}
 	}
 	if len(chains) > 0 {
-		e.man.Cgroups = cgroupv2.Merge(chains...)
+		r.man.Cgroups = cgroupv2.Merge(chains...)
 	}
 	if len(taps) > 0 {
 		n, err := netsetup.Capture(taps)
 		if err != nil {
-			e.Log.Warn("recording host network", "err", err)
+			r.Log.Warn("recording host network", "err", err)
 		}
-		e.man.Network = n
+		r.man.Network = n
 	}
 }
 

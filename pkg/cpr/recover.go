@@ -5,15 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"slices"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/liveupdate/liveupdate/pkg/kexec"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
-	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
@@ -46,13 +42,60 @@ type Recovery struct {
 // restart-qemu and update, PID 1's restore and `liveupdate recover` all
 // come through here.
 func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File) ([]Recovery, error) {
-	e.man = m
-	e.StateDir = m.StateDir
-	sameBoot := m.Host.BootID == currentBootID()
-	if sameBoot {
-		e.undoUpdate(m)
+	return e.runOn(m).recover(ctx, held)
+}
+
+// observed is what recover finds of one guest.
+type observed struct {
+	qemus      int    // QEMUs of the guest's name that run
+	twinsApart bool   // the old QEMU's monitor is moved aside: twins' answers can be told apart
+	found      bool   // a QEMU of that name runs
+	answers    bool   // its monitor answered
+	status     string // and said this (query-status)
+	isOld      bool   // it is the guest's old QEMU (same boot, same pid)
+	stateFile  bool   // the guest's state file is there
+}
+
+// action is what recover does with one guest.
+type action int
+
+const (
+	reportTwins  action = iota // twins share one monitor: touch neither, say which to stop
+	reportHung                 // a QEMU runs it but does not answer: touch nothing
+	markRunning                // a QEMU runs the guest: record which
+	resumeOld                  // the old QEMU lives, paused: continue it there
+	restartNew                 // a new QEMU never got its state: stop it, restore again
+	contLoaded                 // a new QEMU loaded the state but was not continued: cont
+	restoreState               // no QEMU runs it, its state file is there: restore
+	reportLost                 // no QEMU and no state file: report, leave the RAM alone
+)
+
+// decide is recover's judgement of one guest, from what it observed.
+func decide(o observed) action {
+	switch {
+	case o.qemus > 1 && !o.twinsApart:
+		return reportTwins
+	case o.found && !o.answers:
+		return reportHung
+	case o.found && o.status == "running":
+		return markRunning
+	case o.isOld:
+		return resumeOld
+	case o.found && o.status == "inmigrate":
+		return restartNew
+	case o.found:
+		return contLoaded
+	case o.stateFile:
+		return restoreState
+	default:
+		return reportLost
 	}
-	live, twins, err := e.liveQEMUs(ctx, m)
+}
+
+func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]Recovery, error) {
+	m := r.man
+	sameBoot := m.Host.BootID == currentBootID()
+	live, twins, err := r.liveQEMUs(ctx, m)
 	if err != nil {
 		return nil, err
 	}
@@ -74,52 +117,51 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 		vm := &m.VMs[i]
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
-		if pids := twins[vm.Name]; len(pids) > 1 && !e.monitorAside(vm) {
-			// Twins settleTwins could not tell apart: their monitor is one
-			// socket passed by fd to both (libvirt's way). Touch neither.
-			failed(i, fmt.Sprintf("%d QEMUs run it (pids %v), left by an interrupted restart; they share one monitor socket and cannot be told apart from here: stop the one that does not run the guest (the old one is pid %d, the others were started for it), then run recover again", len(pids), pids, vm.PID))
-			continue
+		o := observed{qemus: len(twins[vm.Name]), twinsApart: r.monitorAside(vm), found: t != nil,
+			isOld: t != nil && sameBoot && t.Proc.PID == vm.PID, stateFile: fileExists(r.local(vm.StateFile))}
+		if t != nil {
+			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
 		}
-		isOld := t != nil && sameBoot && t.Proc.PID == vm.PID
 		if !sameBoot || unix.Kill(vm.PID, 0) != nil {
-			e.dropAside(vm) // the old QEMU is gone: nothing to put back
+			r.dropAside(vm) // the old QEMU is gone: nothing to put back
 		}
-		switch {
-		case t != nil && t.Facts.QMPErr != nil:
+		switch decide(o) {
+		case reportTwins:
+			failed(i, fmt.Sprintf("%d QEMUs run it (pids %v), left by an interrupted restart; they share one monitor socket and cannot be told apart from here: stop the one that does not run the guest (the old one is pid %d, the others were started for it), then run recover again", o.qemus, twins[vm.Name], vm.PID))
+		case reportHung:
 			failed(i, fmt.Sprintf("QEMU pid %d runs it but its monitor does not answer (stopped? hung?): %v", t.Proc.PID, t.Facts.QMPErr))
-		case t != nil && t.Facts.Status == "running":
+		case markRunning:
 			out[i].Action = "running"
-			e.dropTapPersistence(t, vm)
+			r.dropTapPersistence(t, vm)
 			if t.QMP != nil {
-				cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
-				e.giveBackMigration(cctx, t.QMP, vm)
+				cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
+				r.giveBackMigration(cctx, t.QMP, vm)
 				cancel()
 			}
-			if isOld {
+			if o.isOld {
 				vm.Status = manifest.StatusResumed
-				e.setAside(vm)
+				r.setAside(vm)
 			} else {
 				vm.Status, vm.NewPID, vm.Error = manifest.StatusRunning, t.Proc.PID, ""
-				e.markDone(vm) // a new QEMU runs it: its state file was loaded
+				r.markDone(vm) // a new QEMU runs it: its state file was loaded
 			}
-		case isOld:
+		case resumeOld:
 			t.rec = vm
 			resume = append(resume, t)
 			out[i].Action = "resumed"
-		case t != nil && t.Facts.Status == "inmigrate":
-			// A new QEMU that never got its state: start that again.
-			e.Log.Warn("stopping a new QEMU that never loaded its state", "vm", vm.Name, "pid", t.Proc.PID)
+		case restartNew:
+			r.Log.Warn("stopping a new QEMU that never loaded its state", "vm", vm.Name, "pid", t.Proc.PID)
 			killAndWait(t.Proc.PID)
 			vm.Status = manifest.StatusQuit
 			restore[vm.Name] = true
 			out[i].Action = "restored"
-		case t != nil:
+		case contLoaded:
 			// Loaded but not continued (e.g. we died before cont).
 			c := t.QMP
-			cctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
+			cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 			err := c.Execute(cctx, "cont", nil, nil)
 			if err == nil {
-				e.giveBackMigration(cctx, c, vm)
+				r.giveBackMigration(cctx, c, vm)
 			}
 			cancel()
 			if err != nil {
@@ -127,81 +169,45 @@ func (e *Engine) Recover(ctx context.Context, m *manifest.Manifest, held map[str
 				continue
 			}
 			vm.Status, vm.NewPID, vm.Error = manifest.StatusRunning, t.Proc.PID, ""
-			e.markDone(vm)
-			e.dropTapPersistence(t, vm)
+			r.markDone(vm)
+			r.dropTapPersistence(t, vm)
 			out[i].Action = "running"
 			out[i].Detail = "continued the restored QEMU"
-		case fileExists(e.HostPath(vm.StateFile)):
+		case restoreState:
 			vm.Status = manifest.StatusQuit
 			restore[vm.Name] = true
 			out[i].Action = "restored"
-		default:
+		case reportLost:
 			failed(i, "no QEMU runs it and its state file "+vm.StateFile+" is gone (its RAM file is left as it is)")
 		}
 	}
 	if len(resume) > 0 {
-		if err := e.Resume(resume); err != nil {
+		if err := r.resume(ctx, resume); err != nil {
 			errs = append(errs, err)
 		}
 		for _, t := range resume {
-			e.dropTapPersistence(t, t.rec)
+			r.dropTapPersistence(t, t.rec)
 		}
 	}
-	if err := e.restore(ctx, m, held, restore); err != nil {
+	if err := r.restore(ctx, held, restore); err != nil {
 		errs = append(errs, err)
 	}
 	for i := range m.VMs {
 		if vm := &m.VMs[i]; vm.Status == manifest.StatusFailed && out[i].Action != "failed" {
-			out[i].Action, out[i].Detail = "failed", vm.Error // Resume or Restore said why
+			out[i].Action, out[i].Detail = "failed", vm.Error // resume or restore said why
 		}
 	}
-	if err := e.writeManifest(); err != nil {
+	if err := r.write(); err != nil {
 		errs = append(errs, err)
 	}
 	return out, errors.Join(errs...)
-}
-
-// undoUpdate undoes what an update that died before its kexec did to this
-// host: the filesystems it made read-only (and PMEM, where the state
-// directory is) are made writable again, and the new kernel it loaded is
-// unloaded. Each step is idempotent.
-func (e *Engine) undoUpdate(m *manifest.Manifest) {
-	loaded := false
-	for _, p := range m.Phases {
-		loaded = loaded || p.Name == "kexec-load"
-	}
-	if !loaded {
-		return // not an update
-	}
-	dirs := slices.Clone(m.Remounted)
-	if pm, err := mounts.Holding("/proc/self/mounts", e.HostPath(m.StateDir)); err == nil {
-		dirs = append(dirs, pm.Dir)
-	}
-	for _, d := range dirs {
-		var st unix.Statfs_t
-		if unix.Statfs(d, &st) != nil || st.Flags&unix.ST_RDONLY == 0 {
-			continue
-		}
-		if err := unix.Mount("", d, "", unix.MS_REMOUNT, ""); err != nil {
-			e.Log.Error("remounting read-write", "mount", d, "err", err)
-			continue
-		}
-		e.Log.Info("remounted read-write (the update had made it read-only)", "mount", d)
-	}
-	if kexec.Loaded() {
-		if err := kexec.Unload(); err != nil {
-			e.Log.Warn("unloading the new kernel the update had loaded", "err", err)
-		} else {
-			e.Log.Info("unloaded the new kernel the update had loaded")
-		}
-	}
 }
 
 // dropTapPersistence gives the taps of a guest's running QEMU back the
 // non-persistence a save took from them (a run interrupted after its save
 // leaves them persistent, so they would outlive the QEMU), through a copy
 // of the QEMU's own fd: a single-queue tap cannot be opened twice.
-func (e *Engine) dropTapPersistence(t *Target, vm *manifest.VM) {
+func (r *run) dropTapPersistence(t *Target, vm *manifest.VM) {
 	for _, fd := range vm.Fds {
 		if fd.Kind != qemuargv.FdTap || fd.TapPersist {
 			continue
@@ -216,51 +222,24 @@ func (e *Engine) dropTapPersistence(t *Target, vm *manifest.VM) {
 				f.Close()
 			}
 			if err != nil {
-				e.Log.Warn("giving the tap back its non-persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
+				r.Log.Warn("giving the tap back its non-persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
 			}
 			break
 		}
 	}
 }
 
-// setAside renames a state file that will not be loaded (its guest runs on
-// the QEMU that wrote it) to .aborted.
-func (e *Engine) setAside(vm *manifest.VM) {
-	if sf := e.HostPath(vm.StateFile); fileExists(sf) {
-		os.Rename(sf, sf+".aborted")
-	}
-}
-
-// markDone renames a loaded state file to .done.
-func (e *Engine) markDone(vm *manifest.VM) {
-	if sf := e.HostPath(vm.StateFile); fileExists(sf) {
-		os.Rename(sf, sf+".done")
-	}
-}
-
-func currentBootID() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	return strings.TrimSpace(string(b))
-}
-
-// CloseAll releases the targets' QMP connections and held files.
-func CloseAll(ts []*Target) {
-	for _, t := range ts {
-		t.Close()
-	}
-}
-
 // liveQEMUs finds the running QEMUs by name. A QEMU of the manifest's
 // whose monitor is not up yet may be one the interrupted run had just
 // started: it is given the QMP timeout to come up before it is judged.
-func (e *Engine) liveQEMUs(ctx context.Context, m *manifest.Manifest) (live map[string]*Target, twins map[string][]int, err error) {
-	deadline := time.Now().Add(e.QMPTimeout)
+func (r *run) liveQEMUs(ctx context.Context, m *manifest.Manifest) (live map[string]*Target, twins map[string][]int, err error) {
+	deadline := time.Now().Add(r.QMPTimeout)
 	for {
-		ts, err := e.plan(ctx, nil, true)
+		ts, err := r.plan(ctx, nil, true)
 		if err != nil {
 			return nil, nil, fmt.Errorf("finding the running QEMUs: %w", err)
 		}
-		if e.settleTwins(ts, m) {
+		if r.settleTwins(ts, m) {
 			CloseAll(ts) // old QEMUs' sockets are back: look again
 			continue
 		}

@@ -4,10 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/liveupdate/liveupdate/pkg/fault"
 	"os"
 	"strings"
 
+	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 )
 
@@ -15,36 +15,26 @@ import (
 // selected VM, then start each again (on binary, if set) and restore it. If
 // any selected VM is unsafe nothing is touched, unless skipUnsafe, in which
 // case only the safe ones are restarted and the others are reported.
+//
+//	plan → save (Save's table) → restore → retire the old QEMUs started beside
 func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions, skipUnsafe bool) (*manifest.Manifest, []*Target, error) {
+	r := e.newRun()
 	var ts []*Target
-	err := e.timed("plan", "", func() error {
-		var err error
-		ts, err = e.Plan(ctx, names)
+	err := r.timed("plan", "", func() (err error) {
+		ts, err = r.plan(ctx, names, false)
 		return err
 	})
 	if err != nil {
 		return nil, nil, err
 	}
-	defer func() {
-		for _, t := range ts {
-			t.Close()
-		}
-	}()
+	defer CloseAll(ts)
 	if len(ts) == 0 {
 		return nil, nil, fmt.Errorf("no running QEMU found")
 	}
 	if err := fault.At("plan"); err != nil {
 		return nil, ts, err
 	}
-	var safe []*Target
-	var unsafe []string
-	for _, t := range ts {
-		if t.Verdict.OK {
-			safe = append(safe, t)
-		} else {
-			unsafe = append(unsafe, fmt.Sprintf("%s: %s", t.Name(), strings.Join(t.Verdict.Problems, "; ")))
-		}
-	}
+	safe, unsafe := bySafety(ts)
 	if len(unsafe) > 0 && !skipUnsafe {
 		return nil, ts, fmt.Errorf("refusing to touch any VM, these are not safe to restart (nothing was changed):\n  %s", strings.Join(unsafe, "\n  "))
 	}
@@ -53,21 +43,29 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 			return nil, ts, fmt.Errorf("new QEMU binary: %w", err)
 		}
 	}
-	m, err := e.Save(ctx, safe, o)
-	if err != nil && (m == nil || !AnyQuit(m)) {
-		return m, ts, err
+	m, saveErr := r.save(ctx, safe, o)
+	if saveErr != nil && (m == nil || !AnyQuit(m)) {
+		return m, ts, saveErr // every VM runs on its old QEMU
 	}
-	saveErr := err
-	held := map[string]map[int]*os.File{}
-	for _, t := range safe {
-		held[t.Name()] = t.files
-	}
-	rerr := e.Restore(ctx, m, held)
-	err = errors.Join(saveErr, rerr, e.retireOld(ctx, safe))
+	rerr := r.restore(ctx, Held(safe), nil)
+	err = errors.Join(saveErr, rerr, r.retireOld(ctx, safe))
 	if err == nil && len(unsafe) > 0 {
 		err = fmt.Errorf("skipped unsafe VMs:\n  %s", strings.Join(unsafe, "\n  "))
 	}
 	return m, ts, err
+}
+
+// bySafety splits targets into those safe to restart and, for the others,
+// why not.
+func bySafety(ts []*Target) (safe []*Target, unsafe []string) {
+	for _, t := range ts {
+		if t.Verdict.OK {
+			safe = append(safe, t)
+		} else {
+			unsafe = append(unsafe, fmt.Sprintf("%s: %s", t.Name(), strings.Join(t.Verdict.Problems, "; ")))
+		}
+	}
+	return safe, unsafe
 }
 
 // AnyQuit tells whether some VM of m was saved (and its old QEMU may be

@@ -33,14 +33,13 @@ var CgroupRoot = "/sys/fs/cgroup"
 // are re-created. A VM that fails keeps its RAM and state files and is
 // marked failed in the manifest, so Restore can be run again.
 func (e *Engine) Restore(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File) error {
-	return e.restore(ctx, m, held, nil)
+	return e.runOn(m).restore(ctx, held, nil)
 }
 
 // restore restores the VMs of m that need it — only those in only, when
 // only is not nil.
-func (e *Engine) restore(ctx context.Context, m *manifest.Manifest, held map[string]map[int]*os.File, only map[string]bool) error {
-	e.man = m
-	e.StateDir = m.StateDir
+func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, only map[string]bool) error {
+	m := r.man
 	var wg sync.WaitGroup
 	errs := make([]error, len(m.VMs))
 	for i := range m.VMs {
@@ -58,36 +57,36 @@ func (e *Engine) restore(ctx context.Context, m *manifest.Manifest, held map[str
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := e.timed("restore", vm.Name, func() (err error) {
+			err := r.timed("restore", vm.Name, func() (err error) {
 				// A bug here must not take the caller (PID 1) down.
 				defer func() {
-					if r := recover(); r != nil {
-						err = fmt.Errorf("internal error: %v", r)
+					if p := recover(); p != nil {
+						err = fmt.Errorf("internal error: %v", p)
 					}
 				}()
-				return e.restoreOne(ctx, vm, held[vm.Name])
+				return r.restoreOne(ctx, vm, held[vm.Name])
 			})
 			if err != nil {
 				vm.Status = manifest.StatusFailed
 				vm.Error = err.Error()
-				e.Log.Error("restore failed; RAM and state files kept", "vm", vm.Name, "err", err)
+				r.Log.Error("restore failed; RAM and state files kept", "vm", vm.Name, "err", err)
 				errs[i] = fmt.Errorf("%s: %w", vm.Name, err)
 			}
 		}()
 	}
 	wg.Wait()
-	if err := e.writeManifest(); err != nil {
+	if err := r.write(); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
 
 // restoreOne starts one VM's new QEMU and loads its state.
-func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.File) error {
-	ctx, cancel := context.WithTimeout(ctx, e.RestoreTimeout)
+func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.File) error {
+	ctx, cancel := context.WithTimeout(ctx, r.RestoreTimeout)
 	defer cancel()
-	q := e.takeEarly(vm.Name) // started before the save, if it was
-	if err := e.checkGuestFiles(vm); err != nil {
+	q := r.takeEarly(vm.Name) // started before the save, if it was
+	if err := r.checkGuestFiles(vm); err != nil {
 		if q != nil {
 			q.stop()
 		}
@@ -95,18 +94,18 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 	}
 	if q == nil {
 		var err error
-		if q, err = e.startQEMU(ctx, vm, held, vm.RestartArgv); err != nil {
+		if q, err = r.startQEMU(ctx, vm, held, vm.RestartArgv); err != nil {
 			return err
 		}
 	}
 	fail := func(err error) error {
 		q.stop()
 		vm.NewPID = 0
-		return fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
+		return fmt.Errorf("%w (QEMU log: %s)", err, r.logPath(vm))
 	}
 	defer q.c.Close()
 	c := q.c
-	err := e.timed("load", vm.Name, func() error {
+	err := r.timedPoint("load", vm.Name, func() error {
 		if !q.setUp {
 			if err := migrateSetup(ctx, c, vm); err != nil {
 				return err
@@ -117,9 +116,6 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		}
 		return waitMigration(ctx, c, "loading "+vm.Name)
 	})
-	if err == nil {
-		err = fault.At("load")
-	}
 	if err != nil {
 		return fail(err)
 	}
@@ -133,7 +129,7 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 		// Straight to cont, no query-status first: the new QEMU runs with
 		// -S, so it is paused, and a round trip here is in the blackout.
 		// (cont on a running guest does no harm.)
-		if err := e.timed("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
+		if err := r.timed("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
 			return fail(err)
 		}
 		ev, _, err := c.WaitEvent(ctx, "RESUME", 0, nil)
@@ -147,48 +143,44 @@ func (e *Engine) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*
 	}
 
 	// Outside the blackout: the new QEMU gets the VM's own migration set-up.
-	e.giveBackMigration(ctx, c, vm)
+	r.giveBackMigration(ctx, c, vm)
 
 	// Confirmed: the state file is done with; keep it for inspection.
 	vm.Status = manifest.StatusRunning
 	vm.Error = ""
-	if err := os.Rename(e.HostPath(vm.StateFile), e.HostPath(vm.StateFile)+".done"); err != nil {
-		e.Log.Warn("marking state file done", "vm", vm.Name, "err", err)
-	}
+	r.markDone(vm)
 	for _, fd := range vm.Fds {
 		if fd.Kind == qemuargv.FdTap && !fd.TapPersist {
 			if err := tapdev.SetPersist(q.files[fd.Num-firstFd], false); err != nil {
-				e.Log.Warn("restoring tap persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
+				r.Log.Warn("restoring tap persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
 			}
 		}
 	}
-	e.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout())
-	if e.ClockAsync {
-		e.clocks.Add(1)
+	r.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout())
+	if r.ClockAsync {
 		go func() {
-			defer e.clocks.Done()
-			e.fixClock(context.WithoutCancel(ctx), vm)
-			if err := e.writeManifest(); err != nil {
-				e.Log.Warn("recording the clock fix", "vm", vm.Name, "err", err)
+			r.fixClock(context.WithoutCancel(ctx), vm)
+			if err := r.write(); err != nil {
+				r.Log.Warn("recording the clock fix", "vm", vm.Name, "err", err)
 			}
 		}()
 	} else {
-		e.fixClock(ctx, vm)
+		r.fixClock(ctx, vm)
 	}
 	return nil
 }
 
 // checkGuestFiles checks that a VM's state file is there and its RAM
 // files are whole before a QEMU is started on them.
-func (e *Engine) checkGuestFiles(vm *manifest.VM) error {
-	if _, err := os.Stat(e.HostPath(vm.StateFile)); err != nil {
+func (r *run) checkGuestFiles(vm *manifest.VM) error {
+	if _, err := os.Stat(r.local(vm.StateFile)); err != nil {
 		return fmt.Errorf("state file: %w", err)
 	}
 	for _, b := range vm.RAM {
 		if b.MemPath == "" {
 			continue
 		}
-		st, err := os.Stat(e.HostPath(b.MemPath))
+		st, err := os.Stat(r.local(b.MemPath))
 		if err != nil {
 			return fmt.Errorf("RAM of backend %s: %w", b.ID, err)
 		}
@@ -212,7 +204,7 @@ type newQEMU struct {
 
 // startQEMU starts a VM's new QEMU on argv (in its network namespace,
 // cgroup and credentials) and connects to its monitor. Its inverse is stop.
-func (e *Engine) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.File, argv []string) (*newQEMU, error) {
+func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.File, argv []string) (*newQEMU, error) {
 	q := &newQEMU{exited: make(chan struct{})}
 	var opened []*os.File
 	defer func() {
@@ -222,15 +214,15 @@ func (e *Engine) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*o
 	}()
 	err := tapdev.InNetNS(vm.NetNS, func() error {
 		var err error
-		q.files, opened, err = e.openFds(vm, held)
+		q.files, opened, err = r.openFds(vm, held)
 		if err != nil {
 			return err
 		}
-		q.cmd, err = e.command(vm, argv, q.files)
+		q.cmd, err = r.command(vm, argv, q.files)
 		if err != nil {
 			return err
 		}
-		err = e.timed("qemu-start", vm.Name, q.cmd.Start)
+		err = r.timed("qemu-start", vm.Name, q.cmd.Start)
 		if q.cmd.SysProcAttr.UseCgroupFD {
 			unix.Close(q.cmd.SysProcAttr.CgroupFD) // the child has its cgroup
 		}
@@ -247,19 +239,19 @@ func (e *Engine) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*o
 		return nil, fmt.Errorf("starting QEMU: %w", err)
 	}
 	vm.NewPID = q.cmd.Process.Pid
-	if e.OnStart != nil {
-		e.OnStart(vm.NewPID)
+	if r.OnStart != nil {
+		r.OnStart(vm.NewPID)
 	}
 	go func() { q.waitErr = q.cmd.Wait(); close(q.exited) }()
 	// QEMU's own start-up: until its QMP socket answers.
-	err = e.timed("qemu-init", vm.Name, func() (err error) {
-		q.c, err = dialUntil(ctx, e.HostPath(vm.QMP), q.exited, func() error { return q.waitErr })
+	err = r.timed("qemu-init", vm.Name, func() (err error) {
+		q.c, err = dialUntil(ctx, r.local(vm.QMP), q.exited, func() error { return q.waitErr })
 		return err
 	})
 	if err != nil {
 		q.stop()
 		vm.NewPID = 0
-		return nil, fmt.Errorf("%w (QEMU log: %s)", err, e.logPath(vm))
+		return nil, fmt.Errorf("%w (QEMU log: %s)", err, r.logPath(vm))
 	}
 	return q, nil
 }
@@ -278,54 +270,47 @@ func (q *newQEMU) stop() {
 	}
 }
 
-// WaitClocks waits for the clock fixes started by an asynchronous restore.
-func (e *Engine) WaitClocks() { e.clocks.Wait() }
-
 // fixClock puts the guest's clock right through its guest agent: it stood
 // still while the guest was stopped. A guest without an agent is reported.
-func (e *Engine) fixClock(ctx context.Context, vm *manifest.VM) {
+func (r *run) fixClock(ctx context.Context, vm *manifest.VM) {
 	if !vm.WasRunning {
 		return
 	}
 	setClock := func(s string) { // the manifest may be being written meanwhile
-		e.mu.Lock()
+		r.mu.Lock()
 		vm.Clock = s
-		e.mu.Unlock()
+		r.mu.Unlock()
 	}
 	if vm.Agent == "" {
 		setClock("no guest agent")
-		e.Log.Warn("guest has no agent channel: its clock is behind by the blackout", "vm", vm.Name)
+		r.Log.Warn("guest has no agent channel: its clock is behind by the blackout", "vm", vm.Name)
 		return
 	}
 	var offset time.Duration
-	err := e.timed("clock-fix", vm.Name, func() error {
+	err := r.timed("clock-fix", vm.Name, func() error {
 		// The agent may still be waking up in the guest, and it answers
 		// only after hwclock -w: both slow under emulation.
-		actx, cancel := context.WithTimeout(ctx, e.ClockTimeout)
+		actx, cancel := context.WithTimeout(ctx, r.ClockTimeout)
 		defer cancel()
 		var err error
-		offset, err = guestagent.SyncClock(actx, e.HostPath(vm.Agent), 20*time.Second)
+		offset, err = guestagent.SyncClock(actx, r.local(vm.Agent), 20*time.Second)
 		return err
 	})
 	if err != nil {
 		setClock("not corrected: " + err.Error())
-		e.Log.Warn("guest clock not corrected", "vm", vm.Name, "err", err)
+		r.Log.Warn("guest clock not corrected", "vm", vm.Name, "err", err)
 		return
 	}
-	e.mu.Lock()
+	r.mu.Lock()
 	vm.ClockOffset = offset
-	e.mu.Unlock()
+	r.mu.Unlock()
 	setClock("corrected")
-	e.Log.Info("guest clock corrected", "vm", vm.Name, "offset", offset.Round(time.Microsecond))
+	r.Log.Info("guest clock corrected", "vm", vm.Name, "offset", offset.Round(time.Microsecond))
 }
-
-// ClockFixTimeout is the default bound on putting one guest's clock right
-// after restore (Engine.ClockTimeout).
-const ClockFixTimeout = 3 * time.Minute
 
 // openFds returns the files to pass as fds 3, 4, … and those of them this
 // function opened (the caller closes them once QEMU has its copies).
-func (e *Engine) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*os.File, err error) {
+func (r *run) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*os.File, err error) {
 	for i, fd := range vm.Fds {
 		if fd.Num != firstFd+i {
 			return nil, opened, fmt.Errorf("manifest fds are not numbered from %d in order (%d at %d)", firstFd, fd.Num, i)
@@ -338,7 +323,7 @@ func (e *Engine) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened 
 			case qemuargv.FdVhost:
 				f, err = os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
 			case qemuargv.FdChardev:
-				f, err = listenUnix(e.HostPath(fd.SocketPath))
+				f, err = listenUnix(r.local(fd.SocketPath))
 			default:
 				err = fmt.Errorf("fd %d of kind %s cannot be re-created", fd.Num, fd.Kind)
 			}
@@ -363,14 +348,14 @@ func listenUnix(path string) (*os.File, error) {
 	return l.File()
 }
 
-func (e *Engine) logPath(vm *manifest.VM) string {
-	return e.HostPath(filepath.Join(e.StateDir, vm.Name+".qemu.log"))
+func (r *run) logPath(vm *manifest.VM) string {
+	return r.local(filepath.Join(string(r.stateDir), vm.Name+".qemu.log"))
 }
 
 // command builds the new QEMU process: same cwd, environment, credentials
 // and cgroup as the old one, detached into its own session.
-func (e *Engine) command(vm *manifest.VM, argv []string, files []*os.File) (*exec.Cmd, error) {
-	log, err := os.OpenFile(e.logPath(vm), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+func (r *run) command(vm *manifest.VM, argv []string, files []*os.File) (*exec.Cmd, error) {
+	log, err := os.OpenFile(r.logPath(vm), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
@@ -380,8 +365,8 @@ func (e *Engine) command(vm *manifest.VM, argv []string, files []*os.File) (*exe
 		Stdout: log, Stderr: log, ExtraFiles: files,
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
 	}
-	if e.Root != "" && e.Root != "/" {
-		cmd.SysProcAttr.Chroot = e.Root
+	if r.Root != "" && r.Root != "/" {
+		cmd.SysProcAttr.Chroot = string(r.Root)
 		// exec.Cmd looks Path up before the chroot applies: give the
 		// binary's path inside the root as argv[0]'s resolution.
 		cmd.Path = vm.Binary
@@ -389,7 +374,7 @@ func (e *Engine) command(vm *manifest.VM, argv []string, files []*os.File) (*exe
 	if vm.UID != 0 || vm.GID != 0 {
 		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: vm.UID, Gid: vm.GID, Groups: vm.Groups}
 	}
-	if fd, ok := e.cgroupFD(vm); ok {
+	if fd, ok := r.cgroupFD(vm); ok {
 		cmd.SysProcAttr.UseCgroupFD = true
 		cmd.SysProcAttr.CgroupFD = fd
 	}
@@ -398,13 +383,13 @@ func (e *Engine) command(vm *manifest.VM, argv []string, files []*os.File) (*exe
 
 // cgroupFD opens (creating if needed) the VM's recorded cgroup v2 directory,
 // so the new QEMU is cloned straight into it.
-func (e *Engine) cgroupFD(vm *manifest.VM) (int, bool) {
+func (r *run) cgroupFD(vm *manifest.VM) (int, bool) {
 	if vm.Cgroup == "" || vm.Cgroup == "/" || !cgroupv2.Mounted(CgroupRoot) {
 		return 0, false
 	}
 	fd, err := cgroupv2.OpenDir(CgroupRoot, vm.Cgroup)
 	if err != nil {
-		e.Log.Warn("starting QEMU outside its cgroup", "vm", vm.Name, "err", err)
+		r.Log.Warn("starting QEMU outside its cgroup", "vm", vm.Name, "err", err)
 		return 0, false
 	}
 	return fd, true

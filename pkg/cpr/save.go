@@ -17,7 +17,9 @@ import (
 
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
@@ -35,157 +37,198 @@ type SaveOptions struct {
 	// QEMU's start-up is not part of the blackout (restart-qemu; see
 	// early.go). An update cannot: its new QEMUs run on the new kernel.
 	EarlyStart bool
+	// Phases the caller timed before the save (plan, kexec-load): they
+	// head the manifest's.
+	Phases []manifest.Phase
 }
 
 // firstFd is where the new QEMU's inherited fds start (after stdio).
 const firstFd = 3
 
 // Save saves every target's device state in parallel and, when all saved,
-// quits the old QEMUs. On any save failure it resumes every VM on its old
-// QEMU and returns an error saying what happened to each; nothing is lost.
-// All targets must have an OK verdict.
+// quits the old QEMUs. On any failure before the quit it undoes every step
+// begun — every VM resumes on its old QEMU — and returns an error saying
+// what happened to each; nothing is lost. All targets must have an OK
+// verdict. Without targets it records a manifest with no VMs (an update of
+// a host without guests still tells PID 1 what to rebuild).
 func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.Manifest, error) {
+	return e.newRun().save(ctx, ts, o)
+}
+
+func (r *run) save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.Manifest, error) {
 	for _, t := range ts {
 		if !t.Verdict.OK {
 			return nil, fmt.Errorf("VM %s is not safe to save: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
 		}
 	}
-	if err := os.MkdirAll(e.HostPath(e.StateDir), 0o700); err != nil {
-		return nil, fmt.Errorf("creating state directory: %w", err)
-	}
-	if err := manifest.CheckPrivate(filepath.Join(e.HostPath(e.StateDir), manifest.FileName)); err != nil {
-		return nil, err
-	}
-	prior := e.pending
-	e.pending = nil
-	e.man = newManifest(e.StateDir)
-	e.man.Phases = prior
-
-	// Prepare: record each VM and take over its inherited fds.
-	for _, t := range ts {
-		rec, err := e.prepare(t, o)
-		if err != nil {
-			e.releaseTaps(ts)
-			return nil, fmt.Errorf("preparing %s: %w", t.Name(), err)
-		}
-		e.man.VMs = append(e.man.VMs, *rec)
-	}
-	for i, t := range ts {
-		t.rec = &e.man.VMs[i]
-	}
-	e.captureHost(ts)
-	if err := e.writeManifest(); err != nil {
-		e.releaseTaps(ts)
-		return nil, err
-	}
-	fault.On("killqemu", func(string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
-	fault.On("fill", func(string) { fillDisk(e.HostPath(e.StateDir)) })
-	if err := fault.At("manifest"); err != nil {
-		e.releaseTaps(ts)
-		return nil, err
+	steps := []phase.Step{
+		{Name: "prepare", Do: func(context.Context) error { return r.prepareAll(ts, o) },
+			Undo: func(context.Context) error { r.releaseTaps(ts); return nil }},
+		{Name: "manifest", Do: func(context.Context) error { return r.firstWrite(ts) },
+			Undo: func(context.Context) error { return r.rewrite() }}, // records what the undos after it did
 	}
 	if o.EarlyStart {
-		e.startEarly(ctx, ts)
-		if err := fault.At("early-start"); err != nil {
-			for _, t := range ts {
-				e.dropEarly(t.rec)
-			}
-			e.releaseTaps(ts)
-			return nil, err
+		steps = append(steps, phase.Step{Name: "early-start",
+			Do:   func(ctx context.Context) error { r.startEarly(ctx, ts); return nil },
+			Undo: func(context.Context) error { r.dropAllEarly(ts); return nil }})
+	}
+	steps = append(steps,
+		// Every old QEMU is set up for the migration before the first one
+		// stops: these round trips then weigh on no guest's blackout.
+		phase.Step{Name: "migrate-setup",
+			Do: func(ctx context.Context) error {
+				return r.each("migrate-setup", ts, func(t *Target) error { return r.setupOne(ctx, t) })
+			},
+			Undo: func(ctx context.Context) error { r.giveBackAll(ctx, ts); return nil }},
+		// All save in parallel; none quits until all have saved.
+		phase.Step{Name: "save",
+			Do: func(ctx context.Context) error {
+				return r.each("save", ts, func(t *Target) error { return r.saveOne(ctx, t) })
+			},
+			Undo: func(ctx context.Context) error { return r.continueOld(ctx, ts) }},
+		phase.Step{Name: "saved", Do: func(context.Context) error { return r.recordSaved(ts) }},
+	)
+	if err := phase.Run(ctx, r.recordHost, steps...); err != nil {
+		var pe *phase.Error
+		if errors.As(err, &pe) && pe.Step == "prepare" {
+			return nil, pe.Err
 		}
+		return r.man, saveFailed(err)
 	}
-
-	// Set every old QEMU up for the migration before the first one stops:
-	// these round trips then weigh on no guest's blackout.
-	errs := e.inParallel("migrate-setup", ts, func(t *Target) error { return e.setupOne(ctx, t) })
-	if err := errors.Join(errs...); err != nil {
-		rerr := e.Resume(ts)
-		return e.man, fmt.Errorf("setting up the migration failed, no VM stopped: %w", errors.Join(err, rerr))
-	}
-
-	// Save all in parallel; quit none until all have saved.
-	errs = e.inParallel("save", ts, func(t *Target) error { return e.saveOne(ctx, t) })
-	if err := errors.Join(errs...); err != nil {
-		rerr := e.Resume(ts)
-		return e.man, fmt.Errorf("save failed, every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
-	}
-	for _, t := range ts {
-		t.rec.Status = manifest.StatusSaved
-	}
-	if err := e.writeManifestUnsynced(); err != nil {
-		rerr := e.Resume(ts)
-		return e.man, fmt.Errorf("recording the save failed, every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
-	}
-	if err := fault.At("saved"); err != nil {
-		rerr := e.Resume(ts)
-		return e.man, fmt.Errorf("every VM resumed on its old QEMU: %w", errors.Join(err, rerr))
-	}
-
 	// Quit: from here on the way back is Restore. An old QEMU with a new
 	// one started early waits, paused, until the new one runs its guest
 	// (retireOld).
+	err := phase.Run(ctx, r.recordHost, phase.Step{Name: "quit", Do: func(ctx context.Context) error { return r.quitAll(ctx, ts) }})
+	return r.man, err
+}
+
+// saveFailed says what a failure of Save before the quit means for the
+// guests, by the step that failed.
+func saveFailed(err error) error {
+	var pe *phase.Error
+	if !errors.As(err, &pe) {
+		return err
+	}
+	cause := errors.Join(pe.Err, pe.UndoErr)
+	switch pe.Step {
+	case "manifest", "early-start":
+		return cause
+	case "migrate-setup":
+		return fmt.Errorf("setting up the migration failed, no VM stopped: %w", cause)
+	case "save":
+		return fmt.Errorf("save failed, every VM resumed on its old QEMU: %w", cause)
+	default:
+		return fmt.Errorf("%s failed, every VM resumed on its old QEMU: %w", pe.Step, cause)
+	}
+}
+
+// recordHost records a step of the whole run (no VM's row).
+func (r *run) recordHost(name string, start, end time.Time, err error) {
+	r.record(name, "", start, end, err)
+}
+
+// prepareAll starts the manifest and records every VM in it, taking over
+// the inherited fds that must outlive the old QEMUs, and the host state
+// PID 1 rebuilds after a kexec. Its inverse is releaseTaps.
+func (r *run) prepareAll(ts []*Target, o SaveOptions) error {
+	if err := os.MkdirAll(r.local(string(r.stateDir)), 0o700); err != nil {
+		return fmt.Errorf("creating state directory: %w", err)
+	}
+	if err := manifest.CheckPrivate(r.local(filepath.Join(string(r.stateDir), manifest.FileName))); err != nil {
+		return err
+	}
+	r.makeManifest(o.Phases)
+	for _, t := range ts {
+		rec, err := r.prepare(t, o)
+		if err != nil {
+			return fmt.Errorf("preparing %s: %w", t.Name(), err)
+		}
+		r.man.VMs = append(r.man.VMs, *rec)
+	}
+	for i, t := range ts {
+		t.rec = &r.man.VMs[i]
+	}
+	r.captureHost(ts)
+	return nil
+}
+
+// firstWrite records the prepared run before any guest is touched, and arms
+// the fault actions that need the targets.
+func (r *run) firstWrite(ts []*Target) error {
+	if err := r.write(); err != nil {
+		return err
+	}
+	r.written = true
+	if len(ts) > 0 {
+		fault.On("killqemu", func(string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
+	}
+	fault.On("fill", func(string) { fillDisk(r.local(string(r.stateDir))) })
+	return nil
+}
+
+// recordSaved records that every VM saved.
+func (r *run) recordSaved(ts []*Target) error {
+	for _, t := range ts {
+		t.rec.Status = manifest.StatusSaved
+	}
+	if err := r.writeUnsynced(); err != nil {
+		return fmt.Errorf("recording the save: %w", err)
+	}
+	return nil
+}
+
+// quitAll quits the old QEMUs that have no new QEMU started early.
+func (r *run) quitAll(ctx context.Context, ts []*Target) error {
 	var quitting []*Target
 	for _, t := range ts {
 		if !t.early {
 			quitting = append(quitting, t)
 		}
 	}
-	errs = e.inParallel("quit", quitting, func(t *Target) error { return e.quitOne(ctx, t) })
+	errs := r.inParallel("quit", quitting, func(t *Target) error { return r.quitOne(ctx, t) })
 	if len(quitting) > 0 {
-		if err := e.writeManifest(); err != nil {
-			e.Log.Error("recording quit", "err", err)
+		if err := r.write(); err != nil {
+			r.Log.Error("recording quit", "err", err)
 		}
 	}
-	if err := fault.At("quit"); err != nil {
-		errs = append(errs, err)
-	}
-	return e.man, errors.Join(errs...)
+	return errors.Join(errs...)
+}
+
+// each runs one phase for every target at once (inParallel) and joins
+// their errors.
+func (r *run) each(name string, ts []*Target, do func(*Target) error) error {
+	return errors.Join(r.inParallel(name, ts, do)...)
 }
 
 // inParallel runs one phase for every target at once, each timed under
 // its VM's row, and returns their errors, index for index.
-func (e *Engine) inParallel(phase string, ts []*Target, do func(*Target) error) []error {
+func (r *run) inParallel(name string, ts []*Target, do func(*Target) error) []error {
 	errs := make([]error, len(ts))
 	var wg sync.WaitGroup
 	for i, t := range ts {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = e.timed(phase, t.Name(), func() error { return do(t) })
+			errs[i] = r.timed(name, t.Name(), func() error { return do(t) })
 		}()
 	}
 	wg.Wait()
 	return errs
 }
 
-func newManifest(stateDir string) *manifest.Manifest {
-	host, _ := os.Hostname()
-	var uts unix.Utsname
-	unix.Uname(&uts)
-	boot, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
-	now := time.Now()
-	return &manifest.Manifest{
-		Schema:   manifest.SchemaVersion,
-		ID:       fmt.Sprintf("%s-%d", now.UTC().Format("20060102T150405Z"), os.Getpid()),
-		Created:  now,
-		StateDir: stateDir,
-		Host: manifest.Host{Hostname: host, Kernel: unix.ByteSliceToString(uts.Release[:]),
-			BootID: strings.TrimSpace(string(boot))},
-	}
-}
-
 // prepare records what a restart needs and takes over the inherited fds
 // that must outlive the old QEMU (taps are made persistent).
-func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
+func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	p := t.Proc
 	// /proc shows the binary and working directory from our root; a QEMU
-	// chrooted in e.Root sees them without that prefix.
+	// chrooted in r.Root sees them without that prefix.
+	cwd := r.Root.QEMU(hostpath.Local(p.Cwd))
 	rec := &manifest.VM{
-		Name: t.Name(), PID: p.PID, Binary: e.GuestPath(p.Exe), Argv: p.Argv, Cwd: e.GuestPath(p.Cwd), Env: p.Env,
+		Name: t.Name(), PID: p.PID, Binary: string(r.Root.QEMU(hostpath.Local(p.Exe))), Argv: p.Argv, Cwd: string(cwd), Env: p.Env,
 		UID: p.UID, GID: p.GID, Groups: p.Groups, Cgroup: p.Cgroup, NetNS: t.NetNS,
 		QMP: t.Facts.QMPPath, MachineType: strings.TrimSuffix(t.Facts.MachineType, "-machine"),
 		QEMUVersion: fmt.Sprintf("%d.%d.%d", t.Facts.Version[0], t.Facts.Version[1], t.Facts.Version[2]),
-		StateFile:   preflight.StateFile(e.StateDir, t.Name()),
+		StateFile:   preflight.StateFile(string(r.stateDir), t.Name()),
 		WasRunning:  t.Facts.Status == "running",
 		Status:      manifest.StatusPlanned,
 	}
@@ -194,10 +237,7 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	}
 	rec.CopyRAM = o.CopyRAM
 	if a := guestagent.Socket(p.Cmdline); a != "" {
-		if !filepath.IsAbs(a) {
-			a = filepath.Join(p.Cwd, a)
-		}
-		rec.Agent = a
+		rec.Agent = string(hostpath.Arg(cwd, a))
 	}
 	ram, err := p.Cmdline.RAM()
 	if err != nil {
@@ -209,19 +249,19 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	fdMap := map[int]int{}
 	var olds []int
 	kinds := map[int]qemuargv.FdRef{}
-	for _, r := range p.Cmdline.FdRefs() {
-		if _, ok := fdMap[r.Num]; ok {
+	for _, ref := range p.Cmdline.FdRefs() {
+		if _, ok := fdMap[ref.Num]; ok {
 			continue
 		}
-		fdMap[r.Num] = firstFd + len(olds)
-		olds = append(olds, r.Num)
-		kinds[r.Num] = r
+		fdMap[ref.Num] = firstFd + len(olds)
+		olds = append(olds, ref.Num)
+		kinds[ref.Num] = ref
 	}
 	t.files = map[int]*os.File{}
 	for _, old := range olds {
-		r := kinds[old]
-		fd := manifest.Fd{Num: fdMap[old], Kind: r.Kind}
-		switch r.Kind {
+		ref := kinds[old]
+		fd := manifest.Fd{Num: fdMap[old], Kind: ref.Kind}
+		switch ref.Kind {
 		case qemuargv.FdTap:
 			f, err := tapdev.DupFromProcess(p.PID, old)
 			if err != nil {
@@ -252,7 +292,7 @@ func (e *Engine) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 			// A vhost-net fd is bound to the old QEMU's memory: the new
 			// QEMU gets a fresh one.
 		default:
-			return nil, fmt.Errorf("fd %d (%s) cannot be re-created", old, r.Kind)
+			return nil, fmt.Errorf("fd %d (%s) cannot be re-created", old, ref.Kind)
 		}
 		rec.Fds = append(rec.Fds, fd)
 	}
@@ -325,21 +365,21 @@ func setMigration(ctx context.Context, c *qmp.Client, m manifest.Migration) erro
 // one after a rollback, the new one after a restore) to the VM's own
 // migration set-up again. The guest runs either way, so a failure is only
 // logged, saying what it means.
-func (e *Engine) giveBackMigration(ctx context.Context, c *qmp.Client, vm *manifest.VM) {
+func (r *run) giveBackMigration(ctx context.Context, c *qmp.Client, vm *manifest.VM) {
 	m := qemuDefaults
 	if vm.Migration != nil {
 		m = *vm.Migration
 	}
 	if err := setMigration(ctx, c, m); err != nil {
-		e.Log.Warn("the QEMU running the guest keeps cpr-reboot's migration set-up: before migrating it elsewhere, set migrate-set-parameters mode and the x-ignore-shared capability back",
+		r.Log.Warn("the QEMU running the guest keeps cpr-reboot's migration set-up: before migrating it elsewhere, set migrate-set-parameters mode and the x-ignore-shared capability back",
 			"vm", vm.Name, "mode", m.Mode, "err", err)
 	}
 }
 
 // setupOne records an old QEMU's migration set-up in the manifest and sets
 // it up for the save. Its inverse is giveBackMigration.
-func (e *Engine) setupOne(ctx context.Context, t *Target) error {
-	ctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
+func (r *run) setupOne(ctx context.Context, t *Target) error {
+	ctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	defer cancel()
 	own, err := queryMigration(ctx, t.QMP)
 	if err != nil {
@@ -399,8 +439,8 @@ func waitMigration(ctx context.Context, c *qmp.Client, what string) error {
 }
 
 // saveOne migrates one VM's device state to its state file.
-func (e *Engine) saveOne(ctx context.Context, t *Target) error {
-	ctx, cancel := context.WithTimeout(ctx, e.SaveTimeout)
+func (r *run) saveOne(ctx context.Context, t *Target) error {
+	ctx, cancel := context.WithTimeout(ctx, r.SaveTimeout)
 	defer cancel()
 	c := t.QMP
 	mark := len(c.Events())
@@ -416,63 +456,18 @@ func (e *Engine) saveOne(ctx context.Context, t *Target) error {
 			break
 		}
 	}
-	if st, err := os.Stat(e.HostPath(t.rec.StateFile)); err == nil {
+	if st, err := os.Stat(r.local(t.rec.StateFile)); err == nil {
 		t.rec.StateSize = st.Size()
 	}
 	// QEMU creates it 0660 less its umask: the guest's device state is
 	// the host's business only.
-	os.Chmod(e.HostPath(t.rec.StateFile), 0o600)
-	e.Log.Info("saved", "vm", t.Name(), "state_bytes", t.rec.StateSize)
+	os.Chmod(r.local(t.rec.StateFile), 0o600)
+	r.Log.Info("saved", "vm", t.Name(), "state_bytes", t.rec.StateSize)
 	return nil
 }
 
-// Resume is Save's inverse, for VMs whose old QEMU still runs: it cancels
-// any migration, continues the VM if it was running, gives taps back their
-// own persistence, and sets the state file aside.
-func (e *Engine) Resume(ts []*Target) error {
-	var errs []error
-	for _, t := range ts {
-		if t.rec == nil || t.QMP == nil {
-			continue
-		}
-		e.dropEarly(t.rec)
-		ctx, cancel := context.WithTimeout(context.Background(), e.QMPTimeout)
-		var q struct{ Status string }
-		if err := t.QMP.Execute(ctx, "query-migrate", nil, &q); err == nil && q.Status != "" &&
-			q.Status != "completed" && q.Status != "failed" && q.Status != "cancelled" {
-			t.QMP.Execute(ctx, "migrate_cancel", nil, nil)
-		}
-		if t.rec.Migration != nil { // set up for the save: undo
-			e.giveBackMigration(ctx, t.QMP, t.rec)
-		}
-		var st struct{ Running bool }
-		err := t.QMP.Execute(ctx, "query-status", nil, &st)
-		if err == nil && t.rec.WasRunning && !st.Running {
-			err = t.QMP.Execute(ctx, "cont", nil, nil)
-		}
-		cancel()
-		if err != nil {
-			t.rec.Status = manifest.StatusFailed
-			t.rec.Error = "resuming on the old QEMU: " + err.Error()
-			errs = append(errs, fmt.Errorf("%s: resuming: %w", t.Name(), err))
-			e.Log.Error("could not resume", "vm", t.Name(), "err", err)
-			continue
-		}
-		t.rec.Status = manifest.StatusResumed
-		if sf := e.HostPath(t.rec.StateFile); fileExists(sf) {
-			os.Rename(sf, sf+".aborted")
-		}
-		e.Log.Info("resumed on old QEMU", "vm", t.Name())
-	}
-	e.releaseTaps(ts)
-	if err := e.writeManifest(); err != nil {
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
-}
-
 // releaseTaps puts back the persistence each tap had before prepare.
-func (e *Engine) releaseTaps(ts []*Target) {
+func (r *run) releaseTaps(ts []*Target) {
 	for _, t := range ts {
 		if t.rec == nil {
 			continue
@@ -491,21 +486,21 @@ func (e *Engine) releaseTaps(ts []*Target) {
 
 // quitOne quits an old QEMU that has saved, and waits for it to exit. If it
 // does not exit in time it is killed: its state is already saved.
-func (e *Engine) quitOne(ctx context.Context, t *Target) error {
+func (r *run) quitOne(ctx context.Context, t *Target) error {
 	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
 	if err != nil {
 		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
 	}
 	defer unix.Close(pidfd)
-	qctx, cancel := context.WithTimeout(ctx, e.QMPTimeout)
+	qctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	err = t.QMP.Execute(qctx, "quit", nil, nil)
 	cancel()
 	if err != nil && !errors.Is(err, qmp.ErrDisconnected) {
-		e.Log.Warn("quit command", "vm", t.Name(), "err", err)
+		r.Log.Warn("quit command", "vm", t.Name(), "err", err)
 	}
 	t.QMP.Close()
-	if !waitPidfd(pidfd, e.QuitTimeout) {
-		e.Log.Warn("old QEMU did not exit after quit; killing it (its state is saved)", "vm", t.Name(), "pid", t.Proc.PID)
+	if !waitPidfd(pidfd, r.QuitTimeout) {
+		r.Log.Warn("old QEMU did not exit after quit; killing it (its state is saved)", "vm", t.Name(), "pid", t.Proc.PID)
 		unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
 		if !waitPidfd(pidfd, 5*time.Second) {
 			return fmt.Errorf("%s: old QEMU pid %d does not exit", t.Name(), t.Proc.PID)
@@ -513,11 +508,6 @@ func (e *Engine) quitOne(ctx context.Context, t *Target) error {
 	}
 	t.rec.Status = manifest.StatusQuit
 	return nil
-}
-
-func fileExists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
 
 // waitPidfd waits until the process behind pidfd exits.
@@ -535,82 +525,6 @@ func waitPidfd(pidfd int, d time.Duration) bool {
 		}
 		return err == nil && n > 0
 	}
-}
-
-// WriteManifest writes the run's manifest (after the caller added to it).
-func (e *Engine) WriteManifest() error { return e.writeManifest() }
-
-// Timed runs fn as a named phase of the run and records it in the manifest.
-func (e *Engine) Timed(name, vm string, fn func() error) error { return e.timed(name, vm, fn) }
-
-// writeManifest writes the run's manifest into the state directory.
-func (e *Engine) writeManifest() error {
-	return e.writeManifestWith(manifest.Write)
-}
-
-// writeManifestUnsynced records the manifest without waiting for the disk
-// (manifest.WriteUnsynced), for records made inside the guests' blackout.
-func (e *Engine) writeManifestUnsynced() error {
-	return e.writeManifestWith(manifest.WriteUnsynced)
-}
-
-func (e *Engine) writeManifestWith(write func(string, *manifest.Manifest) error) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return write(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
-}
-
-// GuestPath turns a path as this process sees it into the path as a QEMU
-// chrooted in e.Root sees it (the inverse of HostPath).
-func (e *Engine) GuestPath(p string) string {
-	if e.Root == "" || e.Root == "/" {
-		return p
-	}
-	rel, err := filepath.Rel(e.Root, p)
-	if err != nil || rel == ".." || strings.HasPrefix(rel, "../") {
-		return p
-	}
-	return filepath.Join("/", rel)
-}
-
-// HostPath turns a path as QEMU sees it into the path as this process sees it.
-func (e *Engine) HostPath(p string) string {
-	if e.Root == "" || e.Root == "/" {
-		return p
-	}
-	return filepath.Join(e.Root, p)
-}
-
-// timed runs fn as a named phase and records it in the manifest.
-func (e *Engine) timed(name, vm string, fn func() error) error {
-	start := time.Now()
-	err := fn()
-	ph := manifest.Phase{Name: name, VM: vm, Start: start, End: time.Now()}
-	if err != nil {
-		ph.Error = err.Error()
-	}
-	e.mu.Lock()
-	if e.man != nil {
-		e.man.Phases = append(e.man.Phases, ph)
-	} else {
-		e.pending = append(e.pending, ph) // before Save made the manifest
-	}
-	e.mu.Unlock()
-	return err
-}
-
-// EmptyManifest starts and writes a manifest with no VMs (an update of a
-// host without guests still tells PID 1 what to rebuild).
-func (e *Engine) EmptyManifest() (*manifest.Manifest, error) {
-	if err := os.MkdirAll(e.HostPath(e.StateDir), 0o700); err != nil {
-		return nil, err
-	}
-	prior := e.pending
-	e.pending = nil
-	e.man = newManifest(e.StateDir)
-	e.man.Phases = prior
-	e.man.VMs = []manifest.VM{}
-	return e.man, e.writeManifest()
 }
 
 // fillDisk fills dir's filesystem (fault injection: a full disk).

@@ -1,0 +1,264 @@
+// Package cpr is the CPR engine: it saves running QEMUs' device state with
+// QEMU's cpr-reboot migration mode (guest RAM stays in place in shared
+// memory-backend-files, x-ignore-shared), quits them, and starts them again
+// from their preserved command lines, reloading the state.
+//
+// An Engine holds settings only. Each operation — Save, Restore,
+// RestartQEMU, Recover — makes a run: that operation's manifest, the new
+// QEMUs it started early, its lock. Save is a table of steps, each with its
+// undo next to it (package phase):
+//
+//	prepare        record each VM, take over its fds   ↔ give taps back their persistence
+//	manifest       write the manifest                  ↔ write it again (what the undos did)
+//	early-start    new QEMUs beside the old ones       ↔ stop them, put the old sockets back
+//	migrate-setup  capabilities and mode, all VMs      ↔ the VM's own set-up back
+//	save           device state to the state files     ↔ cancel, cont on the old QEMU
+//	saved          record the saves
+//	quit           quit the old QEMUs                  (the way back is Restore)
+//
+// Any failure before quit undoes every step begun, so every VM runs on its
+// old QEMU; a failure after quit leaves the VM's RAM and state files in
+// place and recorded in the manifest, from which Restore (or Recover) can
+// be run again.
+//
+// Paths: the manifest and QEMU's command line hold paths as the guest's
+// QEMU sees them (hostpath.QEMU); the engine opens them as it sees them
+// (hostpath.Local), through Root.
+package cpr
+
+import (
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/fault"
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/preflight"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
+)
+
+// Engine carries the settings of the CPR engine. It holds nothing of any
+// one run, so one Engine may run any number of operations, one after the
+// other.
+type Engine struct {
+	StateDir hostpath.QEMU // where state files and the manifest go
+	ProcRoot string        // "/proc"
+	// Root is the directory QEMU runs chrooted in ("" or "/": none). PID 1
+	// after kexec runs the host's QEMU from the mounted host root; every
+	// path in the manifest is QEMU's view, inside Root.
+	Root hostpath.Root
+	// OnStart, if set, is told the pid of every QEMU the engine starts
+	// (PID 1's reaper leaves those to the engine).
+	OnStart func(pid int)
+	Log     *slog.Logger // never nil after New
+
+	QMPTimeout     time.Duration // connect + each query during planning
+	SaveTimeout    time.Duration // one VM's migrate to file
+	QuitTimeout    time.Duration // old QEMU to exit after quit
+	RestoreTimeout time.Duration // new QEMU start → running
+	ClockTimeout   time.Duration // one guest's clock fix through its agent
+
+	// ClockAsync: Restore returns once the guests run, and their clocks
+	// are corrected afterwards (PID 1 must not wait for slow agents).
+	ClockAsync bool
+}
+
+// New returns an engine with default timeouts.
+func New(stateDir hostpath.QEMU, log *slog.Logger) *Engine {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Engine{
+		StateDir: stateDir, ProcRoot: "/proc", Log: log,
+		QMPTimeout: 5 * time.Second, SaveTimeout: 120 * time.Second,
+		QuitTimeout: 20 * time.Second, RestoreTimeout: 120 * time.Second,
+		ClockTimeout: ClockFixTimeout,
+	}
+}
+
+// ClockFixTimeout is the default bound on putting one guest's clock right
+// after restore (Engine.ClockTimeout).
+const ClockFixTimeout = 3 * time.Minute
+
+// run is the state of one operation: its manifest, its phases, the new
+// QEMUs it started early. Only the engine's operations make and use one.
+type run struct {
+	*Engine                // the settings, read only
+	stateDir hostpath.QEMU // the run's: the engine's, or the manifest's
+
+	mu      sync.Mutex // guards man (VMs updated by parallel phases), pending, early and the writes
+	man     *manifest.Manifest
+	written bool                // the manifest is on disk (Save's first write done)
+	pending []manifest.Phase    // phases timed before the manifest was made
+	early   map[string]*newQEMU // new QEMUs started before the save, by VM (early.go)
+}
+
+// newRun starts a run in the engine's state directory.
+func (e *Engine) newRun() *run {
+	return &run{Engine: e, stateDir: e.StateDir, early: map[string]*newQEMU{}}
+}
+
+// runOn starts a run on an existing manifest (restore, recover).
+func (e *Engine) runOn(m *manifest.Manifest) *run {
+	r := e.newRun()
+	r.man, r.stateDir = m, hostpath.QEMU(m.StateDir)
+	return r
+}
+
+// Target is one VM the engine works on: the live process, its QMP
+// connection, and its verdict.
+type Target struct {
+	Proc    *discover.Process
+	QMP     *qmp.Client // nil if unreachable
+	Facts   preflight.Facts
+	Verdict preflight.Verdict
+	NetNS   string // named netns to start the new QEMU in ("" = ours)
+
+	rec   *manifest.VM
+	files map[int]*os.File // fds taken from the old QEMU, by their new number
+	early bool             // its new QEMU was started before the save (early.go)
+	dying int              // pidfd of the old QEMU once killed (early start), else 0
+}
+
+// Name is the VM's name.
+func (t *Target) Name() string { return t.Proc.Name() }
+
+// Close releases the QMP connection and any fds held for the VM.
+func (t *Target) Close() {
+	if t.QMP != nil {
+		t.QMP.Close()
+	}
+	for _, f := range t.files {
+		f.Close()
+	}
+	t.files = nil
+}
+
+// Files returns the fds held for the VM (by their number in the new QEMU).
+func (t *Target) Files() map[int]*os.File { return t.files }
+
+// CloseAll releases the targets' QMP connections and held files.
+func CloseAll(ts []*Target) {
+	for _, t := range ts {
+		t.Close()
+	}
+}
+
+// Held are the fds the targets hold from their old QEMUs, by VM name and
+// new fd number: what Restore and Recover pass on instead of re-creating.
+func Held(ts []*Target) map[string]map[int]*os.File {
+	held := map[string]map[int]*os.File{}
+	for _, t := range ts {
+		held[t.Name()] = t.files
+	}
+	return held
+}
+
+// local is a path of the manifest or of QEMU's command line as we see it.
+func (r *run) local(p string) string { return string(r.Root.Local(hostpath.QEMU(p))) }
+
+// localIn resolves a path of the VM's command line (relative to its
+// QEMU's working directory) as we see it.
+func (r *run) localIn(vm *manifest.VM, p string) string {
+	return string(r.Root.Local(hostpath.Arg(hostpath.QEMU(vm.Cwd), p)))
+}
+
+// timed runs fn as a named phase of the run and records it.
+func (r *run) timed(name, vm string, fn func() error) error {
+	start := time.Now()
+	err := fn()
+	r.record(name, vm, start, time.Now(), err)
+	return err
+}
+
+// timedPoint is timed, then the fault point of the same name: for the
+// per-VM phases that are boundaries of their own (qemu-start, load, cont).
+func (r *run) timedPoint(name, vm string, fn func() error) error {
+	err := r.timed(name, vm, fn)
+	if err == nil {
+		err = fault.At(name)
+	}
+	return err
+}
+
+// record adds one phase to the run's manifest (or keeps it until the
+// manifest is made).
+func (r *run) record(name, vm string, start, end time.Time, err error) {
+	ph := manifest.Phase{Name: name, VM: vm, Start: start, End: end}
+	if err != nil {
+		ph.Error = err.Error()
+	}
+	r.mu.Lock()
+	if r.man != nil {
+		r.man.Phases = append(r.man.Phases, ph)
+	} else {
+		r.pending = append(r.pending, ph)
+	}
+	r.mu.Unlock()
+}
+
+// write writes the run's manifest into its state directory.
+func (r *run) write() error { return r.writeWith(true) }
+
+// rewrite writes the manifest again if it was written before: a rollback
+// records what it did.
+func (r *run) rewrite() error {
+	if !r.written {
+		return nil
+	}
+	return r.write()
+}
+
+// writeUnsynced records the manifest without waiting for the disk
+// (manifest.WriteUnsynced), for records made inside the guests' blackout.
+func (r *run) writeUnsynced() error { return r.writeWith(false) }
+
+func (r *run) writeWith(durable bool) error {
+	write := manifest.Write
+	if !durable {
+		write = manifest.WriteUnsynced
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return write(r.local(filepath.Join(string(r.stateDir), manifest.FileName)), r.man)
+}
+
+// makeManifest starts the run's manifest, with the phases timed so far.
+func (r *run) makeManifest(prior []manifest.Phase) {
+	host, _ := os.Hostname()
+	var uts unix.Utsname
+	unix.Uname(&uts)
+	now := time.Now()
+	m := &manifest.Manifest{
+		Schema:   manifest.SchemaVersion,
+		ID:       fmt.Sprintf("%s-%d", now.UTC().Format("20060102T150405Z"), os.Getpid()),
+		Created:  now,
+		StateDir: string(r.stateDir),
+		Host: manifest.Host{Hostname: host, Kernel: unix.ByteSliceToString(uts.Release[:]),
+			BootID: currentBootID()},
+		VMs: []manifest.VM{},
+	}
+	r.mu.Lock()
+	m.Phases = append(append(prior, r.pending...), m.Phases...)
+	r.pending = nil
+	r.man = m
+	r.mu.Unlock()
+}
+
+func currentBootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
