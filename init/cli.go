@@ -20,6 +20,7 @@ import (
 	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
@@ -125,13 +126,9 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 			code = exitFailed
 			continue
 		}
-		if !filepath.IsAbs(sock) {
-			sock = filepath.Join(t.Proc.Cwd, sock) // /proc's cwd is already as we see it
-		} else {
-			sock = e.HostPath(sock)
-		}
+		local := e.Root.Local(hostpath.Arg(e.Root.QEMU(hostpath.Local(t.Proc.Cwd)), sock))
 		actx, cancel := context.WithTimeout(ctx, *timeout)
-		off, err := guestagent.SyncClock(actx, sock, *timeout)
+		off, err := guestagent.SyncClock(actx, string(local), *timeout)
 		cancel()
 		if err != nil {
 			fmt.Fprintf(out, "%s: %v\n", t.Name(), err)
@@ -241,6 +238,19 @@ func cmdCheckKernel(ctx context.Context, args []string, out io.Writer) int {
 	return exitOK
 }
 
+// usage lists the commands, from the command table.
+func usage() {
+	var b strings.Builder
+	b.WriteString("usage: liveupdate COMMAND [flags] [args]\n\ncommands:\n")
+	tw := tabwriter.NewWriter(&b, 0, 4, 2, ' ', 0)
+	for _, c := range commands {
+		fmt.Fprintf(tw, "  %s\t%s\n", c.name, c.summary)
+	}
+	tw.Flush()
+	b.WriteString("\nRun 'liveupdate COMMAND -h' for a command's flags.\n")
+	fmt.Fprint(os.Stderr, b.String())
+}
+
 func runCLI(args []string) int {
 	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
 		usage()
@@ -303,10 +313,10 @@ func (c *commonFlags) engine() *cpr.Engine {
 		lvl = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
-	e := cpr.New(c.stateDir, log)
+	e := cpr.New(hostpath.QEMU(c.stateDir), log)
 	e.QMPTimeout = c.qmpWait
 	e.ClockTimeout = c.clock
-	e.Root = c.root
+	e.Root = hostpath.Root(c.root)
 	return e
 }
 
@@ -511,7 +521,7 @@ func cmdRecover(ctx context.Context, args []string, out io.Writer) int {
 		return code
 	}
 	defer release()
-	rs, err := c.engine().Recover(ctx, m, nil)
+	rs, err := update.Recover(ctx, c.engine(), m, nil)
 	if *asJSON {
 		enc := json.NewEncoder(out)
 		enc.SetIndent("", "  ")

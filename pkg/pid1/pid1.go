@@ -30,10 +30,12 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/kmod"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
+	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
@@ -72,12 +74,6 @@ type Phase struct {
 	Err   error
 }
 
-// step is one named phase: a function with one job.
-type step struct {
-	name string
-	run  func(ctx context.Context) error
-}
-
 // Main runs PID 1. It never returns.
 func Main() {
 	b := &Boot{Start: time.Now(), Stamp: crossclock.Now(), managed: map[int]bool{}}
@@ -113,29 +109,25 @@ func Main() {
 		b.rescue(errors.New("lu.rescue=1 on the kernel command line"))
 	}
 
-	ctx := context.Background()
-	steps := []step{
-		{"modules", b.loadModules},
-		{"devices", b.waitDevices},
-		{"mounts", b.mountAll},
-		{"manifest", b.readManifest},
-		{"clock", b.setClock},
-		{"network", b.setupNetwork},
-		{"cgroups", b.setupCgroups},
-		{"restore", b.restoreGuests},
-		{"services", b.startServices},
-	}
+	// The boot. A failure up to the restore stops at the rescue shell, the
+	// guests' data untouched; the restore and the services are Optional:
+	// the guests that did come back run, and the failure is reported.
+	err = phase.Run(context.Background(), b.record,
+		phase.Step{Name: "modules", Do: b.loadModules},
+		phase.Step{Name: "devices", Do: b.waitDevices},
+		phase.Step{Name: "mounts", Do: b.mountAll}, // never undone: guests' data
+		phase.Step{Name: "manifest", Do: b.readManifest},
+		phase.Step{Name: "clock", Do: b.setClock},
+		phase.Step{Name: "network", Do: b.setupNetwork},
+		phase.Step{Name: "cgroups", Do: b.setupCgroups},
+		phase.Step{Name: "restore", Do: b.restoreGuests, Optional: true},
+		phase.Step{Name: "services", Do: b.startServices, Optional: true},
+	)
 	var restoreErr error
-	for _, s := range steps {
-		err := b.timed(ctx, s)
-		if err == nil {
-			continue
-		}
-		if s.name == "restore" || s.name == "services" {
-			restoreErr = err // the other guests run: report and go on
-			continue
-		}
-		b.rescue(fmt.Errorf("%s: %w", s.name, err))
+	if pe := (*phase.Error)(nil); errors.As(err, &pe) {
+		b.rescue(err)
+	} else {
+		restoreErr = err
 	}
 	b.ready()
 	b.writeBootRecord()
@@ -153,17 +145,15 @@ func Main() {
 	b.supervise()
 }
 
-func (b *Boot) timed(ctx context.Context, s step) error {
-	t0 := time.Since(b.Start)
-	err := s.run(ctx)
-	ph := Phase{Name: s.name, Start: t0, Took: time.Since(b.Start) - t0, Err: err}
+// record keeps a boot phase and logs it.
+func (b *Boot) record(name string, start, end time.Time, err error) {
+	ph := Phase{Name: name, Start: start.Sub(b.Start), Took: end.Sub(start), Err: err}
 	b.Phases = append(b.Phases, ph)
 	if err != nil {
-		b.Log.Error("phase failed", "phase", s.name, "took", ph.Took, "err", err)
+		b.Log.Error("phase failed", "phase", name, "took", ph.Took, "err", err)
 	} else {
-		b.Log.Info("phase done", "phase", s.name, "took", ph.Took)
+		b.Log.Info("phase done", "phase", name, "took", ph.Took)
 	}
-	return err
 }
 
 // ready prints the one line tests and operators look for.
@@ -422,8 +412,8 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	} else {
 		b.Log.Warn("restoring without the lock", "err", err)
 	}
-	e := cpr.New(m.StateDir, b.Log)
-	e.Root = b.Root
+	e := cpr.New(hostpath.QEMU(m.StateDir), b.Log)
+	e.Root = hostpath.Root(b.Root)
 	e.OnStart = b.manage
 	e.ClockAsync = true // READY means running; clocks are put right just after
 	_, err := e.Recover(ctx, m, nil)
@@ -544,8 +534,8 @@ func (b *Boot) stop() error {
 	if b.Manifest != nil {
 		stateDir = b.Manifest.StateDir
 	}
-	e := cpr.New(stateDir, b.Log)
-	e.Root = b.Root
+	e := cpr.New(hostpath.QEMU(stateDir), b.Log)
+	e.Root = hostpath.Root(b.Root)
 	ctx := context.Background()
 	ts, err := e.Plan(ctx, nil)
 	if err != nil {

@@ -3,17 +3,19 @@
 // remount filesystems read-only (PMEM last), and reboot into the new kernel
 // with kexec. PID 1 of the new kernel (package pid1) restores the guests.
 //
-// Phases and their inverses:
+// Run is a table of steps, each with its undo (package phase):
 //
-//	Plan                         (touches nothing)
-//	LoadKernel    ↔ UnloadKernel
-//	Save (engine) ↔ Resume (engine, automatic)
-//	Quit (engine) ↔ Restore (engine)
-//	RemountRO     ↔ RemountRW
-//	Kexec         (no way back: the old kernel is gone)
+//	kexec-load    load the new kernel               ↔ unload it
+//	save-guests   save every guest, quit its QEMU   ↔ recover the guests here
+//	remount-ro    every filesystem but PMEM         ↔ read-write again
+//	kexec-record  the manifest records the kexec
+//	pmem-ro       PMEM, last                        ↔ read-write again
+//	reboot        kexec (no way back: the old kernel is gone)
 //
-// Any failure before Kexec runs the inverses in reverse order, so every guest
-// ends up running on the old kernel.
+// Any failure before the reboot runs the undos in reverse order, so every
+// guest ends up running on the old kernel. Recover is the same way back for
+// an update that died before its kexec: the host's changes undone, then the
+// CPR engine's Recover.
 package update
 
 import (
@@ -24,8 +26,8 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sort"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -34,9 +36,11 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
 	"github.com/liveupdate/liveupdate/pkg/fault"
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/kexec"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
+	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
 )
 
@@ -67,6 +71,7 @@ type Plan struct {
 
 	targets []*cpr.Target
 	start   crossclock.Stamp // first of the two stamps that calibrate the TSC
+	phases  []manifest.Phase // timed while planning
 }
 
 // OK tells whether the update may go ahead.
@@ -92,17 +97,18 @@ func (o Options) withDefaults() Options {
 // MakePlan checks everything an update needs without touching anything.
 func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	o = o.withDefaults()
-	p := &Plan{Kernel: o.Kernel, Initrd: o.Initrd, StateDir: e.StateDir, start: crossclock.Now()}
+	p := &Plan{Kernel: o.Kernel, Initrd: o.Initrd, StateDir: string(e.StateDir), start: crossclock.Now()}
 	bad := func(format string, a ...any) { p.Problems = append(p.Problems, fmt.Sprintf(format, a...)) }
+	local := func(q string) string { return string(e.Root.Local(hostpath.QEMU(q))) }
+	qemuView := func(l string) string { return string(e.Root.QEMU(hostpath.Local(l))) }
 
-	var ts []*cpr.Target
-	err := e.Timed("plan", "", func() (err error) {
-		ts, err = e.Plan(ctx, nil)
-		return err
-	})
+	t0 := time.Now()
+	ts, err := e.Plan(ctx, nil)
+	ph := manifest.Phase{Name: "plan", Start: t0, End: time.Now()}
 	if err != nil {
 		return nil, err
 	}
+	p.phases = append(p.phases, ph)
 	p.targets = ts
 	for _, t := range ts {
 		p.VMs = append(p.VMs, t.Verdict)
@@ -115,7 +121,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	}
 
 	// The state directory must be on a DAX filesystem on PMEM.
-	hostState := e.HostPath(e.StateDir)
+	hostState := local(string(e.StateDir))
 	m, err := mounts.Holding(o.MountsFile, hostState)
 	switch {
 	case err != nil:
@@ -124,7 +130,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		bad("state directory %s is on %s (%s, %s), not on PMEM mounted with dax: guest RAM and state would not survive the kexec. Use --state-dir on the PMEM filesystem", e.StateDir, m.Dir, m.Source, m.Opts)
 	default:
 		p.PMEMDevice = m.Source
-		p.PMEMMount = e.GuestPath(m.Dir)
+		p.PMEMMount = qemuView(m.Dir)
 	}
 	// Every guest's RAM must be on that filesystem.
 	if p.PMEMMount != "" {
@@ -144,15 +150,15 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 			bad("no %s given", f.what)
 			continue
 		}
-		fh, err := os.Open(e.HostPath(f.path))
+		fh, err := os.Open(local(f.path))
 		if err != nil {
 			bad("%s: %v", f.what, err)
 			continue
 		}
 		fh.Close()
 	}
-	if cfg := configFor(e.HostPath(o.Kernel)); cfg != "" {
-		p.KernelConfig = e.GuestPath(cfg)
+	if cfg := configFor(local(o.Kernel)); cfg != "" {
+		p.KernelConfig = qemuView(cfg)
 		if f, err := os.Open(cfg); err == nil {
 			c, err := kernelconfig.ParseConfig(f)
 			f.Close()
@@ -170,22 +176,24 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmdline, probs := buildCmdline(string(cur), o.Append, p.PMEMDevice, p.PMEMMount, e.StateDir)
+	cmdline, probs := buildCmdline(string(cur), o.Append, p.PMEMDevice, p.PMEMMount, string(e.StateDir))
 	p.Problems = append(p.Problems, probs...)
 	p.Cmdline = cmdline
 	return p, nil
 }
 
 // buildCmdline makes the new kernel's command line from the running one's (or
-// base), keeping the PMEM reservation exactly and adding the lu.* parameters.
+// base), keeping the PMEM reservation exactly and setting the lu.*
+// parameters PID 1 reads: those of base, parsed, with the PMEM device, its
+// mount and the manifest set, and the one-time ones (lu.format_pmem,
+// lu.rescue) dropped, written back by bootparams.Params.Words.
 func buildCmdline(current, base, pmemDev, pmemMount, stateDir string) (string, []string) {
 	var probs []string
 	curWords := bootparams.Split(current)
 	if base == "" {
 		base = current
 	}
-	var words []string
-	var luWords []string
+	var words, luWords []string
 	rootSpec := ""
 	for _, w := range bootparams.Split(base) {
 		k, v, _ := strings.Cut(w, "=")
@@ -193,9 +201,7 @@ func buildCmdline(current, base, pmemDev, pmemMount, stateDir string) (string, [
 		case k == "BOOT_IMAGE" || k == "initrd":
 			continue // the boot loader's, not the kernel's
 		case strings.HasPrefix(k, "lu."):
-			if k != "lu.format_pmem" && k != "lu.rescue" && k != "lu.pmem" && k != "lu.pmem_mount" && k != "lu.manifest" {
-				luWords = append(luWords, w)
-			}
+			luWords = append(luWords, bootparams.Quote(w))
 			continue
 		case k == "root":
 			rootSpec = v
@@ -212,40 +218,35 @@ func buildCmdline(current, base, pmemDev, pmemMount, stateDir string) (string, [
 			probs = append(probs, fmt.Sprintf("the new command line changes the PMEM reservation from %q to %q: the guests' RAM is in the old one; keep it exactly", strings.Join(curMemmap, " "), strings.Join(newMemmap, " ")))
 		}
 	}
-	lu := map[string]string{}
-	for _, w := range luWords {
-		k, v, _ := strings.Cut(w, "=")
-		lu[k] = v
+	lu, err := bootparams.Parse(strings.Join(luWords, " "))
+	if err != nil {
+		probs = append(probs, fmt.Sprintf("the new command line would stop PID 1: %v", err))
+		return strings.Join(append(quoteAll(words), luWords...), " "), probs
 	}
+	lu.FormatPMEM, lu.Rescue = false, false // once, on the boot that asked
 	if pmemDev != "" {
-		lu["lu.pmem"] = pmemDev
-		if pmemMount != bootparams.DefaultPMEMMount {
-			lu["lu.pmem_mount"] = pmemMount
-		}
-		if mf := filepath.Join(stateDir, manifest.FileName); mf != filepath.Join(pmemMount, "liveupdate", manifest.FileName) {
-			lu["lu.manifest"] = mf
-		}
+		lu.PMEM, lu.PMEMMount = pmemDev, pmemMount
+		lu.Manifest = filepath.Join(stateDir, manifest.FileName)
+	} else {
+		lu.PMEM, lu.PMEMMount, lu.Manifest = "", bootparams.DefaultPMEMMount, ""
 	}
-	if _, ok := lu["lu.root"]; !ok && (strings.HasPrefix(rootSpec, "UUID=") || strings.HasPrefix(rootSpec, "LABEL=") || strings.HasPrefix(rootSpec, "/dev/")) {
-		lu["lu.root"] = rootSpec
+	if lu.Root == "" && (strings.HasPrefix(rootSpec, "UUID=") || strings.HasPrefix(rootSpec, "LABEL=") || strings.HasPrefix(rootSpec, "/dev/")) {
+		lu.Root = rootSpec
 	}
-	keys := make([]string, 0, len(lu))
-	for k := range lu {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	for _, k := range keys {
-		words = append(words, k+"="+lu[k])
-	}
-	var quoted []string
-	for _, w := range words {
-		quoted = append(quoted, bootparams.Quote(w))
-	}
-	cmdline := strings.Join(quoted, " ")
+	words = append(words, lu.Words()...)
+	cmdline := strings.Join(quoteAll(words), " ")
 	if _, err := bootparams.Parse(cmdline); err != nil {
 		probs = append(probs, fmt.Sprintf("the new command line would stop PID 1: %v", err))
 	}
 	return cmdline, probs
+}
+
+func quoteAll(words []string) []string {
+	out := make([]string, len(words))
+	for i, w := range words {
+		out[i] = bootparams.Quote(w)
+	}
+	return out
 }
 
 func memmaps(words []string) []string {
@@ -296,97 +297,136 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 	if err := fault.At("plan"); err != nil {
 		return nil, fmt.Errorf("no guest was touched: %w", err)
 	}
-	// LoadKernel first: a kernel the running one refuses is found out
-	// before any guest is touched.
-	if err := e.Timed("kexec-load", "", func() error {
-		return kexec.Load(e.HostPath(p.Kernel), e.HostPath(p.Initrd), p.Cmdline)
-	}); err != nil {
-		return nil, fmt.Errorf("no guest was touched: %w", err)
-	}
-	if err := fault.At("kexec-load"); err != nil {
-		kexec.Unload()
-		return nil, fmt.Errorf("no guest was touched: %w", err)
-	}
-	unload := func() {
-		if err := kexec.Unload(); err != nil {
-			e.Log.Error("unloading the new kernel", "err", err)
-		}
-	}
+	u := &updateRun{e: e, p: p, o: o, phases: slices.Clone(p.phases)}
+	err := phase.Run(ctx, u.record,
+		// The kernel first: one the running kernel refuses is found out
+		// before any guest is touched.
+		phase.Step{Name: "kexec-load", Do: u.loadKernel, Undo: u.unloadKernel},
+		phase.Step{Name: "save-guests", Do: u.saveGuests, Undo: u.recoverGuests},
+		phase.Step{Name: "remount-ro", Do: u.remountOthers, Undo: u.remountRW},
+		phase.Step{Name: "kexec-record", Do: u.recordKexec},
+		phase.Step{Name: "pmem-ro", Do: u.remountPMEM, Undo: u.remountRW},
+		phase.Step{Name: "reboot", Do: u.reboot},
+	)
+	return u.m, u.abandoned(err)
+}
 
-	var m *manifest.Manifest
-	var err error
-	if len(p.targets) > 0 {
-		m, err = e.Save(ctx, p.targets, cpr.SaveOptions{})
-		if err != nil {
-			unload()
-			if m != nil && cpr.AnyQuit(m) {
-				// Some old QEMUs are gone: bring them back here.
-				_, rerr := e.Recover(ctx, m, heldFiles(p.targets))
-				return m, fmt.Errorf("update abandoned, guests restored on the running kernel: %w", errors.Join(err, rerr))
-			}
-			return m, fmt.Errorf("update abandoned: %w", err)
-		}
-	} else {
-		m, err = e.EmptyManifest()
-		if err != nil {
-			unload()
-			return nil, err
-		}
-	}
-	// RemountRO: every other filesystem first; then the manifest records
-	// that, and the moment of the kexec; then PMEM, last.
-	var remounted []string
-	if err := e.Timed("remount-ro", "", func() (err error) {
-		remounted, err = remountRO(o.MountsFile, e.HostPath(p.PMEMMount), false, e)
+// abandoned says what a failed update means for the guests.
+func (u *updateRun) abandoned(err error) error {
+	var pe *phase.Error
+	if !errors.As(err, &pe) {
 		return err
-	}); err != nil {
-		return m, rollback(ctx, e, p, m, remounted, unload, err)
 	}
-	m.Remounted = remounted
-	m.KexecClock = kexecClock(p.start, e.Log)
-	m.Phases = append(m.Phases, manifest.Phase{Name: "kexec", Start: m.KexecClock.Kexec.Wall})
-	if err := e.WriteManifest(); err != nil {
-		return m, rollback(ctx, e, p, m, remounted, unload, fmt.Errorf("writing the manifest: %w", err))
+	cause := errors.Join(pe.Err, pe.UndoErr)
+	switch {
+	case pe.Step == "kexec-load":
+		return fmt.Errorf("no guest was touched: %w", cause)
+	case pe.Step == "save-guests" && !u.recovered:
+		return fmt.Errorf("update abandoned: %w", cause)
 	}
-	if err := fault.At("remount-ro"); err != nil {
-		return m, rollback(ctx, e, p, m, remounted, unload, err)
-	}
-	pm, err := remountRO(o.MountsFile, e.HostPath(p.PMEMMount), true, e)
-	remounted = append(remounted, pm...)
+	return fmt.Errorf("update abandoned, guests restored on the running kernel: %w", cause)
+}
+
+// updateRun is the state of one update.
+type updateRun struct {
+	e         *cpr.Engine
+	p         *Plan
+	o         Options
+	m         *manifest.Manifest // from the save on
+	phases    []manifest.Phase   // timed before the manifest was made
+	remounted []string           // read-only now, in that order
+	recovered bool               // the undo of the save brought guests back
+}
+
+// record puts a step into the manifest (or keeps it for the save to put
+// there).
+func (u *updateRun) record(name string, start, end time.Time, err error) {
+	ph := manifest.Phase{Name: name, Start: start, End: end}
 	if err != nil {
-		return m, rollback(ctx, e, p, m, remounted, unload, err)
+		ph.Error = err.Error()
 	}
-	if err := fault.At("kexec"); err != nil {
-		return m, rollback(ctx, e, p, m, remounted, unload, err)
+	if u.m != nil {
+		u.m.Phases = append(u.m.Phases, ph)
+	} else {
+		u.phases = append(u.phases, ph)
 	}
-	e.Log.Info("rebooting into the new kernel", "kernel", p.Kernel, "cmdline", p.Cmdline)
-	err = kexec.Reboot()
-	return m, rollback(ctx, e, p, m, remounted, unload, fmt.Errorf("kexec reboot: %w", err))
 }
 
-// rollback brings every guest back on the running kernel.
-func rollback(ctx context.Context, e *cpr.Engine, p *Plan, m *manifest.Manifest, remounted []string, unload func(), cause error) error {
-	rerr := remountRW(remounted)
-	unload()
-	var err error
-	if len(m.VMs) > 0 {
-		_, err = e.Recover(ctx, m, heldFiles(p.targets))
-	}
-	return fmt.Errorf("update abandoned, guests restored on the running kernel: %w", errors.Join(cause, rerr, err))
+func (u *updateRun) local(p string) string { return string(u.e.Root.Local(hostpath.QEMU(p))) }
+
+func (u *updateRun) loadKernel(context.Context) error {
+	return kexec.Load(u.local(u.p.Kernel), u.local(u.p.Initrd), u.p.Cmdline)
 }
 
-func heldFiles(ts []*cpr.Target) map[string]map[int]*os.File {
-	held := map[string]map[int]*os.File{}
-	for _, t := range ts {
-		held[t.Name()] = t.Files()
+func (u *updateRun) unloadKernel(context.Context) error {
+	if err := kexec.Unload(); err != nil {
+		u.e.Log.Error("unloading the new kernel", "err", err)
 	}
-	return held
+	return nil
+}
+
+// saveGuests saves every guest and quits its QEMU (with no guests, it
+// records a manifest with none: PID 1 still rebuilds the host from it).
+func (u *updateRun) saveGuests(ctx context.Context) error {
+	m, err := u.e.Save(ctx, u.p.targets, cpr.SaveOptions{Phases: u.phases})
+	u.m, u.phases = m, nil
+	return err
+}
+
+// recoverGuests brings back here the guests whose old QEMU the save quit
+// (Save itself resumed them on their old QEMUs when it failed before that).
+func (u *updateRun) recoverGuests(ctx context.Context) error {
+	if u.m == nil || !cpr.AnyQuit(u.m) {
+		return nil
+	}
+	u.recovered = true
+	_, err := u.e.Recover(ctx, u.m, cpr.Held(u.p.targets))
+	return err
+}
+
+// remountOthers syncs and remounts read-only every filesystem but PMEM.
+func (u *updateRun) remountOthers(context.Context) error {
+	done, err := remountRO(u.o.MountsFile, u.local(u.p.PMEMMount), false, u.e.Log)
+	u.remounted = append(u.remounted, done...)
+	return err
+}
+
+// recordKexec records in the manifest what was remounted and the moment
+// of the kexec, for PID 1 (clock) and for a recover after a crash here.
+func (u *updateRun) recordKexec(context.Context) error {
+	u.m.Remounted = slices.Clone(u.remounted)
+	u.m.KexecClock = kexecClock(u.p.start, u.e.Log)
+	u.m.Phases = append(u.m.Phases, manifest.Phase{Name: "kexec", Start: u.m.KexecClock.Kexec.Wall})
+	if err := manifest.Write(u.local(filepath.Join(string(u.e.StateDir), manifest.FileName)), u.m); err != nil {
+		return fmt.Errorf("writing the manifest: %w", err)
+	}
+	return nil
+}
+
+// remountPMEM remounts the PMEM filesystem read-only, last.
+func (u *updateRun) remountPMEM(context.Context) error {
+	done, err := remountRO(u.o.MountsFile, u.local(u.p.PMEMMount), true, u.e.Log)
+	u.remounted = append(u.remounted, done...)
+	return err
+}
+
+// remountRW is the undo of both remounts: what is read-only goes back to
+// read-write, newest first (each undo takes what is left).
+func (u *updateRun) remountRW(context.Context) error {
+	err := remountRW(u.remounted)
+	u.remounted = nil
+	return err
+}
+
+func (u *updateRun) reboot(context.Context) error {
+	u.e.Log.Info("rebooting into the new kernel", "kernel", u.p.Kernel, "cmdline", u.p.Cmdline)
+	return fmt.Errorf("kexec reboot: %w", kexec.Reboot())
 }
 
 // remountRO syncs and remounts read-only every writable block-device
 // filesystem but the one holding pmemMount — or, with pmemOnly, that one
 // alone (it goes last). It returns what it remounted.
-func remountRO(mountsFile, pmemMount string, pmemOnly bool, e *cpr.Engine) ([]string, error) {
+func remountRO(mountsFile, pmemMount string, pmemOnly bool, log *slog.Logger) ([]string, error) {
 	unix.Sync()
 	ms, err := mounts.Table(mountsFile)
 	if err != nil {
@@ -416,7 +456,7 @@ func remountRO(mountsFile, pmemMount string, pmemOnly bool, e *cpr.Engine) ([]st
 	var done []string
 	for _, d := range order {
 		if err := unix.Mount("", d, "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
-			e.Log.Warn("cannot remount read-only (synced instead)", "mount", d, "err", err)
+			log.Warn("cannot remount read-only (synced instead)", "mount", d, "err", err)
 			continue
 		}
 		done = append(done, d)

@@ -67,7 +67,7 @@ func TestMountOf(t *testing.T) {
 	}
 	e := cpr.New("/mnt/pmem/lu", nil)
 	e.Root = "/newroot"
-	if g := e.GuestPath("/newroot/mnt/pmem"); g != "/mnt/pmem" {
-		t.Errorf("GuestPath = %s", g)
+	if g := e.Root.QEMU("/newroot/mnt/pmem"); g != "/mnt/pmem" {
+		t.Errorf("QEMU's view of /newroot/mnt/pmem = %s", g)
 	}
 }
