@@ -7,10 +7,9 @@ import (
 	"os"
 	"strings"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 )
 
 // Starting the new QEMU early (restart-qemu). A QEMU takes 100 ms and more
@@ -147,16 +146,16 @@ func (r *run) retireOld(ctx context.Context, ts []*Target) error {
 // killOld SIGKILLs an old QEMU whose guest runs on its new QEMU, without
 // waiting (reapOld does), and removes its files moved aside.
 func (r *run) killOld(t *Target) error {
-	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
+	h, err := qemuproc.Open(t.Proc.PID)
 	switch {
 	case err == nil:
-		if err := unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0); err != nil {
-			unix.Close(pidfd)
+		if err := h.Kill(); err != nil {
+			h.Close()
 			return fmt.Errorf("%s: killing old QEMU pid %d: %w", t.Name(), t.Proc.PID, err)
 		}
-		t.dying = pidfd
-	case !errors.Is(err, unix.ESRCH): // else gone already
-		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
+		t.dying = h
+	case !errors.Is(err, qemuproc.ErrGone):
+		return fmt.Errorf("%s: %w", t.Name(), err)
 	}
 	t.QMP.Close()
 	r.dropAside(t.rec) // a killed QEMU unlinks nothing
@@ -167,14 +166,14 @@ func (r *run) killOld(t *Target) error {
 func (r *run) reapOld(ts []*Target) error {
 	var errs []error
 	for _, t := range ts {
-		if t.dying == 0 {
+		if t.dying == nil {
 			continue
 		}
-		if !waitPidfd(t.dying, r.QuitTimeout) {
+		if !t.dying.WaitExit(r.QuitTimeout) {
 			errs = append(errs, fmt.Errorf("%s: old QEMU pid %d, killed, does not exit (stuck in the kernel?)", t.Name(), t.Proc.PID))
 		}
-		unix.Close(t.dying)
-		t.dying = 0
+		t.dying.Close()
+		t.dying = nil
 	}
 	return errors.Join(errs...)
 }
@@ -280,14 +279,14 @@ func (r *run) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 			changed = true
 		case status == "inmigrate":
 			r.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
-			killAndWait(twin.Proc.PID)
+			r.killAndWait(twin.Proc.PID)
 			putBack(r.ownPaths(vm))
 			changed = true
 		case status == "running" || status == "paused":
 			// The new QEMU loaded the guest: the old one, saved, is
 			// superseded (we died before retireOld).
 			r.Log.Warn("stopping an old QEMU whose guest its new QEMU has taken over", "vm", vm.Name, "pid", vm.PID)
-			killAndWait(vm.PID)
+			r.killAndWait(vm.PID)
 			r.dropAside(vm)
 			changed = true
 		}

@@ -42,7 +42,9 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
+	"github.com/liveupdate/liveupdate/pkg/reaper"
 )
 
 // Engine carries the settings of the CPR engine. It holds nothing of any
@@ -55,10 +57,11 @@ type Engine struct {
 	// after kexec runs the host's QEMU from the mounted host root; every
 	// path in the manifest is QEMU's view, inside Root.
 	Root hostpath.Root
-	// OnStart, if set, is told the pid of every QEMU the engine starts
-	// (PID 1's reaper leaves those to the engine).
-	OnStart func(pid int)
-	Log     *slog.Logger // never nil after New
+	// Reaper, when set, is the reaper of the process we run as (PID 1):
+	// the QEMUs the engine starts are waited for through it, so that no
+	// exit status is lost to it. nil: an ordinary process.
+	Reaper *reaper.Reaper
+	Log    *slog.Logger // never nil after New
 
 	QMPTimeout     time.Duration // connect + each query during planning
 	SaveTimeout    time.Duration // one VM's migrate to file
@@ -125,7 +128,7 @@ type Target struct {
 	rec   *manifest.VM
 	files map[int]*os.File // fds taken from the old QEMU, by their new number
 	early bool             // its new QEMU was started before the save (early.go)
-	dying int              // pidfd of the old QEMU once killed (early start), else 0
+	dying *qemuproc.Handle // the old QEMU once killed (early start), else nil
 }
 
 // Name is the VM's name.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
@@ -151,7 +152,7 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			out[i].Action = "resumed"
 		case restartNew:
 			r.Log.Warn("stopping a new QEMU that never loaded its state", "vm", vm.Name, "pid", t.Proc.PID)
-			killAndWait(t.Proc.PID)
+			r.killAndWait(t.Proc.PID)
 			vm.Status = manifest.StatusQuit
 			restore[vm.Name] = true
 			out[i].Action = "restored"
@@ -269,14 +270,11 @@ func (r *run) liveQEMUs(ctx context.Context, m *manifest.Manifest) (live map[str
 	}
 }
 
-// killAndWait kills a new QEMU that never loaded its state (it holds
-// nothing of the guest) and waits until it is gone.
-func killAndWait(pid int) {
-	pidfd, err := unix.PidfdOpen(pid, 0)
-	if err != nil {
-		return // already gone
+// killAndWait kills a QEMU that holds nothing of the guest any more (a new
+// one that never loaded its state, an old one its twin superseded) and
+// waits until it is gone.
+func (r *run) killAndWait(pid int) {
+	if err := qemuproc.KillAndWait(pid, 10*time.Second); err != nil {
+		r.Log.Warn("killing a QEMU that does not run its guest", "pid", pid, "err", err)
 	}
-	defer unix.Close(pidfd)
-	unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
-	waitPidfd(pidfd, 10*time.Second)
 }

@@ -7,19 +7,15 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
-	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
@@ -193,19 +189,17 @@ func (r *run) checkGuestFiles(vm *manifest.VM) error {
 
 // newQEMU is a QEMU started for a VM, waiting for its state.
 type newQEMU struct {
-	cmd     *exec.Cmd
-	exited  chan struct{} // closed when it exits; waitErr then says how
-	waitErr error
-	c       *qmp.Client
-	files   []*os.File // its inherited fds 3, 4, …
-	setUp   bool       // migration capabilities already set
-	aside   []string   // started early: the old QEMU's sockets, moved aside (early.go)
+	p     *qemuproc.Process
+	c     *qmp.Client
+	files []*os.File // its inherited fds 3, 4, …
+	setUp bool       // migration capabilities already set
+	aside []string   // started early: the old QEMU's sockets, moved aside (early.go)
 }
 
 // startQEMU starts a VM's new QEMU on argv (in its network namespace,
 // cgroup and credentials) and connects to its monitor. Its inverse is stop.
 func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.File, argv []string) (*newQEMU, error) {
-	q := &newQEMU{exited: make(chan struct{})}
+	q := &newQEMU{}
 	var opened []*os.File
 	defer func() {
 		for _, f := range opened {
@@ -218,34 +212,37 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		if err != nil {
 			return err
 		}
-		q.cmd, err = r.command(vm, argv, q.files)
+		log, err := r.openLog(vm, argv)
 		if err != nil {
 			return err
 		}
-		err = r.timed("qemu-start", vm.Name, q.cmd.Start)
-		if q.cmd.SysProcAttr.UseCgroupFD {
-			unix.Close(q.cmd.SysProcAttr.CgroupFD) // the child has its cgroup
+		defer log.Close() // QEMU has its copy
+		spec := qemuproc.Spec{Binary: vm.Binary, Argv: argv, Dir: vm.Cwd, Env: vm.Env, Root: string(r.Root),
+			UID: vm.UID, GID: vm.GID, Groups: vm.Groups, Cgroup: vm.Cgroup, CgroupRoot: CgroupRoot,
+			ExtraFiles: q.files, Log: log}
+		err = r.timed("qemu-start", vm.Name, func() (err error) {
+			q.p, err = qemuproc.Start(spec, r.Reaper)
+			return err
+		})
+		if err != nil {
+			return err
 		}
-		if err == nil {
-			if ferr := fault.At("qemu-start"); ferr != nil {
-				q.cmd.Process.Kill()
-				q.cmd.Wait()
-				return ferr
-			}
+		if q.p.CgroupErr != nil {
+			r.Log.Warn("started QEMU outside its cgroup", "vm", vm.Name, "err", q.p.CgroupErr)
 		}
-		return err
+		if ferr := fault.At("qemu-start"); ferr != nil {
+			q.p.Stop(0)
+			return ferr
+		}
+		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("starting QEMU: %w", err)
 	}
-	vm.NewPID = q.cmd.Process.Pid
-	if r.OnStart != nil {
-		r.OnStart(vm.NewPID)
-	}
-	go func() { q.waitErr = q.cmd.Wait(); close(q.exited) }()
+	vm.NewPID = q.p.Pid
 	// QEMU's own start-up: until its QMP socket answers.
 	err = r.timed("qemu-init", vm.Name, func() (err error) {
-		q.c, err = dialUntil(ctx, r.local(vm.QMP), q.exited, func() error { return q.waitErr })
+		q.c, err = qemuproc.DialQMP(ctx, r.local(vm.QMP), q.p)
 		return err
 	})
 	if err != nil {
@@ -258,13 +255,7 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 
 // stop ends a new QEMU (asking first) and waits until it is gone.
 func (q *newQEMU) stop() {
-	q.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-q.exited:
-	case <-time.After(5 * time.Second):
-		q.cmd.Process.Kill()
-		<-q.exited
-	}
+	q.p.Stop(5 * time.Second)
 	if q.c != nil {
 		q.c.Close()
 	}
@@ -352,74 +343,12 @@ func (r *run) logPath(vm *manifest.VM) string {
 	return r.local(filepath.Join(string(r.stateDir), vm.Name+".qemu.log"))
 }
 
-// command builds the new QEMU process: same cwd, environment, credentials
-// and cgroup as the old one, detached into its own session.
-func (r *run) command(vm *manifest.VM, argv []string, files []*os.File) (*exec.Cmd, error) {
+// openLog opens the VM's QEMU log and marks this start in it.
+func (r *run) openLog(vm *manifest.VM, argv []string) (*os.File, error) {
 	log, err := os.OpenFile(r.logPath(vm), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
 	fmt.Fprintf(log, "--- liveupdate restore %s: %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(argv, " "))
-	cmd := &exec.Cmd{
-		Path: vm.Binary, Args: argv, Dir: vm.Cwd, Env: vm.Env,
-		Stdout: log, Stderr: log, ExtraFiles: files,
-		SysProcAttr: &syscall.SysProcAttr{Setsid: true},
-	}
-	if r.Root != "" && r.Root != "/" {
-		cmd.SysProcAttr.Chroot = string(r.Root)
-		// exec.Cmd looks Path up before the chroot applies: give the
-		// binary's path inside the root as argv[0]'s resolution.
-		cmd.Path = vm.Binary
-	}
-	if vm.UID != 0 || vm.GID != 0 {
-		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: vm.UID, Gid: vm.GID, Groups: vm.Groups}
-	}
-	if fd, ok := r.cgroupFD(vm); ok {
-		cmd.SysProcAttr.UseCgroupFD = true
-		cmd.SysProcAttr.CgroupFD = fd
-	}
-	return cmd, nil
-}
-
-// cgroupFD opens (creating if needed) the VM's recorded cgroup v2 directory,
-// so the new QEMU is cloned straight into it.
-func (r *run) cgroupFD(vm *manifest.VM) (int, bool) {
-	if vm.Cgroup == "" || vm.Cgroup == "/" || !cgroupv2.Mounted(CgroupRoot) {
-		return 0, false
-	}
-	fd, err := cgroupv2.OpenDir(CgroupRoot, vm.Cgroup)
-	if err != nil {
-		r.Log.Warn("starting QEMU outside its cgroup", "vm", vm.Name, "err", err)
-		return 0, false
-	}
-	return fd, true
-}
-
-// dialUntil connects to a new QEMU's QMP socket as soon as it listens. A
-// connection, once made, is waited on until QEMU greets it or exits: giving
-// up on a handshake half-way and dialling again is what leaves a stale reply
-// in QEMU's monitor for the next connection (see qmp.Dial).
-func dialUntil(ctx context.Context, path string, exited <-chan struct{}, why func() error) (*qmp.Client, error) {
-	dctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	go func() {
-		select {
-		case <-exited:
-			cancel()
-		case <-dctx.Done():
-		}
-	}()
-	for {
-		c, err := qmp.Dial(dctx, path)
-		if err == nil {
-			return c, nil
-		}
-		select {
-		case <-exited:
-			return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %v", why())
-		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), err)
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
+	return log, nil
 }

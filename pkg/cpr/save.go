@@ -22,6 +22,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
@@ -487,11 +488,10 @@ func (r *run) releaseTaps(ts []*Target) {
 // quitOne quits an old QEMU that has saved, and waits for it to exit. If it
 // does not exit in time it is killed: its state is already saved.
 func (r *run) quitOne(ctx context.Context, t *Target) error {
-	pidfd, err := unix.PidfdOpen(t.Proc.PID, 0)
-	if err != nil {
-		return fmt.Errorf("%s: pidfd_open: %w", t.Name(), err)
+	h, err := qemuproc.Open(t.Proc.PID)
+	if err != nil && !errors.Is(err, qemuproc.ErrGone) {
+		return fmt.Errorf("%s: %w", t.Name(), err)
 	}
-	defer unix.Close(pidfd)
 	qctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	err = t.QMP.Execute(qctx, "quit", nil, nil)
 	cancel()
@@ -499,32 +499,18 @@ func (r *run) quitOne(ctx context.Context, t *Target) error {
 		r.Log.Warn("quit command", "vm", t.Name(), "err", err)
 	}
 	t.QMP.Close()
-	if !waitPidfd(pidfd, r.QuitTimeout) {
-		r.Log.Warn("old QEMU did not exit after quit; killing it (its state is saved)", "vm", t.Name(), "pid", t.Proc.PID)
-		unix.PidfdSendSignal(pidfd, unix.SIGKILL, nil, 0)
-		if !waitPidfd(pidfd, 5*time.Second) {
-			return fmt.Errorf("%s: old QEMU pid %d does not exit", t.Name(), t.Proc.PID)
+	if h != nil {
+		defer h.Close()
+		if !h.WaitExit(r.QuitTimeout) {
+			r.Log.Warn("old QEMU did not exit after quit; killing it (its state is saved)", "vm", t.Name(), "pid", t.Proc.PID)
+			h.Kill()
+			if !h.WaitExit(5 * time.Second) {
+				return fmt.Errorf("%s: old QEMU pid %d does not exit", t.Name(), t.Proc.PID)
+			}
 		}
 	}
 	t.rec.Status = manifest.StatusQuit
 	return nil
-}
-
-// waitPidfd waits until the process behind pidfd exits.
-func waitPidfd(pidfd int, d time.Duration) bool {
-	deadline := time.Now().Add(d)
-	for {
-		ms := int(time.Until(deadline) / time.Millisecond)
-		if ms < 0 {
-			return false
-		}
-		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
-		n, err := unix.Poll(fds, ms)
-		if err == unix.EINTR {
-			continue
-		}
-		return err == nil && n > 0
-	}
 }
 
 // fillDisk fills dir's filesystem (fault injection: a full disk).

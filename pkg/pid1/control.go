@@ -2,6 +2,7 @@ package pid1
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -34,17 +35,13 @@ func (b *Boot) controlLoop(dev string) {
 		cmd.Stdout, cmd.Stderr = f, f
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 		code := 0
-		if err := cmd.Start(); err != nil {
+		if child, err := b.reaper.Start(cmd); err != nil {
 			fmt.Fprintf(f, "%v\n", err)
 			code = 127
+		} else if ws, _ := child.Wait(context.Background()); ws.Exited() {
+			code = ws.ExitStatus()
 		} else {
-			b.manage(cmd.Process.Pid)
-			if err := cmd.Wait(); err != nil {
-				code = 1
-				if ee, ok := err.(*exec.ExitError); ok {
-					code = ee.ExitCode()
-				}
-			}
+			code = -1 // killed by a signal (exec.ExitError.ExitCode's answer)
 		}
 		fmt.Fprintf(f, "\n@@LU-EXIT %d@@\n", code)
 	}

@@ -36,6 +36,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/phase"
+	"github.com/liveupdate/liveupdate/pkg/reaper"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
@@ -61,9 +62,13 @@ type Boot struct {
 
 	manifestPath string // as PID 1 sees it
 
+	// reaper is PID 1's one waiter for children: whatever PID 1 starts
+	// (the rescue shell, control commands, QEMUs) is started through it
+	// (Reaper), never waited for with exec.Cmd.Wait.
+	reaper reaper.Reaper
+
 	mu      sync.Mutex
-	managed map[int]bool // children someone else waits for
-	mounted []string     // in mount order, for the orderly stop
+	mounted []string // in mount order, for the orderly stop
 }
 
 // Phase is one timed step of the boot.
@@ -76,7 +81,7 @@ type Phase struct {
 
 // Main runs PID 1. It never returns.
 func Main() {
-	b := &Boot{Start: time.Now(), Stamp: crossclock.Now(), managed: map[int]bool{}}
+	b := &Boot{Start: time.Now(), Stamp: crossclock.Now()}
 	defer func() {
 		if r := recover(); r != nil {
 			b.rescue(fmt.Errorf("panic: %v", r))
@@ -414,7 +419,7 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	}
 	e := cpr.New(hostpath.QEMU(m.StateDir), b.Log)
 	e.Root = hostpath.Root(b.Root)
-	e.OnStart = b.manage
+	e.Reaper = b.Reaper() // QEMUs started here are waited for through PID 1's reaper
 	e.ClockAsync = true // READY means running; clocks are put right just after
 	_, err := e.Recover(ctx, m, nil)
 	for _, v := range m.VMs {
@@ -434,12 +439,10 @@ func (b *Boot) guard(name string, fn func()) {
 	fn()
 }
 
-// manage marks a child as waited for by someone else (the reaper skips it).
-func (b *Boot) manage(pid int) {
-	b.mu.Lock()
-	b.managed[pid] = true
-	b.mu.Unlock()
-}
+// Reaper is PID 1's child reaper, for whatever starts processes in PID 1
+// (the CPR engine's new QEMUs): started through it, their exit statuses
+// reach their waiters instead of being collected as orphans'.
+func (b *Boot) Reaper() *reaper.Reaper { return &b.reaper }
 
 // handover switches root into the host root and execs its init, with the
 // guests running. Our bind mounts are dropped first: switch_root moves the
@@ -472,44 +475,10 @@ func kernelUptime() float64 {
 	return up
 }
 
-// reap collects orphans re-parented to PID 1, leaving alone the children
-// that have a waiter of their own (the QEMUs the engine started, the shell).
-func (b *Boot) reap() {
-	sig := make(chan os.Signal, 16)
-	signal.Notify(sig, syscall.SIGCHLD)
-	for range sig {
-		ents, _ := os.ReadDir("/proc")
-		for _, e := range ents {
-			var pid int
-			if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil || pid <= 1 {
-				continue
-			}
-			st, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-			if err != nil {
-				continue
-			}
-			s := string(st)
-			i := strings.LastIndexByte(s, ')')
-			if i < 0 {
-				continue
-			}
-			var state string
-			var ppid int
-			fmt.Sscanf(s[i+1:], " %s %d", &state, &ppid)
-			if state != "Z" || ppid != 1 {
-				continue
-			}
-			b.mu.Lock()
-			skip := b.managed[pid]
-			b.mu.Unlock()
-			if skip {
-				continue
-			}
-			var ws unix.WaitStatus
-			unix.Wait4(pid, &ws, unix.WNOHANG, nil)
-		}
-	}
-}
+// reap is PID 1's reaper loop: it collects every child that exits, giving
+// the status of those started through b.reaper to their waiters and
+// dropping the orphans'.
+func (b *Boot) reap() { b.reaper.Run(context.Background()) }
 
 // handleSignals turns SIGTERM/SIGINT/SIGPWR into an orderly stop: every
 // guest is saved (CPR) so a later boot restores it; if any cannot be saved,
@@ -536,6 +505,7 @@ func (b *Boot) stop() error {
 	}
 	e := cpr.New(hostpath.QEMU(stateDir), b.Log)
 	e.Root = hostpath.Root(b.Root)
+	e.Reaper = b.Reaper()
 	ctx := context.Background()
 	ts, err := e.Plan(ctx, nil)
 	if err != nil {
@@ -583,13 +553,13 @@ func (b *Boot) rescueShellLoop(msg string) {
 			cmd.Stdin, cmd.Stdout, cmd.Stderr = f, f, f
 			cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Setctty: true, Ctty: 0}
 		}
-		if err := cmd.Start(); err != nil {
+		child, err := b.reaper.Start(cmd)
+		if err != nil {
 			fmt.Fprintf(con, "liveupdate: cannot start %s: %v\n", RescueSh, err)
 			time.Sleep(5 * time.Second)
 			continue
 		}
-		b.manage(cmd.Process.Pid)
-		cmd.Wait()
+		child.Wait(context.Background())
 		time.Sleep(time.Second) // no busy loop if the shell dies at once
 	}
 }

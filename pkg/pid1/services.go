@@ -6,15 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"syscall"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 )
 
 // HostConfigPath is, inside the host root, what a host runs when no guest
@@ -75,7 +72,8 @@ func (b *Boot) startServices(ctx context.Context) error {
 }
 
 // startGuest starts one QEMU chrooted in the host root, in its cgroup, in a
-// session of its own, logging to /run/liveupdate/NAME.log.
+// session of its own, logging to /run/liveupdate/NAME.log, through PID 1's
+// reaper.
 func (b *Boot) startGuest(g Guest) (int, error) {
 	if len(g.Argv) == 0 {
 		return 0, fmt.Errorf("empty argv")
@@ -85,26 +83,24 @@ func (b *Boot) startGuest(g Guest) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer log.Close()
+	defer log.Close() // the QEMU has its copy
 	cwd := g.Cwd
 	if cwd == "" {
 		cwd = "/"
 	}
-	cmd := &exec.Cmd{Path: g.Argv[0], Args: g.Argv, Dir: cwd, Env: g.Env, Stdout: log, Stderr: log,
-		SysProcAttr: &syscall.SysProcAttr{Setsid: true, Chroot: b.Root}}
-	if g.Cgroup != "" {
-		if fd, err := cgroupv2.OpenDir(cpr.CgroupRoot, g.Cgroup); err != nil {
-			b.Log.Warn("starting guest outside its cgroup", "vm", g.Name, "err", err)
-		} else {
-			defer unix.Close(fd)
-			cmd.SysProcAttr.UseCgroupFD = true
-			cmd.SysProcAttr.CgroupFD = fd
-		}
-	}
-	if err := cmd.Start(); err != nil {
+	p, err := qemuproc.Start(qemuproc.Spec{
+		Binary: g.Argv[0], Argv: g.Argv, Dir: cwd, Env: g.Env, Root: b.Root,
+		Cgroup: g.Cgroup, CgroupRoot: cpr.CgroupRoot, Log: log,
+	}, &b.reaper)
+	if err != nil {
 		return 0, err
 	}
-	b.manage(cmd.Process.Pid)
-	go cmd.Wait()
-	return cmd.Process.Pid, nil
+	if p.CgroupErr != nil {
+		b.Log.Warn("starting guest outside its cgroup", "vm", g.Name, "err", p.CgroupErr)
+	}
+	go func() {
+		<-p.Exited()
+		b.Log.Warn("guest's QEMU exited (first boot)", "vm", g.Name, "pid", p.Pid, "how", p.ExitErr())
+	}()
+	return p.Pid, nil
 }
