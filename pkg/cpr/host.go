@@ -13,7 +13,7 @@ import (
 // PID 1 to rebuild after kexec. A restart on the same kernel does not need
 // them, so failures are logged, not fatal.
 func (e *Engine) captureHost(ts []*Target) {
-	var chains [][]cgroupv2.Cgroup
+	var chains [][]manifest.Cgroup
 	v2 := cgroupv2.Mounted(CgroupRoot)
 	taps := map[string]netsetup.TapInfo{}
 	for _, t := range ts {
@@ -65,7 +65,7 @@ func (e *Engine) captureHost(ts []*Target) {
 // taps, then reads the taps back from the kernel so that what runs is
 // what was recorded. PID 1 runs it after kexec, and `restore --host` from
 // a rescue shell.
-func RebuildNetwork(m *manifest.Manifest) ([]netsetup.Tap, error) {
+func RebuildNetwork(m *manifest.Manifest) ([]manifest.Tap, error) {
 	if len(m.Network.Bridges) == 0 && len(m.Network.Taps) == 0 {
 		return nil, nil
 	}
@@ -78,7 +78,7 @@ func RebuildNetwork(m *manifest.Manifest) ([]netsetup.Tap, error) {
 // RebuildCgroups is the inverse of the cgroup half of captureHost: it
 // re-creates the recorded cgroup v2 tree with its controllers and limits,
 // then reads it back from the cgroup files.
-func RebuildCgroups(m *manifest.Manifest) ([]cgroupv2.Cgroup, error) {
+func RebuildCgroups(m *manifest.Manifest) ([]manifest.Cgroup, error) {
 	if len(m.Cgroups) == 0 {
 		return nil, nil
 	}

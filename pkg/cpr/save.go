@@ -545,19 +545,22 @@ func (e *Engine) Timed(name, vm string, fn func() error) error { return e.timed(
 
 // writeManifest writes the run's manifest into the state directory.
 func (e *Engine) writeManifest() error {
-	return e.writeManifestWith(manifest.Write)
+	return e.writeManifestWith(true)
 }
 
 // writeManifestUnsynced records the manifest without waiting for the disk
 // (manifest.WriteUnsynced), for records made inside the guests' blackout.
 func (e *Engine) writeManifestUnsynced() error {
-	return e.writeManifestWith(manifest.WriteUnsynced)
+	return e.writeManifestWith(false)
 }
 
-func (e *Engine) writeManifestWith(write func(string, *manifest.Manifest) error) error {
+// writeManifestWith writes the manifest, durably or not, with the fault
+// point "manifest-write" just before its rename.
+func (e *Engine) writeManifestWith(durable bool) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	return write(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man)
+	return manifest.WriteWith(e.HostPath(filepath.Join(e.StateDir, manifest.FileName)), e.man,
+		manifest.WriteOptions{Durable: durable, BeforeRename: func() error { return fault.At("manifest-write") }})
 }
 
 // GuestPath turns a path as this process sees it into the path as a QEMU

@@ -14,6 +14,7 @@ import (
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 )
 
@@ -24,8 +25,8 @@ const HostConfigPath = "/etc/liveupdate/host.json"
 
 // HostConfig is the first-boot configuration.
 type HostConfig struct {
-	Network netsetup.Network  `json:"network"`
-	Cgroups []cgroupv2.Cgroup `json:"cgroups,omitempty"`
+	Network manifest.Network  `json:"network"`
+	Cgroups []manifest.Cgroup `json:"cgroups,omitempty"`
 	Guests  []Guest           `json:"guests"`
 }
 
