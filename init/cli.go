@@ -73,7 +73,7 @@ func cmdStatus(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintln(os.Stderr, "liveupdate status:", err)
 		return exitFailed
 	}
-	boot, err := timeline.ReadBoot(filepath.Dir(*mpath))
+	boot, err := manifest.ReadBoot(filepath.Dir(*mpath))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "liveupdate status: the boot record is unreadable, showing the manifest alone:", err)
 	}

@@ -35,7 +35,6 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
-	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
 
 // Paths inside the initramfs.
@@ -55,7 +54,7 @@ type Boot struct {
 	Phases   []Phase
 	Manifest *manifest.Manifest
 	Root     string        // host root mount ("" if none)
-	Boot     timeline.Boot // the boot record, written next to the manifest
+	Boot     manifest.Boot // the boot record, written next to the manifest
 
 	manifestPath string // as PID 1 sees it
 
@@ -318,7 +317,7 @@ func (b *Boot) readManifest(ctx context.Context) error {
 // from it. Without a usable TSC the wall clock stays as it is, and the
 // boot record says how much less exact the spans across the kexec are.
 func (b *Boot) setClock(ctx context.Context) error {
-	b.Boot = timeline.Boot{Kernel: b.Stamp.Kernel, Start: b.Stamp.Wall, ClockSource: "rtc", Uncertainty: timeline.RTCUncertainty,
+	b.Boot = manifest.Boot{Kernel: b.Stamp.Kernel, Start: b.Stamp.Wall, ClockSource: "rtc", Uncertainty: manifest.RTCUncertainty,
 		KernelBoot: time.Duration(b.Uptime0 * float64(time.Second))}
 	if b.Manifest == nil || b.Manifest.KexecClock == nil {
 		return nil
@@ -360,7 +359,7 @@ func (b *Boot) writeBootRecord() {
 		}
 		b.Boot.Phases = append(b.Boot.Phases, ph)
 	}
-	if err := timeline.WriteBoot(filepath.Dir(b.manifestPath), &b.Boot); err != nil {
+	if err := manifest.WriteBoot(filepath.Dir(b.manifestPath), &b.Boot); err != nil {
 		b.Log.Warn("writing the boot record", "err", err)
 	}
 }
