@@ -20,6 +20,7 @@ import (
 	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
@@ -480,14 +481,14 @@ func (c *commonFlags) openRun(cmd string, args []string, path string, host bool,
 // rebuildHost re-creates the manifest's network and cgroups and shows what
 // the kernel reads back.
 func rebuildHost(m *manifest.Manifest, out io.Writer) error {
-	taps, err := cpr.RebuildNetwork(m)
+	taps, err := hoststate.RebuildNetwork(m)
 	for _, t := range taps {
 		fmt.Fprintln(out, t)
 	}
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	cgs, err := cpr.RebuildCgroups(m)
+	cgs, err := hoststate.RebuildCgroups(m)
 	for _, c := range cgs {
 		fmt.Fprintln(out, c)
 	}

@@ -18,14 +18,12 @@ import (
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
-
-// CgroupRoot is where the cgroup v2 hierarchy is mounted.
-var CgroupRoot = "/sys/fs/cgroup"
 
 // Restore starts every VM of m that is not running yet, in parallel, and
 // loads its saved state. held are fds the caller still holds for a VM (from
@@ -399,10 +397,10 @@ func (e *Engine) command(vm *manifest.VM, argv []string, files []*os.File) (*exe
 // cgroupFD opens (creating if needed) the VM's recorded cgroup v2 directory,
 // so the new QEMU is cloned straight into it.
 func (e *Engine) cgroupFD(vm *manifest.VM) (int, bool) {
-	if vm.Cgroup == "" || vm.Cgroup == "/" || !cgroupv2.Mounted(CgroupRoot) {
+	if vm.Cgroup == "" || vm.Cgroup == "/" || !cgroupv2.Mounted(hoststate.CgroupRoot) {
 		return 0, false
 	}
-	fd, err := cgroupv2.OpenDir(CgroupRoot, vm.Cgroup)
+	fd, err := cgroupv2.OpenDir(hoststate.CgroupRoot, vm.Cgroup)
 	if err != nil {
 		e.Log.Warn("starting QEMU outside its cgroup", "vm", vm.Name, "err", err)
 		return 0, false

@@ -17,6 +17,7 @@ import (
 
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
@@ -73,7 +74,7 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 	for i, t := range ts {
 		t.rec = &e.man.VMs[i]
 	}
-	e.captureHost(ts)
+	e.man.Cgroups, e.man.Network = hoststate.Capture(hoststate.CgroupRoot, hostGuests(ts), e.Log)
 	if err := e.writeManifest(); err != nil {
 		e.releaseTaps(ts)
 		return nil, err

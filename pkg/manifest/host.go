@@ -9,8 +9,8 @@ import (
 
 // This file holds the host state a manifest records for PID 1 to rebuild
 // after kexec: the guests' host-side network and their cgroup v2 tree.
-// Only the data lives here; packages netsetup and cgroupv2 read it from a
-// kernel and build it in one.
+// Only the data lives here: package hoststate captures and rebuilds it,
+// through packages netsetup and cgroupv2.
 
 // Network is the recorded host-side network of the guests.
 type Network struct {

@@ -6,7 +6,8 @@
 // PID 1 rebuilds for them), the boot record PID 1 writes next to it after
 // the kexec (Boot, boot.go), their schema versions, validation, strict
 // decoding and atomic writing — no behaviour on the host. The packages that
-// act (netsetup, cgroupv2, cpr) import it, never the other way round.
+// act (netsetup, cgroupv2, hoststate, cpr) import it, never the other way
+// round.
 // Nothing else writes a manifest. A manifest is written as temp file,
 // fsync, rename, fsync of the directory, with mode 0600, so a crash leaves
 // either the old or the new manifest, never a torn one.

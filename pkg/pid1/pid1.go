@@ -30,6 +30,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/kmod"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
@@ -383,7 +384,7 @@ func (b *Boot) setupNetwork(ctx context.Context) error {
 	if b.Manifest == nil {
 		return nil
 	}
-	got, err := cpr.RebuildNetwork(b.Manifest)
+	got, err := hoststate.RebuildNetwork(b.Manifest)
 	for _, br := range b.Manifest.Network.Bridges {
 		b.Log.Info("bridge", "name", br.Name, "mac", br.MAC, "addrs", br.Addrs)
 	}
@@ -396,7 +397,7 @@ func (b *Boot) setupCgroups(ctx context.Context) error {
 	if b.Manifest == nil {
 		return nil
 	}
-	got, err := cpr.RebuildCgroups(b.Manifest)
+	got, err := hoststate.RebuildCgroups(b.Manifest)
 	printHost(got)
 	return err
 }

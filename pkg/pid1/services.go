@@ -13,9 +13,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
-	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
-	"github.com/liveupdate/liveupdate/pkg/netsetup"
 )
 
 // HostConfigPath is, inside the host root, what a host runs when no guest
@@ -56,10 +55,7 @@ func (b *Boot) startServices(ctx context.Context) error {
 	if err := json.Unmarshal(raw, &hc); err != nil {
 		return fmt.Errorf("%s: %w", HostConfigPath, err)
 	}
-	if err := netsetup.Apply(hc.Network); err != nil {
-		return err
-	}
-	if err := cgroupv2.Apply(cpr.CgroupRoot, hc.Cgroups); err != nil {
+	if err := hoststate.Build(hc.Network, hc.Cgroups); err != nil {
 		return err
 	}
 	var errs []error
@@ -94,7 +90,7 @@ func (b *Boot) startGuest(g Guest) (int, error) {
 	cmd := &exec.Cmd{Path: g.Argv[0], Args: g.Argv, Dir: cwd, Env: g.Env, Stdout: log, Stderr: log,
 		SysProcAttr: &syscall.SysProcAttr{Setsid: true, Chroot: b.Root}}
 	if g.Cgroup != "" {
-		if fd, err := cgroupv2.OpenDir(cpr.CgroupRoot, g.Cgroup); err != nil {
+		if fd, err := cgroupv2.OpenDir(hoststate.CgroupRoot, g.Cgroup); err != nil {
 			b.Log.Warn("starting guest outside its cgroup", "vm", g.Name, "err", err)
 		} else {
 			defer unix.Close(fd)
