@@ -38,7 +38,7 @@ unit:
 	$(GO) test -count=1 ./init/... ./cmds/... ./pkg/... ./internal/... ./kernelconfig/...
 
 # Every parser of outside input, fuzzed briefly (longer: make fuzz FUZZTIME=20000000x).
-FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzParse:./pkg/bootparams \
+FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzDecodeBoot:./pkg/manifest FuzzParse:./pkg/bootparams \
 	FuzzProcFiles:./pkg/discover FuzzDecodeReply:./pkg/qmp FuzzReply:./pkg/guestagent
 fuzz-short fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -21,6 +21,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
@@ -74,7 +75,7 @@ func cmdStatus(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintln(os.Stderr, "liveupdate status:", err)
 		return exitFailed
 	}
-	boot, err := timeline.ReadBoot(filepath.Dir(*mpath))
+	boot, err := manifest.ReadBoot(filepath.Dir(*mpath))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "liveupdate status: the boot record is unreadable, showing the manifest alone:", err)
 	}
@@ -490,14 +491,14 @@ func (c *commonFlags) openRun(cmd string, args []string, path string, host bool,
 // rebuildHost re-creates the manifest's network and cgroups and shows what
 // the kernel reads back.
 func rebuildHost(m *manifest.Manifest, out io.Writer) error {
-	taps, err := cpr.RebuildNetwork(m)
+	taps, err := hoststate.RebuildNetwork(m)
 	for _, t := range taps {
 		fmt.Fprintln(out, t)
 	}
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
 	}
-	cgs, err := cpr.RebuildCgroups(m)
+	cgs, err := hoststate.RebuildCgroups(m)
 	for _, c := range cgs {
 		fmt.Fprintln(out, c)
 	}

@@ -16,9 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/internal/dhcptest"
-	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
-	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
@@ -292,16 +290,16 @@ func bootManifest() *manifest.Manifest {
 	return &manifest.Manifest{
 		Schema: manifest.SchemaVersion, ID: "boot-test", Created: time.Now(), StateDir: "/mnt/pmem/liveupdate",
 		VMs: []manifest.VM{},
-		Cgroups: []cgroupv2.Cgroup{
+		Cgroups: []manifest.Cgroup{
 			{Path: "/", Controllers: []string{"cpuset", "cpu", "memory", "pids"}},
 			{Path: "/machine.slice", Controllers: []string{"cpuset", "cpu", "memory", "pids"}},
 			{Path: "/machine.slice/vm1", Limits: map[string]string{
 				"cpu.max": "50000 100000", "cpu.weight": "200", "memory.max": "268435456",
 				"memory.high": "201326592", "pids.max": "128", "cpuset.cpus": "1", "cpuset.mems": "0"}},
 		},
-		Network: netsetup.Network{
-			Bridges: []netsetup.Bridge{{Name: "br0", MAC: "02:00:00:aa:00:01", MTU: 1500, Addrs: []string{"10.81.0.1/24"}, Up: true}},
-			Taps:    []netsetup.Tap{{Name: "vnet0", MAC: "fe:54:00:aa:00:02", MTU: 1500, Flags: bootTapFlags, Queues: 2, Master: "br0", Up: true}},
+		Network: manifest.Network{
+			Bridges: []manifest.Bridge{{Name: "br0", MAC: "02:00:00:aa:00:01", MTU: 1500, Addrs: []string{"10.81.0.1/24"}, Up: true}},
+			Taps:    []manifest.Tap{{Name: "vnet0", MAC: "fe:54:00:aa:00:02", MTU: 1500, Flags: bootTapFlags, Queues: 2, Master: "br0", Up: true}},
 		},
 	}
 }

@@ -18,9 +18,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
-	"github.com/liveupdate/liveupdate/pkg/netsetup"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/pid1"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
@@ -48,12 +47,12 @@ func kernelVersion(t testing.TB, which string) string {
 
 func nestedHostConfig() pid1.HostConfig {
 	return pid1.HostConfig{
-		Network: netsetup.Network{
-			Bridges: []netsetup.Bridge{{Name: "br0", MAC: "02:00:00:dd:00:01", MTU: 1500, Ports: []string{"eth0"}, Up: true}},
-			Taps: []netsetup.Tap{{Name: "vnet0", MAC: "fe:54:00:dd:00:02", MTU: 1500,
+		Network: manifest.Network{
+			Bridges: []manifest.Bridge{{Name: "br0", MAC: "02:00:00:dd:00:01", MTU: 1500, Ports: []string{"eth0"}, Up: true}},
+			Taps: []manifest.Tap{{Name: "vnet0", MAC: "fe:54:00:dd:00:02", MTU: 1500,
 				Flags: unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR, Queues: 1, Master: "br0", Up: true}},
 		},
-		Cgroups: []cgroupv2.Cgroup{
+		Cgroups: []manifest.Cgroup{
 			{Path: "/", Controllers: []string{"cpu", "memory", "pids"}},
 			{Path: "/machine.slice", Controllers: []string{"cpu", "memory", "pids"}},
 			{Path: "/machine.slice/inner", Limits: map[string]string{"pids.max": "256", "cpu.weight": "150"}},

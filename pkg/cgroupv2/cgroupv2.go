@@ -1,7 +1,8 @@
-// Package cgroupv2 records the part of a cgroup v2 tree that holds the
-// guests' QEMUs — each cgroup on the way from the root, with its enabled
-// controllers and its limits — and re-creates it in a new kernel, top-down,
-// before the QEMUs are cloned straight into their cgroups.
+// Package cgroupv2 reads the part of a cgroup v2 tree that holds the guests'
+// QEMUs — each cgroup on the way from the root, with its enabled controllers
+// and its limits, as manifest.Cgroup records them — and re-creates it in a
+// new kernel, top-down, before the QEMUs are cloned straight into their
+// cgroups.
 package cgroupv2
 
 import (
@@ -14,39 +15,13 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 )
-
-// LimitFiles are the interface files recorded and re-applied.
-var LimitFiles = []string{
-	"cpu.max", "cpu.weight", "cpu.idle",
-	"cpuset.cpus", "cpuset.mems",
-	"memory.min", "memory.low", "memory.high", "memory.max", "memory.swap.max",
-	"io.weight", "io.max",
-	"pids.max",
-}
-
-// Cgroup is one recorded cgroup.
-type Cgroup struct {
-	Path        string            `json:"path"`             // "/" for the root, else "/a/b"
-	Controllers []string          `json:"subtree_control"`  // enabled for its children
-	Limits      map[string]string `json:"limits,omitempty"` // file → content, only non-default ones
-}
-
-// String shows a cgroup the way operators read it in the boot log: its
-// enabled controllers and its limits, in LimitFiles order.
-func (c Cgroup) String() string {
-	var kv []string
-	for _, f := range LimitFiles {
-		if v, ok := c.Limits[f]; ok {
-			kv = append(kv, fmt.Sprintf("%s=%q", f, v))
-		}
-	}
-	return strings.TrimSpace(fmt.Sprintf("cgroup %s subtree_control=%q %s", c.Path, strings.Join(c.Controllers, " "), strings.Join(kv, " ")))
-}
 
 // Capture records path and its ancestors (root first) under the cgroup2
 // mount at root ("/sys/fs/cgroup").
-func Capture(root, path string) ([]Cgroup, error) {
+func Capture(root, path string) ([]manifest.Cgroup, error) {
 	path = filepath.Clean("/" + path)
 	var chain []string
 	for p := path; ; p = filepath.Dir(p) {
@@ -55,16 +30,16 @@ func Capture(root, path string) ([]Cgroup, error) {
 			break
 		}
 	}
-	var out []Cgroup
+	var out []manifest.Cgroup
 	for _, p := range chain {
 		dir := filepath.Join(root, p)
 		b, err := os.ReadFile(filepath.Join(dir, "cgroup.subtree_control"))
 		if err != nil {
 			return nil, fmt.Errorf("reading cgroup %s: %w", p, err)
 		}
-		cg := Cgroup{Path: p, Controllers: strings.Fields(string(b)), Limits: map[string]string{}}
+		cg := manifest.Cgroup{Path: p, Controllers: strings.Fields(string(b)), Limits: map[string]string{}}
 		if p != "/" {
-			for _, f := range LimitFiles {
+			for _, f := range manifest.LimitFiles {
 				b, err := os.ReadFile(filepath.Join(dir, f))
 				if err != nil {
 					continue // controller not enabled here
@@ -101,14 +76,14 @@ func isDefault(file, v string) bool {
 
 // Merge combines recorded chains (one per VM) into one list, parents first,
 // each path once.
-func Merge(chains ...[]Cgroup) []Cgroup {
-	byPath := map[string]Cgroup{}
+func Merge(chains ...[]manifest.Cgroup) []manifest.Cgroup {
+	byPath := map[string]manifest.Cgroup{}
 	for _, ch := range chains {
 		for _, c := range ch {
 			byPath[c.Path] = c
 		}
 	}
-	var out []Cgroup
+	var out []manifest.Cgroup
 	for _, c := range byPath {
 		out = append(out, c)
 	}
@@ -128,7 +103,7 @@ func Merge(chains ...[]Cgroup) []Cgroup {
 // Apply re-creates the cgroups under root, parents first: mkdir, enable the
 // recorded controllers in cgroup.subtree_control, write the limits. It goes
 // on past errors and returns them all.
-func Apply(root string, cgs []Cgroup) error {
+func Apply(root string, cgs []manifest.Cgroup) error {
 	var errs []error
 	for _, c := range Merge(cgs) {
 		dir := filepath.Join(root, filepath.Clean("/"+c.Path))
@@ -170,8 +145,8 @@ func Apply(root string, cgs []Cgroup) error {
 
 // Verify reads every recorded limit and controller back from the files under
 // root and reports the differences. It returns what it read.
-func Verify(root string, cgs []Cgroup) ([]Cgroup, error) {
-	var got []Cgroup
+func Verify(root string, cgs []manifest.Cgroup) ([]manifest.Cgroup, error) {
+	var got []manifest.Cgroup
 	var errs []error
 	for _, c := range Merge(cgs) {
 		dir := filepath.Join(root, filepath.Clean("/"+c.Path))
@@ -180,7 +155,7 @@ func Verify(root string, cgs []Cgroup) ([]Cgroup, error) {
 			errs = append(errs, fmt.Errorf("cgroup %s: %w", c.Path, err))
 			continue
 		}
-		rb := Cgroup{Path: c.Path, Controllers: strings.Fields(string(b)), Limits: map[string]string{}}
+		rb := manifest.Cgroup{Path: c.Path, Controllers: strings.Fields(string(b)), Limits: map[string]string{}}
 		for _, ctl := range c.Controllers {
 			if !slices.Contains(rb.Controllers, ctl) {
 				errs = append(errs, fmt.Errorf("cgroup %s: controller %s not enabled (have %v)", c.Path, ctl, rb.Controllers))

@@ -8,11 +8,13 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 )
 
 func TestMerge(t *testing.T) {
-	a := []Cgroup{{Path: "/"}, {Path: "/machine.slice"}, {Path: "/machine.slice/vm1"}}
-	b := []Cgroup{{Path: "/"}, {Path: "/machine.slice"}, {Path: "/machine.slice/vm2"}, {Path: "/a"}}
+	a := []manifest.Cgroup{{Path: "/"}, {Path: "/machine.slice"}, {Path: "/machine.slice/vm1"}}
+	b := []manifest.Cgroup{{Path: "/"}, {Path: "/machine.slice"}, {Path: "/machine.slice/vm2"}, {Path: "/a"}}
 	var got []string
 	for _, c := range Merge(a, b) {
 		got = append(got, c.Path)

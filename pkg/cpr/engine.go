@@ -224,14 +224,13 @@ func (r *run) rewrite() error {
 // (manifest.WriteUnsynced), for records made inside the guests' blackout.
 func (r *run) writeUnsynced() error { return r.writeWith(false) }
 
+// writeWith writes the manifest, durably or not, with the fault point
+// "manifest-write" just before its rename.
 func (r *run) writeWith(durable bool) error {
-	write := manifest.Write
-	if !durable {
-		write = manifest.WriteUnsynced
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return write(r.local(filepath.Join(string(r.stateDir), manifest.FileName)), r.man)
+	return manifest.WriteWith(r.local(filepath.Join(string(r.stateDir), manifest.FileName)), r.man,
+		manifest.WriteOptions{Durable: durable, BeforeRename: func() error { return fault.At("manifest-write") }})
 }
 
 // makeManifest starts the run's manifest, with the phases timed so far.

@@ -13,15 +13,13 @@ import (
 	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
-
-// CgroupRoot is where the cgroup v2 hierarchy is mounted.
-var CgroupRoot = "/sys/fs/cgroup"
 
 // Restore starts every VM of m that is not running yet, in parallel, and
 // loads its saved state. held are fds the caller still holds for a VM (from
@@ -218,7 +216,7 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		}
 		defer log.Close() // QEMU has its copy
 		spec := qemuproc.Spec{Binary: vm.Binary, Argv: argv, Dir: vm.Cwd, Env: vm.Env, Root: string(r.Root),
-			UID: vm.UID, GID: vm.GID, Groups: vm.Groups, Cgroup: vm.Cgroup, CgroupRoot: CgroupRoot,
+			UID: vm.UID, GID: vm.GID, Groups: vm.Groups, Cgroup: vm.Cgroup, CgroupRoot: hoststate.CgroupRoot,
 			ExtraFiles: q.files, Log: log}
 		err = r.timed("qemu-start", vm.Name, func() (err error) {
 			q.p, err = qemuproc.Start(spec, r.Reaper)

@@ -18,6 +18,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
@@ -149,7 +150,7 @@ func (r *run) prepareAll(ts []*Target, o SaveOptions) error {
 	for i, t := range ts {
 		t.rec = &r.man.VMs[i]
 	}
-	r.captureHost(ts)
+	r.man.Cgroups, r.man.Network = hoststate.Capture(hoststate.CgroupRoot, hostGuests(ts), r.Log)
 	return nil
 }
 

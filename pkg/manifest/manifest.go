@@ -2,10 +2,15 @@
 // update: what the saving side recorded about every guest, read by the side
 // that restores them (a restarted QEMU, or PID 1 after kexec).
 //
-// The package owns the schema version, validation and atomic writing; nothing
-// else writes a manifest. A manifest is written as temp file, fsync, rename,
-// fsync of the directory, with mode 0600, so a crash leaves either the old or
-// the new manifest, never a torn one.
+// It is data only: the types (the guests, and the host network and cgroups
+// PID 1 rebuilds for them), the boot record PID 1 writes next to it after
+// the kexec (Boot, boot.go), their schema versions, validation, strict
+// decoding and atomic writing — no behaviour on the host. The packages that
+// act (netsetup, cgroupv2, hoststate, cpr) import it, never the other way
+// round.
+// Nothing else writes a manifest. A manifest is written as temp file,
+// fsync, rename, fsync of the directory, with mode 0600, so a crash leaves
+// either the old or the new manifest, never a torn one.
 package manifest
 
 import (
@@ -13,17 +18,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"golang.org/x/sys/unix"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"time"
 
-	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"golang.org/x/sys/unix"
+
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
-	"github.com/liveupdate/liveupdate/pkg/fault"
-	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -45,8 +48,8 @@ type Manifest struct {
 
 	// What PID 1 rebuilds after kexec before it starts the QEMUs: the
 	// cgroup v2 tree holding them and their host-side network.
-	Cgroups []cgroupv2.Cgroup `json:"cgroups,omitempty"`
-	Network netsetup.Network  `json:"network,omitzero"`
+	Cgroups []Cgroup `json:"cgroups,omitempty"`
+	Network Network  `json:"network,omitzero"`
 
 	// KexecClock carries time across the kexec (update only).
 	KexecClock *KexecClock `json:"kexec_clock,omitempty"`
@@ -183,7 +186,7 @@ func (m *Manifest) Validate(allowedRoots ...string) error {
 			return fmt.Errorf("manifest cgroup %q is not a clean absolute path", c.Path)
 		}
 		for f := range c.Limits {
-			if !slices.Contains(cgroupv2.LimitFiles, f) {
+			if !slices.Contains(LimitFiles, f) {
 				return fmt.Errorf("manifest cgroup %s: %q is not a limit liveupdate writes", c.Path, f)
 			}
 		}
@@ -286,9 +289,9 @@ func Read(path string, allowedRoots ...string) (*Manifest, error) {
 	return m, nil
 }
 
-// Write writes m to path atomically with mode 0600.
+// Write writes m to path atomically and durably with mode 0600.
 func Write(path string, m *Manifest) error {
-	return write(path, m, true)
+	return WriteWith(path, m, WriteOptions{Durable: true})
 }
 
 // WriteUnsynced is Write without the fsyncs: as atomic for every process
@@ -298,10 +301,24 @@ func Write(path string, m *Manifest) error {
 // state file just saved) lengthens their blackout; a power cut then loses
 // the guests anyway.
 func WriteUnsynced(path string, m *Manifest) error {
-	return write(path, m, false)
+	return WriteWith(path, m, WriteOptions{})
 }
 
-func write(path string, m *Manifest, durable bool) error {
+// WriteOptions say how WriteWith writes.
+type WriteOptions struct {
+	// Durable fsyncs the file before the rename and its directory after
+	// (Write); without it the write is atomic only (WriteUnsynced).
+	Durable bool
+	// BeforeRename, if set, runs once the new manifest is complete in its
+	// temp file, just before the rename (where an interrupted write leaves
+	// the old manifest whole). Its error aborts the write. The CPR engine
+	// puts a fault injection point here.
+	BeforeRename func() error
+}
+
+// WriteWith writes m to path atomically with mode 0600, as o says. It sets
+// m.Schema when unset.
+func WriteWith(path string, m *Manifest, o WriteOptions) error {
 	if m.Schema == 0 {
 		m.Schema = SchemaVersion
 	}
@@ -310,7 +327,7 @@ func write(path string, m *Manifest, durable bool) error {
 		return fmt.Errorf("encoding manifest: %w", err)
 	}
 	b = append(b, '\n')
-	return writeFileAtomic(path, b, 0o600, durable, func() error { return fault.At("manifest-write") })
+	return writeFileAtomic(path, b, 0o600, o.Durable, o.BeforeRename)
 }
 
 // WriteFileAtomic writes data to path through a temp file in the same

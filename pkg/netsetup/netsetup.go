@@ -1,7 +1,8 @@
-// Package netsetup records the host-side network a set of guests uses (their
-// tap devices and the bridges those are ports of, with addresses) and builds
-// it again in a new kernel, through netlink. It also brings up loopback and
-// configures the management interface with DHCPv4.
+// Package netsetup reads the guests' host-side network from the kernel and
+// builds it in a new one, through netlink: their tap devices and the bridges
+// those are ports of, with addresses, as manifest.Network records them. It
+// also brings up loopback and configures the management interface with
+// DHCPv4.
 package netsetup
 
 import (
@@ -16,45 +17,14 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
-// Network is the recorded host-side network of the guests.
-type Network struct {
-	Bridges []Bridge `json:"bridges,omitempty"`
-	Taps    []Tap    `json:"taps,omitempty"`
-}
-
-// Bridge is a Linux bridge with its addresses and non-tap ports.
-type Bridge struct {
-	Name  string   `json:"name"`
-	MAC   string   `json:"mac"`
-	MTU   int      `json:"mtu"`
-	Addrs []string `json:"addrs,omitempty"` // CIDR
-	Ports []string `json:"ports,omitempty"` // ports other than the recorded taps (e.g. the uplink NIC)
-	Up    bool     `json:"up"`
-}
-
-// Tap is a guest's tap device.
-type Tap struct {
-	Name   string `json:"name"`
-	MAC    string `json:"mac"`
-	MTU    int    `json:"mtu"`
-	Flags  uint16 `json:"flags"` // TUN flags: IFF_TAP, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE
-	Queues int    `json:"queues"`
-	Master string `json:"master,omitempty"`
-	Up     bool   `json:"up"`
-}
-
-// String shows a tap the way operators read it in the boot log.
-func (t Tap) String() string {
-	return fmt.Sprintf("tap %s mac=%s mtu=%d flags=%s master=%s up=%v", t.Name, t.MAC, t.MTU, FlagsString(t.Flags), t.Master, t.Up)
-}
-
 // Capture records the named taps (with their TUN flags and queue counts,
 // which netlink does not report reliably) and the bridges they belong to.
-func Capture(taps map[string]TapInfo) (Network, error) {
-	var n Network
+func Capture(taps map[string]TapInfo) (manifest.Network, error) {
+	var n manifest.Network
 	bridges := map[string]bool{}
 	names := make([]string, 0, len(taps))
 	for name := range taps {
@@ -67,7 +37,7 @@ func Capture(taps map[string]TapInfo) (Network, error) {
 			return n, fmt.Errorf("recording tap %s: %w", name, err)
 		}
 		a := l.Attrs()
-		t := Tap{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Flags: taps[name].Flags,
+		t := manifest.Tap{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Flags: taps[name].Flags,
 			Queues: taps[name].Queues, Up: a.Flags&net.FlagUp != 0}
 		if a.MasterIndex > 0 {
 			m, err := netlink.LinkByIndex(a.MasterIndex)
@@ -102,13 +72,13 @@ type TapInfo struct {
 	Queues int
 }
 
-func captureBridge(name string, taps map[string]TapInfo) (Bridge, error) {
+func captureBridge(name string, taps map[string]TapInfo) (manifest.Bridge, error) {
 	l, err := netlink.LinkByName(name)
 	if err != nil {
-		return Bridge{}, fmt.Errorf("recording bridge %s: %w", name, err)
+		return manifest.Bridge{}, fmt.Errorf("recording bridge %s: %w", name, err)
 	}
 	a := l.Attrs()
-	b := Bridge{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
+	b := manifest.Bridge{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
 	addrs, err := netlink.AddrList(l, netlink.FAMILY_ALL)
 	if err != nil {
 		return b, fmt.Errorf("recording addresses of %s: %w", name, err)
@@ -138,7 +108,7 @@ func captureBridge(name string, taps map[string]TapInfo) (Bridge, error) {
 // uplink ports that exist), then the taps, persistent, with their MAC, MTU
 // and bridge. Existing devices are reused and adjusted. It goes on past
 // errors and returns them all.
-func Apply(n Network) error {
+func Apply(n manifest.Network) error {
 	var errs []error
 	for _, b := range n.Bridges {
 		if err := applyBridge(b); err != nil {
@@ -153,7 +123,7 @@ func Apply(n Network) error {
 	return errors.Join(errs...)
 }
 
-func applyBridge(b Bridge) error {
+func applyBridge(b manifest.Bridge) error {
 	l, err := netlink.LinkByName(b.Name)
 	if err != nil {
 		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: b.Name, MTU: b.MTU}}
@@ -192,7 +162,7 @@ func applyBridge(b Bridge) error {
 	return nil
 }
 
-func applyTap(t Tap) error {
+func applyTap(t manifest.Tap) error {
 	if _, err := netlink.LinkByName(t.Name); err != nil {
 		// Create it persistent: QEMU's fds attach to it by name later,
 		// and the engine gives it back its own persistence after.
@@ -255,32 +225,14 @@ func LoopbackUp() error {
 	return netlink.LinkSetUp(l)
 }
 
-// FlagsString renders TUN flags for people.
-func FlagsString(f uint16) string {
-	s := ""
-	for _, x := range []struct {
-		bit  uint16
-		name string
-	}{{unix.IFF_TAP, "tap"}, {unix.IFF_TUN, "tun"}, {unix.IFF_NO_PI, "no_pi"}, {unix.IFF_VNET_HDR, "vnet_hdr"},
-		{unix.IFF_MULTI_QUEUE, "multi_queue"}, {unix.IFF_PERSIST, "persist"}} {
-		if f&x.bit != 0 {
-			if s != "" {
-				s += ","
-			}
-			s += x.name
-		}
-	}
-	return s
-}
-
 // ReadBackTap reads a tap's state back from the kernel (netlink).
-func ReadBackTap(name string) (Tap, error) {
+func ReadBackTap(name string) (manifest.Tap, error) {
 	l, err := netlink.LinkByName(name)
 	if err != nil {
-		return Tap{}, fmt.Errorf("tap %s: %w", name, err)
+		return manifest.Tap{}, fmt.Errorf("tap %s: %w", name, err)
 	}
 	a := l.Attrs()
-	t := Tap{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
+	t := manifest.Tap{Name: name, MAC: a.HardwareAddr.String(), MTU: a.MTU, Up: a.Flags&net.FlagUp != 0}
 	tt, ok := l.(*netlink.Tuntap)
 	if !ok {
 		return t, fmt.Errorf("%s is a %s, not a tap", name, l.Type())
@@ -310,8 +262,8 @@ func ReadBackTap(name string) (Tap, error) {
 
 // Verify reads every recorded tap back from the kernel and reports where it
 // differs from the record (persistence aside: that is the engine's).
-func Verify(n Network) ([]Tap, error) {
-	var got []Tap
+func Verify(n manifest.Network) ([]manifest.Tap, error) {
+	var got []manifest.Tap
 	var errs []error
 	for _, want := range n.Taps {
 		t, err := ReadBackTap(want.Name)

@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/internal/dhcptest"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
@@ -43,9 +44,9 @@ func TestCaptureApply(t *testing.T) {
 			}
 		}
 		must(LoopbackUp())
-		want := Network{
-			Bridges: []Bridge{{Name: "br-lu", MAC: "02:00:00:00:00:01", MTU: 1400, Addrs: []string{"10.77.0.1/24"}, Ports: []string{"uplink"}, Up: true}},
-			Taps:    []Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}},
+		want := manifest.Network{
+			Bridges: []manifest.Bridge{{Name: "br-lu", MAC: "02:00:00:00:00:01", MTU: 1400, Addrs: []string{"10.77.0.1/24"}, Ports: []string{"uplink"}, Up: true}},
+			Taps:    []manifest.Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}},
 		}
 		must(netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink", MTU: 1400}, PeerName: "uplink-peer"}))
 		must(Apply(want))
@@ -95,7 +96,7 @@ func TestVerifyHelper(t *testing.T) {
 		t.Skip("helper of TestCaptureApply")
 	}
 	flags := uint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR | unix.IFF_MULTI_QUEUE)
-	want := Network{Taps: []Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}}}
+	want := manifest.Network{Taps: []manifest.Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}}}
 	got, err := Verify(want)
 	if err != nil {
 		t.Fatal(err)

@@ -31,6 +31,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/kmod"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
@@ -38,7 +39,6 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/reaper"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
-	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
 
 // Paths inside the initramfs.
@@ -58,7 +58,7 @@ type Boot struct {
 	Phases   []Phase
 	Manifest *manifest.Manifest
 	Root     string        // host root mount ("" if none)
-	Boot     timeline.Boot // the boot record, written next to the manifest
+	Boot     manifest.Boot // the boot record, written next to the manifest
 
 	manifestPath string // as PID 1 sees it
 
@@ -313,7 +313,7 @@ func (b *Boot) readManifest(ctx context.Context) error {
 // from it. Without a usable TSC the wall clock stays as it is, and the
 // boot record says how much less exact the spans across the kexec are.
 func (b *Boot) setClock(ctx context.Context) error {
-	b.Boot = timeline.Boot{Kernel: b.Stamp.Kernel, Start: b.Stamp.Wall, ClockSource: "rtc", Uncertainty: timeline.RTCUncertainty,
+	b.Boot = manifest.Boot{Kernel: b.Stamp.Kernel, Start: b.Stamp.Wall, ClockSource: "rtc", Uncertainty: manifest.RTCUncertainty,
 		KernelBoot: time.Duration(b.Uptime0 * float64(time.Second))}
 	if b.Manifest == nil || b.Manifest.KexecClock == nil {
 		return nil
@@ -355,7 +355,7 @@ func (b *Boot) writeBootRecord() {
 		}
 		b.Boot.Phases = append(b.Boot.Phases, ph)
 	}
-	if err := timeline.WriteBoot(filepath.Dir(b.manifestPath), &b.Boot); err != nil {
+	if err := manifest.WriteBoot(filepath.Dir(b.manifestPath), &b.Boot); err != nil {
 		b.Log.Warn("writing the boot record", "err", err)
 	}
 }
@@ -379,7 +379,7 @@ func (b *Boot) setupNetwork(ctx context.Context) error {
 	if b.Manifest == nil {
 		return nil
 	}
-	got, err := cpr.RebuildNetwork(b.Manifest)
+	got, err := hoststate.RebuildNetwork(b.Manifest)
 	for _, br := range b.Manifest.Network.Bridges {
 		b.Log.Info("bridge", "name", br.Name, "mac", br.MAC, "addrs", br.Addrs)
 	}
@@ -392,7 +392,7 @@ func (b *Boot) setupCgroups(ctx context.Context) error {
 	if b.Manifest == nil {
 		return nil
 	}
-	got, err := cpr.RebuildCgroups(b.Manifest)
+	got, err := hoststate.RebuildCgroups(b.Manifest)
 	printHost(got)
 	return err
 }
@@ -420,7 +420,7 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	e := cpr.New(hostpath.QEMU(m.StateDir), b.Log)
 	e.Root = hostpath.Root(b.Root)
 	e.Reaper = b.Reaper() // QEMUs started here are waited for through PID 1's reaper
-	e.ClockAsync = true // READY means running; clocks are put right just after
+	e.ClockAsync = true   // READY means running; clocks are put right just after
 	_, err := e.Recover(ctx, m, nil)
 	for _, v := range m.VMs {
 		b.Log.Info("guest", "vm", v.Name, "status", v.Status, "pid", v.NewPID, "err", v.Error)

@@ -8,9 +8,8 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
-	"github.com/liveupdate/liveupdate/pkg/cpr"
-	"github.com/liveupdate/liveupdate/pkg/netsetup"
+	"github.com/liveupdate/liveupdate/pkg/hoststate"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 )
 
@@ -21,8 +20,8 @@ const HostConfigPath = "/etc/liveupdate/host.json"
 
 // HostConfig is the first-boot configuration.
 type HostConfig struct {
-	Network netsetup.Network  `json:"network"`
-	Cgroups []cgroupv2.Cgroup `json:"cgroups,omitempty"`
+	Network manifest.Network  `json:"network"`
+	Cgroups []manifest.Cgroup `json:"cgroups,omitempty"`
 	Guests  []Guest           `json:"guests"`
 }
 
@@ -52,10 +51,7 @@ func (b *Boot) startServices(ctx context.Context) error {
 	if err := json.Unmarshal(raw, &hc); err != nil {
 		return fmt.Errorf("%s: %w", HostConfigPath, err)
 	}
-	if err := netsetup.Apply(hc.Network); err != nil {
-		return err
-	}
-	if err := cgroupv2.Apply(cpr.CgroupRoot, hc.Cgroups); err != nil {
+	if err := hoststate.Build(hc.Network, hc.Cgroups); err != nil {
 		return err
 	}
 	var errs []error
@@ -90,7 +86,7 @@ func (b *Boot) startGuest(g Guest) (int, error) {
 	}
 	p, err := qemuproc.Start(qemuproc.Spec{
 		Binary: g.Argv[0], Argv: g.Argv, Dir: cwd, Env: g.Env, Root: b.Root,
-		Cgroup: g.Cgroup, CgroupRoot: cpr.CgroupRoot, Log: log,
+		Cgroup: g.Cgroup, CgroupRoot: hoststate.CgroupRoot, Log: log,
 	}, &b.reaper)
 	if err != nil {
 		return 0, err

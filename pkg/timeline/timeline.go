@@ -1,80 +1,22 @@
-// Package timeline puts one run's phases on one time axis and shows them.
+// Package timeline puts one run's phases on one time axis and shows them
+// (table, SVG, metrics).
 //
 // The phases before the kexec come from the manifest (the old kernel's
 // clock); those after it from the boot record PID 1 writes next to the
-// manifest. PID 1 steps the new kernel's wall clock onto the old one's,
-// carried across the kexec by the TSC (package crossclock), before it
-// restores any guest, so both halves — and the QMP event times that give
-// each guest's blackout — share one axis. How exact the spans across the
+// manifest (manifest.Boot). PID 1 steps the new kernel's wall clock onto
+// the old one's, carried across the kexec by the TSC (package crossclock),
+// before it restores any guest, so both halves — and the QMP event times
+// that give each guest's blackout — share one axis. How exact the spans across the
 // kexec are is recorded, not assumed: to microseconds through the TSC, to
 // about a second when the wall clock had to come from the RTC.
 package timeline
 
 import (
-	"encoding/json"
-	"fmt"
-	"os"
-	"path/filepath"
 	"sort"
 	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 )
-
-// BootFileName is the boot record's name, next to the manifest.
-const BootFileName = "boot.json"
-
-// Boot is what PID 1 records about the boot after a kexec.
-type Boot struct {
-	Kernel string `json:"kernel"`
-	// Start is PID 1's start on the run's time axis (see ClockSource).
-	Start time.Time `json:"start"`
-	// KernelBoot is the kernel's own uptime when PID 1 started.
-	KernelBoot time.Duration `json:"kernel_boot_ns"`
-	// SinceKexec is the kexec stamp to PID 1's start, by the TSC (0 when
-	// the TSC could not carry the time).
-	SinceKexec time.Duration `json:"since_kexec_ns,omitempty"`
-	// WallError is how far the new kernel's wall clock (from the RTC) was
-	// off before PID 1 stepped it; positive means ahead.
-	WallError time.Duration `json:"wall_error_ns"`
-	// ClockSource is "tsc" when the axis was carried across the kexec by
-	// the TSC, "rtc" when the new kernel's wall clock had to be trusted.
-	ClockSource string `json:"clock_source"`
-	// Uncertainty bounds the error of any span that crosses the kexec.
-	Uncertainty time.Duration `json:"uncertainty_ns"`
-	// Phases are PID 1's, on the same axis.
-	Phases []manifest.Phase `json:"phases"`
-}
-
-// RTCUncertainty is what a span across the kexec is worth without the
-// TSC: the new kernel reads the RTC's whole seconds.
-const RTCUncertainty = time.Second
-
-// WriteBoot writes the boot record into dir (the manifest's directory).
-func WriteBoot(dir string, b *Boot) error {
-	data, err := json.MarshalIndent(b, "", "  ")
-	if err != nil {
-		return err
-	}
-	return manifest.WriteFileAtomic(filepath.Join(dir, BootFileName), append(data, '\n'), 0o600)
-}
-
-// ReadBoot reads the boot record in dir; (nil, nil) when there is none
-// (a run without kexec, or before the new kernel's PID 1 got that far).
-func ReadBoot(dir string) (*Boot, error) {
-	data, err := os.ReadFile(filepath.Join(dir, BootFileName))
-	if os.IsNotExist(err) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var b Boot
-	if err := json.Unmarshal(data, &b); err != nil {
-		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, BootFileName), err)
-	}
-	return &b, nil
-}
 
 // Span is one bar of the timeline.
 type Span struct {
@@ -115,7 +57,7 @@ type Timeline struct {
 
 // Build lays out the run recorded in m (and b, the boot record, when the
 // run crossed a kexec and PID 1 got as far as writing it).
-func Build(m *manifest.Manifest, b *Boot) *Timeline {
+func Build(m *manifest.Manifest, b *manifest.Boot) *Timeline {
 	t := &Timeline{ID: m.ID, From: m.Host.Kernel}
 	var kexecAt time.Time
 	for _, p := range m.Phases {

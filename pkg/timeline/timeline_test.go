@@ -18,7 +18,7 @@ func at(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) 
 
 // An update: save and quit on the old kernel, kexec, the new kernel's
 // boot and PID 1 phases, the guest's restore.
-func sample() (*manifest.Manifest, *Boot) {
+func sample() (*manifest.Manifest, *manifest.Boot) {
 	m := &manifest.Manifest{ID: "run1", Host: manifest.Host{Kernel: "6.1"},
 		VMs: []manifest.VM{{Name: "vm1", Status: manifest.StatusRunning, Stopped: at(20), Resumed: at(2600), Clock: "corrected"}},
 		Phases: []manifest.Phase{
@@ -29,7 +29,7 @@ func sample() (*manifest.Manifest, *Boot) {
 			{Name: "qemu-start", VM: "vm1", Start: at(2300), End: at(2500)},
 			{Name: "load", VM: "vm1", Start: at(2500), End: at(2590)},
 		}}
-	b := &Boot{Kernel: "6.12", Start: at(2000), KernelBoot: 1800 * time.Millisecond, SinceKexec: 1940 * time.Millisecond,
+	b := &manifest.Boot{Kernel: "6.12", Start: at(2000), KernelBoot: 1800 * time.Millisecond, SinceKexec: 1940 * time.Millisecond,
 		ClockSource: "tsc", Uncertainty: 40 * time.Microsecond,
 		Phases: []manifest.Phase{{Name: "modules", Start: at(2000), End: at(2200)}, {Name: "restore", Start: at(2250), End: at(2600)}}}
 	return m, b
@@ -120,20 +120,5 @@ func TestRender(t *testing.T) {
 	}
 	if !strings.Contains(prom.String(), `liveupdate_guest_blackout_seconds{vm="vm1"} 2.580000`) {
 		t.Errorf("prom lacks the blackout:\n%s", prom.String())
-	}
-}
-
-func TestBootFile(t *testing.T) {
-	dir := t.TempDir()
-	if b, err := ReadBoot(dir); b != nil || err != nil {
-		t.Errorf("no boot record: %v %v", b, err)
-	}
-	_, b := sample()
-	if err := WriteBoot(dir, b); err != nil {
-		t.Fatal(err)
-	}
-	got, err := ReadBoot(dir)
-	if err != nil || got.Kernel != "6.12" || got.SinceKexec != b.SinceKexec || len(got.Phases) != 2 {
-		t.Errorf("read back %+v, %v", got, err)
 	}
 }
