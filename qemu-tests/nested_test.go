@@ -361,9 +361,9 @@ func TestNestedUpdate(t *testing.T) {
 	t.Run("CrashBeforeKexec", func(t *testing.T) {
 		defer h.use(t)()
 		before, _ := waitGuestState(t, nestNS, state, time.Minute)
-		out, code := h.run("LIVEUPDATE_FAULT=kexec=kill /newroot/usr/sbin/liveupdate-fault update --root /newroot --state-dir /mnt/pmem/liveupdate"+
+		out, code := h.run("LIVEUPDATE_FAULT=pmem-ro=kill /newroot/usr/sbin/liveupdate-fault update --root /newroot --state-dir /mnt/pmem/liveupdate"+
 			fmt.Sprintf(" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", nw, nw), 3*time.Minute)
-		if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at kexec") {
+		if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at pmem-ro") {
 			t.Fatalf("the injected crash did not happen: exit %d", code)
 		}
 		// The clock is not what this subtest is about: do not wait minutes

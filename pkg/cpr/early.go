@@ -231,7 +231,7 @@ func (r *run) monitorAside(vm *manifest.VM) bool {
 	if vm.QMP == "" {
 		return false
 	}
-	_, err := os.Lstat(r.localIn(vm, vm.QMP) + asideSuffix)
+	_, err := os.Lstat(r.local(vm.QMP) + asideSuffix)
 	return err == nil
 }
 

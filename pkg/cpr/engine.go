@@ -30,7 +30,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -112,7 +111,7 @@ func (e *Engine) newRun() *run {
 // runOn starts a run on an existing manifest (restore, recover).
 func (e *Engine) runOn(m *manifest.Manifest) *run {
 	r := e.newRun()
-	r.man, r.stateDir = m, hostpath.QEMU(m.StateDir)
+	r.man, r.stateDir = m, m.StateDir
 	return r
 }
 
@@ -166,12 +165,12 @@ func Held(ts []*Target) map[string]map[int]*os.File {
 }
 
 // local is a path of the manifest or of QEMU's command line as we see it.
-func (r *run) local(p string) string { return string(r.Root.Local(hostpath.QEMU(p))) }
+func (r *run) local(p hostpath.QEMU) string { return string(r.Root.Local(p)) }
 
 // localIn resolves a path of the VM's command line (relative to its
 // QEMU's working directory) as we see it.
 func (r *run) localIn(vm *manifest.VM, p string) string {
-	return string(r.Root.Local(hostpath.Arg(hostpath.QEMU(vm.Cwd), p)))
+	return string(r.Root.Local(hostpath.Arg(vm.Cwd, p)))
 }
 
 // timed runs fn as a named phase of the run and records it.
@@ -229,7 +228,7 @@ func (r *run) writeUnsynced() error { return r.writeWith(false) }
 func (r *run) writeWith(durable bool) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return manifest.WriteWith(r.local(filepath.Join(string(r.stateDir), manifest.FileName)), r.man,
+	return manifest.WriteWith(r.local(hostpath.Join(r.stateDir, manifest.FileName)), r.man,
 		manifest.WriteOptions{Durable: durable, BeforeRename: func() error { return fault.At("manifest-write") }})
 }
 
@@ -243,7 +242,7 @@ func (r *run) makeManifest(prior []manifest.Phase) {
 		Schema:   manifest.SchemaVersion,
 		ID:       fmt.Sprintf("%s-%d", now.UTC().Format("20060102T150405Z"), os.Getpid()),
 		Created:  now,
-		StateDir: string(r.stateDir),
+		StateDir: r.stateDir,
 		Host: manifest.Host{Hostname: host, Kernel: unix.ByteSliceToString(uts.Release[:]),
 			BootID: currentBootID()},
 		VMs: []manifest.VM{},

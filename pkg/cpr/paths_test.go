@@ -40,7 +40,7 @@ func TestMonitorPathUnderRoot(t *testing.T) {
 			t.Errorf("root %q cwd %s -qmp %s: recorded %q, want QEMU's view %q", c.root, c.cwd, c.qmp, got, c.wantQEMU)
 		}
 		r := (&Engine{Root: c.root}).newRun()
-		if l := r.local(string(got)); l != c.wantLocal {
+		if l := r.local(got); l != c.wantLocal {
 			t.Errorf("root %q cwd %s -qmp %s: dialled %q, want %q", c.root, c.cwd, c.qmp, l, c.wantLocal)
 		}
 	}

@@ -52,7 +52,7 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 			return nil, fmt.Errorf("no running QEMU is called %q (see 'liveupdate plan')", n)
 		}
 	}
-	free := stateDirFree(r.local(string(r.stateDir)))
+	free := stateDirFree(r.local(r.stateDir))
 	ts := make([]*Target, len(sel))
 	var wg sync.WaitGroup
 	for i, p := range sel {
@@ -63,7 +63,7 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 			t.QMP, t.Facts = r.gatherFacts(ctx, p)
 			var nsErr error
 			t.NetNS, nsErr = tapdev.NamedNetNS(p.NetNS)
-			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: r.local(string(r.stateDir)), StateDirFree: free,
+			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: r.local(r.stateDir), StateDirFree: free,
 				NetNSErr: nsErr, ProcRoot: filepath.Join(r.ProcRoot, fmt.Sprint(p.PID), "root")})
 			ts[i] = t
 		}()
@@ -96,13 +96,13 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 	// Only a socket of our own user is trusted: whoever owns it could pose
 	// as QEMU, and we would hand it guests' state.
 	var sst unix.Stat_t
-	if err := unix.Stat(r.local(f.QMPPath), &sst); err == nil && sst.Uid != uint32(os.Geteuid()) {
+	if err := unix.Stat(r.local(hostpath.QEMU(f.QMPPath)), &sst); err == nil && sst.Uid != uint32(os.Geteuid()) {
 		f.QMPErr = fmt.Errorf("QMP socket %s is owned by uid %d, not by uid %d: not trusted", f.QMPPath, sst.Uid, os.Geteuid())
 		return nil, f
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	defer cancel()
-	c, err := qmp.Dial(cctx, r.local(f.QMPPath))
+	c, err := qmp.Dial(cctx, r.local(hostpath.QEMU(f.QMPPath)))
 	if err != nil {
 		f.QMPErr = err
 		return nil, f

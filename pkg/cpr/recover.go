@@ -179,7 +179,7 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			restore[vm.Name] = true
 			out[i].Action = "restored"
 		case reportLost:
-			failed(i, "no QEMU runs it and its state file "+vm.StateFile+" is gone (its RAM file is left as it is)")
+			failed(i, "no QEMU runs it and its state file "+string(vm.StateFile)+" is gone (its RAM file is left as it is)")
 		}
 	}
 	if len(resume) > 0 {

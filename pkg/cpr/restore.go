@@ -7,12 +7,12 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
@@ -174,7 +174,7 @@ func (r *run) checkGuestFiles(vm *manifest.VM) error {
 		if b.MemPath == "" {
 			continue
 		}
-		st, err := os.Stat(r.local(b.MemPath))
+		st, err := os.Stat(r.localIn(vm, b.MemPath))
 		if err != nil {
 			return fmt.Errorf("RAM of backend %s: %w", b.ID, err)
 		}
@@ -215,7 +215,7 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 			return err
 		}
 		defer log.Close() // QEMU has its copy
-		spec := qemuproc.Spec{Binary: vm.Binary, Argv: argv, Dir: vm.Cwd, Env: vm.Env, Root: string(r.Root),
+		spec := qemuproc.Spec{Binary: string(vm.Binary), Argv: argv, Dir: string(vm.Cwd), Env: vm.Env, Root: string(r.Root),
 			UID: vm.UID, GID: vm.GID, Groups: vm.Groups, Cgroup: vm.Cgroup, CgroupRoot: hoststate.CgroupRoot,
 			ExtraFiles: q.files, Log: log}
 		err = r.timed("qemu-start", vm.Name, func() (err error) {
@@ -338,7 +338,7 @@ func listenUnix(path string) (*os.File, error) {
 }
 
 func (r *run) logPath(vm *manifest.VM) string {
-	return r.local(filepath.Join(string(r.stateDir), vm.Name+".qemu.log"))
+	return r.local(hostpath.Join(r.stateDir, vm.Name+".qemu.log"))
 }
 
 // openLog opens the VM's QEMU log and marks this start in it.

@@ -133,10 +133,10 @@ func (r *run) recordHost(name string, start, end time.Time, err error) {
 // the inherited fds that must outlive the old QEMUs, and the host state
 // PID 1 rebuilds after a kexec. Its inverse is releaseTaps.
 func (r *run) prepareAll(ts []*Target, o SaveOptions) error {
-	if err := os.MkdirAll(r.local(string(r.stateDir)), 0o700); err != nil {
+	if err := os.MkdirAll(r.local(r.stateDir), 0o700); err != nil {
 		return fmt.Errorf("creating state directory: %w", err)
 	}
-	if err := manifest.CheckPrivate(r.local(filepath.Join(string(r.stateDir), manifest.FileName))); err != nil {
+	if err := manifest.CheckPrivate(r.local(hostpath.Join(r.stateDir, manifest.FileName))); err != nil {
 		return err
 	}
 	r.makeManifest(o.Phases)
@@ -164,7 +164,7 @@ func (r *run) firstWrite(ts []*Target) error {
 	if len(ts) > 0 {
 		fault.On("killqemu", func(string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
 	}
-	fault.On("fill", func(string) { fillDisk(r.local(string(r.stateDir))) })
+	fault.On("fill", func(string) { fillDisk(r.local(r.stateDir)) })
 	return nil
 }
 
@@ -226,20 +226,20 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	// chrooted in r.Root sees them without that prefix.
 	cwd := r.Root.QEMU(hostpath.Local(p.Cwd))
 	rec := &manifest.VM{
-		Name: t.Name(), PID: p.PID, Binary: string(r.Root.QEMU(hostpath.Local(p.Exe))), Argv: p.Argv, Cwd: string(cwd), Env: p.Env,
+		Name: t.Name(), PID: p.PID, Binary: r.Root.QEMU(hostpath.Local(p.Exe)), Argv: p.Argv, Cwd: cwd, Env: p.Env,
 		UID: p.UID, GID: p.GID, Groups: p.Groups, Cgroup: p.Cgroup, NetNS: t.NetNS,
-		QMP: t.Facts.QMPPath, MachineType: strings.TrimSuffix(t.Facts.MachineType, "-machine"),
+		QMP: hostpath.QEMU(t.Facts.QMPPath), MachineType: strings.TrimSuffix(t.Facts.MachineType, "-machine"),
 		QEMUVersion: fmt.Sprintf("%d.%d.%d", t.Facts.Version[0], t.Facts.Version[1], t.Facts.Version[2]),
-		StateFile:   preflight.StateFile(string(r.stateDir), t.Name()),
+		StateFile:   hostpath.QEMU(preflight.StateFile(string(r.stateDir), t.Name())),
 		WasRunning:  t.Facts.Status == "running",
 		Status:      manifest.StatusPlanned,
 	}
 	if o.QEMUBinary != "" {
-		rec.Binary = o.QEMUBinary
+		rec.Binary = hostpath.QEMU(o.QEMUBinary)
 	}
 	rec.CopyRAM = o.CopyRAM
 	if a := guestagent.Socket(p.Cmdline); a != "" {
-		rec.Agent = string(hostpath.Arg(cwd, a))
+		rec.Agent = hostpath.Arg(cwd, a)
 	}
 	ram, err := p.Cmdline.RAM()
 	if err != nil {
@@ -288,7 +288,7 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 			if err != nil {
 				return nil, fmt.Errorf("taking over socket fd %d: %w", old, err)
 			}
-			fd.SocketPath = p.Fds[old].SocketPath
+			fd.SocketPath = hostpath.QEMU(p.Fds[old].SocketPath) // as bound: QEMU's view
 			t.files[fd.Num] = f
 		case qemuargv.FdVhost:
 			// A vhost-net fd is bound to the old QEMU's memory: the new

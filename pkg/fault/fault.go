@@ -16,19 +16,25 @@ package fault
 
 import "fmt"
 
-// Points are the boundaries the engine and the update mark, in order.
+// Points are the boundaries the engine and the update mark, in order: each
+// is the end of the phase of that name (package phase fires them).
 var Points = []string{
 	"plan",           // restart/update: planned, nothing touched
 	"kexec-load",     // update: new kernel loaded
+	"prepare",        // VMs recorded, fds taken over, nothing written
 	"manifest",       // first manifest written, nothing saved
 	"early-start",    // restart: new QEMUs started beside the old ones
-	"saved",          // every guest saved, none quit
+	"migrate-setup",  // every old QEMU set up for the save, none stopped
+	"save",           // every guest saved, the saves not recorded
+	"saved",          // every guest saved and recorded, none quit
 	"manifest-write", // inside an atomic manifest write, before its rename
 	"quit",           // every old QEMU quit
 	"qemu-start",     // a new QEMU started, state not loaded
 	"load",           // a state loaded, guest not continued
-	"remount-ro",     // update: filesystems read-only but PMEM
-	"kexec",          // update: just before the reboot
+	"save-guests",    // update: every guest saved and quit
+	"remount-ro",     // update: filesystems read-only but PMEM, not recorded
+	"kexec-record",   // update: the manifest records the kexec
+	"pmem-ro",        // update: PMEM read-only too, just before the reboot
 }
 
 // Error is what an injected "fail" returns.

@@ -27,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -38,13 +39,13 @@ const FileName = "manifest.json"
 
 // Manifest records one save of a set of guests.
 type Manifest struct {
-	Schema   int       `json:"schema"`
-	ID       string    `json:"id"` // unique per run
-	Created  time.Time `json:"created"`
-	Host     Host      `json:"host"`
-	StateDir string    `json:"state_dir"`
-	VMs      []VM      `json:"vms"`
-	Phases   []Phase   `json:"phases,omitempty"`
+	Schema   int           `json:"schema"`
+	ID       string        `json:"id"` // unique per run
+	Created  time.Time     `json:"created"`
+	Host     Host          `json:"host"`
+	StateDir hostpath.QEMU `json:"state_dir"`
+	VMs      []VM          `json:"vms"`
+	Phases   []Phase       `json:"phases,omitempty"`
 
 	// What PID 1 rebuilds after kexec before it starts the QEMUs: the
 	// cgroup v2 tree holding them and their host-side network.
@@ -96,26 +97,26 @@ type Migration struct {
 
 // VM is everything needed to start a saved guest again.
 type VM struct {
-	Name        string   `json:"name"`
-	PID         int      `json:"pid"`
-	Binary      string   `json:"binary"`       // QEMU executable of the saved process
-	Argv        []string `json:"argv"`         // as the saved process was started
-	RestartArgv []string `json:"restart_argv"` // rewritten: -incoming defer, fds renumbered, machine pinned
-	Cwd         string   `json:"cwd"`
-	Env         []string `json:"env"`
-	UID         uint32   `json:"uid"`
-	GID         uint32   `json:"gid"`
-	Groups      []uint32 `json:"groups,omitempty"`
-	Cgroup      string   `json:"cgroup,omitempty"` // cgroup v2 path, e.g. /machine.slice/vm1.scope
-	NetNS       string   `json:"netns,omitempty"`  // named network namespace (/run/netns/X) if not the host's
+	Name        string        `json:"name"`
+	PID         int           `json:"pid"`
+	Binary      hostpath.QEMU `json:"binary"`       // QEMU executable of the saved process
+	Argv        []string      `json:"argv"`         // as the saved process was started
+	RestartArgv []string      `json:"restart_argv"` // rewritten: -incoming defer, fds renumbered, machine pinned
+	Cwd         hostpath.QEMU `json:"cwd"`
+	Env         []string      `json:"env"`
+	UID         uint32        `json:"uid"`
+	GID         uint32        `json:"gid"`
+	Groups      []uint32      `json:"groups,omitempty"`
+	Cgroup      string        `json:"cgroup,omitempty"` // cgroup v2 path, e.g. /machine.slice/vm1.scope
+	NetNS       string        `json:"netns,omitempty"`  // named network namespace (/run/netns/X) if not the host's
 
-	QMP         string                   `json:"qmp"` // QMP unix socket path
+	QMP         hostpath.QEMU            `json:"qmp"` // QMP unix socket path
 	MachineType string                   `json:"machine_type"`
 	QEMUVersion string                   `json:"qemu_version"`
 	RAM         []qemuargv.MemoryBackend `json:"ram"`
 	Fds         []Fd                     `json:"fds,omitempty"`
 
-	Agent string `json:"agent,omitempty"` // host side of the guest agent's channel
+	Agent hostpath.QEMU `json:"agent,omitempty"` // host side of the guest agent's channel
 	// Clock says what became of the guest's clock after restore:
 	// "corrected", "no guest agent", or "not corrected: …".
 	Clock string `json:"clock,omitempty"`
@@ -123,10 +124,10 @@ type VM struct {
 	// the agent just after it was corrected.
 	ClockOffset time.Duration `json:"clock_offset_ns,omitempty"`
 
-	CopyRAM    bool   `json:"copy_ram,omitempty"` // RAM is in the state file (no x-ignore-shared)
-	StateFile  string `json:"state_file"`
-	StateSize  int64  `json:"state_size,omitempty"`
-	WasRunning bool   `json:"was_running"` // resume after restore only if it ran before
+	CopyRAM    bool          `json:"copy_ram,omitempty"` // RAM is in the state file (no x-ignore-shared)
+	StateFile  hostpath.QEMU `json:"state_file"`
+	StateSize  int64         `json:"state_size,omitempty"`
+	WasRunning bool          `json:"was_running"` // resume after restore only if it ran before
 	// Migration is the VM's own migration set-up before liveupdate set
 	// cpr-reboot's; the QEMU that runs the guest afterwards gets it back, so
 	// that its next migration (libvirt's, to another host) is not a
@@ -159,7 +160,7 @@ type Fd struct {
 	TapFlags   uint16 `json:"tap_flags,omitempty"`
 	TapPersist bool   `json:"tap_persist,omitempty"`
 	// Chardev: the unix socket path a listening socket was bound to.
-	SocketPath string `json:"socket_path,omitempty"`
+	SocketPath hostpath.QEMU `json:"socket_path,omitempty"`
 }
 
 // Phase is one timed step of a run.
@@ -178,7 +179,7 @@ func (m *Manifest) Validate(allowedRoots ...string) error {
 	if m.Schema != SchemaVersion {
 		return fmt.Errorf("manifest schema %d, this liveupdate reads %d: restore with the liveupdate that wrote it", m.Schema, SchemaVersion)
 	}
-	if !filepath.IsAbs(m.StateDir) {
+	if !filepath.IsAbs(string(m.StateDir)) {
 		return fmt.Errorf("manifest state_dir %q is not an absolute path", m.StateDir)
 	}
 	for _, c := range m.Cgroups {
@@ -217,10 +218,10 @@ func (m *Manifest) Validate(allowedRoots ...string) error {
 		if _, err := qemuargv.Parse(v.RestartArgv); err != nil {
 			return fmt.Errorf("%s: restart_argv: %w", where, err)
 		}
-		if !Within(v.StateFile, m.StateDir) {
+		if !Within(string(v.StateFile), string(m.StateDir)) {
 			return fmt.Errorf("%s: state_file %q is outside the state directory %s", where, v.StateFile, m.StateDir)
 		}
-		if !filepath.IsAbs(v.QMP) {
+		if !filepath.IsAbs(string(v.QMP)) {
 			return fmt.Errorf("%s: qmp socket %q is not an absolute path", where, v.QMP)
 		}
 		if len(allowedRoots) > 0 {
@@ -427,7 +428,7 @@ func (m *Manifest) CheckBeneath(root string) error {
 	}
 	defer unix.Close(dir)
 	for _, v := range m.VMs {
-		paths := []string{v.StateFile}
+		paths := []string{string(v.StateFile)}
 		for _, b := range v.RAM {
 			paths = append(paths, b.MemPath)
 		}

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -134,7 +135,7 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("decoded manifest does not validate: %v", err)
 		}
 		for _, v := range m.VMs {
-			if !Within(v.StateFile, m.StateDir) {
+			if !Within(string(v.StateFile), string(m.StateDir)) {
 				t.Fatalf("state file %q escapes %q", v.StateFile, m.StateDir)
 			}
 		}
@@ -186,11 +187,11 @@ func TestCheckBeneath(t *testing.T) {
 	os.WriteFile(filepath.Join(root, "ram"), nil, 0o600)
 	os.Symlink(filepath.Join(outside, "secret"), filepath.Join(root, "vm1.state"))
 	os.Symlink("ram", filepath.Join(root, "vm2.state"))
-	m := &Manifest{VMs: []VM{{Name: "vm2", StateFile: filepath.Join(root, "vm2.state")}}}
+	m := &Manifest{VMs: []VM{{Name: "vm2", StateFile: hostpath.QEMU(filepath.Join(root, "vm2.state"))}}}
 	if err := m.CheckBeneath(root); err != nil {
 		t.Errorf("symlink inside the mount: %v", err)
 	}
-	m.VMs = append(m.VMs, VM{Name: "vm1", StateFile: filepath.Join(root, "vm1.state")})
+	m.VMs = append(m.VMs, VM{Name: "vm1", StateFile: hostpath.QEMU(filepath.Join(root, "vm1.state"))})
 	if err := m.CheckBeneath(root); err == nil || !strings.Contains(err.Error(), "vm1") {
 		t.Errorf("symlink out of the mount: err = %v", err)
 	}

@@ -294,7 +294,7 @@ func (b *Boot) readManifest(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if p.PMEM != "" && !manifest.Within(m.StateDir, p.PMEMMount) {
+	if p.PMEM != "" && !manifest.Within(string(m.StateDir), p.PMEMMount) {
 		return fmt.Errorf("manifest state_dir %s is outside the PMEM mount %s", m.StateDir, p.PMEMMount)
 	}
 	if p.PMEM != "" {
@@ -417,7 +417,7 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	} else {
 		b.Log.Warn("restoring without the lock", "err", err)
 	}
-	e := cpr.New(hostpath.QEMU(m.StateDir), b.Log)
+	e := cpr.New(m.StateDir, b.Log)
 	e.Root = hostpath.Root(b.Root)
 	e.Reaper = b.Reaper() // QEMUs started here are waited for through PID 1's reaper
 	e.ClockAsync = true   // READY means running; clocks are put right just after
@@ -499,11 +499,11 @@ func (b *Boot) handleSignals() {
 
 // stop saves every running guest to the PMEM state directory and unmounts.
 func (b *Boot) stop() error {
-	stateDir := filepath.Join(b.Params.PMEMMount, "liveupdate")
+	stateDir := hostpath.QEMU(filepath.Join(b.Params.PMEMMount, "liveupdate"))
 	if b.Manifest != nil {
 		stateDir = b.Manifest.StateDir
 	}
-	e := cpr.New(hostpath.QEMU(stateDir), b.Log)
+	e := cpr.New(stateDir, b.Log)
 	e.Root = hostpath.Root(b.Root)
 	e.Reaper = b.Reaper()
 	ctx := context.Background()

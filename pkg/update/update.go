@@ -397,7 +397,8 @@ func (u *updateRun) recordKexec(context.Context) error {
 	u.m.Remounted = slices.Clone(u.remounted)
 	u.m.KexecClock = kexecClock(u.p.start, u.e.Log)
 	u.m.Phases = append(u.m.Phases, manifest.Phase{Name: "kexec", Start: u.m.KexecClock.Kexec.Wall})
-	if err := manifest.Write(u.local(filepath.Join(string(u.e.StateDir), manifest.FileName)), u.m); err != nil {
+	if err := manifest.WriteWith(u.local(filepath.Join(string(u.e.StateDir), manifest.FileName)), u.m,
+		manifest.WriteOptions{Durable: true, BeforeRename: func() error { return fault.At("manifest-write") }}); err != nil {
 		return fmt.Errorf("writing the manifest: %w", err)
 	}
 	return nil
