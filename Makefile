@@ -34,8 +34,10 @@ lint:
 	@out=$$(gofmt -l init cmds pkg qemu-tests internal kernelconfig); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 
+# The race detector over the unit tests, and over the program under test in
+# the real-QEMU tier (LU_RACE=1 builds it with -race; make bench does not).
 unit:
-	$(GO) test -count=1 ./init/... ./cmds/... ./pkg/... ./internal/... ./kernelconfig/...
+	CGO_ENABLED=1 $(GO) test -race -count=1 ./init/... ./cmds/... ./pkg/... ./internal/... ./kernelconfig/...
 
 # Every parser of outside input, fuzzed briefly (longer: make fuzz FUZZTIME=20000000x).
 FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzDecodeBoot:./pkg/manifest FuzzParse:./pkg/bootparams \
@@ -48,7 +50,7 @@ fuzz-short fuzz:
 	done
 
 qemu-test:
-	$(GO) test -count=1 -timeout 28m -v ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-qemu-tests.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:[0-9]+: [^l]'; exit $${PIPESTATUS[0]}
+	LU_RACE=1 $(GO) test -count=1 -timeout 28m -v ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-qemu-tests.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:[0-9]+: [^l]'; exit $${PIPESTATUS[0]}
 
 test: setup lint unit fuzz-short qemu-test
 

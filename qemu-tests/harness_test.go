@@ -67,9 +67,17 @@ func setup(m *testing.M) int {
 		// The same program with the fault-injection hook compiled in.
 		{"liveupdate-fault", "./init", "faultinject"},
 	} {
-		cmd := exec.Command("go", "build", "-tags", b.tags, "-o", filepath.Join(binDir, b.out), b.pkg)
+		args := []string{"build", "-tags", b.tags, "-o", filepath.Join(binDir, b.out)}
+		env := append(os.Environ(), "CGO_ENABLED=0")
+		// LU_RACE=1 (make test): the program under test runs with the race
+		// detector, which needs cgo; the guest's programs stay static.
+		if os.Getenv("LU_RACE") == "1" && b.pkg == "./init" {
+			args = append(args, "-race")
+			env = append(os.Environ(), "CGO_ENABLED=1")
+		}
+		cmd := exec.Command("go", append(args, b.pkg)...)
 		cmd.Dir = repoRoot
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		cmd.Env = env
 		if out, err := cmd.CombinedOutput(); err != nil {
 			fmt.Fprintf(os.Stderr, "building %s: %v\n%s", b.pkg, err, out)
 			return 1

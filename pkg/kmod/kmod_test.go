@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"sync"
 	"testing"
 
 	"github.com/u-root/u-root/pkg/kmodule"
@@ -27,8 +28,9 @@ func TestDependencyOrder(t *testing.T) {
 		t.Skip("set-up kernels not present (scripts/setup.sh)")
 	}
 	var order []string
+	var mu sync.Mutex // kmodule probes independent dependencies in parallel
 	prober, err := kmodule.NewProber(kmodule.ProbeOpts{RootDir: root, KVer: string(ver[:len(ver)-1]), IgnoreProcMods: true,
-		DryRunCB: func(p string) { order = append(order, filepath.Base(p)) }})
+		DryRunCB: func(p string) { mu.Lock(); order = append(order, filepath.Base(p)); mu.Unlock() }})
 	if err != nil {
 		t.Fatal(err)
 	}
