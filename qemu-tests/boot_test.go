@@ -339,11 +339,13 @@ func TestBootHost(t *testing.T) {
 	}
 	t.Logf("PID 1 start → ready: %s ms (kernel uptime at PID 1 start %s s); phases: %s", ready[1], ready[2], ready[3])
 
-	// Ctrl-Alt-Del asks PID 1 for an orderly stop: guests saved (none
-	// here), filesystems unmounted, power off.
+	// Ctrl-Alt-Del asks PID 1 for an orderly stop. This PMEM is memmap=
+	// (RAM that power-off erases): guests are shut down (none here), not
+	// saved; filesystems unmounted, power off.
 	h.hmp("sendkey ctrl-alt-delete")
 	h.waitFor(`orderly stop requested`, time.Minute)
-	h.waitFor(`guests saved, filesystems unmounted: powering off`, time.Minute)
+	h.waitFor(`the PMEM is memmap= \(RAM that power-off erases\): guests are shut down, not saved`, time.Minute)
+	h.waitFor(`guests shut down \(memmap= PMEM does not survive power-off\), filesystems unmounted: powering off`, time.Minute)
 	if !h.exited(time.Minute) {
 		t.Errorf("outer VM did not power off")
 	}

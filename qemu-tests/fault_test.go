@@ -22,6 +22,16 @@ import (
 func TestFaults(t *testing.T) {
 	gs := bootAll(t, guestSpec{name: "f1"}, guestSpec{name: "f2"}, guestSpec{name: "f3"})
 	names := []string{"f1", "f2", "f3"}
+	// Each guest's own migration set-up differs from QEMU's defaults, so
+	// that giving it back (and not the defaults) is seen: whatever the run
+	// changes is recorded before it is changed.
+	const own = "mode=normal x-ignore-shared=true events=false"
+	for _, g := range gs {
+		g.qmpExecute("migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}, nil)
+		if got := g.migrationSetup(); got != own {
+			t.Fatalf("%s: own migration set-up %q, want %q", g.name, got, own)
+		}
+	}
 	cases := []struct {
 		fault, why string
 		sequential bool // restart-qemu --sequential: no early start
@@ -38,7 +48,9 @@ func TestFaults(t *testing.T) {
 		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false, false},
 		{"saved=fail", "all saved, none quit: resumed", false, true},
 		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false, false},
-		{"manifest-write@2=kill", "saves done, recording them interrupted", false, false},
+		{"manifest-write@2=kill", "recording the migration set-up interrupted: nothing changed yet", false, false},
+		{"migrate-setup=kill", "every old QEMU set up for the save, we die: recover gives each its own set-up back", false, false},
+		{"manifest-write@3=kill", "saves done, recording them interrupted", false, false},
 		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false, false},
 		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false, false},
 		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false, false},
@@ -46,12 +58,16 @@ func TestFaults(t *testing.T) {
 		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false, false},
 		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false, false},
 		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false, false},
+		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs there, the old QEMU is never continued", false, false},
+		{"cont=kill", "we die after cont: recover kills the old QEMU, the new one runs the guest", false, false},
 		{"quit=fail", "all quit, then an error: restored", true, false},
 		{"quit=kill", "all quit, we die: recover restores from the state files", true, false},
 		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true, false},
 		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true, false},
 		{"load=fail", "one restore fails after loading: recover restores it again", true, false},
 		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true, false},
+		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs", true, false},
+		{"cont=kill", "we die after cont: the new QEMUs run, recover finds them running", true, false},
 	}
 	for _, c := range cases {
 		name, args := strings.ReplaceAll(c.fault, "=", "_"), []string{"restart-qemu"}
@@ -76,14 +92,17 @@ func TestFaults(t *testing.T) {
 			}
 			if c.resumed {
 				for _, g := range gs {
-					if got, want := g.migrationSetup(), "mode=normal x-ignore-shared=false events=false"; got != want {
-						t.Errorf("%s after the rollback: migration set-up %q, want its own %q", g.name, got, want)
+					if got := g.migrationSetup(); got != own {
+						t.Errorf("%s after the rollback: migration set-up %q, want its own %q", g.name, got, own)
 					}
 				}
 			}
 			recoverAll(t, state)
 			for i, g := range gs {
 				g.checkContinues(before[i])
+				if got := g.migrationSetup(); got != own {
+					t.Errorf("%s after recover: migration set-up %q, want its own %q", g.name, got, own)
+				}
 			}
 			t.Logf("%s (%s): restart-qemu exit %d; every guest runs after recover", strings.Join(append([]string{c.fault}, args[1:]...), " "), c.why, code)
 		})
@@ -95,7 +114,7 @@ func TestFaults(t *testing.T) {
 func recoverAll(t *testing.T, state string) {
 	t.Helper()
 	code, out, errOut := runLU(t, "recover", "--state-dir", state)
-	if code == exitRefusedCode { // who holds the lock, for the log
+	if code == 3 { // refused: who holds the lock, for the log
 		o, _ := exec.Command("sh", "-c", "for p in /proc/[0-9]*; do ls -l $p/fd 2>/dev/null | grep -q liveupdate.lock && { echo $p; cat $p/cmdline | tr '\\0' ' '; echo; cat $p/status | grep -E 'State|PPid'; }; done").CombinedOutput()
 		t.Logf("processes holding the lock:\n%s", o)
 	}

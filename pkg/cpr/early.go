@@ -124,7 +124,16 @@ func (r *run) retireOld(ctx context.Context, ts []*Target) error {
 			if err := r.timed("kill-old", t.Name(), func() error { return r.killOld(t) }); err != nil {
 				errs = append(errs, err)
 			}
-		case manifest.StatusSaved, manifest.StatusFailed:
+		case manifest.StatusFailed:
+			if r.consumed(t.rec) { // the new QEMU holds the guest: never back
+				if err := r.timed("kill-old", t.Name(), func() error { return r.killOld(t) }); err != nil {
+					errs = append(errs, err)
+				}
+				continue
+			}
+			putBack(r.ownPaths(t.rec))
+			back = append(back, t)
+		case manifest.StatusSaved:
 			putBack(r.ownPaths(t.rec))
 			back = append(back, t)
 		}

@@ -101,11 +101,12 @@ type run struct {
 	written bool                // the manifest is on disk (Save's first write done)
 	pending []manifest.Phase    // phases timed before the manifest was made
 	early   map[string]*newQEMU // new QEMUs started before the save, by VM (early.go)
+	exited  map[string]bool     // VMs whose old QEMU this run saw exit (quit)
 }
 
 // newRun starts a run in the engine's state directory.
 func (e *Engine) newRun() *run {
-	return &run{Engine: e, stateDir: e.StateDir, early: map[string]*newQEMU{}}
+	return &run{Engine: e, stateDir: e.StateDir, early: map[string]*newQEMU{}, exited: map[string]bool{}}
 }
 
 // runOn starts a run on an existing manifest (restore, recover).
@@ -113,6 +114,21 @@ func (e *Engine) runOn(m *manifest.Manifest) *run {
 	r := e.newRun()
 	r.man, r.stateDir = m, m.StateDir
 	return r
+}
+
+// sawExit tells whether this run saw the VM's old QEMU exit.
+func (r *run) sawExit(name string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.exited[name]
+}
+
+// hasEarly tells whether the VM has a new QEMU started early (its twin maps
+// the same RAM by design).
+func (r *run) hasEarly(name string) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.early[name] != nil
 }
 
 // Target is one VM the engine works on: the live process, its QMP

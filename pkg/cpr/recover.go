@@ -55,6 +55,7 @@ type observed struct {
 	status     string // and said this (query-status)
 	isOld      bool   // it is the guest's old QEMU (same boot, same pid)
 	stateFile  bool   // the guest's state file is there
+	consumed   bool   // a new QEMU loaded the state file (.done) and may have run the guest
 }
 
 // action is what recover does with one guest.
@@ -69,6 +70,7 @@ const (
 	contLoaded                 // a new QEMU loaded the state but was not continued: cont
 	restoreState               // no QEMU runs it, its state file is there: restore
 	reportLost                 // no QEMU and no state file: report, leave the RAM alone
+	reportStale                // only the old QEMU, whose state a new QEMU (gone) consumed: never continue it
 )
 
 // decide is recover's judgement of one guest, from what it observed.
@@ -80,6 +82,8 @@ func decide(o observed) action {
 		return reportHung
 	case o.found && o.status == "running":
 		return markRunning
+	case o.isOld && o.consumed:
+		return reportStale
 	case o.isOld:
 		return resumeOld
 	case o.found && o.status == "inmigrate":
@@ -119,7 +123,8 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
 		o := observed{qemus: len(twins[vm.Name]), twinsApart: r.monitorAside(vm), found: t != nil,
-			isOld: t != nil && sameBoot && t.Proc.PID == vm.PID, stateFile: fileExists(r.local(vm.StateFile))}
+			isOld: t != nil && sameBoot && t.Proc.PID == vm.PID, stateFile: fileExists(r.local(vm.StateFile)),
+			consumed: r.consumed(vm)}
 		if t != nil {
 			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
 		}
@@ -136,7 +141,7 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			r.dropTapPersistence(t, vm)
 			if t.QMP != nil {
 				cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
-				r.giveBackMigration(cctx, t.QMP, vm)
+				r.giveBackMigration(cctx, t.QMP, vm, !o.isOld)
 				cancel()
 			}
 			if o.isOld {
@@ -157,12 +162,16 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			restore[vm.Name] = true
 			out[i].Action = "restored"
 		case contLoaded:
-			// Loaded but not continued (e.g. we died before cont).
+			// Loaded but not continued (e.g. we died before cont); a guest
+			// that was paused before the run stays paused.
 			c := t.QMP
 			cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
-			err := c.Execute(cctx, "cont", nil, nil)
+			var err error
+			if vm.WasRunning {
+				err = c.Execute(cctx, "cont", nil, nil)
+			}
 			if err == nil {
-				r.giveBackMigration(cctx, c, vm)
+				r.giveBackMigration(cctx, c, vm, true)
 			}
 			cancel()
 			if err != nil {
@@ -178,6 +187,8 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			vm.Status = manifest.StatusQuit
 			restore[vm.Name] = true
 			out[i].Action = "restored"
+		case reportStale:
+			failed(i, fmt.Sprintf("only its old QEMU pid %d runs it, paused, but a new QEMU (now gone) had loaded its state and may have run the guest: the old QEMU's device state is behind the guest's RAM, so it is not continued. The RAM file is left as it is", vm.PID))
 		case reportLost:
 			failed(i, "no QEMU runs it and its state file "+string(vm.StateFile)+" is gone (its RAM file is left as it is)")
 		}

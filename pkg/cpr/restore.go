@@ -7,10 +7,12 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/hoststate"
@@ -36,6 +38,7 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 	m := r.man
 	var wg sync.WaitGroup
 	errs := make([]error, len(m.VMs))
+	var mapped map[string]int // RAM files living QEMUs map, looked up once
 	for i := range m.VMs {
 		vm := &m.VMs[i]
 		if only != nil && !only[vm.Name] {
@@ -47,6 +50,16 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 		case manifest.StatusPlanned:
 			errs[i] = fmt.Errorf("%s: was never saved (its old QEMU should still run): not restoring", vm.Name)
 			continue
+		}
+		if !r.hasEarly(vm.Name) && !r.sawExit(vm.Name) {
+			if mapped == nil {
+				mapped = r.mappedRAM()
+			}
+			if err := ramInUse(r, vm, mapped); err != nil {
+				vm.Status, vm.Error = manifest.StatusFailed, err.Error()
+				errs[i] = fmt.Errorf("%s: %w", vm.Name, err)
+				continue
+			}
 		}
 		wg.Add(1)
 		go func() {
@@ -92,10 +105,12 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 			return err
 		}
 	}
+	// Until the state is consumed, a failure stops the new QEMU and the
+	// guest can be restored (or continued on its old QEMU) again.
 	fail := func(err error) error {
 		q.stop()
 		vm.NewPID = 0
-		return fmt.Errorf("%w (QEMU log: %s)", err, r.logPath(vm))
+		return r.withQEMUsWords(vm, err)
 	}
 	defer q.c.Close()
 	c := q.c
@@ -105,7 +120,7 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 				return err
 			}
 		}
-		if err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + vm.StateFile}, nil); err != nil {
+		if err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + string(vm.StateFile)}, nil); err != nil {
 			return err
 		}
 		return waitMigration(ctx, c, "loading "+vm.Name)
@@ -113,31 +128,28 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 	if err != nil {
 		return fail(err)
 	}
-	vm.Status = manifest.StatusRestored
-
-	var st struct {
-		Running bool
-		Status  string
+	// From cont on, the new QEMU runs the guest: its saved state must never
+	// be loaded again nor its old QEMU continued. The state file is marked
+	// consumed, durably, before cont; after that a failure never stops the
+	// new QEMU (it holds the guest) — recover continues it.
+	if err := r.consume(vm); err != nil {
+		return fail(fmt.Errorf("marking the state file consumed before cont: %w", err))
 	}
+	vm.Status = manifest.StatusRestored
 	if vm.WasRunning {
 		// Straight to cont, no query-status first: the new QEMU runs with
 		// -S, so it is paused, and a round trip here is in the blackout.
 		// (cont on a running guest does no harm.)
-		if err := r.timed("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
-			return fail(err)
+		if err := r.timedPoint("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
+			r.Log.Warn("cont: no answer to trust; asking the new QEMU whether the guest runs", "vm", vm.Name, "err", err)
 		}
-		ev, _, err := c.WaitEvent(ctx, "RESUME", 0, nil)
-		if err != nil {
-			return fail(err)
-		}
-		vm.Resumed = ev.Time
-		if err := c.Execute(ctx, "query-status", nil, &st); err != nil || !st.Running {
-			return fail(fmt.Errorf("guest is %q after restore, not running (%v)", st.Status, err))
+		if err := r.confirmRunning(ctx, c, vm); err != nil {
+			return r.loadedNotRunning(vm, err)
 		}
 	}
 
 	// Outside the blackout: the new QEMU gets the VM's own migration set-up.
-	r.giveBackMigration(ctx, c, vm)
+	r.giveBackMigration(ctx, c, vm, true)
 
 	// Confirmed: the state file is done with; keep it for inspection.
 	vm.Status = manifest.StatusRunning
@@ -162,6 +174,117 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		r.fixClock(ctx, vm)
 	}
 	return nil
+}
+
+// mappedRAM is, for every QEMU that runs now, the RAM files of its command
+// line as we see them, with its pid.
+func (r *run) mappedRAM() map[string]int {
+	out := map[string]int{}
+	procs, err := discover.All(r.ProcRoot)
+	if err != nil {
+		r.Log.Warn("listing the running QEMUs before the restore", "err", err)
+		return out
+	}
+	for _, p := range procs {
+		ram, err := p.Cmdline.RAM()
+		if err != nil {
+			continue
+		}
+		for _, b := range ram.Backends {
+			if b.MemPath != "" {
+				cwd := r.Root.QEMU(hostpath.Local(p.Cwd))
+				out[filepath.Clean(r.local(hostpath.Arg(cwd, b.MemPath)))] = p.PID
+			}
+		}
+	}
+	return out
+}
+
+// ramInUse refuses to start a second QEMU on RAM that a living QEMU maps:
+// both would run the guest.
+func ramInUse(r *run, vm *manifest.VM, mapped map[string]int) error {
+	for _, b := range vm.RAM {
+		if b.MemPath == "" {
+			continue
+		}
+		if pid, ok := mapped[filepath.Clean(r.localIn(vm, b.MemPath))]; ok {
+			return fmt.Errorf("QEMU pid %d still runs on its RAM file %s: a second QEMU on it would run the guest twice. Not restored; if pid %d is the guest's old QEMU, 'liveupdate recover' continues it there, else stop it first", pid, b.MemPath, pid)
+		}
+	}
+	return nil
+}
+
+// confirmRunning waits for the new QEMU's RESUME event and checks the
+// guest runs; a cont whose reply was lost is sent again once.
+func (r *run) confirmRunning(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
+	var st struct {
+		Running bool
+		Status  string
+	}
+	wctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
+	ev, _, err := c.WaitEvent(wctx, "RESUME", 0, nil)
+	cancel()
+	if err == nil {
+		vm.Resumed = ev.Time
+	}
+	if qerr := c.Execute(ctx, "query-status", nil, &st); qerr != nil {
+		return fmt.Errorf("query-status after cont: %w", qerr)
+	}
+	if !st.Running && st.Status == "paused" {
+		if err := c.Execute(ctx, "cont", nil, nil); err != nil {
+			return fmt.Errorf("cont again: %w", err)
+		}
+		if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
+			return fmt.Errorf("query-status after the second cont: %w", err)
+		}
+	}
+	if !st.Running {
+		return fmt.Errorf("guest is %q after restore, not running", st.Status)
+	}
+	return nil
+}
+
+// loadedNotRunning is a failure after the state was consumed: the new QEMU
+// keeps the guest, paused or in an unknown state, for recover.
+func (r *run) loadedNotRunning(vm *manifest.VM, err error) error {
+	return r.withQEMUsWords(vm, fmt.Errorf("the new QEMU pid %d has loaded the guest but it is not confirmed running: %w; it keeps the guest (its old QEMU and state file are not used again): run 'liveupdate recover' to continue it", vm.NewPID, err))
+}
+
+// withQEMUsWords adds what the VM's QEMU said in its log since it was
+// started to err: its reasons are there, not over QMP.
+func (r *run) withQEMUsWords(vm *manifest.VM, err error) error {
+	if said := qemuSaid(r.logPath(vm)); said != "" {
+		return fmt.Errorf("%w; QEMU said: %s (log: %s)", err, said, r.logPath(vm))
+	}
+	return fmt.Errorf("%w (QEMU log: %s)", err, r.logPath(vm))
+}
+
+// qemuSaid is the last lines QEMU wrote to its log after our last start
+// marker, joined.
+func qemuSaid(log string) string {
+	b, err := os.ReadFile(log)
+	if err != nil {
+		return ""
+	}
+	s := string(b)
+	if i := strings.LastIndex(s, startMarker); i >= 0 {
+		s = s[i:]
+		if nl := strings.IndexByte(s, '\n'); nl >= 0 {
+			s = s[nl+1:]
+		} else {
+			s = ""
+		}
+	}
+	var lines []string
+	for _, l := range strings.Split(s, "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) > 3 {
+		lines = lines[len(lines)-3:]
+	}
+	return strings.Join(lines, " / ")
 }
 
 // checkGuestFiles checks that a VM's state file is there and its RAM
@@ -229,7 +352,8 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 			r.Log.Warn("started QEMU outside its cgroup", "vm", vm.Name, "err", q.p.CgroupErr)
 		}
 		if ferr := fault.At("qemu-start"); ferr != nil {
-			q.p.Stop(0)
+			q.p.Kill()
+			<-q.p.Exited()
 			return ferr
 		}
 		return nil
@@ -246,14 +370,18 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 	if err != nil {
 		q.stop()
 		vm.NewPID = 0
-		return nil, fmt.Errorf("%w (QEMU log: %s)", err, r.logPath(vm))
+		return nil, r.withQEMUsWords(vm, err)
 	}
 	return q, nil
 }
 
-// stop ends a new QEMU (asking first) and waits until it is gone.
+// stop kills a new QEMU and waits until it is gone. Never SIGTERM or quit:
+// a QEMU that quits with discard-data=on punches its RAM file out, and its
+// RAM is the guest's; a new QEMU that has not run the guest holds nothing
+// else worth a clean exit (its disks are opened inactive).
 func (q *newQEMU) stop() {
-	q.p.Stop(5 * time.Second)
+	q.p.Kill()
+	<-q.p.Exited()
 	if q.c != nil {
 		q.c.Close()
 	}
@@ -341,12 +469,15 @@ func (r *run) logPath(vm *manifest.VM) string {
 	return r.local(hostpath.Join(r.stateDir, vm.Name+".qemu.log"))
 }
 
+// startMarker heads each start of a QEMU in its log.
+const startMarker = "--- liveupdate restore"
+
 // openLog opens the VM's QEMU log and marks this start in it.
 func (r *run) openLog(vm *manifest.VM, argv []string) (*os.File, error) {
 	log, err := os.OpenFile(r.logPath(vm), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(log, "--- liveupdate restore %s: %s\n", time.Now().Format(time.RFC3339Nano), strings.Join(argv, " "))
+	fmt.Fprintf(log, "%s %s: %s\n", startMarker, time.Now().Format(time.RFC3339Nano), strings.Join(argv, " "))
 	return log, nil
 }

@@ -21,6 +21,17 @@ func (r *run) continueOld(ctx context.Context, ts []*Target) error {
 		if t.rec == nil || t.QMP == nil {
 			continue
 		}
+		if r.consumed(t.rec) {
+			// A new QEMU loaded this guest and may have run it: the old
+			// QEMU's device state is behind its RAM. Never continue it.
+			t.rec.Status = manifest.StatusFailed
+			t.rec.Error = "not resumed on the old QEMU: a new QEMU loaded its state and may have run it (its device state is behind the RAM)"
+			errs = append(errs, fmt.Errorf("%s: %s", t.Name(), t.rec.Error))
+			continue
+		}
+		// The state file is set aside before cont: once the old QEMU runs
+		// the guest again, nothing may load that file.
+		r.setAside(t.rec)
 		if err := r.continueOne(ctx, t); err != nil {
 			t.rec.Status = manifest.StatusFailed
 			t.rec.Error = "resuming on the old QEMU: " + err.Error()
@@ -29,7 +40,6 @@ func (r *run) continueOld(ctx context.Context, ts []*Target) error {
 			continue
 		}
 		t.rec.Status = manifest.StatusResumed
-		r.setAside(t.rec)
 		r.Log.Info("resumed on old QEMU", "vm", t.Name())
 	}
 	return errors.Join(errs...)
@@ -59,7 +69,7 @@ func (r *run) giveBackAll(ctx context.Context, ts []*Target) {
 			continue
 		}
 		gctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
-		r.giveBackMigration(gctx, t.QMP, t.rec)
+		r.giveBackMigration(gctx, t.QMP, t.rec, false)
 		cancel()
 	}
 }

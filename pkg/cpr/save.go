@@ -79,7 +79,7 @@ func (r *run) save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.
 		// stops: these round trips then weigh on no guest's blackout.
 		phase.Step{Name: "migrate-setup",
 			Do: func(ctx context.Context) error {
-				return r.each("migrate-setup", ts, func(t *Target) error { return r.setupOne(ctx, t) })
+				return r.setupAll(ctx, ts)
 			},
 			Undo: func(ctx context.Context) error { r.giveBackAll(ctx, ts); return nil }},
 		// All save in parallel; none quits until all have saved.
@@ -364,32 +364,82 @@ func setMigration(ctx context.Context, c *qmp.Client, m manifest.Migration) erro
 }
 
 // giveBackMigration sets the QEMU that runs vm's guest from now on (the old
-// one after a rollback, the new one after a restore) to the VM's own
-// migration set-up again. The guest runs either way, so a failure is only
-// logged, saying what it means.
-func (r *run) giveBackMigration(ctx context.Context, c *qmp.Client, vm *manifest.VM) {
+// one after a rollback, a new one after a restore) to the VM's own
+// migration set-up again. An old QEMU whose set-up was never recorded was
+// never changed (it is recorded before it is changed) and is left alone; a
+// new QEMU always had cpr-reboot's, and gets QEMU's defaults then. The guest
+// runs either way, so a failure is only logged, saying what it means.
+func (r *run) giveBackMigration(ctx context.Context, c *qmp.Client, vm *manifest.VM, isNew bool) {
 	m := qemuDefaults
-	if vm.Migration != nil {
+	switch {
+	case vm.Migration != nil:
 		m = *vm.Migration
+	case !isNew:
+		return
 	}
 	if err := setMigration(ctx, c, m); err != nil {
 		r.Log.Warn("the QEMU running the guest keeps cpr-reboot's migration set-up: before migrating it elsewhere, set migrate-set-parameters mode and the x-ignore-shared capability back",
 			"vm", vm.Name, "mode", m.Mode, "err", err)
 	}
+	if err := setDiscardData(ctx, c, vm, true); err != nil {
+		r.Log.Warn("the QEMU running the guest keeps discard-data=off: its RAM file stays when it quits", "vm", vm.Name, "err", err)
+	}
 }
 
-// setupOne records an old QEMU's migration set-up in the manifest and sets
-// it up for the save. Its inverse is giveBackMigration.
-func (r *run) setupOne(ctx context.Context, t *Target) error {
+// setupAll sets every old QEMU up for the save. What it changes — each
+// QEMU's own migration set-up, the discard-data of its RAM — is read and
+// recorded in the manifest first: a run that dies half-way still gives
+// each QEMU its own back (recover). Its inverse is giveBackAll.
+func (r *run) setupAll(ctx context.Context, ts []*Target) error {
+	if err := r.each("migrate-read", ts, func(t *Target) error { return r.readSetup(ctx, t) }); err != nil {
+		return err
+	}
+	if err := r.write(); err != nil {
+		return fmt.Errorf("recording the migration set-up: %w", err)
+	}
+	return r.each("migrate-setup", ts, func(t *Target) error { return r.setupOne(ctx, t) })
+}
+
+// readSetup records an old QEMU's own migration set-up.
+func (r *run) readSetup(ctx context.Context, t *Target) error {
 	ctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	defer cancel()
 	own, err := queryMigration(ctx, t.QMP)
 	if err != nil {
 		return fmt.Errorf("%s: reading its migration set-up: %w", t.Name(), err)
 	}
+	r.mu.Lock()
 	t.rec.Migration = own
+	r.mu.Unlock()
+	return nil
+}
+
+// setupOne sets an old QEMU up for the save: cpr-reboot's migration
+// set-up, and discard-data off on its RAM — a QEMU with discard-data=on
+// punches its RAM file out as it quits, and the guest's RAM is what the
+// restart keeps. Its inverse is giveBackMigration.
+func (r *run) setupOne(ctx context.Context, t *Target) error {
+	ctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
+	defer cancel()
+	if err := setDiscardData(ctx, t.QMP, t.rec, false); err != nil {
+		return fmt.Errorf("%s: %w", t.Name(), err)
+	}
 	if err := migrateSetup(ctx, t.QMP, t.rec); err != nil {
 		return fmt.Errorf("%s: %w", t.Name(), err)
+	}
+	return nil
+}
+
+// setDiscardData sets discard-data on every RAM backend of vm's that has it
+// on its command line.
+func setDiscardData(ctx context.Context, c *qmp.Client, vm *manifest.VM, on bool) error {
+	for _, b := range vm.RAM {
+		if !b.DiscardData {
+			continue
+		}
+		if err := c.Execute(ctx, "qom-set", map[string]any{"path": "/objects/" + b.ID, "property": "discard-data", "value": on}, nil); err != nil {
+			return fmt.Errorf("setting discard-data=%v on memory backend %q: %w", on, b.ID, err)
+		}
 	}
 	return nil
 }
@@ -435,6 +485,9 @@ func waitMigration(ctx context.Context, c *qmp.Client, what string) error {
 				ErrorDesc string `json:"error-desc"`
 			}
 			c.Execute(ctx, "query-migrate", nil, &q)
+			if q.ErrorDesc == "" {
+				q.ErrorDesc = "QEMU gave no reason over QMP"
+			}
 			return fmt.Errorf("%s %s: %s", what, status, q.ErrorDesc)
 		}
 	}
@@ -511,6 +564,9 @@ func (r *run) quitOne(ctx context.Context, t *Target) error {
 		}
 	}
 	t.rec.Status = manifest.StatusQuit
+	r.mu.Lock()
+	r.exited[t.Name()] = true
+	r.mu.Unlock()
 	return nil
 }
 

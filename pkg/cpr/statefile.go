@@ -2,6 +2,7 @@ package cpr
 
 import (
 	"os"
+	"path/filepath"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 )
@@ -17,6 +18,28 @@ const (
 	doneSuffix    = ".done"
 	abortedSuffix = ".aborted"
 )
+
+// consume marks a loaded state file as used, durably, before any QEMU runs
+// the guest from it: renamed to .done, the directory synced.
+func (r *run) consume(vm *manifest.VM) error {
+	sf := r.local(vm.StateFile)
+	if err := os.Rename(sf, sf+doneSuffix); err != nil {
+		return err
+	}
+	d, err := os.Open(filepath.Dir(sf))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+// consumed tells whether a new QEMU loaded vm's state (and may have run the
+// guest from it).
+func (r *run) consumed(vm *manifest.VM) bool {
+	sf := r.local(vm.StateFile)
+	return !fileExists(sf) && fileExists(sf+doneSuffix)
+}
 
 // markDone renames a loaded state file to .done.
 func (r *run) markDone(vm *manifest.VM) { r.renameState(vm, doneSuffix) }

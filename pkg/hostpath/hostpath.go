@@ -60,3 +60,6 @@ func Arg(cwd QEMU, p string) QEMU {
 func Join(dir QEMU, elem ...string) QEMU {
 	return QEMU(filepath.Join(append([]string{string(dir)}, elem...)...))
 }
+
+// String is the path.
+func (p QEMU) String() string { return string(p) }

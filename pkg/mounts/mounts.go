@@ -302,3 +302,18 @@ func Holding(mountsFile, path string) (Entry, error) {
 	}
 	return best, nil
 }
+
+// VolatilePMEM tells whether a PMEM block device is memmap= "PMEM": DRAM
+// the kernel was told to treat as persistent (the e820 provider), which
+// survives a kexec but not a power-off. Real NVDIMMs come from ACPI NFIT.
+func VolatilePMEM(dev string) bool {
+	sys, err := filepath.EvalSymlinks(filepath.Join("/sys/block", filepath.Base(dev), "device"))
+	if err != nil {
+		return false
+	}
+	// …/ndbusN/regionM/namespaceM.K: the bus says who provides it.
+	if p, err := os.ReadFile(filepath.Join(sys, "..", "..", "provider")); err == nil {
+		return strings.TrimSpace(string(p)) == "e820"
+	}
+	return strings.Contains(sys, "e820_pmem")
+}

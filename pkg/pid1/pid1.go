@@ -37,6 +37,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/phase"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/reaper"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 )
@@ -488,17 +489,23 @@ func (b *Boot) handleSignals() {
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT, syscall.SIGPWR)
 	for s := range sig {
 		b.Log.Warn("orderly stop requested", "signal", s)
-		if err := b.stop(); err != nil {
+		done, err := b.stop()
+		if err != nil {
 			b.Log.Error("orderly stop abandoned: guests keep running", "err", err)
 			continue
 		}
-		b.Log.Info("guests saved, filesystems unmounted: powering off")
+		b.Log.Info(done + ", filesystems unmounted: powering off")
 		unix.Reboot(unix.LINUX_REBOOT_CMD_POWER_OFF)
 	}
 }
 
-// stop saves every running guest to the PMEM state directory and unmounts.
-func (b *Boot) stop() error {
+// stop ends the guests the way that keeps them, and unmounts; it says what
+// it did. On real persistent memory every running guest is saved (CPR) for
+// a later boot to restore. On memmap= "PMEM" — DRAM that power-off erases —
+// a save would keep nothing: each guest is shut down cleanly instead (ACPI
+// power button), and if any is still running at the deadline the stop is
+// abandoned and every guest left running.
+func (b *Boot) stop() (string, error) {
 	stateDir := hostpath.QEMU(filepath.Join(b.Params.PMEMMount, "liveupdate"))
 	if b.Manifest != nil {
 		stateDir = b.Manifest.StateDir
@@ -509,24 +516,57 @@ func (b *Boot) stop() error {
 	ctx := context.Background()
 	ts, err := e.Plan(ctx, nil)
 	if err != nil {
-		return err
+		return "", err
 	}
-	defer func() {
-		for _, t := range ts {
-			t.Close()
+	defer cpr.CloseAll(ts)
+	done := "guests saved"
+	switch {
+	case b.Params.PMEM != "" && mounts.VolatilePMEM(b.Params.PMEM):
+		b.Log.Warn("the PMEM is memmap= (RAM that power-off erases): guests are shut down, not saved", "pmem", b.Params.PMEM)
+		if err := shutDown(ctx, ts, ShutdownTimeout, b.Log); err != nil {
+			return "", err
 		}
-	}()
-	if len(ts) > 0 {
+		done = "guests shut down (memmap= PMEM does not survive power-off)"
+	case len(ts) > 0:
 		for _, t := range ts {
 			if !t.Verdict.OK {
-				return fmt.Errorf("%s cannot be saved: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
+				return "", fmt.Errorf("%s cannot be saved: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
 			}
 		}
 		if _, err := e.Save(ctx, ts, cpr.SaveOptions{}); err != nil {
-			return err
+			return "", err
 		}
 	}
-	return b.unmountAll()
+	return done, b.unmountAll()
+}
+
+// ShutdownTimeout bounds the guests' clean shutdown in an orderly stop.
+const ShutdownTimeout = 2 * time.Minute
+
+// shutDown presses every guest's ACPI power button and waits until every
+// QEMU is gone, or the deadline; then it names the ones still running.
+func shutDown(ctx context.Context, ts []*cpr.Target, d time.Duration, log *slog.Logger) error {
+	deadline := time.Now().Add(d)
+	for _, t := range ts {
+		if t.QMP == nil {
+			continue
+		}
+		qctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		if err := t.QMP.Execute(qctx, "system_powerdown", nil, nil); err != nil {
+			log.Warn("system_powerdown", "vm", t.Name(), "err", err)
+		}
+		cancel()
+	}
+	var running []string
+	for _, t := range ts {
+		if err := qemuproc.WaitGone(t.Proc.PID, time.Until(deadline)); err != nil {
+			running = append(running, fmt.Sprintf("%s (pid %d)", t.Name(), t.Proc.PID))
+		}
+	}
+	if len(running) > 0 {
+		return fmt.Errorf("guests still running %s after their ACPI power-down: %s", d, strings.Join(running, ", "))
+	}
+	return nil
 }
 
 // rescue logs a fatal error and runs a shell on the console forever. The

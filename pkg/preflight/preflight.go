@@ -60,6 +60,36 @@ type Verdict struct {
 	Notes    []string `json:"notes,omitempty"`
 }
 
+// path is where a file of the VM's command line is, as we see it: relative
+// to QEMU's working directory, through the process's root.
+func (in Input) path(p *discover.Process, f string) string {
+	if !filepath.IsAbs(f) {
+		f = filepath.Join(p.Cwd, f)
+	}
+	if in.ProcRoot != "" {
+		f = filepath.Join(in.ProcRoot, f)
+	}
+	return f
+}
+
+// ramFileProblem says why a backend's RAM could not be found again by its
+// mem-path after its QEMU is gone, or "" when it can. local is mem-path as
+// we see it.
+func ramFileProblem(b qemuargv.MemoryBackend, local string) string {
+	if b.MemPath == "" {
+		return "has no mem-path: its RAM has no name to be found again by"
+	}
+	st, err := os.Stat(local)
+	switch {
+	case err != nil:
+		return fmt.Sprintf("its RAM file %s cannot be found (%v): deleted while QEMU runs? Its RAM cannot be found again by name", b.MemPath, err)
+	case st.IsDir():
+		return fmt.Sprintf("mem-path %s is a directory: QEMU keeps the RAM in an unlinked file inside it (hugetlbfs' usual form), which no new QEMU can open again. Give mem-path a file name, e.g. mem-path=%s", b.MemPath, filepath.Join(b.MemPath, b.ID+".ram"))
+	}
+	// A regular file, or a device such as /dev/dax0.0: found again by name.
+	return ""
+}
+
 // StateFile is where a VM's device state is saved.
 func StateFile(stateDir, vm string) string { return filepath.Join(stateDir, vm+".state") }
 
@@ -91,6 +121,13 @@ func Check(in Input) Verdict {
 			bad("memory backend %q (%s, %s) is not a memory-backend-file: its RAM dies with QEMU and would be lost", b.ID, b.Type, use)
 		case !b.Share:
 			bad("memory backend %q (%s, mem-path %s) has share=off: QEMU's copy-on-write RAM would be lost; start the guest with share=on", b.ID, use, b.MemPath)
+		default:
+			if pr := ramFileProblem(b, in.path(p, b.MemPath)); pr != "" {
+				bad("memory backend %q (%s): %s", b.ID, use, pr)
+			}
+			if b.DiscardData {
+				note("memory backend %q has discard-data=on: liveupdate clears it on the old QEMU before the save (QEMU would punch the RAM file out as it quits) and gives it back to whichever QEMU runs the guest", b.ID)
+			}
 		}
 	}
 	for _, m := range in.Facts.Memdevs {
@@ -151,14 +188,7 @@ func Check(in Input) Verdict {
 	// Files QEMU opens at start must be found again from its working
 	// directory (a QEMU started with -daemonize has changed to "/").
 	for _, f := range c.InputFiles() {
-		path := f.Path
-		if !filepath.IsAbs(path) {
-			path = filepath.Join(p.Cwd, path)
-		}
-		if in.ProcRoot != "" {
-			path = filepath.Join(in.ProcRoot, path)
-		}
-		if _, err := os.Stat(path); err != nil {
+		if _, err := os.Stat(in.path(p, f.Path)); err != nil {
 			hint := ""
 			if !filepath.IsAbs(f.Path) {
 				hint = fmt.Sprintf(" (relative to QEMU's working directory %s", p.Cwd)

@@ -62,6 +62,14 @@ func TestCheck(t *testing.T) {
 		{name: "relative kernel after -daemonize", argv: append(append([]string{}, good...), "-daemonize", "-kernel", "boot/vmlinuz"),
 			want: "-kernel boot/vmlinuz cannot be found (relative to QEMU's working directory /; -daemonize changed it to /)"},
 		{name: "snapshot", argv: append(append([]string{}, good...), "-snapshot"), want: "-snapshot"},
+		// RAM that cannot be found again by its name (the hugetlbfs form:
+		// QEMU makes an unlinked file inside the directory).
+		{name: "mem-path a directory", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/tmp,share=on", "-qmp", "unix:/q,server=on"},
+			want: `mem-path /tmp is a directory`},
+		{name: "RAM file gone", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/nonexistent/ram,share=on", "-qmp", "unix:/q,server=on"},
+			want: `RAM file /nonexistent/ram cannot be found`},
+		{name: "memfd", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"},
+			want: `is not a memory-backend-file`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

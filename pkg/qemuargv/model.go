@@ -58,6 +58,9 @@ type MemoryBackend struct {
 	MemPath string `json:"mem_path,omitempty"`
 	Size    uint64 `json:"size"`
 	Share   bool   `json:"share"`
+	// DiscardData (memory-backend-file): QEMU punches the RAM file out
+	// when it quits.
+	DiscardData bool `json:"discard_data,omitempty"`
 }
 
 // RAM tells where a guest's RAM lives.
@@ -92,6 +95,7 @@ func (c *Cmdline) RAM() (RAM, error) {
 		// memory-backend-file defaults to share=off, like every backend
 		// but memfd (share=on by default since it exists to be shared).
 		b.Share = p.Bool("share", typ == "memory-backend-memfd")
+		b.DiscardData = typ == "memory-backend-file" && p.Bool("discard-data", false)
 		if s, ok := p.Get("size"); ok {
 			n, err := ParseSize(s)
 			if err != nil {

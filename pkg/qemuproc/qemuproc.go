@@ -355,3 +355,20 @@ func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) 
 		}
 	}
 }
+
+// WaitGone waits up to d for a process we did not start to exit; a pid
+// that is already gone is nil.
+func WaitGone(pid int, d time.Duration) error {
+	h, err := Open(pid)
+	if errors.Is(err, ErrGone) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	if !h.WaitExit(d) {
+		return fmt.Errorf("pid %d still runs after %s", pid, d)
+	}
+	return nil
+}

@@ -1,0 +1,134 @@
+package qemutests
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+)
+
+// TestDiscardData: a guest whose RAM backend has discard-data=on (QEMU
+// punches the RAM file out when it quits) is restarted, both ways, and
+// survives; and a restore that fails after its old QEMU quit keeps the RAM
+// for recover (a new QEMU is killed, never quit). Before the fix the
+// sequential restart lost the guest ("loading … failed").
+func TestDiscardData(t *testing.T) {
+	ram := "/dev/shm/lu-test-dd.ram"
+	g := bootAll(t, guestSpec{name: "dd", memory: []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
+		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=" + ram + ",share=on,discard-data=on"}})[0]
+	for _, c := range []struct {
+		name  string
+		args  []string
+		fault string
+	}{
+		{"sequential", []string{"--sequential"}, ""},
+		{"early", nil, ""},
+		{"sequential, load fails, recover", []string{"--sequential"}, "load=fail"},
+		{"early, load fails, back on the old QEMU", nil, "load=fail"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			g.t = t
+			before, _ := g.lastBeat()
+			state := t.TempDir()
+			args := append(append([]string{"restart-qemu", "--state-dir", state}, c.args...), "dd")
+			if c.fault == "" {
+				if code, _, errOut := runLU(t, args...); code != 0 {
+					t.Fatalf("restart-qemu: exit %d\n%s", code, errOut)
+				}
+			} else {
+				code, _, errOut := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=" + c.fault}, args...)
+				if !strings.Contains(errOut, "FAULT INJECTED") {
+					t.Fatalf("the fault never fired (exit %d)", code)
+				}
+				recoverAll(t, state)
+			}
+			g.checkContinues(before)
+			var st struct{ Size int64 }
+			if fi, err := os.Stat(ram); err != nil || fi.Size() != 256<<20 {
+				t.Errorf("RAM file after the restart: %v %v", fi, err)
+			}
+			_ = st
+			// The QEMU that runs the guest has discard-data back on.
+			var on bool
+			g.qmpExecute("qom-get", map[string]any{"path": "/objects/ram0", "property": "discard-data"}, &on)
+			if !on {
+				t.Errorf("discard-data is off on the QEMU that runs the guest: its own setting was not given back")
+			}
+		})
+	}
+}
+
+// TestRefuseUnreopenableRAM: RAM that cannot be found again by name after
+// its QEMU is gone — mem-path a directory (QEMU keeps the RAM in an
+// unlinked file inside it, hugetlbfs' usual form) — is refused by plan
+// with the reason and the fix, and restart-qemu touches nothing.
+func TestRefuseUnreopenableRAM(t *testing.T) {
+	dir := t.TempDir()
+	g := bootAll(t, guestSpec{name: "dirram", memory: []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
+		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=" + dir + ",share=on"}})[0]
+	last, _ := g.lastBeat()
+	pid := g.pid()
+	state := t.TempDir()
+	code, out, _ := runLU(t, "plan", "--state-dir", state, "dirram")
+	if code != 3 || !strings.Contains(out, "mem-path "+dir+" is a directory") || !strings.Contains(out, "Give mem-path a file name") {
+		t.Errorf("plan: exit %d, does not refuse the directory mem-path with its fix:\n%s", code, out)
+	}
+	code, _, errOut := runLU(t, "restart-qemu", "--sequential", "--state-dir", state, "dirram")
+	if code != 3 || !strings.Contains(errOut, "is a directory") {
+		t.Errorf("restart-qemu: exit %d\n%s", code, errOut)
+	}
+	if g.pid() != pid {
+		t.Fatalf("the guest's QEMU changed: %d → %d", pid, g.pid())
+	}
+	g.checkContinues(last)
+}
+
+// TestPausedStaysPaused: a guest paused before the restart is paused after
+// it — restarted both ways, and after a run killed before cont and
+// recovered.
+func TestPausedStaysPaused(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "paused"})[0]
+	g.qmpExecute("stop", nil, nil)
+	status := func() string {
+		var st struct{ Status string }
+		g.qmpExecute("query-status", nil, &st)
+		return st.Status
+	}
+	for _, c := range []struct {
+		name, fault string
+		args        []string
+	}{
+		{"early", "", nil},
+		{"sequential", "", []string{"--sequential"}},
+		{"sequential, killed before cont, recovered", "load=kill", []string{"--sequential"}},
+		{"early, killed after the load, recovered", "load=kill", nil},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			g.t = t
+			state := t.TempDir()
+			args := append(append([]string{"restart-qemu", "--state-dir", state}, c.args...), "paused")
+			if c.fault == "" {
+				if code, _, errOut := runLU(t, args...); code != 0 {
+					t.Fatalf("restart-qemu: exit %d\n%s", code, errOut)
+				}
+			} else {
+				code, _, _ := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=" + c.fault}, args...)
+				if code != 128+int(syscall.SIGKILL) {
+					t.Fatalf("restart-qemu with %s: exit %d", c.fault, code)
+				}
+				recoverAll(t, state)
+			}
+			if s := status(); s != "paused" {
+				t.Errorf("guest is %q after the restart, want paused as it was", s)
+			}
+			if _, err := os.Stat(filepath.Join(state, "paused.state")); err == nil {
+				t.Errorf("the state file is still there to be loaded again")
+			}
+		})
+	}
+	// And it still runs when let.
+	before, _ := g.lastBeat()
+	g.qmpExecute("cont", nil, nil)
+	g.checkContinues(before)
+}
