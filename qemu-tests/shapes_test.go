@@ -132,3 +132,51 @@ func TestPausedStaysPaused(t *testing.T) {
 	g.qmpExecute("cont", nil, nil)
 	g.checkContinues(before)
 }
+
+// TestNoSecondQEMU: `restore` of a run whose old QEMU still lives (paused
+// after its save: the run was killed before any quit) refuses to start a
+// second QEMU on the RAM that QEMU maps — both would run the guest — and
+// touches nothing; recover then continues the guest on its old QEMU.
+func TestNoSecondQEMU(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "twice"})[0]
+	before, _ := g.lastBeat()
+	pid := g.pid()
+	state := t.TempDir()
+	if code, _, _ := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=saved=kill"}, "restart-qemu", "--sequential", "--state-dir", state, "twice"); code != 128+int(syscall.SIGKILL) {
+		t.Fatalf("restart-qemu with saved=kill: exit %d", code)
+	}
+	code, out, errOut := runLU(t, "restore", "--state-dir", state)
+	if code != 1 || !strings.Contains(out+errOut, "still runs on its RAM file") {
+		t.Errorf("restore beside the living old QEMU: exit %d\n%s\n%s", code, out, errOut)
+	}
+	if g.pid() != pid || !alive(pid) {
+		t.Fatalf("the old QEMU changed: %d → %d", pid, g.pid())
+	}
+	if n := qemusNamed(t, "twice"); n != 1 {
+		t.Errorf("%d QEMUs run the guest, want 1", n)
+	}
+	recoverAll(t, state)
+	g.checkContinues(before)
+}
+
+// qemusNamed counts the QEMU processes whose command line has -name NAME.
+func qemusNamed(t *testing.T, name string) int {
+	ents, _ := os.ReadDir("/proc")
+	n := 0
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		args := strings.Split(string(b), "\x00")
+		if len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "qemu-system") {
+			continue
+		}
+		for i := 0; i+1 < len(args); i++ {
+			if args[i] == "-name" && strings.HasPrefix(args[i+1], name) && (len(args[i+1]) == len(name) || args[i+1][len(name)] == ',') {
+				n++
+			}
+		}
+	}
+	return n
+}

@@ -56,6 +56,18 @@ type observed struct {
 	isOld      bool   // it is the guest's old QEMU (same boot, same pid)
 	stateFile  bool   // the guest's state file is there
 	consumed   bool   // a new QEMU loaded the state file (.done) and may have run the guest
+	wasRunning bool   // the guest ran before the run (else it was paused, and stays so)
+}
+
+// asItWas tells whether the QEMU found runs the guest as it was before the
+// run: running, or — a guest that was paused — paused with its state
+// loaded (a new QEMU) or never sent away (the old one, "postmigrate" after
+// its save).
+func (o observed) asItWas() bool {
+	if o.status == "running" {
+		return true
+	}
+	return !o.wasRunning && (o.status == "paused" || o.status == "postmigrate")
 }
 
 // action is what recover does with one guest.
@@ -80,10 +92,10 @@ func decide(o observed) action {
 		return reportTwins
 	case o.found && !o.answers:
 		return reportHung
-	case o.found && o.status == "running":
-		return markRunning
-	case o.isOld && o.consumed:
+	case o.isOld && o.consumed && o.status != "running":
 		return reportStale
+	case o.found && o.asItWas():
+		return markRunning
 	case o.isOld:
 		return resumeOld
 	case o.found && o.status == "inmigrate":
@@ -124,7 +136,7 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		t := live[vm.Name]
 		o := observed{qemus: len(twins[vm.Name]), twinsApart: r.monitorAside(vm), found: t != nil,
 			isOld: t != nil && sameBoot && t.Proc.PID == vm.PID, stateFile: fileExists(r.local(vm.StateFile)),
-			consumed: r.consumed(vm)}
+			consumed: r.consumed(vm), wasRunning: vm.WasRunning}
 		if t != nil {
 			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
 		}
@@ -138,6 +150,9 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			failed(i, fmt.Sprintf("QEMU pid %d runs it but its monitor does not answer (stopped? hung?): %v", t.Proc.PID, t.Facts.QMPErr))
 		case markRunning:
 			out[i].Action = "running"
+			if !vm.WasRunning {
+				out[i].Action, out[i].Detail = "paused", "paused, as it was before the run"
+			}
 			r.dropTapPersistence(t, vm)
 			if t.QMP != nil {
 				cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
