@@ -180,3 +180,25 @@ func qemusNamed(t *testing.T, name string) int {
 	}
 	return n
 }
+
+// TestLoadFailureSaysWhy: when a new QEMU refuses the saved state, the
+// error says why in QEMU's own words (they are in its log, not over QMP),
+// and the guest goes on on its old QEMU. The "new binary" drops a device
+// whose state the saved stream has.
+func TestLoadFailureSaysWhy(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "why", extra: []string{"-device", "virtio-rng-pci,id=rng0"}})[0]
+	before, _ := g.lastBeat()
+	wrapper := filepath.Join(t.TempDir(), "qemu-without-rng")
+	script := "#!/bin/bash\nargs=()\nfor a in \"$@\"; do [ \"$a\" = virtio-rng-pci,id=rng0 ] && { unset 'args[${#args[@]}-1]'; continue; }; args+=(\"$a\"); done\nexec " + qemuBinary + " \"${args[@]}\"\n"
+	if err := os.WriteFile(wrapper, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	code, _, errOut := runLU(t, "restart-qemu", "--state-dir", state, "--qemu", wrapper, "why")
+	if code != 1 || !strings.Contains(errOut, "QEMU said: ") {
+		t.Fatalf("restart-qemu onto a QEMU that refuses the state: exit %d, without QEMU's words:\n%s", code, errOut)
+	}
+	i := strings.Index(errOut, "QEMU said: ")
+	t.Logf("the failure, as the operator reads it: …%s", strings.SplitN(errOut[i:], "\n", 2)[0])
+	g.checkContinues(before)
+}

@@ -486,7 +486,7 @@ func waitMigration(ctx context.Context, c *qmp.Client, what string) error {
 			}
 			c.Execute(ctx, "query-migrate", nil, &q)
 			if q.ErrorDesc == "" {
-				q.ErrorDesc = "QEMU gave no reason over QMP"
+				return fmt.Errorf("%s %s (QEMU gave no reason over QMP)", what, status)
 			}
 			return fmt.Errorf("%s %s: %s", what, status, q.ErrorDesc)
 		}
