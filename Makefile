@@ -62,12 +62,14 @@ demo-restart: setup build
 	./scripts/demo-restart.sh
 
 # Reliability: the fault table, K guests × M restart cycles and N nested
-# updates, leaks counted; rewrites docs/reliability.md (make soak K=3 M=20 N=10).
+# updates, leaks counted, and C restarts killed at random instants (TestChaos);
+# rewrites docs/reliability.md (make soak K=3 M=20 N=10 C=50).
 K ?= 3
 M ?= 20
 N ?= 10
+C ?= 50
 soak: setup
-	./scripts/soak.sh $(K) $(M) $(N)
+	./scripts/soak.sh $(K) $(M) $(N) $(C)
 
 bench: setup
 	./scripts/bench.sh

@@ -96,6 +96,7 @@ func chaosGuest(name string) guestSpec { return guestSpec{name: name} }
 // running then); it returns the exit code (137 when killed).
 func killAfter(t *testing.T, d time.Duration, args ...string) int {
 	t.Helper()
+	args = append([]string{args[0], "--lock", filepath.Join(binDir, "liveupdate.lock")}, args[1:]...)
 	cmd := exec.Command(filepath.Join(binDir, "liveupdate"), args...)
 	var errOut strings.Builder
 	cmd.Stderr = &errOut

@@ -115,6 +115,9 @@ type guestSpec struct {
 	// qmpFD: the QMP monitor listens on a socket the test binds and passes
 	// as fd 3, as libvirt does, instead of -qmp unix:PATH.
 	qmpFD bool
+	// serialFdset: the serial log is opened by the test (O_APPEND) and
+	// passed as an -add-fd set, as libvirt passes its logs.
+	serialFdset bool
 }
 
 func startGuest(t testing.TB, s guestSpec) *guest {
@@ -158,11 +161,22 @@ func startGuest(t testing.TB, s guestSpec) *guest {
 		s.files = append([]*os.File{f}, s.files...)
 		qmp = []string{"-chardev", "socket,id=charmonitor,fd=3,server=on,wait=off", "-mon", "chardev=charmonitor,id=monitor,mode=control"}
 	}
+	serial := []string{"-chardev", "file,id=ser0,path=" + g.serial + ",append=on"}
+	if s.serialFdset {
+		f, err := os.OpenFile(g.serial, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		s.files = append(s.files, f)
+		n := 3 + len(s.files) - 1 // ExtraFiles are fds 3, 4, …
+		serial = []string{"-add-fd", fmt.Sprintf("set=0,fd=%d,opaque=serial0-log", n), "-chardev", "file,id=ser0,path=/dev/fdset/0,append=on"}
+	}
 	argv = append(argv,
 		"-kernel", guestKernel, "-initrd", guestInitrd,
-		"-append", strings.Join(append([]string{"console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000"}, s.kargs...), " "),
-		"-chardev", "file,id=ser0,path="+g.serial+",append=on", "-serial", "chardev:ser0",
-		"-monitor", "none")
+		"-append", strings.Join(append([]string{"console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000"}, s.kargs...), " "))
+	argv = append(argv, serial...)
+	argv = append(argv, "-serial", "chardev:ser0", "-monitor", "none")
 	argv = append(argv, qmp...)
 	argv = append(argv, "-daemonize", "-pidfile", g.pidfile)
 	argv = append(argv, s.extra...)
@@ -277,6 +291,11 @@ func runLUWith(t testing.TB, bin string, env []string, args ...string) (int, str
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	if len(args) > 0 && args[0] != "check-kernel" {
+		// A lock of this test run's own: other runs on the machine (another
+		// checkout's tests) must not make ours wait or refuse.
+		args = append([]string{args[0], "--lock", filepath.Join(binDir, "liveupdate.lock")}, args[1:]...)
+	}
 	cmd := exec.CommandContext(ctx, filepath.Join(binDir, bin), args...)
 	cmd.Env = append(os.Environ(), env...)
 	var stdout, stderr strings.Builder

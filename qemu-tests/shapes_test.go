@@ -202,3 +202,27 @@ func TestLoadFailureSaysWhy(t *testing.T) {
 	t.Logf("the failure, as the operator reads it: …%s", strings.SplitN(errOut[i:], "\n", 2)[0])
 	g.checkContinues(before)
 }
+
+// TestFdsetLog: a guest whose serial log is passed as an -add-fd set of an
+// O_APPEND file (libvirt's way with its logs) is restarted both ways: the
+// new QEMU gets the very file and the guest's console goes on at its end.
+func TestFdsetLog(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "fdset", serialFdset: true, qmpFD: true})[0]
+	for _, seq := range []bool{false, true} {
+		before, _ := g.lastBeat()
+		state := t.TempDir()
+		args := []string{"restart-qemu", "--state-dir", state}
+		if seq {
+			args = append(args, "--sequential")
+		}
+		args = append(args, "fdset")
+		if code, _, errOut := runLU(t, args...); code != 0 {
+			t.Fatalf("restart-qemu (sequential %v): exit %d\n%s", seq, code, errOut)
+		}
+		g.checkContinues(before)
+	}
+	b, _ := os.ReadFile(g.serial)
+	if strings.Contains(string(b), "\x00") {
+		t.Errorf("the serial log has NULs: a QEMU wrote it at an offset, not at its end")
+	}
+}

@@ -132,6 +132,13 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 	if err := c.Execute(cctx, "query-memdev", nil, &f.Memdevs); err != nil {
 		return fail(err)
 	}
+	if len(p.Cmdline.Find("add-fd")) > 0 {
+		fds, err := r.fdsets(cctx, c, p.PID)
+		if err != nil {
+			return fail(err)
+		}
+		f.Fdsets = fds
+	}
 	return c, f
 }
 
@@ -152,4 +159,32 @@ func monitorPath(p *discover.Process, root hostpath.Root) (hostpath.QEMU, error)
 		return "", fmt.Errorf("cannot find the path of QMP socket fd %d", ep.FD)
 	}
 	return hostpath.Arg(root.QEMU(hostpath.Local(p.Cwd)), path), nil
+}
+
+// fdsets reads which fds QEMU holds in its -add-fd sets now, and what each
+// is (QEMU dups the fds it is given and closes their numbers).
+func (r *run) fdsets(ctx context.Context, c *qmp.Client, pid int) ([]preflight.FdsetFd, error) {
+	var sets []struct {
+		ID  int `json:"fdset-id"`
+		Fds []struct {
+			Fd     int    `json:"fd"`
+			Opaque string `json:"opaque"`
+		} `json:"fds"`
+	}
+	if err := c.Execute(ctx, "query-fdsets", nil, &sets); err != nil {
+		return nil, fmt.Errorf("query-fdsets: %w", err)
+	}
+	var out []preflight.FdsetFd
+	dir := filepath.Join(r.ProcRoot, fmt.Sprint(pid))
+	for _, s := range sets {
+		for _, f := range s.Fds {
+			x := preflight.FdsetFd{Set: s.ID, Fd: f.Fd, Opaque: f.Opaque, Flags: -1}
+			x.Target, _ = os.Readlink(filepath.Join(dir, "fd", fmt.Sprint(f.Fd)))
+			if b, err := os.ReadFile(filepath.Join(dir, "fdinfo", fmt.Sprint(f.Fd))); err == nil {
+				x.Flags = discover.ParseFdinfoFlags(string(b))
+			}
+			out = append(out, x)
+		}
+	}
+	return out, nil
 }

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
@@ -441,6 +443,8 @@ func (r *run) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*
 				f, err = os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
 			case qemuargv.FdChardev:
 				f, err = listenUnix(r.local(fd.SocketPath))
+			case qemuargv.FdFile:
+				f, err = reopenFile(r.local(fd.Path), fd.Flags)
 			default:
 				err = fmt.Errorf("fd %d of kind %s cannot be re-created", fd.Num, fd.Kind)
 			}
@@ -452,6 +456,18 @@ func (r *run) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*
 		files = append(files, f)
 	}
 	return files, opened, nil
+}
+
+// reopenFile opens a file of an -add-fd set again as its QEMU had it: the
+// access mode and the flags that change how it is written; never created
+// or truncated (it is the guest's log or disk).
+func reopenFile(path string, flags int) (*os.File, error) {
+	keep := unix.O_ACCMODE | unix.O_APPEND | unix.O_NONBLOCK | unix.O_DIRECT | unix.O_SYNC | unix.O_DSYNC | unix.O_NOATIME
+	f, err := os.OpenFile(path, flags&keep, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s again for its -add-fd set: %w", path, err)
+	}
+	return f, nil
 }
 
 func listenUnix(path string) (*os.File, error) {

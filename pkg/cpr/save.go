@@ -290,6 +290,23 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 			}
 			fd.SocketPath = hostpath.QEMU(p.Fds[old].SocketPath) // as bound: QEMU's view
 			t.files[fd.Num] = f
+		case qemuargv.FdFile:
+			// The very open file goes to the new QEMU: same offset, same
+			// flags (libvirt's logs are O_APPEND). Its name and flags are
+			// recorded to open it again after a kexec.
+			// QEMU holds it under another number now (query-fdsets).
+			set, opaque, nth := p.Cmdline.FdsetOf(ref)
+			held, ok := t.Facts.FdsetFile(set, opaque, nth)
+			if !ok {
+				return nil, fmt.Errorf("-add-fd fd=%d of fdset %d: QEMU does not hold it any more", old, set)
+			}
+			f, err := tapdev.DupFromProcess(p.PID, held.Fd)
+			if err != nil {
+				return nil, fmt.Errorf("taking over fd %d of fdset %d: %w", held.Fd, set, err)
+			}
+			fd.Path = r.Root.QEMU(hostpath.Local(held.Target))
+			fd.Flags = held.Flags
+			t.files[fd.Num] = f
 		case qemuargv.FdVhost:
 			// A vhost-net fd is bound to the old QEMU's memory: the new
 			// QEMU gets a fresh one.
@@ -546,6 +563,18 @@ func (r *run) quitOne(ctx context.Context, t *Target) error {
 	if err != nil && !errors.Is(err, qemuproc.ErrGone) {
 		return fmt.Errorf("%s: %w", t.Name(), err)
 	}
+	// A listening socket passed by fd (libvirt's monitor) goes on to the new
+	// QEMU, but the old one unlinks its path as it quits: the path is moved
+	// aside over the quit and back after.
+	var moved []string
+	for _, fd := range t.rec.Fds {
+		if fd.Kind == qemuargv.FdChardev && fd.SocketPath != "" {
+			if p := r.local(fd.SocketPath); os.Rename(p, p+asideSuffix) == nil {
+				moved = append(moved, p)
+			}
+		}
+	}
+	defer putBack(moved)
 	qctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	err = t.QMP.Execute(qctx, "quit", nil, nil)
 	cancel()

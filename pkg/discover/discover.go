@@ -223,6 +223,21 @@ func ParseCgroup(s string) string {
 	return ""
 }
 
+// ParseFdinfoFlags returns the open flags of an fdinfo ("flags:\t0102001",
+// octal); -1 when there is none.
+func ParseFdinfoFlags(fdinfo string) int {
+	for _, l := range strings.Split(fdinfo, "\n") {
+		if v, ok := strings.CutPrefix(l, "flags:"); ok {
+			n, err := strconv.ParseInt(strings.TrimSpace(v), 8, 64)
+			if err != nil {
+				return -1
+			}
+			return int(n)
+		}
+	}
+	return -1
+}
+
 // ParseTunFdinfo returns the interface name from a tun fd's fdinfo ("iff:").
 func ParseTunFdinfo(s string) string {
 	for _, l := range strings.Split(s, "\n") {

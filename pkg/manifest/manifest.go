@@ -161,6 +161,10 @@ type Fd struct {
 	TapPersist bool   `json:"tap_persist,omitempty"`
 	// Chardev: the unix socket path a listening socket was bound to.
 	SocketPath hostpath.QEMU `json:"socket_path,omitempty"`
+	// File (an -add-fd set's): the file and its open(2) flags, to open it
+	// again the same way after a kexec (a restart hands the very file over).
+	Path  hostpath.QEMU `json:"path,omitempty"`
+	Flags int           `json:"flags,omitempty"`
 }
 
 // Phase is one timed step of a run.

@@ -37,6 +37,37 @@ type Facts struct {
 	MachineType string // QOM type of /machine, e.g. "pc-i440fx-10.0-machine"
 	Status      string // query-status "status"
 	Memdevs     []Memdev
+	// Fdsets are the files of -add-fd sets as QEMU holds them now
+	// (query-fdsets): QEMU dups each fd it is given and closes the number
+	// on its command line, which then means something else.
+	Fdsets []FdsetFd
+}
+
+// FdsetFd is one fd of an fdset, as QEMU holds it, with what it is.
+type FdsetFd struct {
+	Set    int    `json:"set"`
+	Fd     int    `json:"fd"`
+	Opaque string `json:"opaque,omitempty"`
+	Target string `json:"target"` // readlink of /proc/PID/fd/Fd
+	Flags  int    `json:"flags"`  // fdinfo flags
+}
+
+// FdsetFile is the fd QEMU holds now for the ref-th -add-fd of set (its
+// order among the -add-fd options of that set, or its opaque when given).
+func (f Facts) FdsetFile(set int, opaque string, nth int) (FdsetFd, bool) {
+	var inSet []FdsetFd
+	for _, x := range f.Fdsets {
+		if x.Set == set {
+			if opaque != "" && x.Opaque == opaque {
+				return x, true
+			}
+			inSet = append(inSet, x)
+		}
+	}
+	if opaque == "" && nth < len(inSet) {
+		return inSet[nth], true
+	}
+	return FdsetFd{}, false
 }
 
 // Input is everything a verdict depends on.
@@ -177,10 +208,24 @@ func Check(in Input) Verdict {
 			bad("-%s %s=%s… names an fd by name or fdset: it cannot be passed to a new QEMU", c.Opts[r.Opt].Name, r.Key, r.Owner)
 		case r.Kind == qemuargv.FdOther:
 			bad("inherited fd %d (-%s %s of %q) is of a kind liveupdate cannot re-create", r.Num, c.Opts[r.Opt].Name, r.Key, r.Owner)
-		case fi.Target == "":
+		case fi.Target == "" && r.Kind != qemuargv.FdFile:
 			bad("the command line names fd %d (%s of %q) but QEMU has no such fd open", r.Num, r.Key, r.Owner)
 		case r.Kind == qemuargv.FdTap && fi.TapName == "":
 			bad("fd %d of netdev %q is %s, not a tap device", r.Num, r.Owner, fi.Target)
+		case r.Kind == qemuargv.FdFile:
+			// QEMU closed the number on its command line; what it holds is
+			// in query-fdsets (Facts.Fdsets).
+			if in.Facts.QMPErr != nil {
+				break
+			}
+			set, opaque, nth := c.FdsetOf(r)
+			f, ok := in.Facts.FdsetFile(set, opaque, nth)
+			switch {
+			case !ok:
+				bad("-add-fd fd=%d of fdset %d: QEMU does not hold it any more (query-fdsets): it cannot be handed to a new QEMU", r.Num, set)
+			case !filepath.IsAbs(f.Target):
+				bad("-add-fd fd=%d of fdset %d is %s, not a file: it cannot be opened again", r.Num, set, f.Target)
+			}
 		case r.Kind == qemuargv.FdChardev && fi.SocketPath == "":
 			bad("fd %d of chardev %q is not a bound unix socket (%s)", r.Num, r.Owner, fi.Target)
 		}

@@ -55,8 +55,19 @@ func TestCheck(t *testing.T) {
 			fds: map[int]discover.FdInfo{7: {Target: "/dev/null"}}, want: "not a tap device"},
 		{name: "tap fd ok", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7,vhost=on,vhostfd=8"),
 			fds: map[int]discover.FdInfo{7: {Target: "/dev/net/tun", TapName: "vnet0"}, 8: {Target: "/dev/vhost-net"}}},
-		{name: "fdset", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"),
-			fds: map[int]discover.FdInfo{9: {Target: "/x"}}, want: "cannot re-create"},
+		// libvirt passes its logs as -add-fd sets of files: handed over.
+		// libvirt passes its logs as -add-fd sets of files: handed over.
+		// QEMU dups the fd and closes fd=9 (which then is something else):
+		// what it holds is in query-fdsets.
+		{name: "fdset of a file", argv: append(append([]string{}, good...), "-add-fd", "set=0,fd=9,opaque=serial0-log", "-chardev", "file,id=s0,path=/dev/fdset/0,append=on"),
+			facts: func(f *Facts) {
+				f.Fdsets = []FdsetFd{{Set: 0, Fd: 31, Opaque: "serial0-log", Target: "/var/log/libvirt/qemu/vm1-serial0.log", Flags: 02102001}}
+			}},
+		{name: "fdset of a pipe", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"),
+			facts: func(f *Facts) { f.Fdsets = []FdsetFd{{Set: 1, Fd: 30, Target: "pipe:[1234]"}} }, want: "not a file"},
+		{name: "fdset gone", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"), want: "does not hold it any more"},
+		{name: "netdev socket fd", argv: append(append([]string{}, good...), "-netdev", "socket,id=s0,fd=9"),
+			fds: map[int]discover.FdInfo{9: {Target: "socket:[1]"}}, want: "cannot re-create"},
 		{name: "missing fd", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7"), want: "no such fd open"},
 		{name: "no room", argv: good, free: 1 << 20, want: "need at least 64 MiB"},
 		{name: "relative kernel after -daemonize", argv: append(append([]string{}, good...), "-daemonize", "-kernel", "boot/vmlinuz"),

@@ -214,7 +214,8 @@ const (
 	FdTap     FdKind = "tap"       // -netdev tap,fd=/fds=
 	FdVhost   FdKind = "vhost-net" // -netdev tap,vhostfd=/vhostfds=
 	FdChardev FdKind = "chardev"   // -chardev socket,fd=
-	FdOther   FdKind = "other"     // anything else (-add-fd, -netdev socket,fd=, …)
+	FdFile    FdKind = "file"      // -add-fd fd=N,set=S: a file QEMU opens as /dev/fdset/S (libvirt's logs)
+	FdOther   FdKind = "other"     // anything else (-netdev socket,fd=, …)
 )
 
 // FdRef is one place in the command line that names an inherited fd.
@@ -276,11 +277,38 @@ func (c *Cmdline) fdRefsOf(i int, p *Props) []FdRef {
 				if b, _ := p.Get("backend"); b == "socket" {
 					r.Kind = FdChardev
 				}
+			case "add-fd":
+				if set, ok := p.Get("set"); ok && key == "fd" {
+					r.Kind, r.Owner = FdFile, "fdset "+set
+				}
 			}
 			out = append(out, r)
 		}
 	}
 	return out
+}
+
+// FdsetOf tells, for an -add-fd reference, its set, its opaque and its
+// place among the -add-fd options of that set.
+func (c *Cmdline) FdsetOf(r FdRef) (set int, opaque string, nth int) {
+	p, err := c.Opts[r.Opt].Props()
+	if err != nil {
+		return -1, "", 0
+	}
+	sv, _ := p.Get("set")
+	set, _ = strconv.Atoi(sv)
+	opaque, _ = p.Get("opaque")
+	for _, i := range c.Find("add-fd") {
+		if i >= r.Opt {
+			break
+		}
+		if q, err := c.Opts[i].Props(); err == nil {
+			if v, _ := q.Get("set"); v == sv {
+				nth++
+			}
+		}
+	}
+	return set, opaque, nth
 }
 
 // Chardev is one -chardev.
