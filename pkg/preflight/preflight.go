@@ -37,6 +37,10 @@ type Facts struct {
 	MachineType string // QOM type of /machine, e.g. "pc-i440fx-10.0-machine"
 	Status      string // query-status "status"
 	Memdevs     []Memdev
+	// Runtime is QEMU's devices and block graph (nil: not asked, as in
+	// tests that are not about them); RuntimeErr, why they could not be.
+	Runtime    *Runtime
+	RuntimeErr error
 }
 
 // Input is everything a verdict depends on.
@@ -128,6 +132,7 @@ func Check(in Input) Verdict {
 			bad("device %s (VFIO passthrough) is not supported yet: its state cannot be saved by cpr-reboot without suspending the guest", d)
 		}
 	}
+	checkDrift(in, bad, note)
 	if len(c.Find("snapshot")) > 0 {
 		bad("-snapshot: the guest's disk writes live in a temporary overlay that quitting QEMU discards")
 	}
