@@ -114,7 +114,7 @@ func TestFaults(t *testing.T) {
 func recoverAll(t *testing.T, state string) {
 	t.Helper()
 	code, out, errOut := runLU(t, "recover", "--state-dir", state)
-	if code == 3 { // refused: who holds the lock, for the log
+	if code == exitRefusedCode { // who holds the lock, for the log
 		o, _ := exec.Command("sh", "-c", "for p in /proc/[0-9]*; do ls -l $p/fd 2>/dev/null | grep -q liveupdate.lock && { echo $p; cat $p/cmdline | tr '\\0' ' '; echo; cat $p/status | grep -E 'State|PPid'; }; done").CombinedOutput()
 		t.Logf("processes holding the lock:\n%s", o)
 	}

@@ -139,7 +139,31 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 		}
 		f.Fdsets = fds
 	}
+	f.Runtime, f.RuntimeErr = runtimeConfig(cctx, c)
 	return c, f
+}
+
+// runtimeConfig asks QEMU for its devices and block graph, which preflight
+// compares with the command line (hot-plug, external snapshots, jobs).
+func runtimeConfig(ctx context.Context, c *qmp.Client) (*preflight.Runtime, error) {
+	rt := &preflight.Runtime{}
+	for _, q := range []struct {
+		cmd  string
+		args any
+		out  any
+	}{
+		{"query-block", nil, &rt.Block},
+		{"query-named-block-nodes", map[string]any{"flat": true}, &rt.BlockNodes},
+		{"qom-list", map[string]any{"path": "/machine/peripheral"}, &rt.Peripheral},
+		{"qom-list", map[string]any{"path": "/machine/peripheral-anon"}, &rt.PeripheralAnon},
+		{"query-block-jobs", nil, &rt.BlockJobs},
+		{"query-memory-devices", nil, &rt.MemoryDevices},
+	} {
+		if err := c.Execute(ctx, q.cmd, q.args, q.out); err != nil {
+			return nil, fmt.Errorf("%s: %w", q.cmd, err)
+		}
+	}
+	return rt, nil
 }
 
 // monitorPath is the path of the QEMU's QMP socket, as the QEMU sees it: a

@@ -41,6 +41,10 @@ type Facts struct {
 	// (query-fdsets): QEMU dups each fd it is given and closes the number
 	// on its command line, which then means something else.
 	Fdsets []FdsetFd
+	// Runtime is QEMU's devices and block graph (nil: not asked, as in
+	// tests that are not about them); RuntimeErr, why they could not be.
+	Runtime    *Runtime
+	RuntimeErr error
 }
 
 // FdsetFd is one fd of an fdset, as QEMU holds it, with what it is.
@@ -196,6 +200,7 @@ func Check(in Input) Verdict {
 			bad("device %s (VFIO passthrough) is not supported yet: its state cannot be saved by cpr-reboot without suspending the guest", d)
 		}
 	}
+	checkDrift(in, bad, note)
 	if len(c.Find("snapshot")) > 0 {
 		bad("-snapshot: the guest's disk writes live in a temporary overlay that quitting QEMU discards")
 	}

@@ -1,6 +1,7 @@
 package qemuargv
 
 import (
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
@@ -448,4 +449,106 @@ func (c *Cmdline) InputFiles() []FileRef {
 		}
 	}
 	return out
+}
+
+// DeviceArg is one -device: its driver, id and the drive= it attaches.
+type DeviceArg struct {
+	Driver, ID, Drive string
+}
+
+// DeviceArgs lists the -device options.
+func (c *Cmdline) DeviceArgs() []DeviceArg {
+	var out []DeviceArg
+	for _, i := range c.Find("device") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		var d DeviceArg
+		d.Driver, _ = p.Get("driver")
+		d.ID, _ = p.Get("id")
+		d.Drive, _ = p.Get("drive")
+		out = append(out, d)
+	}
+	return out
+}
+
+// BlockArg is one block option: -drive, a shorthand that makes one (-hda,
+// -cdrom, a positional image, …) or -blockdev.
+type BlockArg struct {
+	Option    string // "drive", "blockdev", "hda", "cdrom", …
+	ID        string // -drive id= or -blockdev node-name= ("" if none)
+	Driver    string // driver= (or -drive format=)
+	File      string // the image: -drive file=, -blockdev filename=, the shorthand's value
+	Child     string // -blockdev: the node-name its file= child refers to
+	Interface string // -drive if= ("" if not given)
+	Media     string // -drive media=
+	Snapshot  bool   // -drive snapshot=on
+}
+
+var driveShorthands = map[string]bool{"hda": true, "hdb": true, "hdc": true, "hdd": true, "cdrom": true,
+	"fda": true, "fdb": true, "mtdblock": true, "sd": true, "pflash": true}
+
+// BlockArgs lists the block options in order.
+func (c *Cmdline) BlockArgs() []BlockArg {
+	var out []BlockArg
+	for _, o := range c.Opts {
+		switch {
+		case o.Name == "" || driveShorthands[o.Name]:
+			opt := o.Name
+			if opt == "" {
+				opt = "hda" // a positional argument is the first disk
+			}
+			out = append(out, BlockArg{Option: opt, File: o.Value})
+		case o.Name == "drive" || o.Name == "blockdev":
+			p, err := o.Props()
+			if err != nil {
+				continue
+			}
+			b := BlockArg{Option: o.Name}
+			if o.Name == "drive" {
+				b.ID, _ = p.Get("id")
+				b.Driver, _ = p.Get("format")
+				b.File, _ = p.Get("file")
+				if f, ok := p.Get("file.filename"); ok {
+					b.File = f
+				}
+				b.Interface, _ = p.Get("if")
+				b.Media, _ = p.Get("media")
+				b.Snapshot = p.Bool("snapshot", false)
+			} else {
+				b.ID, _ = p.Get("node-name")
+				b.Driver, _ = p.Get("driver")
+				b.File, _ = p.Get("filename")
+				child, _ := p.Get("file")
+				if f, ok := p.Get("file.filename"); ok {
+					b.File = f
+				} else if strings.HasPrefix(child, "{") {
+					b.File = NestedFilename(child)
+				} else {
+					b.Child = child
+				}
+			}
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// NestedFilename finds the filename of a block node given inline as JSON
+// ({"driver":"qcow2","file":{"driver":"file","filename":…}}, as -blockdev
+// takes it and QEMU reports it after "json:"), following
+// the file children down.
+func NestedFilename(js string) string {
+	var m map[string]any
+	if json.Unmarshal([]byte(js), &m) != nil {
+		return ""
+	}
+	for m != nil {
+		if f, ok := m["filename"].(string); ok {
+			return f
+		}
+		m, _ = m["file"].(map[string]any)
+	}
+	return ""
 }

@@ -144,6 +144,14 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		}
 	}
 
+	// Every file a guest opens must be on a filesystem PID 1 mounts.
+	for _, t := range ts {
+		files := guestFiles(t.Proc, t.Facts.Runtime)
+		for _, pr := range unreachable(files, o.MountsFile, local, local("/"), p.PMEMDevice, resolveLink, inMemory(t.Proc, o.MountsFile, local)) {
+			bad("%s: %s", t.Name(), pr)
+		}
+	}
+
 	// Kernel and initramfs.
 	for _, f := range []struct{ what, path string }{{"kernel", o.Kernel}, {"initramfs", o.Initrd}} {
 		if f.path == "" {
@@ -257,6 +265,15 @@ func memmaps(words []string) []string {
 		}
 	}
 	return out
+}
+
+// resolveLink follows a path's symbolic links ("" if it cannot).
+func resolveLink(path string) string {
+	r, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return ""
+	}
+	return r
 }
 
 // configFor finds the config of a kernel image: /boot/config-VER next to

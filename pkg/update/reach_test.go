@@ -1,0 +1,89 @@
+package update
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/preflight"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+)
+
+func TestGuestFiles(t *testing.T) {
+	c, err := qemuargv.Parse([]string{"qemu", "-kernel", "/boot/vmlinuz", "-drive", "file=disk.img,if=virtio,format=raw",
+		"-object", "memory-backend-file,id=r,size=1M,share=on,mem-path=/mnt/pmem/r"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rt := &preflight.Runtime{BlockNodes: []preflight.BlockNode{
+		{NodeName: "#block1", Drv: "qcow2", File: "/var/lib/vm/overlay.qcow2"},
+		{NodeName: "#block2", Drv: "file", File: "/var/lib/vm/overlay.qcow2"},
+		{NodeName: "#block3", Drv: "file", File: "/data/base.img"}, // a backing file
+		{NodeName: "#block4", Drv: "file", File: "disk.img"},       // the -drive's, relative
+		{NodeName: "nbd0", Drv: "nbd", File: "nbd://srv/x"},
+	}}
+	var got []string
+	for _, f := range guestFiles(&discover.Process{Cmdline: c, Cwd: "/var/lib/vm"}, rt) {
+		got = append(got, f.Option+" "+f.Path)
+	}
+	want := []string{"-kernel /boot/vmlinuz", "-drive  file /var/lib/vm/disk.img", "block node #block2 /var/lib/vm/overlay.qcow2", "block node #block3 /data/base.img"}
+	if !slices.Equal(got, want) {
+		t.Errorf("guestFiles = %q, want %q", got, want)
+	}
+}
+
+func TestUnreachable(t *testing.T) {
+	table := "/dev/vda / ext4 rw 0 0\ndevtmpfs /dev devtmpfs rw 0 0\n/dev/pmem0 /mnt/pmem ext4 rw,dax=always 0 0\n" +
+		"/dev/vdb /data ext4 rw 0 0\n/dev/mapper/vg-lv /srv xfs rw 0 0\nsrv:/export /nfs nfs4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n" +
+		"/dev/md0 /var/lib/images ext4 rw 0 0\n"
+	// As PID 1 of a first update sees it: the host root under /newroot.
+	nested := "rootfs / rootfs rw 0 0\n/dev/vda /newroot ext4 rw 0 0\n/dev/pmem0 /mnt/pmem ext4 rw,dax=always 0 0\n" +
+		"/dev/pmem0 /newroot/mnt/pmem ext4 rw,dax=always 0 0\n/dev/vdb /newroot/data ext4 rw 0 0\n"
+	links := map[string]string{"/dev/vg/lv": "/dev/dm-3"}
+	tests := []struct {
+		name, table, root, file string
+		want                    []string // substrings of the one problem; none: reachable
+	}{
+		{name: "root filesystem", table: table, root: "/", file: "/var/lib/vm/disk.img"},
+		{name: "PMEM", table: table, root: "/", file: "/mnt/pmem/vm/disk.img"},
+		{name: "another disk", table: table, root: "/", file: "/data/disk.img",
+			want: []string{"-drive x /data/disk.img is on the filesystem mounted on /data (/dev/vdb, ext4)", "does not mount", "Move it to the root filesystem or PMEM", "/etc/fstab"}},
+		{name: "LVM filesystem", table: table, root: "/", file: "/srv/disk.img", want: []string{"mounted on /srv (/dev/mapper/vg-lv, xfs)"}},
+		{name: "MD filesystem", table: table, root: "/", file: "/var/lib/images/a.qcow2", want: []string{"mounted on /var/lib/images (/dev/md0, ext4)"}},
+		{name: "NFS", table: table, root: "/", file: "/nfs/disk.img", want: []string{"mounted on /nfs (srv:/export, nfs4)"}},
+		{name: "tmpfs", table: table, root: "/", file: "/tmp/disk.img", want: []string{"mounted on /tmp (tmpfs, tmpfs)"}},
+		{name: "tmpfs reported by kexecLosses", table: table, root: "/", file: "/tmp/skip.img"},
+		{name: "host block device", table: table, root: "/", file: "/dev/sdb"},
+		{name: "LVM volume", table: table, root: "/", file: "/dev/vg/lv", want: []string{"/dev/vg/lv is a device-mapper or MD device (dm-3)"}},
+		{name: "MD device", table: table, root: "/", file: "/dev/md127", want: []string{"device-mapper or MD device (md127)"}},
+		{name: "under PID 1: host root", table: nested, root: "/newroot", file: "/var/lib/vm/disk.img"},
+		{name: "under PID 1: PMEM", table: nested, root: "/newroot", file: "/mnt/pmem/vm/disk.img"},
+		{name: "under PID 1: another disk", table: nested, root: "/newroot", file: "/data/disk.img", want: []string{"mounted on /newroot/data (/dev/vdb, ext4)"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			mf := filepath.Join(t.TempDir(), "mounts")
+			if err := os.WriteFile(mf, []byte(tt.table), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			local := func(p string) string { return filepath.Join(tt.root, p) }
+			got := unreachable([]qemuargv.FileRef{{Option: "-drive x", Path: tt.file}}, mf, local, local("/"), "/dev/pmem0",
+				func(p string) string { return links[p] },
+				func(f qemuargv.FileRef) bool { return f.Path == "/tmp/skip.img" })
+			switch {
+			case len(tt.want) == 0 && len(got) > 0:
+				t.Fatalf("refused: %q", got)
+			case len(tt.want) > 0 && len(got) != 1:
+				t.Fatalf("got %q, want one problem saying %q", got, tt.want)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(got[0], w) {
+					t.Errorf("%q does not say %q", got[0], w)
+				}
+			}
+		})
+	}
+}
