@@ -90,6 +90,10 @@ func TestFaults(t *testing.T) {
 	}
 }
 
+// exitRefusedCode is the CLI's exit status for a refusal (init/cli.go's
+// exitRefused), here: another run holds the lock.
+const exitRefusedCode = 3
+
 // recoverAll runs recover twice: the first brings every guest back, the
 // second must find all of them running and change nothing.
 func recoverAll(t *testing.T, state string) {
