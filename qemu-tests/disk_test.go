@@ -271,7 +271,9 @@ var diskShapes = []diskSpec{
 	{format: "raw", frontend: "blockdev", cache: "writeback", aio: "threads"},
 }
 
-// TestRestartDiskShapes restarts one guest per disk shape twice — the
+// TestRestartDiskShapes checks plan finds each shape's image (it refuses
+// while the image is moved away), then restarts one guest per disk shape
+// twice — the
 // early-start way, then --sequential — while its disk writer runs, and
 // checks after each restart that it still acknowledges writes and that
 // every record it acknowledged is on the image, intact; at the end its
@@ -284,6 +286,19 @@ func TestRestartDiskShapes(t *testing.T) {
 			g := bootAll(t, guestSpec{name: fmt.Sprintf("ds%d", i), disk: &d})[0]
 			if code, out, _ := runLU(t, "plan", g.name); code != 0 {
 				t.Skipf("DISKSHAPE %s | liveupdate plan refuses it (exit %d): %s", d, code, strings.TrimSpace(out))
+			}
+			// plan finds the image on the command line, also in libvirt's
+			// JSON -blockdev: with it gone, a restarted QEMU could not
+			// start, and plan says so.
+			if err := os.Rename(g.image, g.image+".gone"); err != nil {
+				t.Fatal(err)
+			}
+			code, out, _ := runLU(t, "plan", g.name)
+			if err := os.Rename(g.image+".gone", g.image); err != nil {
+				t.Fatal(err)
+			}
+			if code != 3 || !strings.Contains(out, g.image+" cannot be found") {
+				t.Errorf("plan with the image %s gone: exit %d, not refused naming it:\n%s", g.image, code, out)
 			}
 			for _, mode := range []string{"early", "sequential"} {
 				last, _ := g.lastBeat()
