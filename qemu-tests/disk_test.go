@@ -210,11 +210,25 @@ func (g *guest) checkDisk() int {
 	if g.disk.format != "raw" {
 		img = filepath.Join(g.t.TempDir(), "disk.raw")
 		args := []string{"convert", "-f", g.disk.format, "-O", "raw", g.image, img}
-		if alive(g.pid()) {
+		running := alive(g.pid())
+		if running {
 			args = append([]string{"convert", "-U"}, args[1:]...)
 		}
-		if out, err := exec.Command("qemu-img", args...).CombinedOutput(); err != nil {
-			g.t.Fatalf("%s: qemu-img %s: %v %s", g.name, strings.Join(args, " "), err, out)
+		// A QEMU just SIGKILLed was once seen to hold its image lock a
+		// moment after it no longer showed as alive (qcow2, aio=native,
+		// iothread; why not established — in-flight AIO ending before
+		// the files close is a guess): try again briefly, and name the
+		// holders if it persists.
+		for start := time.Now(); ; {
+			out, err := exec.Command("qemu-img", args...).CombinedOutput()
+			if err == nil {
+				break
+			}
+			if running || !strings.Contains(string(out), "lock") || time.Since(start) > 10*time.Second {
+				holders, _ := exec.Command("fuser", "-v", g.image).CombinedOutput()
+				g.t.Fatalf("%s: qemu-img %s: %v %s\nholders of the image:\n%s", g.name, strings.Join(args, " "), err, out, holders)
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 		defer os.Remove(img)
 	}
