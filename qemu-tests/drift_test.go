@@ -87,6 +87,3 @@ func qmpTry(g *guest, cmd string, args any) error {
 	defer c.Close()
 	return c.Execute(ctx, cmd, args, nil)
 }
-
-// exitRefusedCode is liveupdate's exit code for a refusal (nothing touched).
-const exitRefusedCode = 3

@@ -17,10 +17,16 @@ import (
 // a QEMU dying by itself after its save, the manifest write interrupted —
 // then `liveupdate recover`, twice. Afterwards every guest runs: heartbeat
 // continuing, same boot id, memory checksum intact; the second recover
-// changes nothing. The binary is built with the faultinject tag; normal
-// builds have no hook.
+// changes nothing; every write a guest acknowledged is on its disk, and
+// its disk writer goes on (disk_test.go). The binary is built with the
+// faultinject tag; normal builds have no hook.
 func TestFaults(t *testing.T) {
-	gs := bootAll(t, guestSpec{name: "f1"}, guestSpec{name: "f2"}, guestSpec{name: "f3"})
+	// Each guest writes to a disk of another shape, and every case checks
+	// every write the guest was told is stable is on its image.
+	gs := bootAll(t,
+		guestSpec{name: "f1", disk: &diskSpec{format: "raw", frontend: "drive", cache: "none", aio: "native"}},
+		guestSpec{name: "f2", disk: &diskSpec{format: "qcow2", frontend: "blockdev", iothread: true, cache: "writeback", aio: "threads"}},
+		guestSpec{name: "f3", disk: &diskSpec{format: "raw", frontend: "drive", cache: "none", aio: "io_uring", refusal: "io_uring"}})
 	names := []string{"f1", "f2", "f3"}
 	// Each guest's own migration set-up differs from QEMU's defaults, so
 	// that giving it back (and not the defaults) is seen: whatever the run
@@ -108,6 +114,10 @@ func TestFaults(t *testing.T) {
 		})
 	}
 }
+
+// exitRefusedCode is the CLI's exit status for a refusal (init/cli.go's
+// exitRefused), here: another run holds the lock.
+const exitRefusedCode = 3
 
 // recoverAll runs recover twice: the first brings every guest back, the
 // second must find all of them running and change nothing.

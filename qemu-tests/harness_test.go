@@ -101,6 +101,8 @@ type guest struct {
 	qmp     string
 	ramFile []string
 	pidfile string
+	disk    *diskSpec // the guest's disk, if it has one
+	image   string    // its image on the host
 }
 
 // guestSpec shapes a guest's command line.
@@ -118,6 +120,10 @@ type guestSpec struct {
 	// serialFdset: the serial log is opened by the test (O_APPEND) and
 	// passed as an -add-fd set, as libvirt passes its logs.
 	serialFdset bool
+	// disk: a virtio-blk disk in this shape, with the guest's disk writer
+	// on it (hb.disk=/dev/vda); checkContinues then also checks every
+	// acknowledged record (disk_test.go).
+	disk *diskSpec
 }
 
 func startGuest(t testing.TB, s guestSpec) *guest {
@@ -174,17 +180,28 @@ func startGuest(t testing.TB, s guestSpec) *guest {
 	}
 	argv = append(argv,
 		"-kernel", guestKernel, "-initrd", guestInitrd,
-		"-append", strings.Join(append([]string{"console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000"}, s.kargs...), " "))
+		"-append", strings.Join(append(append([]string{"console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000"}, diskKargs(s.disk)...), s.kargs...), " "))
 	argv = append(argv, serial...)
 	argv = append(argv, "-serial", "chardev:ser0", "-monitor", "none")
 	argv = append(argv, qmp...)
 	argv = append(argv, "-daemonize", "-pidfile", g.pidfile)
+	if s.disk != nil {
+		img, err := s.disk.createImage(g.dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		g.disk, g.image = s.disk, img
+		argv = append(argv, s.disk.args(img)...)
+	}
 	argv = append(argv, s.extra...)
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Dir = g.dir
 	cmd.ExtraFiles = s.files
 	start := func() error {
 		out, err := cmd.CombinedOutput()
+		if err != nil && s.disk != nil && s.disk.refusal != "" && strings.Contains(string(out), s.disk.refusal) {
+			t.Skipf("QEMU refuses the disk shape %s: %s", s.disk, strings.TrimSpace(string(out)))
+		}
 		if err != nil {
 			return fmt.Errorf("starting QEMU: %v\n%s", err, out)
 		}
@@ -224,11 +241,12 @@ func (g *guest) kill() {
 	}
 }
 
-// beat is one heartbeat line.
+// beat is one heartbeat line, with the disk writer's last ACK then.
 type beat struct {
 	seq  uint64
 	boot string
 	mem  string
+	ack  uint64
 }
 
 var beatRE = regexp.MustCompile(`HB seq=(\d+) boot=(\S+) up=\S+ mem=(\S+)`)
@@ -240,14 +258,18 @@ func (g *guest) lastBeat() (beat, bool) {
 	}
 	defer f.Close()
 	var last beat
+	var ack uint64
 	ok := false
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
 		if m := beatRE.FindStringSubmatch(sc.Text()); m != nil {
 			n, _ := strconv.ParseUint(m[1], 10, 64)
 			last, ok = beat{seq: n, boot: m[2], mem: m[3]}, true
+		} else if m := ackRE.FindStringSubmatch(sc.Text()); m != nil {
+			ack, _ = strconv.ParseUint(m[1], 10, 64)
 		}
 	}
+	last.ack = ack
 	return last, ok
 }
 
@@ -267,7 +289,9 @@ func (g *guest) waitBeat(after uint64, d time.Duration) beat {
 }
 
 // checkContinues asserts the guest keeps beating past before, with the same
-// boot id and an intact memory checksum.
+// boot id and an intact memory checksum; a guest with a disk also goes on
+// acknowledging writes past before's, and every record it acknowledged is
+// on its image, intact.
 func (g *guest) checkContinues(before beat) beat {
 	g.t.Helper()
 	b := g.waitBeat(before.seq+3, 60*time.Second)
@@ -276,6 +300,11 @@ func (g *guest) checkContinues(before beat) beat {
 	}
 	if b.mem != "ok" {
 		g.t.Fatalf("%s: guest memory checksum is %q after restart", g.name, b.mem)
+	}
+	if g.disk != nil {
+		g.checkAcksContinue(before.ack)
+		g.t.Logf("%s: disk %s: ACKs went on past %d; all %d acknowledged records on the image, intact", g.name, g.disk, before.ack, g.checkDisk())
+		b, _ = g.lastBeat()
 	}
 	return b
 }
@@ -287,7 +316,25 @@ func runLU(t testing.TB, args ...string) (int, string, string) {
 }
 
 // runLUWith runs one of the built liveupdate binaries with more environment.
+//
+// The run lock (/run/liveupdate.lock) is host-wide: a liveupdate of another
+// test suite running on the same machine makes ours refuse with exit 3. No
+// test here holds the lock while it runs a command, so such a refusal is
+// always someone else's run: wait for it to end and try again (up to five
+// minutes), saying so in the log.
 func runLUWith(t testing.TB, bin string, env []string, args ...string) (int, string, string) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Minute); ; {
+		code, stdout, stderr := runLUOnce(t, bin, env, args...)
+		if code != 3 || !strings.Contains(stderr, "another liveupdate is running") || time.Now().After(deadline) {
+			return code, stdout, stderr
+		}
+		t.Logf("the run lock is held by another suite's liveupdate: trying again")
+		time.Sleep(time.Second)
+	}
+}
+
+func runLUOnce(t testing.TB, bin string, env []string, args ...string) (int, string, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()

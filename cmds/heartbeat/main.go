@@ -19,6 +19,11 @@
 //     open across an update) and a state server on port 7008 that answers
 //     every connection with one heartbeat line plus the guest's wall clock
 //     ("time=UNIX_NANOS"), so a test can watch the guest from the network;
+//   - with hb.disk=DEV (e.g. /dev/vda): a disk writer (disk.go) writing
+//     numbered records to the raw device with O_DIRECT, an fdatasync after
+//     each, and "ACK n" on the console once record n is stable — one every
+//     hb.disk_ms (default 80 ms) — so a test can check every acknowledged
+//     write survived an update;
 //   - the QEMU guest agent (qemu-ga, from the initramfs) on the virtio-serial
 //     port named org.qemu.guest_agent.0, if the VM has one: the host fixes
 //     the guest's clock through it after an update.
@@ -42,10 +47,12 @@ type config struct {
 	memMiB   int           // size of the checked RAM block
 	check    time.Duration // between checksum verifications
 	ip       string        // hb.ip: address for eth0 (CIDR); "" = no network
+	disk     string        // hb.disk: block device for the disk writer; "" = none
+	diskGap  time.Duration // hb.disk_ms: pause after each acknowledged record
 }
 
 func parseConfig(cmdline string) config {
-	c := config{interval: 200 * time.Millisecond, memMiB: 32, check: 2 * time.Second}
+	c := config{interval: 200 * time.Millisecond, memMiB: 32, check: 2 * time.Second, diskGap: 80 * time.Millisecond}
 	for _, f := range strings.Fields(cmdline) {
 		k, v, ok := strings.Cut(f, "=")
 		if !ok {
@@ -62,6 +69,12 @@ func parseConfig(cmdline string) config {
 			}
 		case "hb.ip":
 			c.ip = v
+		case "hb.disk":
+			c.disk = v
+		case "hb.disk_ms":
+			if n, err := strconv.Atoi(v); err == nil && n > 0 {
+				c.diskGap = time.Duration(n) * time.Millisecond
+			}
 		case "hb.check_ms":
 			if n, err := strconv.Atoi(v); err == nil && n > 0 {
 				c.check = time.Duration(n) * time.Millisecond
@@ -96,6 +109,9 @@ func main() {
 			})
 			fmt.Fprintf(out, "HEARTBEAT network %s up: echo :7007, state :7008\n", cfg.ip)
 		}
+	}
+	if cfg.disk != "" {
+		go runDiskWriter(out, cfg.disk, cfg.diskGap, bootID)
 	}
 	go runGuestAgent(out)
 
