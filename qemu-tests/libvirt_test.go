@@ -297,13 +297,13 @@ func readFile(t testing.TB, p string) string {
 
 // qmpTranscript connects to a QMP socket and sends each command, returning
 // everything QEMU said (greeting, events, replies), one JSON line each.
-func qmpTranscript(path string, cmds ...string) (string, error) {
+func qmpTranscript(path string, d time.Duration, cmds ...string) (string, error) {
 	c, err := net.DialTimeout("unix", path, 5*time.Second)
 	if err != nil {
 		return "", err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(20 * time.Second))
+	c.SetDeadline(time.Now().Add(d))
 	r := bufio.NewReader(c)
 	var b strings.Builder
 	line, err := r.ReadString('\n')
@@ -464,7 +464,7 @@ func TestLibvirtFacts(t *testing.T) {
 			mon.WriteString(l + "\n")
 		}
 	}
-	tr, err := qmpTranscript(g.qmp, `{"execute":"qmp_capabilities"}`)
+	tr, err := qmpTranscript(g.qmp, 3*time.Second, `{"execute":"qmp_capabilities"}`)
 	fmt.Fprintf(&mon, "\n== with libvirtd running: connect + qmp_capabilities\n%serr=%v\n", tr, err)
 
 	// libvirtd stopped: the guest's QEMU lives on.
@@ -475,7 +475,7 @@ func TestLibvirtFacts(t *testing.T) {
 	b := g.checkContinues(first)
 	lu("plan-libvirtd-stopped.txt", "plan", "--json", name)
 	port := freePort(t)
-	tr, err = qmpTranscript(g.qmp, `{"execute":"qmp_capabilities"}`, `{"execute":"query-status"}`,
+	tr, err = qmpTranscript(g.qmp, 20*time.Second, `{"execute":"qmp_capabilities"}`, `{"execute":"query-status"}`,
 		`{"execute":"query-fdsets"}`, `{"execute":"query-vnc"}`,
 		fmt.Sprintf(`{"execute":"display-update","arguments":{"type":"vnc","addresses":[{"type":"inet","host":"127.0.0.1","port":"%d"}]}}`, port),
 		`{"execute":"query-vnc"}`)
@@ -542,7 +542,7 @@ func displayUpdateOnVNCNone(t testing.TB) string {
 		}
 		p, _ := strconv.Atoi(strings.TrimSpace(readFile(t, pidf)))
 		port := freePort(t)
-		tr, err := qmpTranscript(sock, `{"execute":"qmp_capabilities"}`, `{"execute":"query-vnc"}`,
+		tr, err := qmpTranscript(sock, 20*time.Second, `{"execute":"qmp_capabilities"}`, `{"execute":"query-vnc"}`,
 			fmt.Sprintf(`{"execute":"display-update","arguments":{"type":"vnc","addresses":[{"type":"inet","host":"127.0.0.1","port":"%d"}]}}`, port),
 			`{"execute":"query-vnc"}`)
 		fmt.Fprintf(&b, "== qemu %s\n%serr=%v\n", strings.Join(args, " "), tr, err)
@@ -575,4 +575,19 @@ func writeFixtures(t testing.TB, dir string, facts map[string]string) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// TestLibvirtIneligible: a domain without <memoryBacking> has its RAM in a
+// memory-backend-ram; plan refuses it, naming the backend.
+func TestLibvirtIneligible(t *testing.T) {
+	lv := startLibvirt(t)
+	const name = "lu-lv-noshare"
+	g, _ := lv.startDomain(t, domSpec{name: name, noSharedRAM: true})
+	g.waitBeat(3, 120*time.Second)
+	lv.stopLibvirtd()
+	code, out, _ := runLU(t, "plan", "--json", name)
+	if code != 3 || !strings.Contains(out, "pc.ram") {
+		t.Errorf("plan on a domain without shared RAM: exit %d, want 3 naming pc.ram:\n%s", code, out)
+	}
+	lv.startLibvirtd()
 }
