@@ -53,8 +53,13 @@ func startLibvirt(t testing.TB) *libvirt {
 		}
 	}
 	for _, d := range []string{"libvirtd", "virtlogd"} {
-		if out, _ := exec.Command("pgrep", "-x", d).Output(); len(out) > 0 {
-			t.Fatalf("a %s already runs (pid %s): the libvirt tests start their own", d, strings.TrimSpace(string(out)))
+		// A daemon stopped earlier may linger as a zombie until this
+		// machine's PID 1 reaps it: only living ones count.
+		out, _ := exec.Command("pgrep", "-x", d).Output()
+		for _, f := range strings.Fields(string(out)) {
+			if p, _ := strconv.Atoi(f); alive(p) {
+				t.Fatalf("a %s already runs (pid %d): the libvirt tests start their own", d, p)
+			}
 		}
 	}
 	lv := &libvirt{t: t, dir: t.TempDir(), memDir: "/dev/shm/lu-libvirt-test"}
