@@ -1,7 +1,7 @@
 #!/bin/bash
 # setup.sh — installs what the project needs on a Debian 12 (bookworm) machine:
-# QEMU 10 from bookworm-backports, the host tools the tests use, and the Debian
-# kernels (old 6.1, new 6.12) unpacked into the ignored cache folder .cache/.
+# QEMU 10 and libvirt 11 from bookworm-backports, the host tools the tests use,
+# and the Debian kernels (old 6.1, new 6.12) unpacked into the ignored cache folder .cache/.
 #
 # The backports suite is added by copying the machine's own Debian source entry
 # (its URIs line) and changing the suite, so no mirror host name is written here.
@@ -40,6 +40,11 @@ install_packages() {
 	if ! qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10\.'; then
 		need+=(qemu-system-x86 qemu-utils)
 	fi
+	# libvirt (the libvirt tests, qemu-tests/libvirt_test.go, run its daemons
+	# themselves: no systemd needed).
+	if ! libvirtd --version 2>/dev/null | grep -q ' 11\.'; then
+		need+=(libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon)
+	fi
 	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static)
 	local missing=()
 	for p in "${base[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
@@ -48,6 +53,7 @@ install_packages() {
 		[ ${#need[@]} -gt 0 ] && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports "${need[@]}"
 	fi
 	qemu-system-x86_64 --version | head -1 >&2
+	libvirtd --version >&2
 }
 
 # fetch_kernel SUITE PATTERN NAME: downloads the newest linux-image package of
