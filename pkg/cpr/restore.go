@@ -444,6 +444,10 @@ func (r *run) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*
 			case qemuargv.FdChardev:
 				f, err = listenUnix(r.local(fd.SocketPath))
 			case qemuargv.FdFile:
+				if fd.Path == "" {
+					err = fmt.Errorf("fd %d was a pipe of an -add-fd set (libvirt's virtlogd): only a restart that hands it over keeps it", fd.Num)
+					break
+				}
 				f, err = reopenFile(r.local(fd.Path), fd.Flags)
 			default:
 				err = fmt.Errorf("fd %d of kind %s cannot be re-created", fd.Num, fd.Kind)

@@ -304,7 +304,9 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 			if err != nil {
 				return nil, fmt.Errorf("taking over fd %d of fdset %d: %w", held.Fd, set, err)
 			}
-			fd.Path = r.Root.QEMU(hostpath.Local(held.Target))
+			if filepath.IsAbs(held.Target) { // a pipe (virtlogd's) has no name to open again
+				fd.Path = r.Root.QEMU(hostpath.Local(held.Target))
+			}
 			fd.Flags = held.Flags
 			t.files[fd.Num] = f
 		case qemuargv.FdVhost:

@@ -228,8 +228,13 @@ func Check(in Input) Verdict {
 			switch {
 			case !ok:
 				bad("-add-fd fd=%d of fdset %d: QEMU does not hold it any more (query-fdsets): it cannot be handed to a new QEMU", r.Num, set)
+			case strings.HasPrefix(f.Target, "pipe:"):
+				// libvirt's serial and log files: a pipe to virtlogd. A
+				// restart hands the very pipe over; a kexec cannot (the
+				// update's plan refuses it).
+				note("-add-fd fd=%d of fdset %d is a pipe (libvirt's virtlogd): handed to the new QEMU as it is", r.Num, set)
 			case !filepath.IsAbs(f.Target):
-				bad("-add-fd fd=%d of fdset %d is %s, not a file: it cannot be opened again", r.Num, set, f.Target)
+				bad("-add-fd fd=%d of fdset %d is %s, not a file or a pipe: it cannot be handed over", r.Num, set, f.Target)
 			}
 		case r.Kind == qemuargv.FdChardev && fi.SocketPath == "":
 			bad("fd %d of chardev %q is not a bound unix socket (%s)", r.Num, r.Owner, fi.Target)

@@ -63,8 +63,11 @@ func TestCheck(t *testing.T) {
 			facts: func(f *Facts) {
 				f.Fdsets = []FdsetFd{{Set: 0, Fd: 31, Opaque: "serial0-log", Target: "/var/log/libvirt/qemu/vm1-serial0.log", Flags: 02102001}}
 			}},
-		{name: "fdset of a pipe", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"),
-			facts: func(f *Facts) { f.Fdsets = []FdsetFd{{Set: 1, Fd: 30, Target: "pipe:[1234]"}} }, want: "not a file"},
+		// libvirt's serial: a pipe to virtlogd, handed over as it is.
+		{name: "fdset of a pipe", argv: append(append([]string{}, good...), "-add-fd", "set=0,fd=21,opaque=serial0-source"),
+			facts: func(f *Facts) { f.Fdsets = []FdsetFd{{Set: 0, Fd: 6, Opaque: "serial0-source", Target: "pipe:[239520]"}} }},
+		{name: "fdset of a socket", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"),
+			facts: func(f *Facts) { f.Fdsets = []FdsetFd{{Set: 1, Fd: 30, Target: "socket:[1234]"}} }, want: "not a file or a pipe"},
 		{name: "fdset gone", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"), want: "does not hold it any more"},
 		{name: "netdev socket fd", argv: append(append([]string{}, good...), "-netdev", "socket,id=s0,fd=9"),
 			fds: map[int]discover.FdInfo{9: {Target: "socket:[1]"}}, want: "cannot re-create"},

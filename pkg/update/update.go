@@ -115,6 +115,11 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		for _, pr := range t.Verdict.Problems {
 			bad("%s: %s", t.Name(), pr)
 		}
+		for _, f := range t.Facts.Fdsets {
+			if !filepath.IsAbs(f.Target) {
+				bad("%s: fd %d of -add-fd set %d is %s (libvirt's virtlogd pipe, for one): it does not survive the kexec; a QEMU restart (restart-qemu) hands it over", t.Name(), f.Fd, f.Set, f.Target)
+			}
+		}
 		for _, pr := range kexecLosses(t.Proc, t.NetNS, filepath.Join(e.ProcRoot, fmt.Sprint(t.Proc.PID), "root")) {
 			bad("%s: %s", t.Name(), pr)
 		}
