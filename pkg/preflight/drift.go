@@ -206,7 +206,7 @@ func drift(c *qemuargv.Cmdline, cwd string, rt *Runtime, bad, note func(string, 
 		if d.ID != "" {
 			devByID[d.ID] = d
 		} else {
-			anonDevs = append(anonDevs, d.Driver)
+			anonDevs = append(anonDevs, qomType(d.Driver))
 		}
 	}
 
@@ -387,6 +387,25 @@ func drift(c *qemuargv.Cmdline, cwd string, rt *Runtime, bad, note func(string, 
 	default:
 		bad("devices without id were hot-plugged at run time: %s; a restarted QEMU would not have them; unplug them or add them to the command line", strings.Join(extra, ", "))
 	}
+}
+
+// deviceAliases are -device's short names of PCI devices on x86 (QEMU's
+// qdev_alias_table): QOM lists the device under its type.
+var deviceAliases = map[string]string{
+	"virtio-serial": "virtio-serial-pci", "virtio-net": "virtio-net-pci", "virtio-blk": "virtio-blk-pci",
+	"virtio-scsi": "virtio-scsi-pci", "virtio-balloon": "virtio-balloon-pci", "virtio-rng": "virtio-rng-pci",
+	"virtio-gpu": "virtio-gpu-pci", "virtio-9p": "virtio-9p-pci", "virtio-input-host": "virtio-input-host-pci",
+	"virtio-keyboard": "virtio-keyboard-pci", "virtio-mouse": "virtio-mouse-pci", "virtio-tablet": "virtio-tablet-pci",
+	"virtio-crypto": "virtio-crypto-pci", "virtio-iommu": "virtio-iommu-pci", "virtio-mem": "virtio-mem-pci",
+	"virtio-pmem": "virtio-pmem-pci", "vhost-vsock": "vhost-vsock-pci", "lsi": "lsi53c895a", "ahci": "ich9-ahci",
+}
+
+// qomType is the QOM type a -device driver name makes.
+func qomType(driver string) string {
+	if t, ok := deviceAliases[driver]; ok {
+		return t
+	}
+	return driver
 }
 
 // checkDrift is Check's part for run-time changes.
