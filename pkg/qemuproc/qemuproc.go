@@ -291,6 +291,19 @@ func (h *Handle) Close() error { return unix.Close(h.pidfd) }
 // KillAndWait kills pid and waits up to d until it has exited. A pid gone
 // already is not an error.
 func KillAndWait(pid int, d time.Duration) error {
+	return withHandle(pid, func(h *Handle) error {
+		if err := h.Kill(); err != nil && !errors.Is(err, ErrGone) {
+			return err
+		}
+		if !h.WaitExit(d) {
+			return fmt.Errorf("pid %d, killed, does not exit after %v (stuck in the kernel?)", pid, d)
+		}
+		return nil
+	})
+}
+
+// withHandle runs fn on a handle of pid; a pid gone already is nil.
+func withHandle(pid int, fn func(*Handle) error) error {
 	h, err := Open(pid)
 	if errors.Is(err, ErrGone) {
 		return nil
@@ -299,13 +312,7 @@ func KillAndWait(pid int, d time.Duration) error {
 		return err
 	}
 	defer h.Close()
-	if err := h.Kill(); err != nil && !errors.Is(err, ErrGone) {
-		return err
-	}
-	if !h.WaitExit(d) {
-		return fmt.Errorf("pid %d, killed, does not exit after %v (stuck in the kernel?)", pid, d)
-	}
-	return nil
+	return fn(h)
 }
 
 // waitPidfd waits up to d until the process behind pidfd exits.
@@ -359,16 +366,10 @@ func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) 
 // WaitGone waits up to d for a process we did not start to exit; a pid
 // that is already gone is nil.
 func WaitGone(pid int, d time.Duration) error {
-	h, err := Open(pid)
-	if errors.Is(err, ErrGone) {
+	return withHandle(pid, func(h *Handle) error {
+		if !h.WaitExit(d) {
+			return fmt.Errorf("pid %d still runs after %s", pid, d)
+		}
 		return nil
-	}
-	if err != nil {
-		return err
-	}
-	defer h.Close()
-	if !h.WaitExit(d) {
-		return fmt.Errorf("pid %d still runs after %s", pid, d)
-	}
-	return nil
+	})
 }
