@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -70,6 +71,12 @@ func Check(in Input) Verdict {
 	bad := func(format string, a ...any) { v.Problems = append(v.Problems, fmt.Sprintf(format, a...)) }
 	note := func(format string, a ...any) { v.Notes = append(v.Notes, fmt.Sprintf(format, a...)) }
 	c := p.Cmdline
+
+	// The name becomes the VM's file names and its manifest key: the rule
+	// the manifest is read back with after a kexec.
+	if err := manifest.CheckVMName(p.Name()); err != nil {
+		bad("%v", err)
+	}
 
 	// Guest RAM must survive the restart in place.
 	ram, err := c.RAM()
