@@ -78,6 +78,12 @@ func Check(in Input) Verdict {
 		bad("%v", err)
 	}
 
+	// An option we do not know may have taken the next word as its value
+	// or not: the rest of the command line cannot be trusted.
+	for _, n := range c.UnknownOptions() {
+		bad("-%s: an option liveupdate does not know; it cannot tell whether -%s takes a value, so it cannot read the rest of the command line nor restart the QEMU with it. Remove it from the VM's command line, or add it to pkg/qemuargv's option table", n, n)
+	}
+
 	// Guest RAM must survive the restart in place.
 	ram, err := c.RAM()
 	if err != nil {
