@@ -102,7 +102,8 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	defer cancel()
-	c, err := qmp.Dial(cctx, r.local(hostpath.QEMU(f.QMPPath)))
+	// And only the QEMU itself may serve it (SO_PEERCRED).
+	c, err := qmp.DialPeer(cctx, r.local(hostpath.QEMU(f.QMPPath)), p.PID)
 	if err != nil {
 		f.QMPErr = err
 		return nil, f

@@ -329,8 +329,9 @@ func waitPidfd(pidfd int, d time.Duration) bool {
 // soon as it listens. A connection, once made, is waited on until QEMU
 // greets it or exits: giving up on a handshake half-way and dialling again
 // is what leaves a stale reply in QEMU's monitor for the next connection
-// (see qmp.Dial). It fails when p exits first, saying how, or when ctx is
-// done.
+// (see qmp.Dial). Only p may serve it (qmp.DialPeer): a socket at path
+// served by another process is dialled again until p's appears. It fails
+// when p exits first, saying how, or when ctx is done.
 func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) {
 	dctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -342,7 +343,7 @@ func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) 
 		}
 	}()
 	for {
-		c, err := qmp.Dial(dctx, path)
+		c, err := qmp.DialPeer(dctx, path, p.Pid)
 		if err == nil {
 			return c, nil
 		}
