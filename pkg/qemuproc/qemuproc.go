@@ -342,16 +342,20 @@ func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) 
 		case <-dctx.Done():
 		}
 	}()
+	var last error // the last failure not caused by the deadline itself
 	for {
 		c, err := qmp.DialPeer(dctx, path, p.Pid)
 		if err == nil {
 			return c, nil
 		}
+		if last == nil || dctx.Err() == nil {
+			last = err
+		}
 		select {
 		case <-p.exited:
 			return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %s", p.how())
 		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), err)
+			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), last)
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
