@@ -119,8 +119,15 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	defer cancel()
-	// And only the QEMU itself may serve it (SO_PEERCRED).
-	c, err := qmp.DialPeer(cctx, r.local(hostpath.QEMU(f.QMPPath)), p.PID)
+	// And only the QEMU itself may serve it (SO_PEERCRED: the pid that
+	// last called listen() on it). A monitor passed by fd that this QEMU
+	// holds may have been listened on last by a QEMU since gone (the new
+	// QEMU of an interrupted early start, killed): the socket then has
+	// no other live server than the QEMU holding it.
+	fdMonitor := p.Cmdline.QMPEndpoints()[0].FD >= 0
+	c, err := qmp.DialPeerCheck(cctx, r.local(hostpath.QEMU(f.QMPPath)), p.PID, func(peer int) bool {
+		return fdMonitor && unix.Kill(peer, 0) == unix.ESRCH
+	})
 	if err != nil {
 		f.QMPErr = err
 		return nil, f

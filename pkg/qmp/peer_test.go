@@ -115,3 +115,29 @@ func TestPeerPIDReadsTheConnection(t *testing.T) {
 		t.Errorf("peer after the child's listen() = %d, want the child %d", got, cmd.Process.Pid)
 	}
 }
+
+// DialPeerCheck's accept gives a mismatched peer a second chance.
+func TestDialPeerCheck(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		accept func(int) bool
+		ok     bool
+	}{
+		{"refused", func(int) bool { return false }, false},
+		{"accepted", func(peer int) bool { return peer == os.Getpid() }, true},
+		{"nil", nil, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := fakeMonitor(t, []string{`{"return": {}}`}, "")
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+			defer cancel()
+			c, err := DialPeerCheck(ctx, path, 1, tc.accept)
+			if (err == nil) != tc.ok {
+				t.Fatalf("DialPeerCheck = %v, want ok %v", err, tc.ok)
+			}
+			if c != nil {
+				c.Close()
+			}
+		})
+	}
+}

@@ -51,7 +51,7 @@ type Client struct {
 // greeting because another client holds the monitor. It trusts whoever
 // serves path: to talk to one QEMU, use DialPeer.
 func Dial(ctx context.Context, path string) (*Client, error) {
-	return dial(ctx, path, 0)
+	return dial(ctx, path, nil)
 }
 
 // DialPeer is Dial to the monitor of QEMU process pid: before a byte is
@@ -62,10 +62,21 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 // on a listening socket passed by fd too (libvirt's, or ours on a
 // restart), so a monitor passed by fd is served by QEMU itself as well.
 func DialPeer(ctx context.Context, path string, pid int) (*Client, error) {
+	return DialPeerCheck(ctx, path, pid, nil)
+}
+
+// DialPeerCheck is DialPeer, with a second chance: when the peer is not
+// pid, accept (if not nil) may still accept it (return true).
+func DialPeerCheck(ctx context.Context, path string, pid int, accept func(peer int) bool) (*Client, error) {
 	if pid <= 0 {
 		return nil, fmt.Errorf("connecting to QMP %s: no QEMU pid to check its peer against", path)
 	}
-	return dial(ctx, path, pid)
+	return dial(ctx, path, func(peer int) error {
+		if peer == pid || (accept != nil && accept(peer)) {
+			return nil
+		}
+		return &PeerError{Path: path, Peer: peer, PID: pid}
+	})
 }
 
 // PeerError is a monitor socket served by another process than the QEMU.
@@ -108,7 +119,7 @@ func peerPID(mon *dqmp.SocketMonitor) (int, error) {
 	return int(cred.Pid), nil
 }
 
-func dial(ctx context.Context, path string, pid int) (*Client, error) {
+func dial(ctx context.Context, path string, check func(peer int) error) (*Client, error) {
 	timeout := 5 * time.Second
 	if d, ok := ctx.Deadline(); ok {
 		timeout = time.Until(d)
@@ -120,15 +131,15 @@ func dial(ctx context.Context, path string, pid int) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("connecting to QMP %s: %w", path, err)
 	}
-	if pid > 0 {
+	if check != nil {
 		peer, err := peerPID(mon)
 		if err != nil {
 			mon.Disconnect()
 			return nil, fmt.Errorf("QMP %s: checking who serves it: %w", path, err)
 		}
-		if peer != pid {
+		if err := check(peer); err != nil {
 			mon.Disconnect()
-			return nil, &PeerError{Path: path, Peer: peer, PID: pid}
+			return nil, err
 		}
 	}
 	done := make(chan error, 1)
