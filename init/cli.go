@@ -143,10 +143,11 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 
 func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
-	fs := newFlagSet("update", "update --kernel VMLINUZ --initrd INITRAMFS [--append \"…\"] [--dry-run] [--json]", &c)
+	fs := newFlagSet("update", "update --kernel VMLINUZ --initrd INITRAMFS [--append \"…\"] [--keep-control] [--dry-run] [--json]", &c)
 	kernel := fs.String("kernel", "", "the new kernel image (bzImage)")
 	initrd := fs.String("initrd", "", "this project's initramfs for that kernel (make initramfs)")
 	appendArgs := fs.String("append", "", "the new kernel's command line (default: the running one's); memmap= must stay as it is")
+	keepControl := fs.Bool("keep-control", false, "carry lu.control (a root shell on a serial line) into the new kernel's command line; without it, it is dropped")
 	dry := fs.Bool("dry-run", false, "plan and check, print the plan, change nothing")
 	asJSON := fs.Bool("json", false, "print the plan (and outcome) as JSON")
 	if code, ok := parse(fs, args); !ok {
@@ -160,7 +161,7 @@ func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {
 		defer l.Release()
 	}
 	e := c.engine()
-	p, err := update.MakePlan(ctx, e, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs})
+	p, err := update.MakePlan(ctx, e, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, KeepControl: *keepControl})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "liveupdate update:", err)
 		return exitFailed
@@ -180,7 +181,7 @@ func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {
 	if *dry {
 		return exitOK
 	}
-	m, err := update.Run(ctx, e, p, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs})
+	m, err := update.Run(ctx, e, p, update.Options{Kernel: *kernel, Initrd: *initrd, Append: *appendArgs, KeepControl: *keepControl})
 	if m != nil {
 		report(out, m, *asJSON)
 	}

@@ -302,7 +302,8 @@ func TestNestedUpdate(t *testing.T) {
 	old, nw := kernelVersion(t, "old"), kernelVersion(t, "new")
 	const lu = "liveupdate %s --root /newroot --state-dir /mnt/pmem/liveupdate"
 	updateCmd := func(kver string, extra string) string {
-		return fmt.Sprintf(lu+" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img %s", "update", kver, kver, extra)
+		// --keep-control: the test drives the next kernel through lu.control too.
+		return fmt.Sprintf(lu+" --keep-control --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img %s", "update", kver, kver, extra)
 	}
 	innerPID := func() string {
 		out, _ := h.run(fmt.Sprintf(lu, "plan")+" --json", time.Minute)

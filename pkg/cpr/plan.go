@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -24,23 +25,22 @@ func (e *Engine) Plan(ctx context.Context, names []string) ([]*Target, error) {
 }
 
 // plan is Plan; twins allows two QEMUs of one name (recover looks for the
-// new QEMU an interrupted restart started beside the old one).
+// new QEMU an interrupted restart started beside the old one). Without
+// twins, QEMUs sharing a name are each refused, naming all their pids,
+// and the others planned as usual.
 func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, error) {
 	procs, err := discover.All(r.ProcRoot)
 	if err != nil {
 		return nil, err
 	}
 	var sel []*discover.Process
-	seen := map[string]bool{}
+	pids := map[string][]int{} // name → the pids of the QEMUs called so
 	for _, p := range procs {
 		n := p.Name()
 		if len(names) > 0 && !slices.Contains(names, n) && !slices.Contains(names, fmt.Sprint(p.PID)) {
 			continue
 		}
-		if seen[n] && !twins {
-			return nil, fmt.Errorf("two QEMU processes are both called %q: give each VM a unique -name (or, if a restart was interrupted, run 'liveupdate recover')", n)
-		}
-		seen[n] = true
+		pids[n] = append(pids[n], p.PID)
 		sel = append(sel, p)
 	}
 	for _, n := range names {
@@ -60,6 +60,15 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 		go func() {
 			defer wg.Done()
 			t := &Target{Proc: p}
+			if ps := pids[p.Name()]; len(ps) > 1 && !twins {
+				// Refused, not asked: twins may share one monitor
+				// socket, and which is the guest's cannot be told.
+				t.Verdict = preflight.Verdict{VM: p.Name(), PID: p.PID, Problems: []string{fmt.Sprintf(
+					"QEMU processes %s are all called %q: give each VM a unique -name (or, if a restart was interrupted, run 'liveupdate recover')",
+					joinPIDs(ps), p.Name())}}
+				ts[i] = t
+				return
+			}
 			t.QMP, t.Facts = r.gatherFacts(ctx, p)
 			var nsErr error
 			t.NetNS, nsErr = tapdev.NamedNetNS(p.NetNS)
@@ -70,6 +79,14 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 	}
 	wg.Wait()
 	return ts, nil
+}
+
+func joinPIDs(ps []int) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = fmt.Sprint(p)
+	}
+	return strings.Join(s, ", ")
 }
 
 func stateDirFree(dir string) uint64 {
@@ -102,7 +119,15 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 	defer cancel()
-	c, err := qmp.Dial(cctx, r.local(hostpath.QEMU(f.QMPPath)))
+	// And only the QEMU itself may serve it (SO_PEERCRED: the pid that
+	// last called listen() on it). A monitor passed by fd that this QEMU
+	// holds may have been listened on last by a QEMU since gone (the new
+	// QEMU of an interrupted early start, killed): the socket then has
+	// no other live server than the QEMU holding it.
+	fdMonitor := p.Cmdline.QMPEndpoints()[0].FD >= 0
+	c, err := qmp.DialPeerCheck(cctx, r.local(hostpath.QEMU(f.QMPPath)), p.PID, func(peer int) bool {
+		return fdMonitor && unix.Kill(peer, 0) == unix.ESRCH
+	})
 	if err != nil {
 		f.QMPErr = err
 		return nil, f

@@ -47,16 +47,16 @@ type FdInfo struct {
 	SocketPath string // for a unix socket: its bound path, if any
 }
 
-// IsQEMU tells whether an argv/exe belongs to a QEMU system emulator.
-func IsQEMU(exe string, argv []string) bool {
-	if strings.HasPrefix(filepath.Base(exe), "qemu-system-") || filepath.Base(exe) == "qemu-kvm" {
-		return true
-	}
-	if len(argv) > 0 {
-		b := filepath.Base(argv[0])
-		return strings.HasPrefix(b, "qemu-system-") || b == "qemu-kvm"
-	}
-	return false
+// IsQEMU tells whether a process whose /proc/PID/exe resolves to exe is a
+// QEMU system emulator: the executable's base name (" (deleted)" stripped:
+// an upgraded binary) is qemu-system-* or qemu-kvm. argv[0] is not looked
+// at: any user can name any process qemu-system-x86_64. The executable is
+// what the kernel ran; only whoever can write a directory of binaries can
+// name one, and a false QEMU is caught later anyway (its monitor must be
+// served by that very process: qmp.DialPeer).
+func IsQEMU(exe string) bool {
+	b := filepath.Base(strings.TrimSuffix(exe, " (deleted)"))
+	return exe != "" && (strings.HasPrefix(b, "qemu-system-") || b == "qemu-kvm")
 }
 
 // All returns every QEMU process under procRoot ("/proc"), by PID.
@@ -71,13 +71,9 @@ func All(procRoot string) ([]*Process, error) {
 		if err != nil {
 			continue
 		}
-		argv, err := readArgv(procRoot, pid)
-		if err != nil || len(argv) == 0 {
-			continue
-		}
-		exe, _ := os.Readlink(filepath.Join(procRoot, e.Name(), "exe"))
-		if !IsQEMU(exe, argv) {
-			continue
+		exe, err := os.Readlink(filepath.Join(procRoot, e.Name(), "exe"))
+		if err != nil || !IsQEMU(exe) {
+			continue // a kernel thread, not ours to read, or not QEMU
 		}
 		p, err := Inspect(procRoot, pid)
 		if err != nil {

@@ -3,6 +3,10 @@ package discover
 import (
 	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -32,17 +36,63 @@ func TestParsers(t *testing.T) {
 func TestIsQEMU(t *testing.T) {
 	for _, tt := range []struct {
 		exe  string
-		argv []string
 		want bool
 	}{
-		{"/usr/bin/qemu-system-x86_64", nil, true},
-		{"/usr/libexec/qemu-kvm", nil, true},
-		{"/usr/bin/bash", []string{"bash"}, false},
-		{"", []string{"/opt/qemu/bin/qemu-system-x86_64", "-m", "1"}, true},
+		{"/usr/bin/qemu-system-x86_64", true},
+		{"/usr/bin/qemu-system-x86_64 (deleted)", true}, // upgraded under it
+		{"/usr/libexec/qemu-kvm", true},
+		{"/usr/bin/bash", false},
+		{"/usr/bin/qemu-img", false},
+		{"/home/u/qemu-system-x86_64.sh/bash", false},
+		{"", false},
 	} {
-		if got := IsQEMU(tt.exe, tt.argv); got != tt.want {
-			t.Errorf("IsQEMU(%q, %q) = %v", tt.exe, tt.argv, got)
+		if got := IsQEMU(tt.exe); got != tt.want {
+			t.Errorf("IsQEMU(%q) = %v", tt.exe, got)
 		}
+	}
+}
+
+// fakeProc writes a /proc tree: pid → (exe, argv).
+func fakeProc(t *testing.T, procs map[int][2]string) string {
+	t.Helper()
+	root := t.TempDir()
+	for pid, p := range procs {
+		dir := filepath.Join(root, strconv.Itoa(pid))
+		must := func(err error) {
+			if err != nil {
+				t.Fatal(err)
+			}
+		}
+		must(os.MkdirAll(filepath.Join(dir, "fd"), 0o755))
+		must(os.WriteFile(filepath.Join(dir, "cmdline"), []byte(strings.ReplaceAll(p[1], " ", "\x00")+"\x00"), 0o644))
+		must(os.WriteFile(filepath.Join(dir, "status"), []byte("Name:\tx\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\n"), 0o644))
+		must(os.Symlink(p[0], filepath.Join(dir, "exe")))
+		must(os.Symlink("/", filepath.Join(dir, "cwd")))
+	}
+	os.MkdirAll(filepath.Join(root, "self"), 0o755) // not a pid
+	return root
+}
+
+// Discovery trusts the executable the kernel ran, not argv[0].
+func TestAllTrustsExe(t *testing.T) {
+	root := fakeProc(t, map[int][2]string{
+		100: {"/usr/bin/qemu-system-x86_64", "qemu-system-x86_64 -name real"},
+		101: {"/usr/bin/python3", "qemu-system-x86_64 -name impostor"},
+		102: {"/usr/bin/qemu-system-x86_64", "/opt/renamed -name renamed-argv0"},
+		103: {"/usr/bin/qemu-system-x86_64 (deleted)", "qemu-system-x86_64 -name upgraded"},
+		104: {"/usr/libexec/qemu-kvm", "qemu-kvm -name rhel"},
+		105: {"/bin/sleep", "sleep 100"},
+	})
+	ps, err := All(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, p := range ps {
+		got = append(got, p.Name())
+	}
+	if want := []string{"real", "renamed-argv0", "upgraded", "rhel"}; !slices.Equal(got, want) {
+		t.Errorf("All found %q, want %q", got, want)
 	}
 }
 
@@ -63,7 +113,19 @@ func TestInspectSelf(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(exe)
+	// Discovery goes by the executable's name: run this test binary
+	// under a QEMU's.
+	fake := filepath.Join(t.TempDir(), "qemu-system-fake")
+	if os.Link(exe, fake) != nil {
+		b, err := os.ReadFile(exe)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(fake, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(fake)
 	cmd.Args = []string{"qemu-system-x86_64", "-name", "fake", "-m", "64"}
 	cmd.Dir = os.TempDir()
 	cmd.Env = []string{"DISCOVER_FAKE_QEMU=1"}

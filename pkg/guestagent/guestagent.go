@@ -69,6 +69,9 @@ func SyncClock(ctx context.Context, socket string, try time.Duration) (time.Dura
 			defer conn.Close()
 			return setTimeTight(ctx, conn, r, socket)
 		}
+		if errors.Is(err, ErrLineTooLong) {
+			return 0, err // not an agent waking up: do not ask again
+		}
 		select {
 		case <-ctx.Done():
 			return 0, err
@@ -95,7 +98,7 @@ func handshake(ctx context.Context, socket string) (net.Conn, *bufio.Reader, err
 	}
 	// The reply is preceded by 0xFF; skip anything stale before it.
 	for {
-		line, err := r.ReadBytes('\n')
+		line, err := readLine(r)
 		if err != nil {
 			conn.Close()
 			return nil, nil, fmt.Errorf("guest agent %s: no answer to guest-sync (is qemu-ga running in the guest?): %w", socket, err)
@@ -163,7 +166,7 @@ func setTime(ctx context.Context, conn net.Conn, r *bufio.Reader, socket string,
 
 // reply reads one answer and returns its "return" value or its error.
 func reply(r *bufio.Reader) (json.RawMessage, error) {
-	line, err := r.ReadBytes('\n')
+	line, err := readLine(r)
 	if err != nil {
 		return nil, err
 	}
@@ -180,6 +183,29 @@ func reply(r *bufio.Reader) (json.RawMessage, error) {
 		return nil, errors.New(resp.Error.Desc)
 	}
 	return resp.Return, nil
+}
+
+// MaxLine bounds one line read from a guest agent. The guest is not
+// trusted: one streaming an endless line must not grow the host's memory.
+// qemu-ga's answers to what we send are a few hundred bytes.
+const MaxLine = 64 << 10
+
+// ErrLineTooLong is returned when the guest sends a line longer than MaxLine.
+var ErrLineTooLong = fmt.Errorf("the guest agent sent a line longer than %d bytes (a misbehaving or hostile guest): gave up reading it", MaxLine)
+
+// readLine reads one line, '\n' included, of at most MaxLine bytes.
+func readLine(r *bufio.Reader) ([]byte, error) {
+	var line []byte
+	for {
+		frag, err := r.ReadSlice('\n')
+		if len(line)+len(frag) > MaxLine {
+			return nil, ErrLineTooLong
+		}
+		line = append(line, frag...)
+		if err != bufio.ErrBufferFull {
+			return line, err
+		}
+	}
 }
 
 func send(conn net.Conn, cmd string, args any) error {

@@ -5,9 +5,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -179,4 +182,108 @@ func FuzzReply(f *testing.F) {
 			t.Errorf("return value %q is not JSON", ret)
 		}
 	})
+}
+
+// endlessAgent answers guest-sync like qemu-ga when syncOK, then streams one
+// endless line in answer to the next command (or to guest-sync itself).
+func endlessAgent(t *testing.T, syncOK bool) string {
+	p := filepath.Join(t.TempDir(), "qga.sock")
+	l, err := net.Listen("unix", p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				r := bufio.NewReader(c)
+				junk := bytes.Repeat([]byte("a"), 32<<10)
+				for {
+					line, err := r.ReadBytes('\n')
+					if err != nil {
+						return
+					}
+					var req struct {
+						Execute   string
+						Arguments map[string]int64
+					}
+					json.Unmarshal(line, &req)
+					if req.Execute == "guest-sync-delimited" && syncOK {
+						b, _ := json.Marshal(map[string]int64{"return": req.Arguments["id"]})
+						c.Write(append([]byte("\xff"), append(b, '\n')...))
+						continue
+					}
+					for {
+						if _, err := c.Write(junk); err != nil {
+							return
+						}
+					}
+				}
+			}()
+		}
+	}()
+	return p
+}
+
+// A guest streaming an endless line is given up on at MaxLine, at once and
+// without growing the host's memory, whether it does so instead of the
+// sync reply or after it.
+func TestSyncClockEndlessLine(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		syncOK bool
+	}{
+		{"instead of the sync reply", false},
+		{"in answer to guest-set-time", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := endlessAgent(t, tc.syncOK)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			start := time.Now()
+			_, err := SyncClock(ctx, p, 5*time.Second)
+			took := time.Since(start)
+			runtime.ReadMemStats(&after)
+			if !errors.Is(err, ErrLineTooLong) {
+				t.Fatalf("err = %v, want ErrLineTooLong", err)
+			}
+			if took > 3*time.Second {
+				t.Errorf("took %s to give up", took)
+			}
+			if grew := after.TotalAlloc - before.TotalAlloc; grew > 16<<20 {
+				t.Errorf("allocated %d bytes reading the endless line", grew)
+			}
+		})
+	}
+}
+
+func TestReadLine(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		in      string
+		want    string
+		wantErr error
+	}{
+		{"short", "{}\nrest", "{}\n", nil},
+		{"exactly MaxLine", strings.Repeat("x", MaxLine-1) + "\n", strings.Repeat("x", MaxLine-1) + "\n", nil},
+		{"one byte over", strings.Repeat("x", MaxLine) + "\n", "", ErrLineTooLong},
+		{"no newline, short", "abc", "abc", io.EOF},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := readLine(bufio.NewReader(strings.NewReader(tc.in)))
+			if !errors.Is(err, tc.wantErr) && err != tc.wantErr {
+				t.Fatalf("err = %v, want %v", err, tc.wantErr)
+			}
+			if tc.wantErr != ErrLineTooLong && string(got) != tc.want {
+				t.Errorf("line = %q", got)
+			}
+		})
+	}
 }

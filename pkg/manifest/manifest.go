@@ -209,8 +209,8 @@ func (m *Manifest) Validate(allowedRoots ...string) error {
 	names := map[string]bool{}
 	for i, v := range m.VMs {
 		where := fmt.Sprintf("manifest vm %d (%q)", i, v.Name)
-		if v.Name == "" || strings.ContainsAny(v.Name, "/\x00") || v.Name == "." || v.Name == ".." {
-			return fmt.Errorf("%s: invalid name", where)
+		if err := CheckVMName(v.Name); err != nil {
+			return fmt.Errorf("%s: %w", where, err)
 		}
 		if names[v.Name] {
 			return fmt.Errorf("%s: duplicate name", where)

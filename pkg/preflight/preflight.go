@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -135,6 +136,18 @@ func Check(in Input) Verdict {
 	bad := func(format string, a ...any) { v.Problems = append(v.Problems, fmt.Sprintf(format, a...)) }
 	note := func(format string, a ...any) { v.Notes = append(v.Notes, fmt.Sprintf(format, a...)) }
 	c := p.Cmdline
+
+	// The name becomes the VM's file names and its manifest key: the rule
+	// the manifest is read back with after a kexec.
+	if err := manifest.CheckVMName(p.Name()); err != nil {
+		bad("%v", err)
+	}
+
+	// An option we do not know may have taken the next word as its value
+	// or not: the rest of the command line cannot be trusted.
+	for _, n := range c.UnknownOptions() {
+		bad("-%s: an option liveupdate does not know; it cannot tell whether -%s takes a value, so it cannot read the rest of the command line nor restart the QEMU with it. Remove it from the VM's command line, or add it to pkg/qemuargv's option table", n, n)
+	}
 
 	// Guest RAM must survive the restart in place.
 	ram, err := c.RAM()

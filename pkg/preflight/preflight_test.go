@@ -56,7 +56,6 @@ func TestCheck(t *testing.T) {
 		{name: "tap fd ok", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7,vhost=on,vhostfd=8"),
 			fds: map[int]discover.FdInfo{7: {Target: "/dev/net/tun", TapName: "vnet0"}, 8: {Target: "/dev/vhost-net"}}},
 		// libvirt passes its logs as -add-fd sets of files: handed over.
-		// libvirt passes its logs as -add-fd sets of files: handed over.
 		// QEMU dups the fd and closes fd=9 (which then is something else):
 		// what it holds is in query-fdsets.
 		{name: "fdset of a file", argv: append(append([]string{}, good...), "-add-fd", "set=0,fd=9,opaque=serial0-log", "-chardev", "file,id=s0,path=/dev/fdset/0,append=on"),
@@ -71,6 +70,15 @@ func TestCheck(t *testing.T) {
 		{name: "fdset gone", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"), want: "does not hold it any more"},
 		{name: "netdev socket fd", argv: append(append([]string{}, good...), "-netdev", "socket,id=s0,fd=9"),
 			fds: map[int]discover.FdInfo{9: {Target: "socket:[1]"}}, want: "cannot re-create"},
+		{name: "name with a slash", argv: append([]string{"-name", "a/b"}, good[2:]...), want: "holds '/'"},
+		{name: "name ..", argv: append([]string{"-name", ".."}, good[2:]...), want: "is a path element of its own"},
+		{name: "name with a control character", argv: append([]string{"-name", "vm\x1b[2J"}, good[2:]...), want: "control character"},
+		{name: "name too long", argv: append([]string{"-name", strings.Repeat("v", 65)}, good[2:]...), want: "more than 64"},
+		{name: "name not UTF-8", argv: append([]string{"-name", "vm\xff"}, good[2:]...), want: "not valid UTF-8"},
+		{name: "name of 64 bytes ok", argv: append([]string{"-name", strings.Repeat("v", 64)}, good[2:]...)},
+		{name: "unknown option", argv: append(append([]string{}, good...), "-frobnicate", "x"),
+			want: "-frobnicate: an option liveupdate does not know"},
+		{name: "QEMU 10 perf flag", argv: append(append([]string{}, good...), "-perfmap", "-jitdump")},
 		{name: "missing fd", argv: append(append([]string{}, good...), "-netdev", "tap,id=n0,fd=7"), want: "no such fd open"},
 		{name: "no room", argv: good, free: 1 << 20, want: "need at least 64 MiB"},
 		{name: "relative kernel after -daemonize", argv: append(append([]string{}, good...), "-daemonize", "-kernel", "boot/vmlinuz"),

@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -31,8 +32,14 @@ type Option struct {
 	HasValue bool
 }
 
-// flagOpts are QEMU options that take no argument. Any other option takes
-// exactly one, which is how QEMU's own table works (HAS_ARG).
+// QEMU's options are a hand-kept table here, checked against QEMU 10's
+// own -help (TestOptionTableMatchesQEMUHelp, testdata/*.help): which take
+// no argument (flagOpts) and which take exactly one (argOpts), as QEMU's
+// qemu-options.hx says with HAS_ARG. Options of older QEMUs (8.2 on, the
+// oldest liveupdate restarts) and of other targets are kept: a running QEMU
+// accepted them, so they mean what they meant. An option in neither table
+// is not guessed at: Parse keeps it as a flag, so it swallows nothing, and
+// UnknownOptions names it; preflight refuses the VM and ForRestart fails.
 var flagOpts = map[string]bool{
 	"S": true, "s": true, "nographic": true, "no-reboot": true, "no-shutdown": true,
 	"daemonize": true, "snapshot": true, "enable-kvm": true, "nodefaults": true,
@@ -47,10 +54,90 @@ var flagOpts = map[string]bool{
 	"xen-attach": true, "xen-domid-restrict": true,
 	"mem-prealloc": true,
 	"nouserconfig": true, "sdl": true,
+	// QEMU 8.x/9.x and 10's perf options.
+	"async-teardown": true, "perfmap": true, "jitdump": true,
+	"enable-fips": true, "localtime": true, "tdf": true, "xen-create": true,
+}
+
+// argOpts are QEMU options that take one argument.
+var argOpts = map[string]bool{
+	// Standard options.
+	"machine": true, "M": true, "accel": true, "cpu": true, "smp": true,
+	"numa": true, "add-fd": true, "set": true, "global": true, "boot": true,
+	"m": true, "mem-path": true, "k": true, "audio": true, "audiodev": true,
+	"device": true, "name": true, "uuid": true,
+	// Block devices.
+	"fda": true, "fdb": true, "hda": true, "hdb": true, "hdc": true, "hdd": true,
+	"cdrom": true, "blockdev": true, "drive": true, "mtdblock": true, "sd": true,
+	"pflash": true, "iscsi": true, "fsdev": true, "virtfs": true,
+	"virtfs_synth": true,
+	// USB, display.
+	"usbdevice": true, "display": true, "vga": true, "spice": true, "vnc": true,
+	"g": true, "rotate": true,
+	// i386 and other targets.
+	"acpitable": true, "smbios": true, "prom-env": true, "semihosting-config": true,
+	// Network, character devices, TPM, boot.
+	"nic": true, "netdev": true, "net": true, "chardev": true, "tpmdev": true,
+	"kernel": true, "shim": true, "append": true, "initrd": true, "dtb": true,
+	"fw_cfg": true, "serial": true, "parallel": true, "monitor": true,
+	"qmp": true, "qmp-pretty": true, "mon": true, "debugcon": true,
+	"pidfile": true, "gdb": true, "d": true, "D": true, "dfilter": true,
+	"seed": true, "L": true, "bios": true, "xen-domid": true,
+	// Run time, debugging.
+	"icount": true, "watchdog-action": true, "echr": true, "incoming": true,
+	"readconfig": true, "option-rom": true, "rtc": true, "loadvm": true,
+	"sandbox": true, "msg": true, "dump-vmstate": true, "trace": true,
+	"plugin": true, "object": true, "compat": true, "action": true,
+	"overcommit": true, "run-with": true, "qtest": true, "qtest-log": true,
+	// Of QEMUs before 10 (removed or renamed since).
+	"chroot": true, "runas": true, "writeconfig": true, "tb-size": true,
+	"watchdog": true, "soundhw": true, "balloon": true, "realtime": true,
+	"clock": true, "bt": true, "virtioconsole": true,
+}
+
+// Known tells whether liveupdate knows QEMU option name (without dashes),
+// and whether it takes an argument.
+func Known(name string) (takesArg, known bool) {
+	switch {
+	case flagOpts[name]:
+		return false, true
+	case argOpts[name]:
+		return true, true
+	}
+	return false, false
+}
+
+// UnknownOptions names, once each and in order, the options of the command
+// line liveupdate does not know (see flagOpts).
+func (c *Cmdline) UnknownOptions() []string {
+	var out []string
+	for _, o := range c.Opts {
+		if _, ok := Known(o.Name); o.Name != "" && !ok && !slices.Contains(out, o.Name) {
+			out = append(out, o.Name)
+		}
+	}
+	return out
+}
+
+// UnknownOptionError is an option liveupdate does not know.
+type UnknownOptionError struct{ Name string }
+
+func (e *UnknownOptionError) Error() string {
+	return fmt.Sprintf("-%s: an option liveupdate does not know, so it cannot tell whether it takes a value nor restart a QEMU with it", e.Name)
+}
+
+// CheckOptions fails, with an *UnknownOptionError, on the first option
+// liveupdate does not know.
+func (c *Cmdline) CheckOptions() error {
+	if u := c.UnknownOptions(); len(u) > 0 {
+		return &UnknownOptionError{Name: u[0]}
+	}
+	return nil
 }
 
 // Parse parses argv (argv[0] is the QEMU binary). It fails only on an option
-// that needs a value and has none, or a JSON value that does not decode.
+// that needs a value and has none, or a JSON value that does not decode. An
+// option it does not know is kept as a flag: see UnknownOptions.
 func Parse(argv []string) (*Cmdline, error) {
 	if len(argv) == 0 {
 		return nil, fmt.Errorf("empty QEMU command line")
@@ -71,7 +158,10 @@ func Parse(argv []string) (*Cmdline, error) {
 		if dashes == "-" {
 			dashes = ""
 		}
-		if flagOpts[name] {
+		if takesArg, _ := Known(name); !takesArg {
+			// A flag, or an option we do not know: that one is kept
+			// as a flag so it swallows nothing (it may have taken
+			// the next word; UnknownOptions names it).
 			c.Opts = append(c.Opts, Option{Name: name, Dashes: dashes})
 			continue
 		}

@@ -281,6 +281,7 @@ func TestParseSize(t *testing.T) {
 func FuzzParse(f *testing.F) {
 	f.Add(strings.Join(libvirtArgv, "\x00"))
 	f.Add("qemu\x00-netdev\x00tap,id=n,fds=1:2,vhostfds=3:4\x00-M\x00pc")
+	f.Add("qemu\x00-perfmap\x00-frob\x00x\x00-name\x00vm")
 	f.Add("qemu\x00-object\x00{\"qom-type\":\"memory-backend-file\",\"share\":true}\x00-numa\x00node,memdev=x")
 	f.Fuzz(func(t *testing.T, s string) {
 		argv := strings.Split(s, "\x00")
@@ -290,6 +291,16 @@ func FuzzParse(f *testing.F) {
 		}
 		if got := c.Argv(); !reflect.DeepEqual(got, argv) {
 			t.Fatalf("round trip: %q != %q", got, argv)
+		}
+		for _, o := range c.Opts {
+			if _, known := Known(o.Name); o.Name != "" && !known && o.HasValue {
+				t.Fatalf("unknown option -%s took a value", o.Name)
+			}
+		}
+		if len(c.UnknownOptions()) > 0 {
+			if _, err := c.ForRestart(RestartOptions{}); err == nil {
+				t.Fatalf("ForRestart accepted unknown options %q", c.UnknownOptions())
+			}
 		}
 		c.Name()
 		c.MachineType()

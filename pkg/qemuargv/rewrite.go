@@ -27,6 +27,9 @@ type RestartOptions struct {
 // or its old QEMU), no -daemonize (the restorer supervises the process),
 // the machine type pinned, and fds renumbered.
 func (c *Cmdline) ForRestart(o RestartOptions) (*Cmdline, error) {
+	if err := c.CheckOptions(); err != nil {
+		return nil, err // it may have swallowed a value: its argv is not understood
+	}
 	n := &Cmdline{Binary: c.Binary}
 	if o.Binary != "" {
 		n.Binary = o.Binary

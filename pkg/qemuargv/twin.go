@@ -44,7 +44,11 @@ func (c *Cmdline) Pidfile() string {
 // TwinConflicts says what on the command line two QEMUs of one guest
 // cannot hold at once: TCP ports it listens on, client sockets whose
 // server may take one client only (vhost-user, …), taps opened by name
-// (a single-queue tap opens once), preallocated RAM (a second QEMU would
+// (a single-queue tap opens once; a multiqueue one would get the new
+// QEMU's queues beside the running guest's), multiqueue taps passed as
+// several fds (the new QEMU would detach queues under the running guest;
+// one fd is shared harmlessly: a QEMU waiting for its state reads none),
+// preallocated RAM (a second QEMU would
 // touch every page of RAM the guest is writing). Empty means a new QEMU
 // can start beside the running one.
 func (c *Cmdline) TwinConflicts() []string {
@@ -89,8 +93,22 @@ func (c *Cmdline) TwinConflicts() []string {
 		}
 	}
 	for _, n := range c.Netdevs() {
-		if n.Type == "tap" && n.Ifname != "" && len(n.FDs) == 0 && n.Queues <= 1 {
+		if n.Type != "tap" {
+			continue
+		}
+		switch {
+		case n.Ifname != "" && len(n.FDs) == 0 && n.Queues <= 1:
 			out = append(out, fmt.Sprintf("netdev %q opens tap %s by name, which a single-queue tap allows once", n.ID, n.Ifname))
+		case n.Ifname != "" && len(n.FDs) == 0:
+			// TUNSETIFF with IFF_MULTI_QUEUE attaches the new QEMU's
+			// queues beside the old ones: the kernel then steers part
+			// of the running guest's packets to queues nobody reads.
+			out = append(out, fmt.Sprintf("netdev %q opens multiqueue tap %s by name: a second QEMU's %d queues would be attached beside the running guest's and take part of its packets", n.ID, n.Ifname, n.Queues))
+		case len(n.FDs) > 1:
+			// The new QEMU holds the same queues and detaches
+			// (TUNSETQUEUE) those its guest has not enabled yet, under
+			// the running guest.
+			out = append(out, fmt.Sprintf("netdev %q passes a multiqueue tap as %d fds: a second QEMU would attach and detach those queues (TUNSETQUEUE) under the running guest", n.ID, len(n.FDs)))
 		}
 	}
 	return out

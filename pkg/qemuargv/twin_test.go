@@ -46,8 +46,20 @@ func TestTwin(t *testing.T) {
 				"-vnc :1", "-gdb tcp::1234", "-spice", `tap vnet0 by name`},
 		},
 		{
-			name: "shareable: unix VNC, multi-queue tap by name, no gdb",
-			argv: []string{"qemu", "-vnc", "unix:/run/vnc.sock", "-vnc", "none", "-netdev", "tap,id=n0,ifname=vnet0,queues=4,vhost=on"},
+			name: "shareable: unix VNC, one tap fd, no gdb",
+			argv: []string{"qemu", "-vnc", "unix:/run/vnc.sock", "-vnc", "none", "-netdev", "tap,id=n0,fd=5,vhost=on,vhostfd=6",
+				"-netdev", "tap,id=n1,fds=7"},
+		},
+		{
+			name:      "multiqueue tap by name",
+			argv:      []string{"qemu", "-netdev", "tap,id=n0,ifname=vnet0,queues=4,vhost=on"},
+			conflicts: []string{`netdev "n0" opens multiqueue tap vnet0 by name: a second QEMU's 4 queues`},
+		},
+		{
+			name: "multiqueue tap as fds",
+			argv: []string{"qemu", "-netdev", "tap,id=n0,fds=5:6:7:8,vhost=on,vhostfds=9:10:11:12",
+				"-netdev", `{"type":"tap","id":"n1","fds":"13:14"}`},
+			conflicts: []string{`netdev "n0" passes a multiqueue tap as 4 fds`, `netdev "n1" passes a multiqueue tap as 2 fds`},
 		},
 	}
 	for _, tt := range tests {

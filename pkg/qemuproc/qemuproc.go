@@ -336,8 +336,9 @@ func waitPidfd(pidfd int, d time.Duration) bool {
 // soon as it listens. A connection, once made, is waited on until QEMU
 // greets it or exits: giving up on a handshake half-way and dialling again
 // is what leaves a stale reply in QEMU's monitor for the next connection
-// (see qmp.Dial). It fails when p exits first, saying how, or when ctx is
-// done.
+// (see qmp.Dial). Only p may serve it (qmp.DialPeer): a socket at path
+// served by another process is dialled again until p's appears. It fails
+// when p exits first, saying how, or when ctx is done.
 func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) {
 	dctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -348,16 +349,20 @@ func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) 
 		case <-dctx.Done():
 		}
 	}()
+	var last error // the last failure not caused by the deadline itself
 	for {
-		c, err := qmp.Dial(dctx, path)
+		c, err := qmp.DialPeer(dctx, path, p.Pid)
 		if err == nil {
 			return c, nil
+		}
+		if last == nil || dctx.Err() == nil {
+			last = err
 		}
 		select {
 		case <-p.exited:
 			return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %s", p.how())
 		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), err)
+			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), last)
 		case <-time.After(5 * time.Millisecond):
 		}
 	}

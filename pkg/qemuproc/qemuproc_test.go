@@ -219,6 +219,7 @@ func TestHandle(t *testing.T) {
 
 // fakeQMP serves QMP's greeting and handshake on a unix socket: enough for
 // qmp.Dial (qmp_capabilities, then the query-version it syncs on).
+// fakeQMP serves QMP at path from this process.
 func fakeQMP(t *testing.T, path string) {
 	t.Helper()
 	l, err := net.Listen("unix", path)
@@ -226,47 +227,67 @@ func fakeQMP(t *testing.T, path string) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { l.Close() })
-	go func() {
-		for {
-			conn, err := l.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer conn.Close()
-				fmt.Fprintln(conn, `{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}}, "capabilities": ["oob"]}}`)
-				dec := json.NewDecoder(conn)
-				for {
-					var cmd struct {
-						Execute string          `json:"execute"`
-						ID      json.RawMessage `json:"id"`
-					}
-					if dec.Decode(&cmd) != nil {
-						return
-					}
-					id := string(cmd.ID)
-					if id == "" {
-						id = "null"
-					}
-					fmt.Fprintf(conn, `{"return": {}, "id": %s}`+"\n", id)
-				}
-			}()
+	go serveQMP(l)
+}
+
+// serveQMP greets every connection and answers every command with an
+// empty return carrying its id.
+func serveQMP(l net.Listener) {
+	for {
+		conn, err := l.Accept()
+		if err != nil {
+			return
 		}
-	}()
+		go func() {
+			defer conn.Close()
+			fmt.Fprintln(conn, `{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}}, "capabilities": ["oob"]}}`)
+			dec := json.NewDecoder(conn)
+			for {
+				var cmd struct {
+					Execute string          `json:"execute"`
+					ID      json.RawMessage `json:"id"`
+				}
+				if dec.Decode(&cmd) != nil {
+					return
+				}
+				id := string(cmd.ID)
+				if id == "" {
+					id = "null"
+				}
+				fmt.Fprintf(conn, `{"return": {}, "id": %s}`+"\n", id)
+			}
+		}()
+	}
+}
+
+// TestMain: with QEMUPROC_FAKE_QMP=PATH this binary is a fake QEMU that,
+// a little after it starts (as QEMU does), serves QMP at PATH.
+func TestMain(m *testing.M) {
+	if path := os.Getenv("QEMUPROC_FAKE_QMP"); path != "" {
+		time.Sleep(50 * time.Millisecond)
+		l, err := net.Listen("unix", path)
+		if err != nil {
+			os.Exit(1)
+		}
+		go serveQMP(l)
+		time.Sleep(30 * time.Second)
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
 }
 
 func TestDialQMP(t *testing.T) {
 	modes(t, func(t *testing.T, r *reaper.Reaper) {
-		p, err := Start(Spec{Binary: "/bin/sleep", Argv: []string{"sleep", "30"}}, r)
+		path := filepath.Join(t.TempDir(), "qmp.sock")
+		exe, err := os.Executable()
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := Start(Spec{Binary: exe, Argv: []string{"fake-qemu"}, Env: []string{"QEMUPROC_FAKE_QMP=" + path}}, r)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer p.Stop(time.Second)
-		path := filepath.Join(t.TempDir(), "qmp.sock")
-		go func() { // it listens a little later, as QEMU does
-			time.Sleep(50 * time.Millisecond)
-			fakeQMP(t, path)
-		}()
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
 		c, err := DialQMP(ctx, path, p)
@@ -274,6 +295,29 @@ func TestDialQMP(t *testing.T) {
 			t.Fatal(err)
 		}
 		c.Close()
+	})
+}
+
+// TestDialQMPNotItsOwn: a socket at the path served by another process
+// than the new QEMU is never taken for its monitor.
+func TestDialQMPNotItsOwn(t *testing.T) {
+	modes(t, func(t *testing.T, r *reaper.Reaper) {
+		p, err := Start(Spec{Binary: "/bin/sleep", Argv: []string{"sleep", "30"}}, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer p.Stop(time.Second)
+		path := filepath.Join(t.TempDir(), "qmp.sock")
+		fakeQMP(t, path) // served by this process, not by p
+		// Long enough for a dial to finish under the race detector on a
+		// loaded machine: the mismatch is the last error seen.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		_, err = DialQMP(ctx, path, p)
+		want := fmt.Sprintf("is served by pid %d, not by QEMU pid %d: not trusted", os.Getpid(), p.Pid)
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("DialQMP = %v, want %q", err, want)
+		}
 	})
 }
 

@@ -15,12 +15,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	dqmp "github.com/digitalocean/go-qemu/qmp"
+	"golang.org/x/sys/unix"
 )
 
 // Event is a QMP event with QEMU's host timestamp.
@@ -44,8 +48,78 @@ type Client struct {
 
 // Dial connects to the QMP unix socket at path and does the capabilities
 // handshake. It gives up when ctx is done, e.g. when QEMU never sends its
-// greeting because another client holds the monitor.
+// greeting because another client holds the monitor. It trusts whoever
+// serves path: to talk to one QEMU, use DialPeer.
 func Dial(ctx context.Context, path string) (*Client, error) {
+	return dial(ctx, path, nil)
+}
+
+// DialPeer is Dial to the monitor of QEMU process pid: before a byte is
+// sent it checks, with SO_PEERCRED, that the socket is served by pid, and
+// fails with a *PeerError if not (whoever serves a QEMU's monitor path
+// would be handed the guest's state). The kernel records the credentials
+// of the process that last called listen() on the socket; QEMU calls it
+// on a listening socket passed by fd too (libvirt's, or ours on a
+// restart), so a monitor passed by fd is served by QEMU itself as well.
+func DialPeer(ctx context.Context, path string, pid int) (*Client, error) {
+	return DialPeerCheck(ctx, path, pid, nil)
+}
+
+// DialPeerCheck is DialPeer, with a second chance: when the peer is not
+// pid, accept (if not nil) may still accept it (return true).
+func DialPeerCheck(ctx context.Context, path string, pid int, accept func(peer int) bool) (*Client, error) {
+	if pid <= 0 {
+		return nil, fmt.Errorf("connecting to QMP %s: no QEMU pid to check its peer against", path)
+	}
+	return dial(ctx, path, func(peer int) error {
+		if peer == pid || (accept != nil && accept(peer)) {
+			return nil
+		}
+		return &PeerError{Path: path, Peer: peer, PID: pid}
+	})
+}
+
+// PeerError is a monitor socket served by another process than the QEMU.
+type PeerError struct {
+	Path      string
+	Peer, PID int
+}
+
+func (e *PeerError) Error() string {
+	return fmt.Sprintf("QMP socket %s is served by pid %d, not by QEMU pid %d: not trusted", e.Path, e.Peer, e.PID)
+}
+
+// peerPID is the pid of the process serving mon's unix socket.
+func peerPID(mon *dqmp.SocketMonitor) (int, error) {
+	// go-qemu's SocketMonitor keeps its connection unexported; read it
+	// (TestPeerPIDReadsTheConnection fails if go-qemu renames it).
+	f := reflect.ValueOf(mon).Elem().FieldByName("c")
+	if !f.IsValid() || f.Type() != reflect.TypeFor[net.Conn]() {
+		return 0, errors.New("cannot reach go-qemu's monitor connection to check its peer")
+	}
+	conn, _ := reflect.NewAt(f.Type(), unsafe.Pointer(f.UnsafeAddr())).Elem().Interface().(net.Conn)
+	uc, ok := conn.(*net.UnixConn)
+	if !ok {
+		return 0, fmt.Errorf("the monitor connection is a %T, not a unix socket", conn)
+	}
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if credErr != nil {
+		return 0, fmt.Errorf("SO_PEERCRED: %w", credErr)
+	}
+	return int(cred.Pid), nil
+}
+
+func dial(ctx context.Context, path string, check func(peer int) error) (*Client, error) {
 	timeout := 5 * time.Second
 	if d, ok := ctx.Deadline(); ok {
 		timeout = time.Until(d)
@@ -56,6 +130,17 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 	mon, err := dqmp.NewSocketMonitor("unix", path, timeout)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to QMP %s: %w", path, err)
+	}
+	if check != nil {
+		peer, err := peerPID(mon)
+		if err != nil {
+			mon.Disconnect()
+			return nil, fmt.Errorf("QMP %s: checking who serves it: %w", path, err)
+		}
+		if err := check(peer); err != nil {
+			mon.Disconnect()
+			return nil, err
+		}
 	}
 	done := make(chan error, 1)
 	go func() { done <- mon.Connect() }()

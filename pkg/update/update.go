@@ -55,6 +55,11 @@ type Options struct {
 	ProcCmdline string
 	// MountsFile is the mount table (/proc/mounts).
 	MountsFile string
+	// KeepControl carries lu.control (a root shell on a serial line) into
+	// the new kernel's command line. Without it lu.control is dropped,
+	// from the running command line and from Append alike: a shell that
+	// automation opened once must not outlive the kernel it was asked on.
+	KeepControl bool
 }
 
 // Plan is what an update would do, and what stops it.
@@ -189,7 +194,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmdline, probs := buildCmdline(string(cur), o.Append, p.PMEMDevice, p.PMEMMount, string(e.StateDir))
+	cmdline, probs := buildCmdline(string(cur), o.Append, p.PMEMDevice, p.PMEMMount, string(e.StateDir), o.KeepControl)
 	p.Problems = append(p.Problems, probs...)
 	p.Cmdline = cmdline
 	return p, nil
@@ -199,8 +204,9 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 // base), keeping the PMEM reservation exactly and setting the lu.*
 // parameters PID 1 reads: those of base, parsed, with the PMEM device, its
 // mount and the manifest set, and the one-time ones (lu.format_pmem,
-// lu.rescue) dropped, written back by bootparams.Params.Words.
-func buildCmdline(current, base, pmemDev, pmemMount, stateDir string) (string, []string) {
+// lu.rescue) dropped, written back by bootparams.Params.Words. lu.control
+// (a root shell on a serial line) is dropped too unless keepControl.
+func buildCmdline(current, base, pmemDev, pmemMount, stateDir string, keepControl bool) (string, []string) {
 	var probs []string
 	curWords := bootparams.Split(current)
 	if base == "" {
@@ -237,6 +243,9 @@ func buildCmdline(current, base, pmemDev, pmemMount, stateDir string) (string, [
 		return strings.Join(append(quoteAll(words), luWords...), " "), probs
 	}
 	lu.FormatPMEM, lu.Rescue = false, false // once, on the boot that asked
+	if !keepControl {
+		lu.Control = "" // a root shell: only when asked for (--keep-control)
+	}
 	if pmemDev != "" {
 		lu.PMEM, lu.PMEMMount = pmemDev, pmemMount
 		lu.Manifest = filepath.Join(stateDir, manifest.FileName)

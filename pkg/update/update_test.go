@@ -19,17 +19,21 @@ func TestBuildCmdline(t *testing.T) {
 		want     []string // words that must be there
 		wantNot  []string
 		wantProb string
+		keep     bool // KeepControl
 	}{
 		{name: "from the running kernel", want: []string{"root=UUID=abcd", "memmap=512M!1G", "lu.pmem=/dev/pmem0", "lu.root=UUID=abcd", "lu.dhcp=eth0", `lu.rootflags="a b"`, "lu.manifest=/mnt/pmem/lu/manifest.json"},
 			wantNot: []string{"BOOT_IMAGE", "lu.format_pmem"}},
 		{name: "append keeps memmap", base: "root=/dev/vda console=ttyS0 memmap=512M!1G quiet", want: []string{"quiet", "lu.root=/dev/vda", "memmap=512M!1G"}, wantNot: []string{"lu.dhcp"}},
 		{name: "append drops memmap", base: "root=/dev/vda console=ttyS0", wantProb: "drops memmap=512M!1G"},
 		{name: "append changes memmap", base: "root=/dev/vda memmap=1G!1G", wantProb: `changes the PMEM reservation from "memmap=512M!1G" to "memmap=1G!1G"`},
+		{name: "lu.control dropped", base: cur + " lu.control=/dev/ttyS1", want: []string{"lu.dhcp=eth0"}, wantNot: []string{"lu.control"}},
+		{name: "lu.control in --append dropped too", base: "root=/dev/vda memmap=512M!1G lu.control=/dev/ttyS1", want: []string{"lu.root=/dev/vda"}, wantNot: []string{"lu.control"}},
+		{name: "lu.control kept when asked", base: cur + " lu.control=/dev/ttyS1", keep: true, want: []string{"lu.control=/dev/ttyS1", "lu.dhcp=eth0"}},
 		{name: "bad lu parameter", base: "memmap=512M!1G lu.bogus=1", wantProb: "would stop PID 1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, probs := buildCmdline(cur, tt.base, "/dev/pmem0", "/mnt/pmem", "/mnt/pmem/lu")
+			got, probs := buildCmdline(cur, tt.base, "/dev/pmem0", "/mnt/pmem", "/mnt/pmem/lu", tt.keep)
 			if tt.wantProb != "" {
 				if !strings.Contains(strings.Join(probs, "\n"), tt.wantProb) {
 					t.Fatalf("problems %q lack %q", probs, tt.wantProb)
