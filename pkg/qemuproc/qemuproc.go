@@ -355,7 +355,9 @@ func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) 
 		if err == nil {
 			return c, nil
 		}
-		if last == nil || dctx.Err() == nil {
+		// The deadline can be reached in the dial a moment before the
+		// context says so: such an error is the deadline's, not a reason.
+		if last == nil || (dctx.Err() == nil && !errors.Is(err, context.DeadlineExceeded)) {
 			last = err
 		}
 		select {
