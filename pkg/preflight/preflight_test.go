@@ -64,7 +64,9 @@ func TestCheck(t *testing.T) {
 			}},
 		// libvirt's serial: a pipe to virtlogd, handed over as it is.
 		{name: "fdset of a pipe", argv: append(append([]string{}, good...), "-add-fd", "set=0,fd=21,opaque=serial0-source"),
-			facts: func(f *Facts) { f.Fdsets = []FdsetFd{{Set: 0, Fd: 6, Opaque: "serial0-source", Target: "pipe:[239520]"}} }},
+			facts: func(f *Facts) {
+				f.Fdsets = []FdsetFd{{Set: 0, Fd: 6, Opaque: "serial0-source", Target: "pipe:[239520]"}}
+			}},
 		{name: "fdset of a socket", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"),
 			facts: func(f *Facts) { f.Fdsets = []FdsetFd{{Set: 1, Fd: 30, Target: "socket:[1234]"}} }, want: "not a file or a pipe"},
 		{name: "fdset gone", argv: append(append([]string{}, good...), "-add-fd", "fd=9,set=1"), want: "does not hold it any more"},
