@@ -117,12 +117,18 @@ var ackRE = regexp.MustCompile(`\bACK (\d+)\b`)
 // acks reads the disk writer's console: every "ACK n" in order, and its
 // error line if it stopped on one.
 func (g *guest) acks() (ns []uint64, errLine string) {
-	f, err := os.Open(g.serial)
+	b, err := os.ReadFile(g.serial)
 	if err != nil {
 		return nil, ""
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
+	// Only whole lines: the guest may be half-way through "ACK 950\n",
+	// which would read as ACK 95.
+	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
+		b = b[:i+1]
+	} else {
+		b = nil
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
 	for sc.Scan() {
 		l := sc.Text()
 		if m := ackRE.FindStringSubmatch(l); m != nil {

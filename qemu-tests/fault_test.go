@@ -161,7 +161,10 @@ func TestFaultFullDisk(t *testing.T) {
 		before = append(before, b)
 	}
 	code, _, errOut := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=manifest=fill"}, "restart-qemu", "--state-dir", state, "d1", "d2", "d3")
-	if code != 1 || !strings.Contains(errOut, "every VM resumed on its old QEMU") {
+	// The disk fills before the saves: the record of the migration set-up
+	// (written before any QEMU is changed) or the saves fail; either way
+	// every guest goes on on its old QEMU at once.
+	if code != 1 || !(strings.Contains(errOut, "every VM resumed on its old QEMU") || strings.Contains(errOut, "no VM stopped")) {
 		t.Errorf("restart-qemu on a disk that filled up: exit %d\n%s", code, errOut)
 	}
 	// Running again before anyone touched them.
