@@ -457,9 +457,10 @@ func TestLibvirtFacts(t *testing.T) {
 	facts["virsh-domdisplay.txt"] = virsh(t, "domdisplay", name)
 
 	// (d) plan with libvirtd running; (e) the monitor while libvirt holds it.
-	lu := func(file string, args ...string) {
+	lu := func(file string, args ...string) (int, string) {
 		code, out, errOut := runLU(t, args...)
 		facts[file] = fmt.Sprintf("$ liveupdate %s\nexit %d\n--- stdout\n%s--- stderr\n%s", strings.Join(args, " "), code, out, errOut)
+		return code, out + errOut
 	}
 	lu("plan-libvirtd-running.txt", "plan", "--json", name)
 	var mon strings.Builder
@@ -495,7 +496,12 @@ func TestLibvirtFacts(t *testing.T) {
 		}
 	}
 	// (5) restart-qemu on the libvirt guest, libvirtd stopped.
-	lu("restart-qemu-libvirtd-stopped.txt", "restart-qemu", "--json", name)
+	// Until liveupdate rewrites libvirt's record for the new QEMU, a
+	// libvirt guest is refused: its daemon would take the recorded QEMU
+	// for gone and remove the RAM of the guest running on.
+	if code, out := lu("restart-qemu-libvirtd-stopped.txt", "restart-qemu", "--json", name); code != exitRefusedCode || !strings.Contains(out, "libvirt manages this guest") {
+		t.Errorf("restart-qemu of a libvirt guest: exit %d, not refused naming libvirt:\n%s", code, out)
+	}
 	b = g.checkContinues(b)
 
 	// libvirtd started again reconnects to the running guest.

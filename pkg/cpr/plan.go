@@ -73,6 +73,7 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 			var nsErr error
 			t.NetNS, nsErr = tapdev.NamedNetNS(p.NetNS)
 			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: r.local(r.stateDir), StateDirFree: free,
+				Libvirt:  libvirtRecord(r.local(hostpath.QEMU(LibvirtRunDir)), p.PID),
 				NetNSErr: nsErr, ProcRoot: filepath.Join(r.ProcRoot, fmt.Sprint(p.PID), "root")})
 			ts[i] = t
 		}()
@@ -236,4 +237,29 @@ func (r *run) fdsets(ctx context.Context, c *qmp.Client, pid int) ([]preflight.F
 		}
 	}
 	return out, nil
+}
+
+// LibvirtRunDir is where libvirt's QEMU driver keeps its record of each
+// running guest (NAME.xml, NAME.pid).
+const LibvirtRunDir = "/run/libvirt/qemu"
+
+// libvirtRecord is the status file of libvirt's that names pid as the
+// guest's QEMU, "" when none does (libvirt does not manage it).
+func libvirtRecord(dir string, pid int) string {
+	files, _ := filepath.Glob(filepath.Join(dir, "*.xml"))
+	want := fmt.Sprintf(" pid='%d'", pid)
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		// <domstatus state='running' reason='booted' pid='2086'>
+		s := string(b)
+		if i := strings.Index(s, "<domstatus"); i >= 0 {
+			if j := strings.IndexByte(s[i:], '>'); j >= 0 && strings.Contains(s[i:i+j], want) {
+				return f
+			}
+		}
+	}
+	return ""
 }

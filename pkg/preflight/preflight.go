@@ -85,6 +85,9 @@ type Input struct {
 	// ProcRoot is the process's root directory as this process sees it
 	// (/proc/PID/root), through which its files are checked; "" means "/".
 	ProcRoot string
+	// Libvirt is libvirt's record of this QEMU (/run/libvirt/qemu/NAME.xml
+	// naming its pid), "" when libvirt does not manage it.
+	Libvirt string
 }
 
 // Verdict is the answer for one VM.
@@ -271,6 +274,9 @@ func Check(in Input) Verdict {
 	if in.NetNSErr != nil {
 		bad("%v", in.NetNSErr)
 	}
+	if in.Libvirt != "" {
+		checkLibvirt(in, &v, bad)
+	}
 
 	// Room and leftovers in the state directory.
 	if in.StateDirFree < StateReserve {
@@ -284,4 +290,26 @@ func Check(in Input) Verdict {
 	}
 	v.OK = len(v.Problems) == 0
 	return v
+}
+
+// LibvirtXML is what makes a libvirt guest's RAM a shared file that a
+// restart keeps (in the domain's XML, under <domain>).
+const LibvirtXML = "<memoryBacking><source type='file'/><access mode='shared'/></memoryBacking>"
+
+// checkLibvirt: libvirt manages the guest. Its daemon, when it starts,
+// reconnects to the QEMU its record (/run/libvirt/qemu/NAME.xml) names and
+// treats a guest whose recorded process is gone as stopped — cleaning up
+// its memory-backing directory, the RAM of the guest still running on a new
+// QEMU. Until liveupdate rewrites that record for the new QEMU, such a
+// guest is refused, with what to do.
+func checkLibvirt(in Input, v *Verdict, bad func(string, ...any)) {
+	if ram, err := in.Proc.Cmdline.RAM(); err == nil {
+		for _, b := range ram.Backends {
+			if b.Type != "memory-backend-file" || !b.Share {
+				bad("libvirt manages this guest (%s): to make its RAM a shared file that a restart keeps, add %s to its domain XML (virsh edit %s; for a kernel update also set memory_backing_dir in /etc/libvirt/qemu.conf to a directory on the PMEM filesystem), then start it again", in.Libvirt, LibvirtXML, v.VM)
+				break
+			}
+		}
+	}
+	bad("libvirt manages this guest (%s): after a restart its daemon would find the recorded QEMU gone, treat the guest as stopped and remove its memory-backing directory — the RAM of the guest running on. liveupdate does not yet rewrite libvirt's record for the new QEMU, so libvirt's guests are not restarted; guests started by hand on this host are", in.Libvirt)
 }

@@ -125,3 +125,31 @@ func TestCheck(t *testing.T) {
 		})
 	}
 }
+
+// TestLibvirtGuest: a guest libvirt manages is refused (its daemon would
+// clean up the RAM of the guest running on a new QEMU), and an ineligible
+// one is told the XML to add.
+func TestLibvirtGuest(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		argv []string
+		want []string
+	}{
+		{"eligible", good, []string{"libvirt manages this guest (/run/libvirt/qemu/vm1.xml): after a restart its daemon would find the recorded QEMU gone"}},
+		{"no shared RAM", []string{"-name", "vm1", "-machine", "pc,memory-backend=pc.ram", "-object", "memory-backend-ram,id=pc.ram,size=256M", "-qmp", "unix:/q,server=on"},
+			[]string{"add " + LibvirtXML + " to its domain XML (virsh edit vm1", "memory_backing_dir"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := Check(Input{Proc: proc(t, c.argv...), Facts: facts(), StateDir: t.TempDir(), StateDirFree: 1 << 30, Libvirt: "/run/libvirt/qemu/vm1.xml"})
+			all := strings.Join(v.Problems, "\n")
+			for _, w := range c.want {
+				if !strings.Contains(all, w) {
+					t.Errorf("problems lack %q:\n%s", w, all)
+				}
+			}
+			if v.OK {
+				t.Errorf("a libvirt guest passed")
+			}
+		})
+	}
+}
