@@ -20,7 +20,7 @@ import (
 // the run — before, during or after the saves, the quits, the loads, the
 // conts — then runs recover (twice: the second must change nothing) and
 // checks every guest: heartbeat going on, same boot id, RAM checksum
-// intact (and every acknowledged disk record, for guests with a disk).
+// intact, and every acknowledged record on each guest's disk.
 // Bounded by LIVEUPDATE_CHAOS_N iterations and LIVEUPDATE_CHAOS_MINUTES;
 // outcomes go to LIVEUPDATE_SOAK_OUT (JSON lines) for docs/reliability.md.
 // Skipped unless LIVEUPDATE_CHAOS_N is set.
@@ -71,6 +71,10 @@ func TestChaos(t *testing.T) {
 			if why := g.continues(before[j]); why != "" {
 				bad = append(bad, why)
 			}
+			// Every acknowledged disk record on the image, and the writer
+			// going on (a loss fails the test here).
+			g.checkAcksContinue(before[j].ack)
+			g.checkDisk()
 		}
 		if len(bad) > 0 {
 			lost++
@@ -89,8 +93,16 @@ func TestChaos(t *testing.T) {
 	t.Logf("chaos: %d iterations (%d guests each), guests lost in %d", done, len(gs), lost)
 }
 
-// chaosGuest is the guest shape the chaos loop restarts.
-func chaosGuest(name string) guestSpec { return guestSpec{name: name} }
+// chaosGuest is the guest shape the chaos loop restarts: each writes to a
+// disk of its own shape.
+func chaosGuest(name string) guestSpec {
+	shapes := map[string]*diskSpec{
+		"c1": {format: "raw", frontend: "drive", cache: "none", aio: "native"},
+		"c2": {format: "qcow2", frontend: "blockdev", iothread: true, cache: "writeback", aio: "threads"},
+		"c3": {format: "raw", frontend: "drive+device", cache: "none", aio: "io_uring"},
+	}
+	return guestSpec{name: name, disk: shapes[name]}
+}
 
 // killAfter runs liveupdate and SIGKILLs it after d (if it is still
 // running then); it returns the exit code (137 when killed).

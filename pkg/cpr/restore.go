@@ -132,7 +132,7 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 	}
 	// From cont on, the new QEMU runs the guest: its saved state must never
 	// be loaded again nor its old QEMU continued. The state file is marked
-	// consumed, durably, before cont; after that a failure never stops the
+	// consumed before cont (durably just after); after that a failure never stops the
 	// new QEMU (it holds the guest) — recover continues it.
 	if err := r.consume(vm); err != nil {
 		return fail(fmt.Errorf("marking the state file consumed before cont: %w", err))
@@ -150,7 +150,9 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		}
 	}
 
-	// Outside the blackout: the new QEMU gets the VM's own migration set-up.
+	// Outside the blackout: the consumed mark made durable, and the new
+	// QEMU gets the VM's own migration set-up.
+	r.syncDone(vm)
 	r.giveBackMigration(ctx, c, vm, true)
 
 	// Confirmed: the state file is done with; keep it for inspection.

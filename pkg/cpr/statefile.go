@@ -19,19 +19,26 @@ const (
 	abortedSuffix = ".aborted"
 )
 
-// consume marks a loaded state file as used, durably, before any QEMU runs
-// the guest from it: renamed to .done, the directory synced.
+// consume marks a loaded state file as used before any QEMU runs the guest
+// from it: renamed to .done, which every later run (recover) sees at once.
+// The rename is made durable by syncDone, after cont: a directory fsync
+// here would sit in every guest's blackout, and only a crash of the whole
+// host could undo the rename — which no guest on this kernel survives.
 func (r *run) consume(vm *manifest.VM) error {
 	sf := r.local(vm.StateFile)
-	if err := os.Rename(sf, sf+doneSuffix); err != nil {
-		return err
+	return os.Rename(sf, sf+doneSuffix)
+}
+
+// syncDone makes consume's rename durable.
+func (r *run) syncDone(vm *manifest.VM) {
+	d, err := os.Open(filepath.Dir(r.local(vm.StateFile)))
+	if err == nil {
+		err = d.Sync()
+		d.Close()
 	}
-	d, err := os.Open(filepath.Dir(sf))
 	if err != nil {
-		return err
+		r.Log.Warn("syncing the state directory after marking the state consumed", "vm", vm.Name, "err", err)
 	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // consumed tells whether a new QEMU loaded vm's state (and may have run the
