@@ -317,24 +317,10 @@ func runLU(t testing.TB, args ...string) (int, string, string) {
 
 // runLUWith runs one of the built liveupdate binaries with more environment.
 //
-// The run lock (/run/liveupdate.lock) is host-wide: a liveupdate of another
-// test suite running on the same machine makes ours refuse with exit 3. No
-// test here holds the lock while it runs a command, so such a refusal is
-// always someone else's run: wait for it to end and try again (up to five
-// minutes), saying so in the log.
+// runLUWith runs bin (liveupdate or liveupdate-fault) with env added. It
+// takes a run lock of this test run's own (--lock), so another suite's
+// liveupdate on the same machine never makes ours refuse.
 func runLUWith(t testing.TB, bin string, env []string, args ...string) (int, string, string) {
-	t.Helper()
-	for deadline := time.Now().Add(5 * time.Minute); ; {
-		code, stdout, stderr := runLUOnce(t, bin, env, args...)
-		if code != 3 || !strings.Contains(stderr, "another liveupdate is running") || time.Now().After(deadline) {
-			return code, stdout, stderr
-		}
-		t.Logf("the run lock is held by another suite's liveupdate: trying again")
-		time.Sleep(time.Second)
-	}
-}
-
-func runLUOnce(t testing.TB, bin string, env []string, args ...string) (int, string, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
