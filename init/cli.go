@@ -22,6 +22,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/hoststate"
+	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
@@ -298,15 +299,33 @@ func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
 	return fs
 }
 
-// lock takes the one-updater lock for a command that changes guests; on
-// failure it prints who holds it.
-func (c *commonFlags) lock(cmd string, args []string) (*runlock.Lock, bool) {
+// lock takes the one-updater lock for a command that changes guests, and
+// the guard that keeps libvirt's daemons from starting until it is
+// released (libvirt.Guard); on failure it prints who holds the lock.
+func (c *commonFlags) lock(cmd string, args []string) (*held, bool) {
 	l, err := runlock.Acquire(c.lockPath, strings.TrimSpace(cmd+" "+strings.Join(args, " ")))
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "liveupdate %s: %v\n", cmd, err)
 		return nil, false
 	}
-	return l, true
+	g, err := libvirt.Hold(c.root)
+	if err != nil {
+		l.Release()
+		fmt.Fprintf(os.Stderr, "liveupdate %s: keeping libvirt's daemons from starting during the run: %v\n", cmd, err)
+		return nil, false
+	}
+	return &held{l, g}, true
+}
+
+// held is what a command that changes guests holds until it ends.
+type held struct {
+	run     *runlock.Lock
+	libvirt *libvirt.Guard
+}
+
+func (h *held) Release() {
+	h.libvirt.Release()
+	h.run.Release()
 }
 
 func (c *commonFlags) engine() *cpr.Engine {

@@ -139,6 +139,7 @@ type Target struct {
 	Facts   preflight.Facts
 	Verdict preflight.Verdict
 	NetNS   string // named netns to start the new QEMU in ("" = ours)
+	Libvirt string // libvirt's status file naming this QEMU, as we see it ("" = not libvirt's)
 
 	rec   *manifest.VM
 	files map[int]*os.File // fds taken from the old QEMU, by their new number

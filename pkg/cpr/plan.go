@@ -13,6 +13,7 @@ import (
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
@@ -53,6 +54,7 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 		}
 	}
 	free := stateDirFree(r.local(r.stateDir))
+	daemons := libvirt.Daemons(r.ProcRoot)
 	ts := make([]*Target, len(sel))
 	var wg sync.WaitGroup
 	for i, p := range sel {
@@ -69,11 +71,19 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 				ts[i] = t
 				return
 			}
-			t.QMP, t.Facts = r.gatherFacts(ctx, p)
+			lvRecord := libvirt.Find(r.local(hostpath.QEMU(libvirt.RunDir)), p.PID)
+			t.Libvirt = lvRecord
+			if lvRecord != "" && len(daemons) > 0 {
+				// The daemon holds the guest's monitor: a dial would wait
+				// for a greeting that never comes.
+				t.Facts.QMPErr = fmt.Errorf("%s holds this guest's monitor: %w", daemons[0], libvirt.ErrDaemonRuns)
+			} else {
+				t.QMP, t.Facts = r.gatherFacts(ctx, p)
+			}
 			var nsErr error
 			t.NetNS, nsErr = tapdev.NamedNetNS(p.NetNS)
 			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: r.local(r.stateDir), StateDirFree: free,
-				Libvirt:  libvirtRecord(r.local(hostpath.QEMU(LibvirtRunDir)), p.PID),
+				Libvirt: lvRecord, LibvirtDaemons: daemons,
 				NetNSErr: nsErr, ProcRoot: filepath.Join(r.ProcRoot, fmt.Sprint(p.PID), "root")})
 			ts[i] = t
 		}()
@@ -237,29 +247,4 @@ func (r *run) fdsets(ctx context.Context, c *qmp.Client, pid int) ([]preflight.F
 		}
 	}
 	return out, nil
-}
-
-// LibvirtRunDir is where libvirt's QEMU driver keeps its record of each
-// running guest (NAME.xml, NAME.pid).
-const LibvirtRunDir = "/run/libvirt/qemu"
-
-// libvirtRecord is the status file of libvirt's that names pid as the
-// guest's QEMU, "" when none does (libvirt does not manage it).
-func libvirtRecord(dir string, pid int) string {
-	files, _ := filepath.Glob(filepath.Join(dir, "*.xml"))
-	want := fmt.Sprintf(" pid='%d'", pid)
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			continue
-		}
-		// <domstatus state='running' reason='booted' pid='2086'>
-		s := string(b)
-		if i := strings.Index(s, "<domstatus"); i >= 0 {
-			if j := strings.IndexByte(s[i:], '>'); j >= 0 && strings.Contains(s[i:i+j], want) {
-				return f
-			}
-		}
-	}
-	return ""
 }

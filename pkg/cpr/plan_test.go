@@ -2,7 +2,6 @@ package cpr
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -76,33 +75,5 @@ func TestPlanDuplicateNames(t *testing.T) {
 				t.Errorf("%d verdicts name the duplicate, want %d", dups, tc.wantDups)
 			}
 		})
-	}
-}
-
-// TestLibvirtRecord: a QEMU is libvirt's when a status file of libvirt's
-// names its pid (the file real libvirt 11.3 wrote, captured by the libvirt
-// tests).
-func TestLibvirtRecord(t *testing.T) {
-	dir := t.TempDir()
-	b, err := os.ReadFile("../../qemu-tests/testdata/libvirt/status.xml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "lu-lv-facts.xml"), b, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	pid := 0
-	if _, err := fmt.Sscanf(string(b[strings.Index(string(b), "<domstatus"):]), "<domstatus state='running' reason='booted' pid='%d'>", &pid); err != nil || pid == 0 {
-		t.Fatalf("fixture: no domstatus pid (%v)", err)
-	}
-	if got := libvirtRecord(dir, pid); got != filepath.Join(dir, "lu-lv-facts.xml") {
-		t.Errorf("libvirt's QEMU pid %d: record %q", pid, got)
-	}
-	// A vCPU thread's pid is in the file too, but not on <domstatus>.
-	if got := libvirtRecord(dir, pid+8); got != "" {
-		t.Errorf("pid %d is not libvirt's QEMU: record %q", pid+8, got)
-	}
-	if got := libvirtRecord(filepath.Join(dir, "none"), pid); got != "" {
-		t.Errorf("no libvirt: %q", got)
 	}
 }

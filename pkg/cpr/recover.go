@@ -9,6 +9,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
@@ -147,6 +148,11 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		case reportTwins:
 			failed(i, fmt.Sprintf("%d QEMUs run it (pids %v), left by an interrupted restart; they share one monitor socket and cannot be told apart from here: stop the one that does not run the guest (the old one is pid %d, the others were started for it), then run recover again", o.qemus, twins[vm.Name], vm.PID))
 		case reportHung:
+			if errors.Is(t.Facts.QMPErr, libvirt.ErrDaemonRuns) {
+				stop, start := libvirt.StopHint(libvirt.Daemons(r.ProcRoot))
+				failed(i, fmt.Sprintf("QEMU pid %d runs it, but %v: stop the daemon (`%s`), run recover again, then `%s`", t.Proc.PID, t.Facts.QMPErr, stop, start))
+				continue
+			}
 			failed(i, fmt.Sprintf("QEMU pid %d runs it but its monitor does not answer (stopped? hung?): %v", t.Proc.PID, t.Facts.QMPErr))
 		case markRunning:
 			out[i].Action = "running"
@@ -157,6 +163,11 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			if t.QMP != nil {
 				cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 				r.giveBackMigration(cctx, t.QMP, vm, !o.isOld)
+				if err := r.handBackToLibvirt(cctx, t.QMP, vm, t.Proc.PID); err != nil {
+					cancel()
+					failed(i, err.Error())
+					continue
+				}
 				cancel()
 			}
 			if o.isOld {
@@ -188,9 +199,15 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			if err == nil {
 				r.giveBackMigration(cctx, c, vm, true)
 			}
+			if err != nil {
+				cancel()
+				failed(i, "cont: "+err.Error())
+				continue
+			}
+			err = r.handBackToLibvirt(cctx, c, vm, t.Proc.PID)
 			cancel()
 			if err != nil {
-				failed(i, "cont: "+err.Error())
+				failed(i, err.Error())
 				continue
 			}
 			vm.Status, vm.NewPID, vm.Error = manifest.StatusRunning, t.Proc.PID, ""

@@ -159,6 +159,10 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 	vm.Status = manifest.StatusRunning
 	vm.Error = ""
 	r.markDone(vm)
+	if err := r.handBackToLibvirt(ctx, c, vm, vm.NewPID); err != nil {
+		r.Log.Error("libvirt's record not rewritten", "vm", vm.Name, "err", err)
+		vm.Error = err.Error()
+	}
 	for _, fd := range vm.Fds {
 		if fd.Kind == qemuargv.FdTap && !fd.TapPersist {
 			if err := tapdev.SetPersist(q.files[fd.Num-firstFd], false); err != nil {

@@ -238,6 +238,13 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 		rec.Binary = hostpath.QEMU(o.QEMUBinary)
 	}
 	rec.CopyRAM = o.CopyRAM
+	if t.Libvirt != "" {
+		b, err := os.ReadFile(t.Libvirt)
+		if err != nil {
+			return nil, fmt.Errorf("reading libvirt's record of the guest: %w", err)
+		}
+		rec.Libvirt = &manifest.Libvirt{Status: r.Root.QEMU(hostpath.Local(t.Libvirt)), Record: string(b)}
+	}
 	if a := guestagent.Socket(p.Cmdline); a != "" {
 		rec.Agent = hostpath.Arg(cwd, a)
 	}

@@ -133,6 +133,8 @@ type VM struct {
 	// that its next migration (libvirt's, to another host) is not a
 	// cpr-reboot that leaves shared RAM behind. Nil: QEMU's defaults.
 	Migration *Migration `json:"migration,omitempty"`
+	// Libvirt is libvirt's record of the guest when libvirt manages it.
+	Libvirt *Libvirt `json:"libvirt,omitempty"`
 
 	Status  Status    `json:"status"`
 	Error   string    `json:"error,omitempty"`
@@ -147,6 +149,17 @@ func (v VM) Blackout() time.Duration {
 		return 0
 	}
 	return v.Resumed.Sub(v.Stopped)
+}
+
+// Libvirt is libvirt's runtime record of a guest it manages: rewritten
+// for the QEMU that runs the guest after the run, before libvirt's daemon
+// starts again (which would otherwise take the guest for stopped and
+// remove its memory-backing directory).
+type Libvirt struct {
+	Status hostpath.QEMU `json:"status"` // /run/libvirt/qemu/NAME.xml
+	// Record is the status file's contents at the save: /run is tmpfs, so
+	// after a kexec it is put back from here.
+	Record string `json:"record"`
 }
 
 // Fd is an inherited file descriptor the restarted QEMU must be given, at

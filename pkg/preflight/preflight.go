@@ -4,12 +4,14 @@
 package preflight
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
@@ -88,6 +90,8 @@ type Input struct {
 	// Libvirt is libvirt's record of this QEMU (/run/libvirt/qemu/NAME.xml
 	// naming its pid), "" when libvirt does not manage it.
 	Libvirt string
+	// LibvirtDaemons are the libvirt daemons running now (libvirt.Daemons).
+	LibvirtDaemons []libvirt.Daemon
 }
 
 // Verdict is the answer for one VM.
@@ -190,7 +194,7 @@ func Check(in Input) Verdict {
 	}
 
 	// QMP, version, run state.
-	if in.Facts.QMPErr != nil {
+	if in.Facts.QMPErr != nil && !errors.Is(in.Facts.QMPErr, libvirt.ErrDaemonRuns) { // said in checkLibvirt
 		bad("QMP: %v", in.Facts.QMPErr)
 	} else {
 		ver := in.Facts.Version
@@ -275,7 +279,7 @@ func Check(in Input) Verdict {
 		bad("%v", in.NetNSErr)
 	}
 	if in.Libvirt != "" {
-		checkLibvirt(in, &v, bad)
+		checkLibvirt(in, &v, bad, note)
 	}
 
 	// Room and leftovers in the state directory.
@@ -298,11 +302,12 @@ const LibvirtXML = "<memoryBacking><source type='file'/><access mode='shared'/><
 
 // checkLibvirt: libvirt manages the guest. Its daemon, when it starts,
 // reconnects to the QEMU its record (/run/libvirt/qemu/NAME.xml) names and
-// treats a guest whose recorded process is gone as stopped — cleaning up
-// its memory-backing directory, the RAM of the guest still running on a new
-// QEMU. Until liveupdate rewrites that record for the new QEMU, such a
-// guest is refused, with what to do.
-func checkLibvirt(in Input, v *Verdict, bad func(string, ...any)) {
+// takes a guest whose recorded QEMU is gone for stopped — and cleans up
+// after it, removing its memory-backing directory. So liveupdate and the
+// daemon take turns: the run happens while no libvirt daemon runs (it holds
+// the guest's monitor and owns the record), and rewrites the record for
+// the new QEMU before the daemon is started again.
+func checkLibvirt(in Input, v *Verdict, bad, note func(string, ...any)) {
 	if ram, err := in.Proc.Cmdline.RAM(); err == nil {
 		for _, b := range ram.Backends {
 			if b.Type != "memory-backend-file" || !b.Share {
@@ -311,5 +316,14 @@ func checkLibvirt(in Input, v *Verdict, bad func(string, ...any)) {
 			}
 		}
 	}
-	bad("libvirt manages this guest (%s): after a restart its daemon would find the recorded QEMU gone, treat the guest as stopped and remove its memory-backing directory — the RAM of the guest running on. liveupdate does not yet rewrite libvirt's record for the new QEMU, so libvirt's guests are not restarted; guests started by hand on this host are", in.Libvirt)
+	stop, start := libvirt.StopHint(in.LibvirtDaemons)
+	if len(in.LibvirtDaemons) > 0 {
+		var names []string
+		for _, d := range in.LibvirtDaemons {
+			names = append(names, d.String())
+		}
+		bad("libvirt manages this guest (%s) and its daemon runs: %s. liveupdate and libvirt take turns — the daemon holds the guest's monitor and owns its record. Stop the daemon for the run (the guests keep running): `%s`; run liveupdate again; then `%s`", in.Libvirt, strings.Join(names, ", "), stop, start)
+		return
+	}
+	note("libvirt manages this guest (%s): its record is rewritten for the new QEMU; start libvirt's daemon again after the run (e.g. `systemctl start libvirtd.service`)", in.Libvirt)
 }

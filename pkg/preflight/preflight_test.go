@@ -2,10 +2,12 @@ package preflight
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -126,29 +128,47 @@ func TestCheck(t *testing.T) {
 	}
 }
 
-// TestLibvirtGuest: a guest libvirt manages is refused (its daemon would
-// clean up the RAM of the guest running on a new QEMU), and an ineligible
-// one is told the XML to add.
+// TestLibvirtGuest: a guest libvirt manages is restarted only while no
+// libvirt daemon runs (it holds the monitor and owns the record): with one
+// running the guest is refused with the commands that take turns; an
+// ineligible one is told the XML to add.
 func TestLibvirtGuest(t *testing.T) {
+	daemon := []libvirt.Daemon{{Name: "libvirtd", PID: 812}}
+	noShare := []string{"-name", "vm1", "-machine", "pc,memory-backend=pc.ram", "-object", "memory-backend-ram,id=pc.ram,size=256M", "-qmp", "unix:/q,server=on"}
 	for _, c := range []struct {
-		name string
-		argv []string
-		want []string
+		name    string
+		argv    []string
+		daemons []libvirt.Daemon
+		ok      bool
+		want    []string // in the problems, or in the notes when ok
 	}{
-		{"eligible", good, []string{"libvirt manages this guest (/run/libvirt/qemu/vm1.xml): after a restart its daemon would find the recorded QEMU gone"}},
-		{"no shared RAM", []string{"-name", "vm1", "-machine", "pc,memory-backend=pc.ram", "-object", "memory-backend-ram,id=pc.ram,size=256M", "-qmp", "unix:/q,server=on"},
-			[]string{"add " + LibvirtXML + " to its domain XML (virsh edit vm1", "memory_backing_dir"}},
+		{"eligible, daemon stopped", good, nil, true, []string{"libvirt manages this guest (/run/libvirt/qemu/vm1.xml): its record is rewritten for the new QEMU"}},
+		{"eligible, daemon runs", good, daemon, false, []string{"its daemon runs: libvirtd (pid 812)",
+			"`systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket`",
+			"`systemctl start libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket libvirtd.service`"}},
+		{"no shared RAM", noShare, nil, false, []string{"add " + LibvirtXML + " to its domain XML (virsh edit vm1", "memory_backing_dir"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			v := Check(Input{Proc: proc(t, c.argv...), Facts: facts(), StateDir: t.TempDir(), StateDirFree: 1 << 30, Libvirt: "/run/libvirt/qemu/vm1.xml"})
+			f := facts()
+			if c.daemons != nil {
+				f.QMPErr = fmt.Errorf("%s holds this guest's monitor: %w", c.daemons[0], libvirt.ErrDaemonRuns)
+			}
+			v := Check(Input{Proc: proc(t, c.argv...), Facts: f, StateDir: t.TempDir(), StateDirFree: 1 << 30,
+				Libvirt: "/run/libvirt/qemu/vm1.xml", LibvirtDaemons: c.daemons})
 			all := strings.Join(v.Problems, "\n")
+			if c.ok {
+				all = strings.Join(v.Notes, "\n")
+			}
 			for _, w := range c.want {
 				if !strings.Contains(all, w) {
-					t.Errorf("problems lack %q:\n%s", w, all)
+					t.Errorf("lacks %q:\n%s", w, all)
 				}
 			}
-			if v.OK {
-				t.Errorf("a libvirt guest passed")
+			if v.OK != c.ok {
+				t.Errorf("OK = %v, want %v; problems: %v", v.OK, c.ok, v.Problems)
+			}
+			if c.daemons != nil && strings.Contains(strings.Join(v.Problems, "\n"), "QMP:") {
+				t.Errorf("the monitor held by libvirt's daemon is said twice: %v", v.Problems)
 			}
 		})
 	}

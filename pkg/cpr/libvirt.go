@@ -1,0 +1,95 @@
+package cpr
+
+import (
+	"context"
+	"fmt"
+	"os"
+
+	"github.com/liveupdate/liveupdate/pkg/libvirt"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
+)
+
+// handBackToLibvirt rewrites libvirt's record of a guest whose QEMU this
+// run replaced, so that libvirt's daemon, started after the run, reconnects
+// to the QEMU that runs the guest (pid, vCPU threads, mount namespace)
+// instead of finding its recorded QEMU gone and cleaning up after the
+// guest. c is the QMP connection of the QEMU that runs the guest now.
+//
+// A failure leaves the guest running but its record wrong: the VM's error
+// says so, and recover (which reconciles every record) is the way out —
+// libvirt's daemon must not be started before.
+func (r *run) handBackToLibvirt(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int) error {
+	if vm.Libvirt == nil {
+		return nil
+	}
+	err := r.timed("libvirt-record", vm.Name, func() error {
+		vcpus, err := vcpuThreads(ctx, c)
+		if err != nil {
+			return err
+		}
+		return r.rewriteLibvirt(vm, pid, vcpus)
+	})
+	if err != nil {
+		return fmt.Errorf("the guest runs on QEMU pid %d, but libvirt's record of it still names the old QEMU: %w. Do not start libvirt's daemon (it would take the guest for stopped and remove its RAM file) before 'liveupdate recover' has rewritten the record", pid, err)
+	}
+	return nil
+}
+
+// rewriteLibvirt names pid and its vCPU threads in the guest's status
+// file. The record written back is the one on /run; if /run lost it (a
+// kexec) the copy carried in the manifest is used.
+func (r *run) rewriteLibvirt(vm *manifest.VM, pid int, vcpus map[int]int) error {
+	path := r.local(vm.Libvirt.Status)
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		b, err = []byte(vm.Libvirt.Record), nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading libvirt's record: %w", err)
+	}
+	old, err := libvirt.ParseStatus(b)
+	if err != nil {
+		return err
+	}
+	if old.PID == pid {
+		return nil // already names it (a repeated recover)
+	}
+	out, err := libvirt.Rewrite(b, libvirt.Change{PID: pid, Vcpus: vcpus,
+		// The new QEMU was started in our mount namespace, not in the
+		// private one libvirt made for the old QEMU: libvirt must not
+		// look for that one when it adds device nodes.
+		DropMountNS: old.MountNS && !r.privateMountNS(pid)})
+	if err != nil {
+		return err
+	}
+	if err := libvirt.WriteStatus(r.ProcRoot, path, out, pid); err != nil {
+		return err
+	}
+	r.Log.Info("libvirt's record names the new QEMU", "vm", vm.Name, "status", path, "pid", pid, "was", old.PID)
+	return nil
+}
+
+// privateMountNS tells whether QEMU pid runs in a mount namespace other
+// than ours.
+func (r *run) privateMountNS(pid int) bool {
+	theirs, err1 := os.Readlink(fmt.Sprintf("%s/%d/ns/mnt", r.ProcRoot, pid))
+	ours, err2 := os.Readlink(r.ProcRoot + "/self/ns/mnt")
+	return err1 == nil && err2 == nil && theirs != ours
+}
+
+// vcpuThreads is each vCPU's thread id in the QEMU c talks to.
+func vcpuThreads(ctx context.Context, c *qmp.Client) (map[int]int, error) {
+	var cpus []struct {
+		CPUIndex int `json:"cpu-index"`
+		ThreadID int `json:"thread-id"`
+	}
+	if err := c.Execute(ctx, "query-cpus-fast", nil, &cpus); err != nil {
+		return nil, fmt.Errorf("query-cpus-fast: %w", err)
+	}
+	out := map[int]int{}
+	for _, cpu := range cpus {
+		out[cpu.CPUIndex] = cpu.ThreadID
+	}
+	return out, nil
+}
