@@ -111,7 +111,15 @@ memory_backing_dir = %q
 `, lv.memDir)
 }
 
-func (lv *libvirt) pidFile(d string) string { return filepath.Join(lv.dir, d+".pid") }
+// pidFile is the daemon's pid file. libvirtd's is its default one, the
+// file liveupdate's guard (libvirt.Hold) locks to keep it from starting
+// during a run.
+func (lv *libvirt) pidFile(d string) string {
+	if d == "libvirtd" {
+		return "/run/libvirtd.pid"
+	}
+	return filepath.Join(lv.dir, d+".pid")
+}
 
 // pid is the daemon's pid from its pid file, 0 if it does not run.
 func (lv *libvirt) pid(d string) int {
@@ -217,6 +225,9 @@ type domSpec struct {
 	// noSharedRAM leaves out <memoryBacking>: RAM is then anonymous and the
 	// guest is not eligible for a CPR restart.
 	noSharedRAM bool
+	// disk turns on the guest's disk writer on its qcow2 disk (hb.disk):
+	// checkContinues then checks every acknowledged record on the image.
+	disk bool
 }
 
 // domainXML is the heartbeat guest under TCG: kernel, initramfs and command
@@ -228,6 +239,10 @@ func domainXML(s domSpec, dir string) string {
 	if s.noSharedRAM {
 		mem = ""
 	}
+	kargs := ""
+	if s.disk {
+		kargs = " hb.disk=/dev/vda hb.disk_ms=200"
+	}
 	return fmt.Sprintf(`<domain type='qemu'>
   <name>%s</name>
   <memory unit='MiB'>256</memory>
@@ -236,7 +251,7 @@ func domainXML(s domSpec, dir string) string {
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>%s</kernel>
     <initrd>%s</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000</cmdline>
+    <cmdline>console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000%s</cmdline>
   </os>
   <on_reboot>destroy</on_reboot>
   <devices>
@@ -252,7 +267,7 @@ func domainXML(s domSpec, dir string) string {
     <memballoon model='none'/>
   </devices>
 </domain>
-`, s.name, mem, guestKernel, guestInitrd, qemuBinary, filepath.Join(dir, "disk.qcow2"), filepath.Join(dir, "serial.log"))
+`, s.name, mem, guestKernel, guestInitrd, kargs, qemuBinary, filepath.Join(dir, "disk.qcow2"), filepath.Join(dir, "serial.log"))
 }
 
 // startDomain defines and starts a heartbeat domain; the returned guest reads
@@ -273,6 +288,11 @@ func (lv *libvirt) startDomain(t testing.TB, s domSpec) (*guest, string) {
 	virsh(t, "define", xmlFile)
 	g := &guest{t: t, name: s.name, dir: dir, serial: filepath.Join(dir, "serial.log"),
 		pidfile: filepath.Join(libvirtStatus, s.name+".pid")}
+	if s.disk {
+		// What libvirt makes of <driver name='qemu' type='qcow2'/>.
+		g.disk = &diskSpec{format: "qcow2", frontend: "blockdev", cache: "writeback", aio: "threads"}
+		g.image = filepath.Join(dir, "disk.qcow2")
+	}
 	t.Cleanup(func() {
 		if lv.pid("libvirtd") == 0 {
 			lv.startLibvirtd()

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
 )
 
 // Starting the new QEMU early (restart-qemu). A QEMU takes 100 ms and more
@@ -64,14 +66,21 @@ func (r *run) startEarlyOne(ctx context.Context, t *Target) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, r.RestoreTimeout)
 	defer cancel()
-	q, err := r.startQEMU(ctx, vm, t.files, vm.RestartArgv)
+	argv := vm.RestartArgv
+	if twin, addr, ok := c.TwinVNC(); ok {
+		// The old QEMU holds the port until it is killed: retireOld
+		// hands it over.
+		argv = twin.Argv()
+		vm.TwinVNC = &addr
+	}
+	q, err := r.startQEMU(ctx, vm, t.files, argv)
 	if err == nil {
 		if err = migrateSetup(ctx, q.c, vm); err != nil {
 			q.stop()
 		}
 	}
 	if err != nil {
-		vm.NewPID = 0
+		vm.NewPID, vm.TwinVNC = 0, nil
 		putBack(aside)
 		return err
 	}
@@ -91,7 +100,7 @@ func (r *run) dropEarly(vm *manifest.VM) {
 		return
 	}
 	q.stop()
-	vm.NewPID = 0
+	vm.NewPID, vm.TwinVNC = 0, nil
 	putBack(q.aside)
 	r.Log.Info("stopped the new QEMU started early; the old one keeps its sockets", "vm", vm.Name)
 }
@@ -149,7 +158,45 @@ func (r *run) retireOld(ctx context.Context, ts []*Target) error {
 	if err := r.reapOld(ts); err != nil {
 		errs = append(errs, err)
 	}
+	for _, t := range ts {
+		if t.early && t.rec != nil && t.rec.TwinVNC != nil && t.dying == nil && t.rec.NewPID > 0 && r.runsOnNew(t.rec) {
+			if err := r.timed("vnc-takeover", t.Name(), func() error { return r.takeVNC(ctx, t.rec, nil) }); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// runsOnNew: the guest is on its new QEMU (restored, or consumed by it).
+func (r *run) runsOnNew(vm *manifest.VM) bool {
+	return vm.Status == manifest.StatusRunning || vm.Status == manifest.StatusRestored || r.consumed(vm)
+}
+
+// takeVNC gives a twin started with -vnc none (qemuargv.TwinVNC) the VNC
+// port its old QEMU listened on, now that the old one is gone: the guest's
+// VNC clients reconnect to the same address. c is a connection to the new
+// QEMU's monitor, or nil to dial one.
+func (r *run) takeVNC(ctx context.Context, vm *manifest.VM, c *qmp.Client) error {
+	ctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
+	defer cancel()
+	if c == nil {
+		var err error
+		if c, err = qmp.DialPeerCheck(ctx, r.local(vm.QMP), vm.NewPID, nil); err != nil {
+			return fmt.Errorf("%s: the new QEMU's monitor, to give it the VNC port %s: %w", vm.Name, vm.TwinVNC, err)
+		}
+		defer c.Close()
+	}
+	var st struct{ Enabled bool }
+	if err := c.Execute(ctx, "query-vnc", nil, &st); err == nil && st.Enabled {
+		return nil // already has it (a repeated recover)
+	}
+	addr := map[string]any{"type": "inet", "host": vm.TwinVNC.Host, "port": strconv.Itoa(vm.TwinVNC.Port)}
+	if err := c.Execute(ctx, "display-update", map[string]any{"type": "vnc", "addresses": []any{addr}}, nil); err != nil {
+		return fmt.Errorf("%s: the new QEMU cannot take the VNC port %s (display-update): %w", vm.Name, vm.TwinVNC, err)
+	}
+	r.Log.Info("the new QEMU listens on the old one's VNC port", "vm", vm.Name, "vnc", vm.TwinVNC.String())
+	return nil
 }
 
 // killOld SIGKILLs an old QEMU whose guest runs on its new QEMU, without

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
@@ -167,6 +169,19 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 	f.Status = st.Status
 	if err := c.Execute(cctx, "query-memdev", nil, &f.Memdevs); err != nil {
 		return fail(err)
+	}
+	if len(p.Cmdline.Find("vnc")) > 0 {
+		var vnc struct {
+			Enabled       bool
+			Host, Service string
+			Family        string
+		}
+		if err := c.Execute(cctx, "query-vnc", nil, &vnc); err != nil {
+			return fail(err)
+		}
+		if port, err := strconv.Atoi(vnc.Service); err == nil && vnc.Enabled && (vnc.Family == "ipv4" || vnc.Family == "ipv6") {
+			f.VNC = &qemuargv.VNCAddr{Host: vnc.Host, Port: port}
+		}
 	}
 	if len(p.Cmdline.Find("add-fd")) > 0 {
 		fds, err := r.fdsets(cctx, c, p.PID)

@@ -163,6 +163,11 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			if t.QMP != nil {
 				cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 				r.giveBackMigration(cctx, t.QMP, vm, !o.isOld)
+				if !o.isOld && vm.TwinVNC != nil {
+					if err := r.takeVNC(cctx, vm, t.QMP); err != nil {
+						r.Log.Warn("the guest runs without its VNC server", "vm", vm.Name, "err", err)
+					}
+				}
 				if err := r.handBackToLibvirt(cctx, t.QMP, vm, t.Proc.PID); err != nil {
 					cancel()
 					failed(i, err.Error())
@@ -203,6 +208,11 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 				cancel()
 				failed(i, "cont: "+err.Error())
 				continue
+			}
+			if vm.TwinVNC != nil {
+				if err := r.takeVNC(cctx, vm, c); err != nil {
+					r.Log.Warn("the guest runs without its VNC server", "vm", vm.Name, "err", err)
+				}
 			}
 			err = r.handBackToLibvirt(cctx, c, vm, t.Proc.PID)
 			cancel()

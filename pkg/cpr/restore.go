@@ -359,6 +359,17 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		if q.p.CgroupErr != nil {
 			r.Log.Warn("started QEMU outside its cgroup", "vm", vm.Name, "err", q.p.CgroupErr)
 		}
+		if len(vm.Hierarchies) > 0 && r.man.Host.BootID == currentBootID() {
+			// cgroup v1 (hybrid hosts): every hierarchy the old QEMU was
+			// in, before the new one runs the guest.
+			mi, err := os.ReadFile(filepath.Join(r.ProcRoot, "self/mountinfo"))
+			if err == nil {
+				err = qemuproc.JoinHierarchies(q.p.Pid, vm.Hierarchies, string(mi), "")
+			}
+			if err != nil {
+				r.Log.Warn("started QEMU outside some of its old QEMU's cgroups", "vm", vm.Name, "err", err)
+			}
+		}
 		if ferr := fault.At("qemu-start"); ferr != nil {
 			q.p.Kill()
 			<-q.p.Exited()

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -238,6 +239,11 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 		rec.Binary = hostpath.QEMU(o.QEMUBinary)
 	}
 	rec.CopyRAM = o.CopyRAM
+	if cg, err := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(p.PID), "cgroup")); err == nil {
+		if hs := qemuproc.Hierarchies(string(cg)); len(hs) > 1 { // more than v2's "0::" alone
+			rec.Hierarchies = hs
+		}
+	}
 	if t.Libvirt != "" {
 		b, err := os.ReadFile(t.Libvirt)
 		if err != nil {
@@ -325,7 +331,11 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 		rec.Fds = append(rec.Fds, fd)
 	}
 	sort.Slice(rec.Fds, func(i, j int) bool { return rec.Fds[i].Num < rec.Fds[j].Num })
-	n, err := p.Cmdline.ForRestart(qemuargv.RestartOptions{MachineType: rec.MachineType, FdMap: fdMap})
+	cl := p.Cmdline
+	if t.Facts.VNC != nil {
+		cl = cl.WithVNCAt(*t.Facts.VNC) // a twin given its VNC port after its start
+	}
+	n, err := cl.ForRestart(qemuargv.RestartOptions{MachineType: rec.MachineType, FdMap: fdMap})
 	if err != nil {
 		return nil, err
 	}

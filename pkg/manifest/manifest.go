@@ -109,6 +109,10 @@ type VM struct {
 	Groups      []uint32      `json:"groups,omitempty"`
 	Cgroup      string        `json:"cgroup,omitempty"` // cgroup v2 path, e.g. /machine.slice/vm1.scope
 	NetNS       string        `json:"netns,omitempty"`  // named network namespace (/run/netns/X) if not the host's
+	// Hierarchies is the old QEMU's /proc/PID/cgroup, one line per
+	// hierarchy: on a cgroup v1 or hybrid host the new QEMU joins each
+	// (a restart on the same boot; after a kexec PID 1 builds v2 only).
+	Hierarchies []string `json:"hierarchies,omitempty"`
 
 	QMP         hostpath.QEMU            `json:"qmp"` // QMP unix socket path
 	MachineType string                   `json:"machine_type"`
@@ -133,6 +137,9 @@ type VM struct {
 	// that its next migration (libvirt's, to another host) is not a
 	// cpr-reboot that leaves shared RAM behind. Nil: QEMU's defaults.
 	Migration *Migration `json:"migration,omitempty"`
+	// TwinVNC is the VNC port the new QEMU, started early with -vnc none,
+	// takes with display-update once the old QEMU is gone (nil: none).
+	TwinVNC *qemuargv.VNCAddr `json:"twin_vnc,omitempty"`
 	// Libvirt is libvirt's record of the guest when libvirt manages it.
 	Libvirt *Libvirt `json:"libvirt,omitempty"`
 

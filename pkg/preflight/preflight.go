@@ -48,6 +48,11 @@ type Facts struct {
 	// tests that are not about them); RuntimeErr, why they could not be.
 	Runtime    *Runtime
 	RuntimeErr error
+	// VNC is where QEMU's VNC server listens now (query-vnc), nil when it
+	// does not: a QEMU started "-vnc none" and given its port later
+	// (display-update, as liveupdate's early twins are) listens where its
+	// command line does not say.
+	VNC *qemuargv.VNCAddr
 }
 
 // FdsetFd is one fd of an fdset, as QEMU holds it, with what it is.

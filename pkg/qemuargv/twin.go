@@ -78,7 +78,11 @@ func (c *Cmdline) TwinConflicts() []string {
 			out = append(out, fmt.Sprintf("-%s %s listens on a TCP port", c.Opts[i].Name, v))
 		}
 	}
+	_, _, vncLater := c.TwinVNC() // the twin takes the port after the old QEMU (TwinVNC)
 	for _, i := range c.Find("vnc", "gdb") {
+		if c.Opts[i].Name == "vnc" && vncLater {
+			continue
+		}
 		if v := c.Opts[i].Value; v != "none" && !strings.HasPrefix(v, "unix:") {
 			out = append(out, fmt.Sprintf("-%s %s listens on a TCP port", c.Opts[i].Name, v))
 		}

@@ -1,0 +1,249 @@
+package qemutests
+
+import (
+	"io"
+	"net"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	lvstatus "github.com/liveupdate/liveupdate/pkg/libvirt"
+)
+
+// libvirtView is what libvirt, running, says of a guest — checked after
+// every hand-back: it names the QEMU that runs the guest and manages it.
+func libvirtView(t *testing.T, name string, pid int) {
+	t.Helper()
+	if st := strings.TrimSpace(virsh(t, "domstate", name)); st != "running" {
+		t.Errorf("virsh domstate %s: %q, want running", name, st)
+	}
+	var status struct {
+		Return struct{ Running bool }
+	}
+	if err := json.Unmarshal([]byte(virsh(t, "qemu-monitor-command", name, `{"execute":"query-status"}`)), &status); err != nil || !status.Return.Running {
+		t.Errorf("query-status through libvirt: %v %+v", err, status)
+	}
+	// The monitor libvirt talks to is the new QEMU's: its vCPU threads are
+	// threads of the new pid.
+	var cpus struct {
+		Return []struct {
+			ThreadID int `json:"thread-id"`
+		}
+	}
+	json.Unmarshal([]byte(virsh(t, "qemu-monitor-command", name, `{"execute":"query-cpus-fast"}`)), &cpus)
+	if len(cpus.Return) == 0 {
+		t.Errorf("query-cpus-fast through libvirt gave no vCPU")
+	}
+	for _, c := range cpus.Return {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d/task/%d", pid, c.ThreadID)); err != nil {
+			t.Errorf("libvirt's monitor answers with vCPU thread %d, not a thread of QEMU %d", c.ThreadID, pid)
+		}
+	}
+	if out := virsh(t, "dominfo", name); !regexp.MustCompile(`State:\s+running`).MatchString(out) {
+		t.Errorf("virsh dominfo:\n%s", out)
+	}
+	if out := virsh(t, "domstats", name); !strings.Contains(out, "state.state=1") {
+		t.Errorf("virsh domstats:\n%s", out)
+	}
+	st := readFile(t, filepath.Join(libvirtStatus, name+".xml"))
+	s, err := lvstatus.ParseStatus([]byte(st))
+	if err != nil || s.PID != pid {
+		t.Errorf("libvirt's record after its reconnect: %v, pid %d, want %d", err, s.PID, pid)
+	}
+}
+
+// TestLibvirtRestart: restart-qemu of a guest libvirt manages (qcow2 disk
+// the guest writes to, file serial console through virtlogd, VNC, shared
+// RAM file), taking turns with libvirt's daemon: refused with the commands
+// while it runs; done while it is stopped; the record rewritten so that
+// libvirt, started again, manages the guest on its new QEMU (domstate,
+// monitor, dominfo, domstats) and cleaned up nothing. Then the tool is
+// killed in the middle of a run and `recover` hands the guest back; at the
+// end `virsh destroy` still stops it.
+func TestLibvirtRestart(t *testing.T) {
+	lv := startLibvirt(t)
+	const name = "lu-lv-restart"
+	g, _ := lv.startDomain(t, domSpec{name: name, disk: true})
+	b := g.waitBeat(3, 120*time.Second)
+	for g.lastAck() < 3 {
+		time.Sleep(200 * time.Millisecond)
+	}
+	status := filepath.Join(libvirtStatus, name+".xml")
+	rec, err := lvstatus.ParseStatus([]byte(readFile(t, status)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	memDir := filepath.Join(lv.memDir, "libvirt/qemu")
+	ramFiles := func() string {
+		out, _ := exec.Command("find", memDir, "-type", "f").Output()
+		return strings.TrimSpace(string(out))
+	}
+	ram := ramFiles()
+	if ram == "" {
+		t.Fatalf("no RAM file under %s", memDir)
+	}
+	cgroup := func(pid int) string {
+		c, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+		return string(c)
+	}
+	oldCgroup := cgroup(rec.PID)
+	m := regexp.MustCompile(`<graphics type='vnc' port='(\d+)'`).FindStringSubmatch(readFile(t, status))
+	if m == nil {
+		t.Fatalf("libvirt's record has no VNC port")
+	}
+	vncPort := m[1]
+	vncGreets(t, vncPort)
+
+	// Its daemon runs: refused, with the commands that take turns.
+	state := t.TempDir()
+	code, out, errOut := runLU(t, "restart-qemu", "--state-dir", state, name)
+	if code != exitRefusedCode || !strings.Contains(out+errOut, "its daemon runs: libvirtd (pid") || !strings.Contains(out+errOut, "systemctl stop libvirtd.service") {
+		t.Errorf("restart-qemu with libvirtd running: exit %d, not refused with the way to take turns:\n%s%s", code, out, errOut)
+	}
+	if g.pid() != rec.PID {
+		t.Fatalf("a refused restart changed the QEMU")
+	}
+
+	// While liveupdate holds its guard, libvirt's daemon cannot start: it
+	// takes the same lock on its pid file.
+	lv.stopLibvirtd()
+	guard, err := lvstatus.Hold("")
+	if err != nil || len(guard.Busy) != 0 {
+		t.Fatalf("guard: %v %+v", err, guard)
+	}
+	// In the foreground: it must exit by itself, at once.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	outD, err := exec.CommandContext(ctx, "libvirtd", "--config", filepath.Join(lv.dir, "libvirtd.conf")).CombinedOutput()
+	timedOut := ctx.Err() != nil
+	cancel()
+	guard.Release()
+	if err == nil || timedOut {
+		t.Errorf("libvirtd started while liveupdate held its pid file (ran until killed: %v): %v\n%s", timedOut, err, outD)
+	}
+	t.Logf("libvirtd started during a run: %v; its log: %s", err, tail(lv.log("libvirtd"), 3))
+
+	// Its daemon stopped: the restart, and the record rewritten.
+	code, out, errOut = runLU(t, "restart-qemu", "--json", "--state-dir", state, name)
+	if code != 0 {
+		t.Fatalf("restart-qemu of the libvirt guest: exit %d\n%s\n%s", code, out, errOut)
+	}
+	t.Logf("restart-qemu: %s", blackoutOf(t, out))
+	// The fast path, VNC and all: the new QEMU started beside the old one
+	// with -vnc none and took the port once the old one was gone.
+	if strings.Contains(errOut, "sequential way") {
+		t.Errorf("the libvirt guest went the sequential way:\n%s", errOut)
+	}
+	if !strings.Contains(errOut, "listens on the old one's VNC port") {
+		t.Errorf("no VNC take-over logged:\n%s", errOut)
+	}
+	newPID := g.pid()
+	if newPID == rec.PID || !alive(newPID) || alive(rec.PID) {
+		t.Fatalf("after the restart: pid file says %d (old %d, alive %v)", newPID, rec.PID, alive(rec.PID))
+	}
+	after, err := lvstatus.ParseStatus([]byte(readFile(t, status)))
+	if err != nil || after.PID != newPID {
+		t.Fatalf("libvirt's record after the restart: %v, names pid %d, want %d", err, after.PID, newPID)
+	}
+	for id, tid := range after.Vcpus {
+		if _, err := os.Stat(fmt.Sprintf("/proc/%d/task/%d", newPID, tid)); err != nil {
+			t.Errorf("the record's vCPU %d thread %d is not a thread of the new QEMU", id, tid)
+		}
+	}
+	if after.MountNS {
+		t.Errorf("the record still says the QEMU has a private mount namespace")
+	}
+	if c := cgroup(newPID); c != oldCgroup {
+		t.Errorf("the new QEMU's cgroup %q, the old one's %q", c, oldCgroup)
+	}
+	b = g.checkContinues(b)
+
+	vncGreets(t, vncPort)
+	lv.startLibvirtd()
+	libvirtView(t, name, newPID)
+	if r := ramFiles(); r != ram {
+		t.Errorf("after libvirt's reconnect the RAM files are %q, were %q", r, ram)
+	}
+	b = g.checkContinues(b)
+
+	// The tool killed after the new QEMU runs the guest, before the
+	// record is rewritten: recover rewrites it.
+	lv.stopLibvirtd()
+	state = t.TempDir()
+	prev := newPID
+	code, _, _ = runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=cont=kill"}, "restart-qemu", "--state-dir", state, name)
+	if code != 128+int(syscall.SIGKILL) {
+		t.Fatalf("restart-qemu with cont=kill: exit %d", code)
+	}
+	if s, _ := lvstatus.ParseStatus([]byte(readFile(t, status))); s == nil || s.PID != prev {
+		t.Fatalf("the killed run already rewrote the record: %+v", s)
+	}
+	if code, out, errOut := runLU(t, "recover", "--state-dir", state); code != 0 {
+		t.Fatalf("recover: exit %d\n%s\n%s", code, out, errOut)
+	}
+	newPID = g.pid()
+	if s, _ := lvstatus.ParseStatus([]byte(readFile(t, status))); s == nil || s.PID != newPID || newPID == prev {
+		t.Fatalf("after recover libvirt's record is %+v, QEMU pid %d (was %d)", s, newPID, prev)
+	}
+	b = g.checkContinues(b)
+	// This run's old QEMU was the twin of the first (-vnc none, given its
+	// port later): its new QEMU listens on that port too.
+	vncGreets(t, vncPort)
+	lv.startLibvirtd()
+	libvirtView(t, name, newPID)
+	if r := ramFiles(); r != ram {
+		t.Errorf("after libvirt's reconnect the RAM files are %q, were %q", r, ram)
+	}
+	g.checkContinues(b)
+
+	// libvirt still stops it.
+	virsh(t, "destroy", name)
+	for deadline := time.Now().Add(30 * time.Second); alive(newPID); {
+		if time.Now().After(deadline) {
+			t.Fatalf("virsh destroy left QEMU %d running", newPID)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := g.checkDisk(); n == 0 {
+		t.Errorf("no acknowledged record to check")
+	}
+}
+
+// vncGreets checks a VNC server answers on 127.0.0.1:port with its RFB
+// greeting, as a reconnecting client would see it.
+func vncGreets(t *testing.T, port string) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 5*time.Second)
+	if err != nil {
+		t.Errorf("VNC port %s: %v", port, err)
+		return
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	b := make([]byte, 12)
+	if _, err := io.ReadFull(c, b); err != nil || !strings.HasPrefix(string(b), "RFB ") {
+		t.Errorf("VNC port %s greets with %q: %v", port, b, err)
+	}
+}
+
+// blackoutOf is the blackout in a restart's JSON report.
+func blackoutOf(t *testing.T, out string) string {
+	var r struct {
+		VMs []struct {
+			Name       string  `json:"name"`
+			BlackoutMS float64 `json:"blackout_ms"`
+		} `json:"vms"`
+	}
+	if err := json.Unmarshal([]byte(out), &r); err != nil || len(r.VMs) == 0 {
+		return "no report: " + strconv.Quote(out)
+	}
+	return fmt.Sprintf("%s blackout %.1f ms", r.VMs[0].Name, r.VMs[0].BlackoutMS)
+}
