@@ -311,22 +311,34 @@ func (r *run) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 	changed := false
 	for i := range m.VMs {
 		vm := &m.VMs[i]
-		if !alive[vm.PID] || !r.hasAside(vm) {
+		if !alive[vm.PID] {
 			continue
 		}
-		var twin *Target
-		status := "" // the twin's, when its monitor path is known to be its own
-		trust := r.monitorAside(vm)
+		var twin, old *Target
 		for _, t := range ts {
-			if t.Name() != vm.Name {
-				continue
-			}
-			if t.Proc.PID != vm.PID {
+			if t.Name() == vm.Name && t.Proc.PID != vm.PID {
 				twin = t
+			} else if t.Name() == vm.Name {
+				old = t
 			}
-			if t.Facts.QMPErr == nil && trust {
-				status = t.Facts.Status
+		}
+		// A monitor passed by fd (libvirt's) is one listening socket both
+		// QEMUs accept on: nothing was moved aside, but each target's
+		// connection is known to be its own QEMU's when the QEMU that
+		// answered (its vCPU threads) is that target's (plan swaps them).
+		identified := twin != nil && old != nil && twin.Facts.AnsweredBy == twin.Proc.PID && old.Facts.AnsweredBy == old.Proc.PID
+		if !r.hasAside(vm) && !identified {
+			continue
+		}
+		status := "" // the twin's, when what answered is known to be the twin
+		if trust := r.monitorAside(vm); trust {
+			for _, t := range ts {
+				if t.Name() == vm.Name && t.Facts.QMPErr == nil {
+					status = t.Facts.Status
+				}
 			}
+		} else if identified && twin.Facts.QMPErr == nil {
+			status = twin.Facts.Status
 		}
 		switch {
 		case twin == nil:

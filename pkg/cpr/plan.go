@@ -91,7 +91,54 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 		}()
 	}
 	wg.Wait()
+	matchAnswers(ts)
 	return ts, nil
+}
+
+// twinOf: QEMU pid is another QEMU of p's guest (same -name).
+func (r *run) twinOf(pid int, p *discover.Process) bool {
+	q, err := discover.Inspect(r.ProcRoot, pid)
+	return err == nil && q.Name() == p.Name()
+}
+
+// answeredBy is the pid of the QEMU on the other end of c: the process
+// its vCPU threads belong to (0 if it cannot be told).
+func (r *run) answeredBy(ctx context.Context, c *qmp.Client) int {
+	vcpus, err := vcpuThreads(ctx, c)
+	if err != nil {
+		return 0
+	}
+	for _, tid := range vcpus {
+		b, err := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(tid), "status"))
+		if err != nil {
+			return 0
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(l, "Tgid:"); ok {
+				pid, _ := strconv.Atoi(strings.TrimSpace(v))
+				return pid
+			}
+		}
+	}
+	return 0
+}
+
+// matchAnswers gives each target the monitor connection of its own QEMU
+// where two QEMUs of one guest share a listening socket passed by fd and
+// the connections were accepted the other way round.
+func matchAnswers(ts []*Target) {
+	for _, a := range ts {
+		if a.Facts.AnsweredBy == 0 || a.Facts.AnsweredBy == a.Proc.PID {
+			continue
+		}
+		for _, b := range ts {
+			if b != a && b.Name() == a.Name() && b.Proc.PID == a.Facts.AnsweredBy && b.Facts.AnsweredBy == a.Proc.PID {
+				// Swap what each monitor said, not who each process is.
+				a.QMP, b.QMP = b.QMP, a.QMP
+				a.Facts, b.Facts = b.Facts, a.Facts
+			}
+		}
+	}
 }
 
 func joinPIDs(ps []int) string {
@@ -138,8 +185,12 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 	// QEMU of an interrupted early start, killed): the socket then has
 	// no other live server than the QEMU holding it.
 	fdMonitor := p.Cmdline.QMPEndpoints()[0].FD >= 0
+	// QEMU calls listen() again on a socket passed by fd, so an early twin
+	// that still lives is the last listener of its old QEMU's monitor
+	// too: which of the two answered is then told by its vCPU threads
+	// (AnsweredBy).
 	c, err := qmp.DialPeerCheck(cctx, r.local(hostpath.QEMU(f.QMPPath)), p.PID, func(peer int) bool {
-		return fdMonitor && unix.Kill(peer, 0) == unix.ESRCH
+		return fdMonitor && (unix.Kill(peer, 0) == unix.ESRCH || r.twinOf(peer, p))
 	})
 	if err != nil {
 		f.QMPErr = err
@@ -158,6 +209,9 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 		return fail(err)
 	}
 	f.Version = [3]int{ver.QEMU.Major, ver.QEMU.Minor, ver.QEMU.Micro}
+	if fdMonitor {
+		f.AnsweredBy = r.answeredBy(cctx, c)
+	}
 	f.Package = ver.Package
 	if err := c.Execute(cctx, "qom-get", map[string]any{"path": "/machine", "property": "type"}, &f.MachineType); err != nil {
 		return fail(err)

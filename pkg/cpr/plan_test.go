@@ -8,7 +8,10 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/preflight"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
 // fakeProcRoot writes a /proc tree of QEMUs: pid → argv (space-separated).
@@ -75,5 +78,25 @@ func TestPlanDuplicateNames(t *testing.T) {
 				t.Errorf("%d verdicts name the duplicate, want %d", dups, tc.wantDups)
 			}
 		})
+	}
+}
+
+// TestMatchAnswers: two QEMUs of one guest on one listening socket passed
+// by fd, each dial accepted by the other: each target gets back what its
+// own QEMU said.
+func TestMatchAnswers(t *testing.T) {
+	proc := func(pid int) *discover.Process {
+		c, err := qemuargv.Parse([]string{"qemu", "-name", "g"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &discover.Process{PID: pid, Cmdline: c}
+	}
+	old := &Target{Proc: proc(10), Facts: preflight.Facts{AnsweredBy: 20, Status: "running"}}
+	twin := &Target{Proc: proc(20), Facts: preflight.Facts{AnsweredBy: 10, Status: "paused"}}
+	other := &Target{Proc: proc(30), Facts: preflight.Facts{AnsweredBy: 30, Status: "running"}}
+	matchAnswers([]*Target{old, twin, other})
+	if old.Facts.AnsweredBy != 10 || old.Facts.Status != "paused" || twin.Facts.AnsweredBy != 20 || twin.Facts.Status != "running" || other.Facts.AnsweredBy != 30 {
+		t.Errorf("after matchAnswers: old %+v, twin %+v", old.Facts, twin.Facts)
 	}
 }

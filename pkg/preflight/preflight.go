@@ -53,6 +53,11 @@ type Facts struct {
 	// (display-update, as liveupdate's early twins are) listens where its
 	// command line does not say.
 	VNC *qemuargv.VNCAddr
+	// AnsweredBy is the pid of the QEMU whose monitor answered, told by
+	// its vCPU threads, for a monitor passed by fd (0: not asked): two
+	// QEMUs of one guest (an interrupted early start) accept on the same
+	// listening socket, and either may answer a connection.
+	AnsweredBy int
 }
 
 // FdsetFd is one fd of an fdset, as QEMU holds it, with what it is.
