@@ -286,24 +286,28 @@ func WriteStatus(procRoot, path string, b []byte, pid int) error {
 	if ds := Daemons(procRoot); len(ds) > 0 {
 		return fmt.Errorf("not rewriting %s while %s runs: %w", path, ds[0], ErrDaemonRuns)
 	}
-	if err := replaceFile(path, b); err != nil {
+	// After a kexec /run is new: libvirt's directories are made as
+	// libvirt makes them (only root reads its records).
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("rewriting %s: %w", path, err)
+	}
+	if err := replaceFile(path, b, 0o600); err != nil {
 		return err
 	}
-	if _, err := os.Stat(PidFile(path)); err == nil {
-		return replaceFile(PidFile(path), []byte(strconv.Itoa(pid)))
-	}
-	return nil
+	return replaceFile(PidFile(path), []byte(strconv.Itoa(pid)), 0o644)
 }
 
-func replaceFile(path string, b []byte) error {
+// replaceFile writes b over path, keeping path's mode (mode if new).
+func replaceFile(path string, b []byte, mode os.FileMode) error {
 	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".lu-*")
 	if err != nil {
 		return fmt.Errorf("rewriting %s: %w", path, err)
 	}
 	defer os.Remove(tmp.Name())
 	if st, err := os.Stat(path); err == nil {
-		tmp.Chmod(st.Mode().Perm())
+		mode = st.Mode().Perm()
 	}
+	tmp.Chmod(mode)
 	if _, err := tmp.Write(b); err != nil {
 		tmp.Close()
 		return fmt.Errorf("rewriting %s: %w", path, err)
