@@ -213,11 +213,13 @@ func TestRestartThreeShapes(t *testing.T) {
 	idx := ifindex()
 
 	gs := bootAll(t,
-		// A VNC TCP port cannot be bound by two QEMUs at once: this one is
-		// restarted the sequential way, the others with an early start.
+		// A VNC TCP port with a websocket cannot be handed from one QEMU
+		// to the next (display-update moves only the VNC address): this
+		// one is restarted the sequential way, the others with an early
+		// start. (A plain VNC port goes the fast way: TestLibvirtRestart.)
 		guestSpec{name: "json", memory: []string{"-m", "256", "-machine", "q35,memory-backend=ram0",
 			"-object", `{"qom-type":"memory-backend-file","id":"ram0","size":268435456,"mem-path":"/dev/shm/lu-test-json.ram","share":true}`},
-			extra: []string{"-vnc", "127.0.0.1:57"}},
+			extra: []string{"-vnc", "127.0.0.1:57,websocket=5757"}},
 		guestSpec{name: "numa", memory: []string{"-m", "256", "-smp", "2", "-machine", "pc",
 			"-object", "memory-backend-file,id=m0,size=128M,mem-path=/dev/shm/lu-test-numa0.ram,share=on",
 			"-object", "memory-backend-file,id=m1,size=128M,mem-path=/dev/shm/lu-test-numa1.ram,share=on",
@@ -238,7 +240,7 @@ func TestRestartThreeShapes(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("restart-qemu exit %d", code)
 	}
-	if !regexp.MustCompile(`restarting this VM the sequential way.*vm=json.*-vnc 127.0.0.1:57 listens on a TCP port`).MatchString(errOut) {
+	if !regexp.MustCompile(`restarting this VM the sequential way.*vm=json.*-vnc 127.0.0.1:57,websocket=5757 listens on a TCP port`).MatchString(errOut) {
 		t.Errorf("the VNC guest was not restarted the sequential way, with the reason:\n%s", errOut)
 	}
 	m, err := manifest.Read(filepath.Join(state, manifest.FileName))

@@ -103,6 +103,16 @@ func TestLibvirtRestart(t *testing.T) {
 	vncPort := m[1]
 	vncGreets(t, vncPort)
 
+	// A guest started by hand on the same host, beside libvirt's: it is
+	// restarted while libvirt's daemon runs (libvirt has no record of it),
+	// and together with libvirt's guest once the daemon is stopped.
+	hand := bootAll(t, guestSpec{name: "lu-hand"})[0]
+	hb, _ := hand.lastBeat()
+	if code, _, errOut := runLU(t, "restart-qemu", "--state-dir", t.TempDir(), "lu-hand"); code != 0 {
+		t.Fatalf("restart-qemu of a guest started by hand, libvirtd running: exit %d\n%s", code, errOut)
+	}
+	hb = hand.checkContinues(hb)
+
 	// Its daemon runs: refused, with the commands that take turns.
 	state := t.TempDir()
 	code, out, errOut := runLU(t, "restart-qemu", "--state-dir", state, name)
@@ -132,7 +142,7 @@ func TestLibvirtRestart(t *testing.T) {
 	t.Logf("libvirtd started during a run: %v; its log: %s", err, tail(lv.log("libvirtd"), 3))
 
 	// Its daemon stopped: the restart, and the record rewritten.
-	code, out, errOut = runLU(t, "restart-qemu", "--json", "--state-dir", state, name)
+	code, out, errOut = runLU(t, "restart-qemu", "--json", "--state-dir", state, name, "lu-hand")
 	if code != 0 {
 		t.Fatalf("restart-qemu of the libvirt guest: exit %d\n%s\n%s", code, out, errOut)
 	}
@@ -245,5 +255,9 @@ func blackoutOf(t *testing.T, out string) string {
 	if err := json.Unmarshal([]byte(out), &r); err != nil || len(r.VMs) == 0 {
 		return "no report: " + strconv.Quote(out)
 	}
-	return fmt.Sprintf("%s blackout %.1f ms", r.VMs[0].Name, r.VMs[0].BlackoutMS)
+	var parts []string
+	for _, v := range r.VMs {
+		parts = append(parts, fmt.Sprintf("%s blackout %.1f ms", v.Name, v.BlackoutMS))
+	}
+	return strings.Join(parts, ", ")
 }
