@@ -1,11 +1,11 @@
 package qemutests
 
 import (
-	"io"
-	"net"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
