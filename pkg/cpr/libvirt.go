@@ -93,3 +93,25 @@ func vcpuThreads(ctx context.Context, c *qmp.Client) (map[int]int, error) {
 	}
 	return out, nil
 }
+
+// libvirtFdsetFile is the file libvirt's record names behind the -add-fd
+// set with this opaque (a pipe to virtlogd), "" if none.
+func libvirtFdsetFile(vm *manifest.VM, opaque string) string {
+	if vm.Libvirt == nil {
+		return ""
+	}
+	return libvirt.FdsetFile([]byte(vm.Libvirt.Record), opaque)
+}
+
+// LibvirtFdsetFile is, for a target libvirt manages, the file behind the
+// -add-fd set with this opaque (see libvirt.FdsetFile), "" if none.
+func (t *Target) LibvirtFdsetFile(opaque string) string {
+	if t.Libvirt == "" {
+		return ""
+	}
+	b, err := os.ReadFile(t.Libvirt)
+	if err != nil {
+		return ""
+	}
+	return libvirt.FdsetFile(b, opaque)
+}

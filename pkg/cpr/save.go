@@ -317,10 +317,14 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 			if err != nil {
 				return nil, fmt.Errorf("taking over fd %d of fdset %d: %w", held.Fd, set, err)
 			}
+			fd.Flags = held.Flags
 			if filepath.IsAbs(held.Target) { // a pipe (virtlogd's) has no name to open again
 				fd.Path = r.Root.QEMU(hostpath.Local(held.Target))
+			} else if f := libvirtFdsetFile(rec, opaque); f != "" {
+				// …but the file virtlogd writes it to: after a kexec
+				// the new QEMU appends to it itself.
+				fd.Path, fd.Flags = hostpath.QEMU(f), unix.O_WRONLY|unix.O_APPEND
 			}
-			fd.Flags = held.Flags
 			t.files[fd.Num] = f
 		case qemuargv.FdVhost:
 			// A vhost-net fd is bound to the old QEMU's memory: the new

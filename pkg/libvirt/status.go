@@ -324,3 +324,54 @@ func replaceFile(path string, b []byte, mode os.FileMode) error {
 	}
 	return nil
 }
+
+// FdsetFile is the file behind an -add-fd set libvirt passes as a pipe to
+// virtlogd, named by the set's opaque: "ALIAS-source" is the source path of
+// the chardev device ALIAS (a file serial console, say), "ALIAS-log" its
+// <log file>; "" when the record names no such file. After a kexec the
+// pipe is gone with virtlogd's old process, and the new QEMU writes the
+// very file instead (appending, as virtlogd did).
+func FdsetFile(b []byte, opaque string) string {
+	alias, kind, ok := cutLast(opaque, "-")
+	if !ok || (kind != "source" && kind != "log") {
+		return ""
+	}
+	var st struct {
+		Domain struct {
+			Devices struct {
+				Any []struct {
+					Alias struct {
+						Name string `xml:"name,attr"`
+					} `xml:"alias"`
+					Source struct {
+						Path string `xml:"path,attr"`
+					} `xml:"source"`
+					Log struct {
+						File string `xml:"file,attr"`
+					} `xml:"log"`
+				} `xml:",any"`
+			} `xml:"devices"`
+		} `xml:"domain"`
+	}
+	if err := xml.Unmarshal(b, &st); err != nil {
+		return ""
+	}
+	for _, d := range st.Domain.Devices.Any {
+		if d.Alias.Name != alias {
+			continue
+		}
+		if kind == "source" {
+			return d.Source.Path
+		}
+		return d.Log.File
+	}
+	return ""
+}
+
+func cutLast(s, sep string) (before, after string, ok bool) {
+	i := strings.LastIndex(s, sep)
+	if i < 0 {
+		return s, "", false
+	}
+	return s[:i], s[i+len(sep):], true
+}

@@ -179,6 +179,7 @@ func FuzzRewrite(f *testing.F) {
 	f.Add(fixture(f, "status.xml"), 7, 8, true)
 	f.Add([]byte("<domstatus pid='4'><vcpus><vcpu id='0' pid='5'/></vcpus><namespaces><mount/></namespaces><domain><name>a</name></domain></domstatus>"), 1, 2, false)
 	f.Fuzz(func(t *testing.T, b []byte, pid, tid int, drop bool) {
+		FdsetFile(b, "serial0-source")
 		s, err := ParseStatus(b)
 		if err != nil {
 			return
@@ -248,5 +249,20 @@ func TestHelperLock(t *testing.T) {
 	g, err := Hold(filepath.Dir(filepath.Dir(p)))
 	if err != nil || len(g.Busy) > 0 {
 		t.Fatalf("pid file busy: %v %v", err, g.Busy)
+	}
+}
+
+func TestFdsetFile(t *testing.T) {
+	b := fixture(t, "status.xml")
+	for _, c := range []struct{ opaque, want string }{
+		{"serial0-source", "/tmp/TestLibvirtFacts3702040685/002/serial.log"},
+		{"serial0-log", ""},
+		{"serial1-source", ""},
+		{"serial0", ""},
+		{"", ""},
+	} {
+		if got := FdsetFile(b, c.opaque); got != c.want {
+			t.Errorf("FdsetFile(%q) = %q, want %q", c.opaque, got, c.want)
+		}
 	}
 }

@@ -121,7 +121,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 			bad("%s: %s", t.Name(), pr)
 		}
 		for _, f := range t.Facts.Fdsets {
-			if !filepath.IsAbs(f.Target) {
+			if !filepath.IsAbs(f.Target) && t.LibvirtFdsetFile(f.Opaque) == "" { // libvirt's: its file is written instead
 				bad("%s: fd %d of -add-fd set %d is %s (libvirt's virtlogd pipe, for one): it does not survive the kexec; a QEMU restart (restart-qemu) hands it over", t.Name(), f.Fd, f.Set, f.Target)
 			}
 		}
