@@ -122,7 +122,7 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 	defer cpr.CloseAll(ts)
 	code := exitOK
 	for _, t := range ts {
-		sock := guestagent.Socket(t.Proc.Cmdline)
+		sock := guestagent.ProcessSocket(t.Proc)
 		if sock == "" {
 			fmt.Fprintf(out, "%s: no guest agent channel\n", t.Name())
 			code = exitFailed

@@ -1,6 +1,7 @@
 package qemutests
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -72,8 +73,43 @@ func libvirtView(t *testing.T, name string, pid int) {
 func TestLibvirtRestart(t *testing.T) {
 	lv := startLibvirt(t)
 	const name = "lu-lv-restart"
-	g, _ := lv.startDomain(t, domSpec{name: name, disk: true})
+	g, _ := lv.startDomain(t, domSpec{name: name, disk: true, net: "10.83.0.2/24"})
 	b := g.waitBeat(3, 120*time.Second)
+	// The NIC's tap is libvirt's (passed to QEMU by fd); a TCP connection
+	// into the guest opened now must carry on across every restart.
+	if out, err := exec.Command("ip", "addr", "add", "10.83.0.1/24", "dev", libvirtNetTap).CombinedOutput(); err != nil {
+		t.Fatalf("ip addr add: %v %s", err, out)
+	}
+	exec.Command("ip", "link", "set", libvirtNetTap, "up").Run()
+	tapIndex := func() string {
+		out, _ := exec.Command("ip", "-o", "link", "show", libvirtNetTap).Output()
+		return strings.SplitN(string(out), ":", 2)[0]
+	}
+	idx := tapIndex()
+	var echo net.Conn
+	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(time.Second) {
+		var err error
+		if echo, err = net.DialTimeout("tcp", "10.83.0.2:7007", 2*time.Second); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest's echo server never answered over libvirt's tap: %v", err)
+		}
+	}
+	defer echo.Close()
+	er := bufio.NewReader(echo)
+	echoes := func(when string) {
+		t.Helper()
+		echo.SetDeadline(time.Now().Add(30 * time.Second))
+		fmt.Fprintf(echo, "%s\n", when)
+		if l, err := er.ReadString('\n'); err != nil || strings.TrimSpace(l) != when {
+			t.Errorf("TCP echo %s: %q %v", when, l, err)
+		}
+		if i := tapIndex(); i != idx {
+			t.Errorf("%s: the tap's ifindex %s, was %s: it was made anew", when, i, idx)
+		}
+	}
+	echoes("before")
 	for g.lastAck() < 3 {
 		time.Sleep(200 * time.Millisecond)
 	}
@@ -147,6 +183,12 @@ func TestLibvirtRestart(t *testing.T) {
 		t.Fatalf("restart-qemu of the libvirt guest: exit %d\n%s\n%s", code, out, errOut)
 	}
 	t.Logf("restart-qemu: %s", blackoutOf(t, out))
+	if r := parseResult(t, out); len(r.VMs) == 0 || r.VMs[0].Clock == "no guest agent" {
+		t.Errorf("the guest agent on libvirt's fd-passed channel was not found: %+v", r.VMs)
+	} else {
+		t.Logf("guest clock after the restart: %s", r.VMs[0].Clock)
+	}
+	echoes("after the restart")
 	// The fast path, VNC and all: the new QEMU started beside the old one
 	// with -vnc none and took the port once the old one was gone.
 	if strings.Contains(errOut, "sequential way") {
@@ -204,6 +246,7 @@ func TestLibvirtRestart(t *testing.T) {
 		t.Fatalf("after recover libvirt's record is %+v, QEMU pid %d (was %d)", s, newPID, prev)
 	}
 	b = g.checkContinues(b)
+	echoes("after recover")
 	// This run's old QEMU was the twin of the first (-vnc none, given its
 	// port later): its new QEMU listens on that port too.
 	vncGreets(t, vncPort)

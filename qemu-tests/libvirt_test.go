@@ -228,7 +228,14 @@ type domSpec struct {
 	// disk turns on the guest's disk writer on its qcow2 disk (hb.disk):
 	// checkContinues then checks every acknowledged record on the image.
 	disk bool
+	// net gives the guest a virtio NIC on a tap libvirt makes
+	// (<interface type='ethernet'>, libvirtNetTap) with hb.ip=net, and the
+	// guest agent's channel.
+	net string
 }
+
+// libvirtNetTap is the tap of a domain with domSpec.net (one at a time).
+const libvirtNetTap = "lulvr0" 
 
 // domainXML is the heartbeat guest under TCG: kernel, initramfs and command
 // line as startGuest's, 256 MiB in a shared file (memory_backing_dir), a qcow2
@@ -239,9 +246,19 @@ func domainXML(s domSpec, dir string) string {
 	if s.noSharedRAM {
 		mem = ""
 	}
-	kargs := ""
+	kargs, netXML := "", ""
 	if s.disk {
 		kargs = " hb.disk=/dev/vda hb.disk_ms=200"
+	}
+	if s.net != "" {
+		kargs += " hb.ip=" + s.net
+		netXML = `    <interface type='ethernet'>
+      <target dev='` + libvirtNetTap + `' managed='yes'/>
+      <mac address='52:54:00:cc:00:01'/>
+      <model type='virtio'/>
+    </interface>
+    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+`
 	}
 	return fmt.Sprintf(`<domain type='qemu'>
   <name>%s</name>
@@ -262,12 +279,12 @@ func domainXML(s domSpec, dir string) string {
       <target dev='vda' bus='virtio'/>
     </disk>
     <serial type='file'><source path='%s'/><target port='0'/></serial>
-    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>
+%s    <graphics type='vnc' autoport='yes' listen='127.0.0.1'/>
     <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
 </domain>
-`, s.name, mem, guestKernel, guestInitrd, kargs, qemuBinary, filepath.Join(dir, "disk.qcow2"), filepath.Join(dir, "serial.log"))
+`, s.name, mem, guestKernel, guestInitrd, kargs, qemuBinary, filepath.Join(dir, "disk.qcow2"), filepath.Join(dir, "serial.log"), netXML)
 }
 
 // startDomain defines and starts a heartbeat domain; the returned guest reads

@@ -251,7 +251,7 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 		}
 		rec.Libvirt = &manifest.Libvirt{Status: r.Root.QEMU(hostpath.Local(t.Libvirt)), Record: string(b)}
 	}
-	if a := guestagent.Socket(p.Cmdline); a != "" {
+	if a := guestagent.ProcessSocket(p); a != "" {
 		rec.Agent = hostpath.Arg(cwd, a)
 	}
 	ram, err := p.Cmdline.RAM()

@@ -18,6 +18,7 @@ import (
 	"net"
 	"time"
 
+	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -28,6 +29,14 @@ const AgentPortName = "org.qemu.guest_agent.0"
 // channel ("" when the VM has none): a virtserialport named
 // org.qemu.guest_agent.0 whose chardev is a unix socket server.
 func Socket(c *qemuargv.Cmdline) string {
+	path, _ := SocketOrFD(c)
+	return path
+}
+
+// SocketOrFD is the agent channel's socket: its path on the command line,
+// or, for a listening socket passed by fd (libvirt's channels), that fd
+// (-1 if none) — its path is the one the socket is bound to.
+func SocketOrFD(c *qemuargv.Cmdline) (path string, fd int) {
 	chardev := ""
 	for _, i := range c.Find("device") {
 		p, err := c.Opts[i].Props()
@@ -42,14 +51,26 @@ func Socket(c *qemuargv.Cmdline) string {
 		}
 	}
 	if chardev == "" {
-		return ""
+		return "", -1
 	}
 	for _, ch := range c.Chardevs() {
-		if ch.ID == chardev && ch.Backend == "socket" && ch.Path != "" {
-			return ch.Path
+		if ch.ID == chardev && ch.Backend == "socket" && (ch.Path != "" || ch.FD >= 0) {
+			return ch.Path, ch.FD
 		}
 	}
-	return ""
+	return "", -1
+}
+
+// ProcessSocket is the agent channel's socket path of a running QEMU as
+// QEMU names it (relative to its working directory if the command line
+// says so): from its command line, or the path its fd-passed listening
+// socket is bound to. "" when it has none.
+func ProcessSocket(p *discover.Process) string {
+	path, fd := SocketOrFD(p.Cmdline)
+	if path == "" && fd >= 0 {
+		path = p.Fds[fd].SocketPath
+	}
+	return path
 }
 
 // SyncClock sets the guest's clock to the host's (qemu-ga also writes it to

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -27,6 +28,17 @@ func TestSocket(t *testing.T) {
 	c, _ = qemuargv.Parse([]string{"qemu", "-chardev", "socket,id=x,path=/a,server=on", "-device", "virtserialport,chardev=x,name=other"})
 	if got := Socket(c); got != "" {
 		t.Errorf("Socket without agent = %q", got)
+	}
+	// libvirt's channel: a listening socket passed by fd, named by what it
+	// is bound to.
+	c, _ = qemuargv.Parse([]string{"qemu", "-chardev", "socket,id=charchannel0,fd=33,server=on,wait=off",
+		"-device", `{"driver":"virtserialport","bus":"virtio-serial0.0","nr":1,"chardev":"charchannel0","id":"channel0","name":"org.qemu.guest_agent.0"}`})
+	p := &discover.Process{Cmdline: c, Fds: map[int]discover.FdInfo{33: {SocketPath: "/run/libvirt/qemu/channel/1-vm/org.qemu.guest_agent.0"}}}
+	if got := ProcessSocket(p); got != "/run/libvirt/qemu/channel/1-vm/org.qemu.guest_agent.0" {
+		t.Errorf("ProcessSocket of an fd-passed channel = %q", got)
+	}
+	if got := Socket(c); got != "" {
+		t.Errorf("Socket of an fd-passed channel = %q: it has no path on the command line", got)
 	}
 }
 
