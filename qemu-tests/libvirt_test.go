@@ -235,7 +235,7 @@ type domSpec struct {
 }
 
 // libvirtNetTap is the tap of a domain with domSpec.net (one at a time).
-const libvirtNetTap = "lulvr0" 
+const libvirtNetTap = "lulvr0"
 
 // domainXML is the heartbeat guest under TCG: kernel, initramfs and command
 // line as startGuest's, 256 MiB in a shared file (memory_backing_dir), a qcow2
