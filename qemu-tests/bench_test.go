@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 )
 
 // Benchmarks of the QEMU-only live restart (issue 5's P1–P4). They
@@ -163,4 +164,39 @@ func BenchmarkRestart4GiB(b *testing.B) {
 			benchRestart(b, benchOpts{id: "P4", guests: 1, ramMiB: 4096, touched: 1024, copyRAM: naive})
 		})
 	}
+}
+
+// P9 (issue 15): a guest libvirt manages, with VNC on a TCP port, restarted
+// the fast way (the twin takes the VNC port after the old QEMU) while
+// libvirt's daemon is stopped; libvirt is started again at the end and must
+// manage the guest on its last QEMU.
+func BenchmarkRestartLibvirtVNC(b *testing.B) {
+	lv := startLibvirt(b)
+	const name = "lu-bench-p9"
+	g, _ := lv.startDomain(b, domSpec{name: name})
+	first := g.waitBeat(3, 120*time.Second)
+	lv.stopLibvirtd()
+	state := b.TempDir()
+	var blackouts []float64
+	b.ResetTimer()
+	for b.Loop() {
+		code, out, errOut := runLU(b, "restart-qemu", "--json", "--state-dir", state, name)
+		if code != 0 || strings.Contains(errOut, "sequential way") {
+			b.Fatalf("restart-qemu exit %d (the fast path is what is measured):\n%s", code, errOut)
+		}
+		for _, vm := range parseResult(b, out).VMs {
+			blackouts = append(blackouts, vm.BlackoutMS)
+		}
+	}
+	b.StopTimer()
+	g.checkContinues(first)
+	lv.startLibvirtd()
+	if st := strings.TrimSpace(virsh(b, "domstate", name)); st != "running" {
+		b.Fatalf("libvirt says %q after the restarts", st)
+	}
+	sort.Float64s(blackouts)
+	b.ReportMetric(median(blackouts), "blackout-median-ms")
+	fmt.Fprintf(os.Stderr, "BENCH id=P9 name=%s guests=1 ram_mib=256 touched_mib=16 copy_ram=false samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f state_bytes=0 raw=%s\n",
+		b.Name(), len(blackouts), median(blackouts), blackouts[0], blackouts[len(blackouts)-1],
+		strings.Trim(strings.Join(strings.Fields(fmt.Sprint(blackouts)), ","), "[]"))
 }
