@@ -63,13 +63,16 @@ func libvirtView(t *testing.T, name string, pid int) {
 }
 
 // TestLibvirtRestart: restart-qemu of a guest libvirt manages (qcow2 disk
-// the guest writes to, file serial console through virtlogd, VNC, shared
-// RAM file), taking turns with libvirt's daemon: refused with the commands
-// while it runs; done while it is stopped; the record rewritten so that
-// libvirt, started again, manages the guest on its new QEMU (domstate,
-// monitor, dominfo, domstats) and cleaned up nothing. Then the tool is
-// killed in the middle of a run and `recover` hands the guest back; at the
-// end `virsh destroy` still stops it.
+// the guest writes to, file serial console through virtlogd, VNC, libvirt's
+// tap with a TCP connection open across every restart, the agent channel,
+// shared RAM file), beside a guest started by hand, taking turns with
+// libvirt's daemon: refused with the commands while it runs (the hand-made
+// guest is not); libvirtd cannot start during a run; done while it is
+// stopped, on the fast path; the record rewritten so that libvirt, started
+// again, manages the guest on its new QEMU (domstate, monitor, dominfo,
+// domstats) and cleaned up nothing. Then libvirtd is SIGKILLed, the tool is
+// killed after cont and `recover` hands the guest back; at the end `virsh
+// destroy` still stops it.
 func TestLibvirtRestart(t *testing.T) {
 	lv := startLibvirt(t)
 	const name = "lu-lv-restart"
@@ -226,9 +229,15 @@ func TestLibvirtRestart(t *testing.T) {
 	}
 	b = g.checkContinues(b)
 
-	// The tool killed after the new QEMU runs the guest, before the
+	// libvirt's daemon killed (SIGKILL: its pid file stays, unlocked),
+	// then the tool killed after the new QEMU runs the guest, before the
 	// record is rewritten: recover rewrites it.
-	lv.stopLibvirtd()
+	if p := lv.pid("libvirtd"); p > 0 {
+		syscall.Kill(p, syscall.SIGKILL)
+		for alive(p) {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 	state = t.TempDir()
 	prev := newPID
 	code, _, _ = runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=cont=kill"}, "restart-qemu", "--state-dir", state, name)
