@@ -266,19 +266,54 @@ func TestLibvirtRestart(t *testing.T) {
 	}
 	g.checkContinues(b)
 
-	// libvirt still stops it.
-	virsh(t, "destroy", name)
-	for deadline := time.Now().Add(30 * time.Second); alive(newPID); {
-		if time.Now().After(deadline) {
-			t.Fatalf("virsh destroy left QEMU %d running", newPID)
+	// libvirt still shuts it down: the ACPI button through the monitor of
+	// the QEMU liveupdate started; the guest powers off after its last
+	// acknowledged record, which is on the image.
+	virsh(t, "shutdown", name)
+	gone := func(pid int, why string) {
+		t.Helper()
+		for deadline := time.Now().Add(90 * time.Second); alive(pid); time.Sleep(100 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s left QEMU %d running", why, pid)
+			}
 		}
-		time.Sleep(100 * time.Millisecond)
+	}
+	gone(newPID, "virsh shutdown")
+	if !strings.Contains(readFile(t, g.serial), "HEARTBEAT powered down after ACK") {
+		t.Errorf("the guest did not power down by its ACPI button")
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+		st := strings.TrimSpace(virsh(t, "domstate", name))
+		if st == "shut off" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after virsh shutdown libvirt says %q", st)
+		}
 	}
 	if n := g.checkDisk(); n == 0 {
 		t.Errorf("no acknowledged record to check")
 	}
-}
 
+	// …and starts it again as if nothing happened, and destroys it after
+	// one more restart.
+	g.disk = nil // a new boot writes its records from 1 again
+	virsh(t, "start", name)
+	b = g.waitBeat(3, 120*time.Second)
+	if st, err := lvstatus.ParseStatus([]byte(readFile(t, status))); err != nil || !alive(st.PID) {
+		t.Fatalf("libvirt's record after virsh start: %v", err)
+	}
+	lv.stopLibvirtd()
+	if code, _, errOut := runLU(t, "restart-qemu", "--state-dir", t.TempDir(), name); code != 0 {
+		t.Fatalf("restart-qemu after virsh start: exit %d\n%s", code, errOut)
+	}
+	newPID = g.pid()
+	g.checkContinues(b)
+	lv.startLibvirtd()
+	libvirtView(t, name, newPID)
+	virsh(t, "destroy", name)
+	gone(newPID, "virsh destroy")
+}
 // vncGreets checks a VNC server answers on 127.0.0.1:port with its RFB
 // greeting, as a reconnecting client would see it.
 func vncGreets(t *testing.T, port string) {

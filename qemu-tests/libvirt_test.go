@@ -270,6 +270,7 @@ func domainXML(s domSpec, dir string) string {
     <initrd>%s</initrd>
     <cmdline>console=ttyS0 quiet panic=-1 hb.mem_mib=16 hb.check_ms=3000%s</cmdline>
   </os>
+  <features><acpi/></features>
   <on_reboot>destroy</on_reboot>
   <devices>
     <emulator>%s</emulator>

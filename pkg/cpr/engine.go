@@ -102,6 +102,12 @@ type run struct {
 	pending []manifest.Phase    // phases timed before the manifest was made
 	early   map[string]*newQEMU // new QEMUs started before the save, by VM (early.go)
 	exited  map[string]bool     // VMs whose old QEMU this run saw exit (quit)
+	// clockLater: the restores leave the guests' clocks to fixClocks, run
+	// once the old QEMUs are retired — a slow guest agent (a minute after a
+	// fresh boot, seen) must not keep an old QEMU, and the VNC port it
+	// holds, alive meanwhile.
+	clockLater bool
+	clockDue   []*manifest.VM
 }
 
 // newRun starts a run in the engine's state directory.

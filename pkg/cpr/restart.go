@@ -19,6 +19,7 @@ import (
 //	plan → save (Save's table) → restore → retire the old QEMUs started beside
 func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions, skipUnsafe bool) (*manifest.Manifest, []*Target, error) {
 	r := e.newRun()
+	r.clockLater = true // after retireOld
 	var ts []*Target
 	err := r.timed("plan", "", func() (err error) {
 		ts, err = r.plan(ctx, names, false)
@@ -49,6 +50,7 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 	}
 	rerr := r.restore(ctx, Held(safe), nil)
 	err = errors.Join(saveErr, rerr, r.retireOld(ctx, safe))
+	r.fixClocks(ctx)
 	if err == nil && len(unsafe) > 0 {
 		err = fmt.Errorf("skipped unsafe VMs:\n  %s", strings.Join(unsafe, "\n  "))
 	}

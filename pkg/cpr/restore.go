@@ -171,7 +171,11 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		}
 	}
 	r.Log.Info("restored", "vm", vm.Name, "pid", vm.NewPID, "blackout", vm.Blackout())
-	if r.ClockAsync {
+	if r.clockLater {
+		r.mu.Lock()
+		r.clockDue = append(r.clockDue, vm)
+		r.mu.Unlock()
+	} else if r.ClockAsync {
 		go func() {
 			r.fixClock(context.WithoutCancel(ctx), vm)
 			if err := r.write(); err != nil {
@@ -403,6 +407,20 @@ func (q *newQEMU) stop() {
 	<-q.p.Exited()
 	if q.c != nil {
 		q.c.Close()
+	}
+}
+
+// fixClocks puts right the clocks restoreOne left for later, all at once.
+func (r *run) fixClocks(ctx context.Context) {
+	var wg sync.WaitGroup
+	for _, vm := range r.clockDue {
+		wg.Add(1)
+		go func() { defer wg.Done(); r.fixClock(ctx, vm) }()
+	}
+	wg.Wait()
+	r.clockDue = nil
+	if err := r.write(); err != nil {
+		r.Log.Warn("recording the clock fixes", "err", err)
 	}
 }
 
