@@ -314,6 +314,7 @@ func TestLibvirtRestart(t *testing.T) {
 	virsh(t, "destroy", name)
 	gone(newPID, "virsh destroy")
 }
+
 // vncGreets checks a VNC server answers on 127.0.0.1:port with its RFB
 // greeting, as a reconnecting client would see it.
 func vncGreets(t *testing.T, port string) {
