@@ -92,7 +92,9 @@ func (c *Cmdline) TwinConflicts() []string {
 			_, port := p.Get("port")
 			_, tls := p.Get("tls-port")
 			if port || tls {
-				out = append(out, "-spice listens on a TCP port")
+				// QEMU 10's display-update takes only vnc ("Parameter 'type'
+				// does not accept value 'spice'"), and -spice no listening fd.
+				out = append(out, "-spice listens on a TCP port, which QEMU cannot give a second QEMU later (display-update is VNC's only)")
 			}
 		}
 	}
