@@ -135,6 +135,15 @@ func TestLibvirtRestart(t *testing.T) {
 		return string(c)
 	}
 	oldCgroup := cgroup(rec.PID)
+	// libvirt keeps each vCPU thread in a cgroup of its own (…/vcpu0).
+	threadCgroup := func(pid, tid int) string {
+		c, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/cgroup", pid, tid))
+		return string(c)
+	}
+	oldVcpuCgroup := threadCgroup(rec.PID, rec.Vcpus[0])
+	if !strings.Contains(oldVcpuCgroup, "vcpu0") {
+		t.Logf("libvirt put no vCPU cgroup here: %q", oldVcpuCgroup)
+	}
 	m := regexp.MustCompile(`<graphics type='vnc' port='(\d+)'`).FindStringSubmatch(readFile(t, status))
 	if m == nil {
 		t.Fatalf("libvirt's record has no VNC port")
@@ -218,6 +227,9 @@ func TestLibvirtRestart(t *testing.T) {
 	}
 	if c := cgroup(newPID); c != oldCgroup {
 		t.Errorf("the new QEMU's cgroup %q, the old one's %q", c, oldCgroup)
+	}
+	if c := threadCgroup(newPID, after.Vcpus[0]); c != oldVcpuCgroup {
+		t.Errorf("the new QEMU's vCPU thread is in %q, the old one's was in %q", c, oldVcpuCgroup)
 	}
 	b = g.checkContinues(b)
 

@@ -3,9 +3,13 @@ package qemutests
 import (
 	"os"
 	"path/filepath"
+	"runtime"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestDiscardData: a guest whose RAM backend has discard-data=on (QEMU
@@ -224,5 +228,60 @@ func TestFdsetLog(t *testing.T) {
 	b, _ := os.ReadFile(g.serial)
 	if strings.Contains(string(b), "\x00") {
 		t.Errorf("the serial log has NULs: a QEMU wrote it at an offset, not at its end")
+	}
+}
+
+// TestPlacement: a guest whose QEMU runs pinned (taskset: CPU 1) with its
+// vCPU thread pinned elsewhere (CPU 0, as libvirt's <vcpupin> does after
+// the start) is pinned the same on its new QEMU, both ways of restarting.
+func TestPlacement(t *testing.T) {
+	if runtime.NumCPU() < 2 {
+		t.Skip("needs two CPUs")
+	}
+	g := bootAll(t, guestSpec{name: "pinned", wrapper: []string{"taskset", "-c", "1"}})[0]
+	vcpu := func() int {
+		var cpus []struct {
+			ThreadID int `json:"thread-id"`
+		}
+		g.qmpExecute("query-cpus-fast", nil, &cpus)
+		if len(cpus) == 0 {
+			t.Fatal("no vCPU")
+		}
+		return cpus[0].ThreadID
+	}
+	var set unix.CPUSet
+	set.Set(0)
+	if err := unix.SchedSetaffinity(vcpu(), &set); err != nil {
+		t.Fatal(err)
+	}
+	affinity := func(tid int) string {
+		var s unix.CPUSet
+		if err := unix.SchedGetaffinity(tid, &s); err != nil {
+			return err.Error()
+		}
+		var out []string
+		for c := 0; c < runtime.NumCPU(); c++ {
+			if s.IsSet(c) {
+				out = append(out, strconv.Itoa(c))
+			}
+		}
+		return strings.Join(out, ",")
+	}
+	for _, args := range [][]string{nil, {"--sequential"}} {
+		before, _ := g.lastBeat()
+		old := g.pid()
+		if code, _, errOut := runLU(t, append(append([]string{"restart-qemu", "--state-dir", t.TempDir()}, args...), "pinned")...); code != 0 {
+			t.Fatalf("restart-qemu %v: exit %d\n%s", args, code, errOut)
+		}
+		if g.pid() == old {
+			t.Fatalf("not restarted")
+		}
+		if a := affinity(g.pid()); a != "1" {
+			t.Errorf("%v: the new QEMU's main thread runs on CPUs %s, the old one's on 1", args, a)
+		}
+		if a := affinity(vcpu()); a != "0" {
+			t.Errorf("%v: the new QEMU's vCPU thread runs on CPUs %s, the old one's on 0", args, a)
+		}
+		g.checkContinues(before)
 	}
 }

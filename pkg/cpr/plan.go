@@ -101,13 +101,9 @@ func (r *run) twinOf(pid int, p *discover.Process) bool {
 	return err == nil && q.Name() == p.Name()
 }
 
-// answeredBy is the pid of the QEMU on the other end of c: the process
-// its vCPU threads belong to (0 if it cannot be told).
-func (r *run) answeredBy(ctx context.Context, c *qmp.Client) int {
-	vcpus, err := vcpuThreads(ctx, c)
-	if err != nil {
-		return 0
-	}
+// ownerOf is the pid of the process vCPU threads vcpus belong to (0 if
+// it cannot be told): the QEMU that answered on a monitor.
+func (r *run) ownerOf(vcpus map[int]int) int {
 	for _, tid := range vcpus {
 		b, err := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(tid), "status"))
 		if err != nil {
@@ -209,8 +205,11 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 		return fail(err)
 	}
 	f.Version = [3]int{ver.QEMU.Major, ver.QEMU.Minor, ver.QEMU.Micro}
+	if f.Vcpus, err = vcpuThreads(cctx, c); err != nil {
+		return fail(err)
+	}
 	if fdMonitor {
-		f.AnsweredBy = r.answeredBy(cctx, c)
+		f.AnsweredBy = r.ownerOf(f.Vcpus)
 	}
 	f.Package = ver.Package
 	if err := c.Execute(cctx, "qom-get", map[string]any{"path": "/machine", "property": "type"}, &f.MachineType); err != nil {

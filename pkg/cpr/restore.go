@@ -395,6 +395,7 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		vm.NewPID = 0
 		return nil, r.withQEMUsWords(vm, err)
 	}
+	r.place(ctx, q.c, vm, q.p.Pid, r.man.Host.BootID == currentBootID())
 	return q, nil
 }
 

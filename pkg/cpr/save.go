@@ -240,9 +240,11 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	}
 	rec.CopyRAM = o.CopyRAM
 	if cg, err := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(p.PID), "cgroup")); err == nil {
-		if hs := qemuproc.Hierarchies(string(cg)); len(hs) > 1 { // more than v2's "0::" alone
+		hs := qemuproc.Hierarchies(string(cg))
+		if len(hs) > 1 { // more than v2's "0::" alone
 			rec.Hierarchies = hs
 		}
+		rec.Placement = r.readPlacement(p.PID, t.Facts.Vcpus, hs)
 	}
 	if t.Libvirt != "" {
 		b, err := os.ReadFile(t.Libvirt)

@@ -113,6 +113,9 @@ type VM struct {
 	// hierarchy: on a cgroup v1 or hybrid host the new QEMU joins each
 	// (a restart on the same boot; after a kexec PID 1 builds v2 only).
 	Hierarchies []string `json:"hierarchies,omitempty"`
+	// Placement is where the old QEMU's threads ran beyond what its
+	// command line says (nil: nowhere special).
+	Placement *Placement `json:"placement,omitempty"`
 
 	QMP         hostpath.QEMU            `json:"qmp"` // QMP unix socket path
 	MachineType string                   `json:"machine_type"`
@@ -156,6 +159,22 @@ func (v VM) Blackout() time.Duration {
 		return 0
 	}
 	return v.Resumed.Sub(v.Stopped)
+}
+
+// Placement is where a QEMU's threads ran, set after its start by whoever
+// manages it: the CPUs they may run on (libvirt's <emulatorpin> and
+// <vcpupin>, taskset) and the cgroups of each vCPU thread (libvirt's
+// …/vcpuN). The new QEMU's threads are put back there.
+type Placement struct {
+	CPUs  []int               `json:"cpus,omitempty"`  // the main thread's: every new thread's
+	Vcpus map[int]ThreadPlace `json:"vcpus,omitempty"` // by vCPU index (query-cpus-fast cpu-index)
+}
+
+// ThreadPlace is one thread's CPUs and, where they differ from its
+// process's, its cgroups (/proc/PID/task/TID/cgroup lines).
+type ThreadPlace struct {
+	CPUs        []int    `json:"cpus,omitempty"`
+	Hierarchies []string `json:"hierarchies,omitempty"`
 }
 
 // Libvirt is libvirt's runtime record of a guest it manages: rewritten

@@ -58,6 +58,8 @@ type Facts struct {
 	// QEMUs of one guest (an interrupted early start) accept on the same
 	// listening socket, and either may answer a connection.
 	AnsweredBy int
+	// Vcpus is each vCPU's thread id (query-cpus-fast), by cpu-index.
+	Vcpus map[int]int
 }
 
 // FdsetFd is one fd of an fdset, as QEMU holds it, with what it is.

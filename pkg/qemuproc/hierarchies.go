@@ -30,6 +30,18 @@ func Hierarchies(procCgroup string) []string {
 // A hierarchy that is not mounted here is skipped: nothing to join.
 // Writing to cgroup.procs moves every thread of the process.
 func JoinHierarchies(pid int, lines []string, mountinfo, root string) error {
+	return join(pid, lines, mountinfo, root, "cgroup.procs", "cgroup.procs")
+}
+
+// MoveThread moves one thread (tid) into the cgroup of every hierarchy
+// lines names: libvirt keeps each vCPU thread in a cgroup of its own
+// (…/vcpuN: its CPU quota, its cpuset). cgroup v2 takes threads in
+// cgroup.threads (threaded cgroups), v1 in tasks.
+func MoveThread(tid int, lines []string, mountinfo, root string) error {
+	return join(tid, lines, mountinfo, root, "cgroup.threads", "tasks")
+}
+
+func join(id int, lines []string, mountinfo, root, v2file, v1file string) error {
 	mnts := cgroupMounts(mountinfo)
 	var errs []string
 	for _, l := range lines {
@@ -42,7 +54,11 @@ func JoinHierarchies(pid int, lines []string, mountinfo, root string) error {
 			continue
 		}
 		dir := filepath.Join(root, mnt, filepath.Clean("/"+parts[2]))
-		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(pid)), 0); err != nil {
+		file := v1file
+		if parts[1] == "" {
+			file = v2file
+		}
+		if err := os.WriteFile(filepath.Join(dir, file), []byte(strconv.Itoa(id)), 0); err != nil {
 			errs = append(errs, fmt.Sprintf("%s: %v", dir, err))
 		}
 	}
