@@ -60,7 +60,9 @@ func (r *run) place(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int
 	if pl == nil {
 		return
 	}
-	warn := func(what string, err error) { r.Log.Warn("new QEMU's threads not placed as the old one's", "vm", vm.Name, "what", what, "err", err) }
+	warn := func(what string, err error) {
+		r.Log.Warn("new QEMU's threads not placed as the old one's", "vm", vm.Name, "what", what, "err", err)
+	}
 	if pl.CPUs != nil {
 		tasks, _ := os.ReadDir(filepath.Join(r.ProcRoot, strconv.Itoa(pid), "task"))
 		for _, t := range tasks {
