@@ -235,6 +235,13 @@ func (c *Client) Closed() <-chan struct{} { return c.closed }
 // ErrDisconnected means QEMU closed the monitor before replying.
 var ErrDisconnected = errors.New("QMP connection closed")
 
+// ErrNotSent means the command never reached QEMU: writing it failed, the
+// connection being closed already (QEMU gone: EPIPE). Unlike ErrDisconnected
+// — closed after the command was written, before its reply, when QEMU may
+// have run it — QEMU certainly did not run it: a QEMU that closed its end
+// reads nothing more, and a command it got only part of is not run.
+var ErrNotSent = errors.New("QMP command not sent: the connection was closed")
+
 // Error is an error reply from QEMU.
 type Error struct {
 	Command string
@@ -288,6 +295,12 @@ func (c *Client) run(ctx context.Context, cmd string, b []byte) ([]byte, error) 
 		return nil, fmt.Errorf("waiting for QEMU's reply to %s on %s: %w", cmd, c.path, ctx.Err())
 	}
 	if r.err != nil {
+		// go-qemu returns the error of writing the command as it is, and
+		// the error of reading the reply as the read's.
+		var op *net.OpError
+		if errors.As(r.err, &op) && op.Op == "write" {
+			return nil, fmt.Errorf("%s on %s: %w (%v)", cmd, c.path, ErrNotSent, op.Err)
+		}
 		// The monitor hands a closed connection to Run as an empty reply,
 		// which fails to decode.
 		var syn *json.SyntaxError
