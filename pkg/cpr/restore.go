@@ -144,7 +144,7 @@ func (q *newQEMU) diedFirst(err error) error {
 		return died()
 	default:
 	}
-	if !errors.Is(err, qmp.ErrDisconnected) && !errors.Is(err, qmp.ErrNotSent) {
+	if !errors.Is(err, qmp.ErrDisconnected) && !errors.Is(err, qmp.ErrNotDelivered) {
 		return err
 	}
 	select {
@@ -209,13 +209,14 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		// -S, so it is paused, and a round trip here is in the blackout.
 		// (cont on a running guest does no harm.)
 		err := r.timedPoint("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) })
-		if errors.Is(err, qmp.ErrNotSent) {
-			// The cont never reached the new QEMU: it was gone before the
-			// cont was written (killed, crashed between its load and now),
-			// so it never ran the guest. It is stopped and the consumed mark
-			// taken back: the guest goes on as after a failed load, on its
-			// old QEMU or from its state file. (A cont written and then not
-			// answered may have run the guest: that is the case below.)
+		if errors.Is(err, qmp.ErrNotDelivered) {
+			// The cont never reached the new QEMU: it was gone (killed,
+			// crashed between its load and now) before the cont was
+			// written, or died with it unread. So it never ran the guest.
+			// It is stopped and the consumed mark taken back: the guest
+			// goes on as after a failed load, on its old QEMU or from its
+			// state file. (A cont QEMU read and did not answer may have run
+			// the guest: that is the case below, which keeps the mark.)
 			err = fail(err)
 			if uerr := r.unconsume(vm); uerr != nil {
 				return fmt.Errorf("%w; %v: its old QEMU is not continued, nor its state loaded again", err, uerr)

@@ -28,7 +28,7 @@ func TestNewQEMUDiedFirst(t *testing.T) {
 		t.Cleanup(q.stop)
 		return q
 	}
-	notSent := fmt.Errorf("cont on qmp.sock: %w", qmp.ErrNotSent)
+	notDelivered := fmt.Errorf("cont on qmp.sock: %w", qmp.ErrNotDelivered)
 	closed := fmt.Errorf("waiting for loading vm1: %w", qmp.ErrDisconnected)
 	for _, tc := range []struct {
 		name       string
@@ -38,7 +38,7 @@ func TestNewQEMUDiedFirst(t *testing.T) {
 		wantDied   bool
 		wantKilled bool
 	}{
-		{"killed, the cont not sent", true, false, notSent, true, true},
+		{"killed, the cont never delivered", true, false, notDelivered, true, true},
 		{"killed, its monitor closed", true, false, closed, true, true},
 		{"killed and gone, a load error seen", true, true, errors.New("loading vm1 failed"), true, true},
 		{"alive: a QEMU error", false, false, errors.New("loading vm1 failed: Unknown savevm section"), false, false},
@@ -70,7 +70,7 @@ func TestNewQEMUDiedFirst(t *testing.T) {
 // new QEMU — only a QEMU killed before it ran the guest, of a guest with no
 // old QEMU to go on on, whose state file was never marked consumed.
 func TestStartAnother(t *testing.T) {
-	killed := &diedError{pid: 7, exit: &qemuproc.ExitError{Status: unix.WaitStatus(unix.SIGKILL)}, err: qmp.ErrNotSent}
+	killed := &diedError{pid: 7, exit: &qemuproc.ExitError{Status: unix.WaitStatus(unix.SIGKILL)}, err: qmp.ErrNotDelivered}
 	exited := &diedError{pid: 7, exit: &qemuproc.ExitError{Status: unix.WaitStatus(1 << 8)}, err: errors.New("load failed")}
 	cases := []struct {
 		name  string

@@ -31,7 +31,7 @@ func (r *run) consume(vm *manifest.VM) error {
 }
 
 // unconsume takes consume's mark back, for a cont that never reached the
-// new QEMU (qmp.ErrNotSent): that QEMU, stopped before this is called,
+// new QEMU (qmp.ErrNotDelivered): that QEMU, stopped before this is called,
 // never ran the guest, so the state file is as good as before its load —
 // the guest can go on on its old QEMU or be restored from it again.
 func (r *run) unconsume(vm *manifest.VM) error {

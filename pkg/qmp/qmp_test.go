@@ -164,9 +164,9 @@ func TestDialNoGreeting(t *testing.T) {
 }
 
 // hangUpMonitor serves one QMP connection that completes the handshake
-// (liveupdate's sync included) and then hangs up: at once, or once it has
-// read the next command, without answering it.
-func hangUpMonitor(t *testing.T, readFirst bool) string {
+// (liveupdate's sync included) and then hangs up: at once, once the next
+// command has arrived but unread, or once it has read it — never answering.
+func hangUpMonitor(t *testing.T, hangUp string) string {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "qmp.sock")
 	l, err := net.Listen("unix", path)
@@ -195,7 +195,11 @@ func hangUpMonitor(t *testing.T, readFirst bool) string {
 				fmt.Fprintln(conn, `{"return": {}}`)
 			case cmd.Execute == "query-version" && cmd.ID != nil: // the sync
 				fmt.Fprintf(conn, `{"return": {}, "id": %s}`+"\n", cmd.ID)
-				if !readFirst {
+				switch hangUp {
+				case "before":
+					return
+				case "unread":
+					time.Sleep(300 * time.Millisecond) // the command arrives meanwhile
 					return
 				}
 			default:
@@ -207,28 +211,29 @@ func hangUpMonitor(t *testing.T, readFirst bool) string {
 }
 
 // TestExecuteAfterHangUp: a command written to a monitor that hung up
-// already is ErrNotSent — QEMU never ran it, which lets the engine take back
-// a consumed mark (a cont that never reached the new QEMU); one QEMU read
-// and then hung up on is ErrDisconnected: it may have run it.
+// already, or left unread in it as it hangs up, is ErrNotDelivered — QEMU
+// never ran it, which lets the engine take back a consumed mark (a cont
+// that never reached the new QEMU); one QEMU read and then hung up on is
+// ErrDisconnected: it may have run it.
 func TestExecuteAfterHangUp(t *testing.T) {
 	for _, tc := range []struct {
-		name      string
-		readFirst bool
-		want      error
-		notWant   error
+		hangUp  string
+		want    error
+		notWant error
 	}{
-		{name: "hung up before the command", want: ErrNotSent, notWant: ErrDisconnected},
-		{name: "hung up after reading it", readFirst: true, want: ErrDisconnected, notWant: ErrNotSent},
+		{hangUp: "before", want: ErrNotDelivered, notWant: ErrDisconnected},
+		{hangUp: "unread", want: ErrNotDelivered, notWant: ErrDisconnected},
+		{hangUp: "after reading", want: ErrDisconnected, notWant: ErrNotDelivered},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
+		t.Run(tc.hangUp, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()
-			c, err := Dial(ctx, hangUpMonitor(t, tc.readFirst))
+			c, err := Dial(ctx, hangUpMonitor(t, tc.hangUp))
 			if err != nil {
 				t.Fatalf("Dial: %v", err)
 			}
 			defer c.Close()
-			if !tc.readFirst {
+			if tc.hangUp == "before" {
 				// The hang-up seen (EOF), so the write surely comes after it.
 				select {
 				case <-c.Closed():
