@@ -123,6 +123,9 @@ type diedError struct {
 }
 
 func (e *diedError) Error() string {
+	if ee := new(qemuproc.ExitError); errors.As(e.err, &ee) { // it says how already (qemuproc.DialQMP)
+		return fmt.Sprintf("the new QEMU pid %d ended before it ran the guest: %v", e.pid, e.err)
+	}
 	return fmt.Sprintf("the new QEMU pid %d ended (%v) before it ran the guest: %v", e.pid, e.exit, e.err)
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -41,6 +42,7 @@ func TestNewQEMUDiedFirst(t *testing.T) {
 		{"killed, the cont never delivered", true, false, notDelivered, true, true},
 		{"killed, its monitor closed", true, false, closed, true, true},
 		{"killed and gone, a load error seen", true, true, errors.New("loading vm1 failed"), true, true},
+		{"killed, its start seen failing", true, true, nil, true, true}, // err: DialQMP's, saying how
 		{"alive: a QEMU error", false, false, errors.New("loading vm1 failed: Unknown savevm section"), false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -50,6 +52,9 @@ func TestNewQEMUDiedFirst(t *testing.T) {
 			}
 			if tc.reaped {
 				<-q.p.Exited()
+			}
+			if tc.err == nil {
+				tc.err = fmt.Errorf("new QEMU exited before its QMP socket answered: %w", q.p.ExitErr())
 			}
 			err := q.diedFirst(tc.err)
 			var died *diedError
@@ -61,6 +66,9 @@ func TestNewQEMUDiedFirst(t *testing.T) {
 			}
 			if tc.wantDied && died.killed() != tc.wantKilled {
 				t.Errorf("%v: killed() = %v, want %v", err, died.killed(), tc.wantKilled)
+			}
+			if tc.wantDied && strings.Count(err.Error(), "killed by signal") != 1 {
+				t.Errorf("%q: want how it ended said once", err)
 			}
 		})
 	}
