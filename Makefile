@@ -62,8 +62,10 @@ demo-restart: setup build
 	./scripts/demo-restart.sh
 
 # Reliability: the fault table, K guests × M restart cycles and N nested
-# updates, leaks counted, and C restarts killed at random instants (TestChaos);
-# rewrites docs/reliability.md (make soak K=3 M=20 N=10 C=50).
+# updates, leaks counted, and C restarts in each of TestChaos' two modes:
+# liveupdate SIGKILLed at a random instant, or one QEMU whose death a correct
+# tool survives; rewrites docs/reliability.md (make soak K=3 M=20 N=10 C=50).
+# make test skips TestChaos (it needs LIVEUPDATE_CHAOS_N).
 K ?= 3
 M ?= 20
 N ?= 10

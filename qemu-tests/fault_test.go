@@ -44,36 +44,43 @@ func TestFaults(t *testing.T) {
 		// The old QEMUs ran on through the failure (Resume): their own
 		// migration set-up must be given back, not left at cpr-reboot's.
 		resumed bool
+		// A QEMU's death the run itself must survive: every guest runs
+		// when it ends, before any recover.
+		survived bool
 	}{
-		{"plan=fail", "nothing touched", false, false},
-		{"plan=kill", "nothing touched", false, false},
-		{"manifest=fail", "manifest written, nothing saved", false, false},
-		{"manifest-write=kill", "the first manifest write interrupted before its rename", false, false},
-		{"manifest=kill", "manifest written, nothing saved", false, false},
-		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false, true},
-		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false, false},
-		{"saved=fail", "all saved, none quit: resumed", false, true},
-		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false, false},
-		{"manifest-write@2=kill", "recording the migration set-up interrupted: nothing changed yet", false, false},
-		{"migrate-setup=kill", "every old QEMU set up for the save, we die: recover gives each its own set-up back", false, false},
-		{"manifest-write@3=kill", "saves done, recording them interrupted", false, false},
-		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false, false},
-		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false, false},
-		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false, false},
-		{"qemu-start=fail", "one early QEMU fails to start: that VM restarts the sequential way", false, false},
-		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false, false},
-		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false, false},
-		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false, false},
-		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs there, the old QEMU is never continued", false, false},
-		{"cont=kill", "we die after cont: recover kills the old QEMU, the new one runs the guest", false, false},
-		{"quit=fail", "all quit, then an error: restored", true, false},
-		{"quit=kill", "all quit, we die: recover restores from the state files", true, false},
-		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true, false},
-		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true, false},
-		{"load=fail", "one restore fails after loading: recover restores it again", true, false},
-		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true, false},
-		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs", true, false},
-		{"cont=kill", "we die after cont: the new QEMUs run, recover finds them running", true, false},
+		{"plan=fail", "nothing touched", false, false, false},
+		{"plan=kill", "nothing touched", false, false, false},
+		{"manifest=fail", "manifest written, nothing saved", false, false, false},
+		{"manifest-write=kill", "the first manifest write interrupted before its rename", false, false, false},
+		{"manifest=kill", "manifest written, nothing saved", false, false, false},
+		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false, true, false},
+		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false, false, false},
+		{"saved=fail", "all saved, none quit: resumed", false, true, false},
+		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false, false, false},
+		{"manifest-write@2=kill", "recording the migration set-up interrupted: nothing changed yet", false, false, false},
+		{"migrate-setup=kill", "every old QEMU set up for the save, we die: recover gives each its own set-up back", false, false, false},
+		{"manifest-write@3=kill", "saves done, recording them interrupted", false, false, false},
+		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false, false, true},
+		{"saved=killqemu", "one old QEMU dies after its save, before its quit: restored from its state file", true, false, true},
+		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false, false, false},
+		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false, false, false},
+		{"qemu-start=fail", "one early QEMU fails to start: that VM restarts the sequential way", false, false, false},
+		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false, false, false},
+		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false, false, false},
+		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false, false, false},
+		{"load=killnew", "an early QEMU dies after its load, before cont: its guest continues on its old QEMU", false, false, true},
+		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs there, the old QEMU is never continued", false, false, false},
+		{"cont=kill", "we die after cont: recover kills the old QEMU, the new one runs the guest", false, false, false},
+		{"quit=fail", "all quit, then an error: restored", true, false, false},
+		{"quit=kill", "all quit, we die: recover restores from the state files", true, false, false},
+		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true, false, false},
+		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true, false, false},
+		{"qemu-start=killnew", "a new QEMU dies before its monitor answers: another is started and restores the guest", true, false, true},
+		{"load=fail", "one restore fails after loading: recover restores it again", true, false, false},
+		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true, false, false},
+		{"load=killnew", "a new QEMU dies after its load, before cont: another is started and restores the guest", true, false, true},
+		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs", true, false, false},
+		{"cont=kill", "we die after cont: the new QEMUs run, recover finds them running", true, false, false},
 	}
 	for _, c := range cases {
 		name, args := strings.ReplaceAll(c.fault, "=", "_"), []string{"restart-qemu"}
@@ -95,6 +102,16 @@ func TestFaults(t *testing.T) {
 				append(append(args, "--state-dir", state), names...)...)
 			if !strings.Contains(errOut, "FAULT INJECTED") {
 				t.Fatalf("the fault %s never fired (exit %d)", c.fault, code)
+			}
+			if c.survived {
+				// A new QEMU killed says nothing over QMP: how it ended is
+				// the reason, and the run must give it.
+				if strings.Contains(c.fault, "killnew") && !strings.Contains(errOut, "ended (killed by signal 9") {
+					t.Errorf("the run does not say the new QEMU was killed:\n%s", errOut)
+				}
+				for i, g := range gs {
+					before[i] = g.checkContinues(before[i])
+				}
 			}
 			if c.resumed {
 				for _, g := range gs {

@@ -103,6 +103,7 @@ type guest struct {
 	pidfile string
 	disk    *diskSpec // the guest's disk, if it has one
 	image   string    // its image on the host
+	observe string    // the test's own QMP monitor, if it has one (guestSpec.observer)
 }
 
 // guestSpec shapes a guest's command line.
@@ -124,6 +125,11 @@ type guestSpec struct {
 	// on it (hb.disk=/dev/vda); checkContinues then also checks every
 	// acknowledged record (disk_test.go).
 	disk *diskSpec
+	// observer: a second QMP monitor (observe.sock in the guest's
+	// directory) for the test alone, after the one liveupdate uses (it
+	// takes the first): the test can ask a QEMU how it is while liveupdate
+	// holds its monitor. A restart carries it over like any socket.
+	observer bool
 }
 
 func startGuest(t testing.TB, s guestSpec) *guest {
@@ -184,6 +190,10 @@ func startGuest(t testing.TB, s guestSpec) *guest {
 	argv = append(argv, serial...)
 	argv = append(argv, "-serial", "chardev:ser0", "-monitor", "none")
 	argv = append(argv, qmp...)
+	if s.observer {
+		g.observe = filepath.Join(g.dir, "observe.sock")
+		argv = append(argv, "-qmp", "unix:"+g.observe+",server=on,wait=off")
+	}
 	argv = append(argv, "-daemonize", "-pidfile", g.pidfile)
 	if s.disk != nil {
 		img, err := s.disk.createImage(g.dir)

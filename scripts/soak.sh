@@ -1,10 +1,12 @@
 #!/bin/bash
 # soak.sh — the reliability run of issue 6: the fault table (every phase
-# boundary × fault → outcome), K guests through M restart-qemu cycles and
-# the nested update loop for N updates, counting failures and what the host
-# holds after each cycle; rewrites docs/reliability.md.
+# boundary × fault → outcome), K guests through M restart-qemu cycles, the
+# nested update loop for N updates, counting failures and what the host
+# holds after each cycle, and C restarts in each of TestChaos' two modes
+# (liveupdate SIGKILLed at a random instant; one QEMU whose death a correct
+# tool survives SIGKILLed at a random instant); rewrites docs/reliability.md.
 #
-#   scripts/soak.sh K M N C    (make soak K=3 M=20 N=10 C=50; C: chaos iterations)
+#   scripts/soak.sh K M N C    (make soak K=3 M=20 N=10 C=50; C: chaos iterations per mode)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 k=${1:-3} m=${2:-20} n=${3:-10} c=${4:-50}
@@ -13,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 
 faults_cmd="go test -count=1 -timeout 30m -v -run 'TestFault' ./qemu-tests"
 soak_cmd="LIVEUPDATE_SOAK_CYCLES=$m LIVEUPDATE_SOAK_GUESTS=$k LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 60m -v -run TestSoakRestart ./qemu-tests"
-chaos_cmd="LIVEUPDATE_CHAOS_N=$c LIVEUPDATE_CHAOS_MINUTES=30 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 40m -v -run TestChaos ./qemu-tests"
+chaos_cmd="LIVEUPDATE_CHAOS_N=$c LIVEUPDATE_CHAOS_MINUTES=30 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 75m -v -run TestChaos ./qemu-tests"
 nested_cmd="LIVEUPDATE_NESTED_N=$n LIVEUPDATE_NESTED_FULL=1 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 120m -v -run TestNestedUpdate ./qemu-tests"
 
 echo "== faults: $faults_cmd"
@@ -24,7 +26,7 @@ eval "${soak_cmd/FILE/$work/soak.jsonl}" >"$work/soak.log" 2>&1 || true
 grep -E '^(---|ok|FAIL)' "$work/soak.log" || true
 echo "== chaos: $chaos_cmd"
 eval "${chaos_cmd/FILE/$work/soak.jsonl}" >"$work/chaos.log" 2>&1 || true
-grep -E '^(---|ok|FAIL)|chaos:' "$work/chaos.log" || true
+grep -E '^(---|    ---|ok|FAIL)|chaos( qemu)?:' "$work/chaos.log" || true
 if [ "$n" -gt 0 ]; then
 	echo "== nested soak: $nested_cmd"
 	eval "${nested_cmd/FILE/$work/soak.jsonl}" >"$work/nested.log" 2>&1 || true
@@ -56,7 +58,8 @@ for m in re.finditer(r"fault_test.go:\d+: (\S+?)=(\S+)( --sequential)? \((.*?)\)
     name = f"TestFaults/{point}_{action}" + ("_sequential" if seq else "")
     ok = status.get(name, "?")
     fault = {"fail": "our process fails there", "kill": "our process SIGKILLed there",
-             "killqemu": "one old QEMU SIGKILLed there", "fill": "the state filesystem fills up"}.get(action, action)
+             "killqemu": "one old QEMU SIGKILLed there", "killnew": "that VM's new QEMU SIGKILLed there",
+             "fill": "the state filesystem fills up"}.get(action, action)
     mode = " (--sequential)" if seq else ""
     print(f"| restart-qemu{mode}: {point} | {fault} | {why}; exit {code} | {'yes' if ok == 'PASS' else '**NO**'} | {name} |")
 for name, row in [("TestFaultFullDisk", "| restart-qemu: after the manifest | ENOSPC: the state filesystem fills up | saves fail, all resumed on their old QEMUs at once | {} | TestFaultFullDisk |"),
@@ -97,19 +100,61 @@ for kind, title in [("restart", "restart-qemu cycles (host after each; any growt
     grew = [k for k in keys if last[k] > first[k]]
     print(f"\nGrowth from the first cycle to the last: {', '.join(grew) if grew else 'none'}.\n")
 cs = [r for r in recs if r["kind"] == "chaos"]
+qs = [r for r in recs if r["kind"] == "chaos-qemu"]
+clog = open(f"{work}/chaos.log").read()
+took = dict(re.findall(r"--- \w+: TestChaos/(\w+) \(([\d.]+)s\)", clog))
+def mins(mode):
+    return f", {float(took[mode]) / 60:.1f} min" if mode in took else ""
 print("## Faults at random moments\n")
-print(f"`{chaos_cmd}`: three guests restarted in each iteration (early start or --sequential at random),")
-print("liveupdate SIGKILLed at a random instant within 2 s of its start, then `recover` twice; every guest checked")
-print("(heartbeat, boot id, RAM checksum).\n")
+print(f"`{chaos_cmd}`: TestChaos, two modes over the same three guests (c1 raw `-drive` cache=none aio=native,")
+print("c2 qcow2 JSON `-blockdev` + iothread cache=writeback, c3 raw `-drive`+`-device` cache=none aio=io_uring), each")
+print("writing to its disk; each iteration restarts all three (early start or --sequential at random), kills one")
+print("process at a random instant, then runs `recover` twice (the second must change nothing) and checks every")
+print("guest: heartbeat going on, same boot id, RAM checksum, every acknowledged disk record on its image, one QEMU each.\n")
+print("### liveupdate SIGKILLed\n")
+print("At a random instant within 2 s of its start (before, during or after the saves, quits, loads, conts).\n")
 if cs:
     killed = sum(1 for r in cs if r["exit"] == 137)
     lost = sum(r["guests_lost"] for r in cs)
     unrec = sum(1 for r in cs if not r["recovered"])
-    print(f"{len(cs)} iterations ({killed} killed mid-run, {len(cs) - killed} finished before the kill): **{lost} guests lost**, {unrec} recovers that failed or were not idempotent.\n")
+    print(f"{len(cs)} iterations{mins('tool')} ({killed} killed mid-run, {len(cs) - killed} finished before the kill): **{lost} guests lost**, {unrec} recovers that failed or were not idempotent.\n")
     print("| kill after (ms) | mode | exit | recovered | guests lost |")
     print("|---|---|---|---|---|")
     for r in cs:
         print(f"| {r['kill_after_ms']} | {'sequential' if r['sequential'] else 'early start'} | {r['exit']} | {'yes' if r['recovered'] else '**no**'} | {r['guests_lost']} |")
+    print()
+else:
+    print("(not run)\n")
+print("### One QEMU SIGKILLed\n")
+print("Only a QEMU whose death a correct tool must survive: a new QEMU (early twin or sequential) before it ran the")
+print("guest — starting (monitor not up), waiting for its state, loading it, loaded and paused before `cont` — or an")
+print("old QEMU after its save completed (postmigrate, the state file whole). A new QEMU after its `cont` is not a")
+print("target: it holds the only copy of the guest's device state, and killing it is the guest's host crashing. At")
+print("the random instant (half drawn over the run's length, half over the last untouched run's first save → last")
+print("`cont`, where the states change in milliseconds) liveupdate is frozen (SIGSTOP), so it sends nothing more;")
+print("after 150 ms everything it sent has been run, and each QEMU of the guests (the old one: the pid it had before")
+print("the run) is asked its runstate and migration status on a monitor of the test's own; one eligible QEMU is")
+print("killed at random, its death awaited, liveupdate continued. An instant with none eligible is \"no target\".")
+print("The run itself must bring every guest back (checked before `recover`), and a run that fails must say why.\n")
+if qs:
+    hits = [r for r in qs if r["target"] != "none"]
+    kinds = {}
+    for r in hits:
+        kinds[r["target"]] = kinds.get(r["target"], 0) + 1
+    lost = sum(r["guests_lost"] for r in qs)
+    down = sum(1 for r in qs if not r["ran_after_run"])
+    mute = sum(1 for r in qs if not r["says_why"])
+    unrec = sum(1 for r in qs if not r["recovered"])
+    failed = sum(1 for r in hits if r["exit"] != 0)
+    by = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"
+    print(f"{len(qs)} iterations{mins('qemu')}: {len(hits)} QEMUs killed ({by}), {len(qs) - len(hits)} instants with no target.")
+    print(f"**{lost} guests lost**; {down} runs that left a guest down until `recover`; {failed} killed runs exited non-zero"
+          f" (a guest back on its old QEMU), {mute} of any without saying why; {unrec} recovers that failed or were not idempotent.\n")
+    print("| kill at (ms) | drawn over | mode | target | guest | exit | every guest ran after the run | said why | recovered | guests lost |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    yn = lambda b: "yes" if b else "**no**"
+    for r in qs:
+        print(f"| {r['kill_at_ms']} | {r['drawn']} | {'sequential' if r['sequential'] else 'early start'} | {r['target']} | {r['vm'] or '-'} | {r['exit']} | {yn(r['ran_after_run'])} | {yn(r['says_why'])} | {yn(r['recovered'])} | {r['guests_lost']} |")
     print()
 else:
     print("(not run)\n")

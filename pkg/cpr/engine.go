@@ -209,7 +209,7 @@ func (r *run) timed(name, vm string, fn func() error) error {
 func (r *run) timedPoint(name, vm string, fn func() error) error {
 	err := r.timed(name, vm, fn)
 	if err == nil {
-		err = fault.At(name)
+		err = fault.AtFor(name, vm)
 	}
 	return err
 }

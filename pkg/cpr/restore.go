@@ -53,7 +53,8 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 			errs[i] = fmt.Errorf("%s: was never saved (its old QEMU should still run): not restoring", vm.Name)
 			continue
 		}
-		if !r.hasEarly(vm.Name) && !r.sawExit(vm.Name) {
+		early := r.hasEarly(vm.Name)
+		if !early && !r.sawExit(vm.Name) {
 			if mapped == nil {
 				mapped = r.mappedRAM()
 			}
@@ -66,15 +67,24 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := r.timed("restore", vm.Name, func() (err error) {
-				// A bug here must not take the caller (PID 1) down.
-				defer func() {
-					if p := recover(); p != nil {
-						err = fmt.Errorf("internal error: %v", p)
-					}
-				}()
-				return r.restoreOne(ctx, vm, held[vm.Name])
-			})
+			attempt := func() error {
+				return r.timed("restore", vm.Name, func() (err error) {
+					// A bug here must not take the caller (PID 1) down.
+					defer func() {
+						if p := recover(); p != nil {
+							err = fmt.Errorf("internal error: %v", p)
+						}
+					}()
+					return r.restoreOne(ctx, vm, held[vm.Name])
+				})
+			}
+			err := attempt()
+			if r.startAnother(vm, early, err) {
+				r.Log.Warn("the new QEMU was killed before it ran the guest; starting another on the same state and RAM", "vm", vm.Name, "why", err)
+				if err = attempt(); err != nil {
+					err = fmt.Errorf("a second new QEMU failed too: %w", err)
+				}
+			}
 			if err != nil {
 				vm.Status = manifest.StatusFailed
 				vm.Error = err.Error()
@@ -88,6 +98,64 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// startAnother tells whether a restore that failed with err is tried once
+// more with a new QEMU of its own: when the new QEMU was killed (by a
+// signal: an operator, the OOM killer, a crash) before it ran the guest, so
+// the guest's state file and RAM are as the save left them, and the guest
+// has no old QEMU to go on on (early: a new QEMU started beside a living old
+// one, which retireOld continues instead). A QEMU that exited by itself has
+// said why in its log (a state it refuses) and would only say it again.
+func (r *run) startAnother(vm *manifest.VM, early bool, err error) bool {
+	var died *diedError
+	return err != nil && !early && errors.As(err, &died) && died.killed() &&
+		!r.consumed(vm) && fileExists(r.local(vm.StateFile))
+}
+
+// diedError is a restore that failed because its new QEMU ended before it
+// ran the guest — killed, crashed: QEMU says nothing over QMP then, and how
+// it ended is the reason.
+type diedError struct {
+	pid  int
+	exit error // how it ended (qemuproc.ExitError)
+	err  error // what the restore saw
+}
+
+func (e *diedError) Error() string {
+	if ee := new(qemuproc.ExitError); errors.As(e.err, &ee) { // it says how already (qemuproc.DialQMP)
+		return fmt.Sprintf("the new QEMU pid %d ended before it ran the guest: %v", e.pid, e.err)
+	}
+	return fmt.Sprintf("the new QEMU pid %d ended (%v) before it ran the guest: %v", e.pid, e.exit, e.err)
+}
+
+func (e *diedError) Unwrap() error { return e.err }
+
+// killed tells whether the QEMU was ended by a signal.
+func (e *diedError) killed() bool {
+	var ee *qemuproc.ExitError
+	return errors.As(e.exit, &ee) && ee.Status.Signaled()
+}
+
+// diedFirst is err, or — when the new QEMU had ended by itself — a
+// *diedError saying how. A QEMU that closed its monitor under us is on its
+// way out: it is given a moment to end.
+func (q *newQEMU) diedFirst(err error) error {
+	died := func() error { return &diedError{pid: q.p.Pid, exit: q.p.ExitErr(), err: err} }
+	select {
+	case <-q.p.Exited():
+		return died()
+	default:
+	}
+	if !errors.Is(err, qmp.ErrDisconnected) && !errors.Is(err, qmp.ErrNotDelivered) {
+		return err
+	}
+	select {
+	case <-q.p.Exited():
+		return died()
+	case <-time.After(2 * time.Second):
+		return err
+	}
 }
 
 // restoreOne starts one VM's new QEMU and loads its state.
@@ -110,6 +178,7 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 	// Until the state is consumed, a failure stops the new QEMU and the
 	// guest can be restored (or continued on its old QEMU) again.
 	fail := func(err error) error {
+		err = q.diedFirst(err)
 		q.stop()
 		vm.NewPID = 0
 		return r.withQEMUsWords(vm, err)
@@ -142,7 +211,22 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		// Straight to cont, no query-status first: the new QEMU runs with
 		// -S, so it is paused, and a round trip here is in the blackout.
 		// (cont on a running guest does no harm.)
-		if err := r.timedPoint("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) }); err != nil {
+		err := r.timedPoint("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) })
+		if errors.Is(err, qmp.ErrNotDelivered) {
+			// The cont never reached the new QEMU: it was gone (killed,
+			// crashed between its load and now) before the cont was
+			// written, or died with it unread. So it never ran the guest.
+			// It is stopped and the consumed mark taken back: the guest
+			// goes on as after a failed load, on its old QEMU or from its
+			// state file. (A cont QEMU read and did not answer may have run
+			// the guest: that is the case below, which keeps the mark.)
+			err = fail(err)
+			if uerr := r.unconsume(vm); uerr != nil {
+				return fmt.Errorf("%w; %v: its old QEMU is not continued, nor its state loaded again", err, uerr)
+			}
+			return err
+		}
+		if err != nil {
 			r.Log.Warn("cont: no answer to trust; asking the new QEMU whether the guest runs", "vm", vm.Name, "err", err)
 		}
 		if err := r.confirmRunning(ctx, c, vm); err != nil {
@@ -360,6 +444,7 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		if err != nil {
 			return err
 		}
+		vm.NewPID = q.p.Pid
 		if q.p.CgroupErr != nil {
 			r.Log.Warn("started QEMU outside its cgroup", "vm", vm.Name, "err", q.p.CgroupErr)
 		}
@@ -374,7 +459,7 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 				r.Log.Warn("started QEMU outside some of its old QEMU's cgroups", "vm", vm.Name, "err", err)
 			}
 		}
-		if ferr := fault.At("qemu-start"); ferr != nil {
+		if ferr := fault.AtFor("qemu-start", vm.Name); ferr != nil {
 			q.p.Kill()
 			<-q.p.Exited()
 			return ferr
@@ -382,15 +467,16 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		return nil
 	})
 	if err != nil {
+		vm.NewPID = 0
 		return nil, fmt.Errorf("starting QEMU: %w", err)
 	}
-	vm.NewPID = q.p.Pid
 	// QEMU's own start-up: until its QMP socket answers.
 	err = r.timed("qemu-init", vm.Name, func() (err error) {
 		q.c, err = qemuproc.DialQMP(ctx, r.local(vm.QMP), q.p)
 		return err
 	})
 	if err != nil {
+		err = q.diedFirst(err)
 		q.stop()
 		vm.NewPID = 0
 		return nil, r.withQEMUsWords(vm, err)

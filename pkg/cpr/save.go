@@ -163,9 +163,18 @@ func (r *run) firstWrite(ts []*Target) error {
 	}
 	r.written = true
 	if len(ts) > 0 {
-		fault.On("killqemu", func(string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
+		fault.On("killqemu", func(string, string) { unix.Kill(ts[0].Proc.PID, unix.SIGKILL) })
 	}
-	fault.On("fill", func(string) { fillDisk(r.local(r.stateDir)) })
+	// The VM's new QEMU dies where the point is reached for it, and is
+	// gone (its monitor closed) before the run goes on.
+	fault.On("killnew", func(_, vm string) {
+		for i := range r.man.VMs {
+			if v := &r.man.VMs[i]; v.Name == vm && v.NewPID > 0 {
+				qemuproc.KillAndWait(v.NewPID, 10*time.Second)
+			}
+		}
+	})
+	fault.On("fill", func(string, string) { fillDisk(r.local(r.stateDir)) })
 	return nil
 }
 
@@ -506,7 +515,7 @@ func waitMigration(ctx context.Context, c *qmp.Client, what string) error {
 				return fmt.Errorf("waiting for %s to complete: %w", what, ctx.Err())
 			}
 			if errors.Is(err, qmp.ErrDisconnected) {
-				return fmt.Errorf("waiting for %s: QEMU closed its monitor (did it exit?)", what)
+				return fmt.Errorf("waiting for %s: QEMU closed its monitor (did it exit?): %w", what, err)
 			}
 			var q struct {
 				Status    string `json:"status"`

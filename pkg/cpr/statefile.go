@@ -1,6 +1,7 @@
 package cpr
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 
@@ -27,6 +28,18 @@ const (
 func (r *run) consume(vm *manifest.VM) error {
 	sf := r.local(vm.StateFile)
 	return os.Rename(sf, sf+doneSuffix)
+}
+
+// unconsume takes consume's mark back, for a cont that never reached the
+// new QEMU (qmp.ErrNotDelivered): that QEMU, stopped before this is called,
+// never ran the guest, so the state file is as good as before its load —
+// the guest can go on on its old QEMU or be restored from it again.
+func (r *run) unconsume(vm *manifest.VM) error {
+	sf := r.local(vm.StateFile)
+	if err := os.Rename(sf+doneSuffix, sf); err != nil {
+		return fmt.Errorf("taking back the consumed mark of %s: %w", sf, err)
+	}
+	return nil
 }
 
 // syncDone makes consume's rename durable.

@@ -8,7 +8,9 @@
 //
 //	fail       At returns an error (the code's own error path runs)
 //	kill       the process SIGKILLs itself (nothing after runs: recover)
-//	killqemu   At calls the registered QEMU killer (a QEMU dies by itself)
+//	killqemu   At calls the registered QEMU killer (an old QEMU dies by itself)
+//	killnew    At calls the registered killer of the new QEMU of the VM the
+//	           point is reached for (AtFor's subject): a new QEMU dies
 //	fill       At fills the state directory's filesystem (a full disk)
 //
 // Points are the names passed to At, listed in Points.

@@ -23,9 +23,17 @@ func TestAt(t *testing.T) {
 		t.Errorf("@2 must fire on the second time only")
 	}
 	killed := ""
-	On("killqemu", func(p string) { killed = p })
+	On("killqemu", func(p, _ string) { killed = p })
 	At("quit")
 	if killed != "quit" {
 		t.Errorf("killqemu did not call the killer")
+	}
+	t.Setenv("LIVEUPDATE_FAULT", "load@2=killnew")
+	var victim string
+	On("killnew", func(_, vm string) { victim = vm })
+	AtFor("load", "vm1")
+	AtFor("load", "vm2")
+	if victim != "vm2" {
+		t.Errorf("killnew at the second load: killed %q, want vm2's new QEMU", victim)
 	}
 }

@@ -15,12 +15,13 @@ const Enabled = true
 
 var (
 	mu      sync.Mutex
-	actions = map[string]func(point string){}
+	actions = map[string]func(point, subject string){}
 	counts  = map[string]int{}
 )
 
-// On registers what an action such as "killqemu" or "fill" does.
-func On(action string, f func(point string)) {
+// On registers what an action such as "killqemu" or "fill" does; f is
+// given the point and its subject (AtFor's; "" from At).
+func On(action string, f func(point, subject string)) {
 	mu.Lock()
 	actions[action] = f
 	mu.Unlock()
@@ -29,7 +30,12 @@ func On(action string, f func(point string)) {
 // At marks a phase boundary and, when LIVEUPDATE_FAULT arms it, fails
 // there. "point=action" fires the first time the point is reached,
 // "point@n=action" the n-th time; each fires once per process.
-func At(point string) error {
+func At(point string) error { return AtFor(point, "") }
+
+// AtFor is At at a boundary one VM reaches (subject: its name), for the
+// per-VM phases run in parallel: an action acting on a VM (killnew) acts on
+// the one that got there.
+func AtFor(point, subject string) error {
 	mu.Lock()
 	counts[point]++
 	n := counts[point]
@@ -52,7 +58,11 @@ func At(point string) error {
 		mu.Lock()
 		f := actions[action]
 		mu.Unlock()
-		fmt.Fprintf(os.Stderr, "liveupdate: FAULT INJECTED: %s at %s (#%d)\n", action, point, n)
+		at := point
+		if subject != "" {
+			at += " of " + subject
+		}
+		fmt.Fprintf(os.Stderr, "liveupdate: FAULT INJECTED: %s at %s (#%d)\n", action, at, n)
 		switch action {
 		case "kill":
 			syscall.Kill(os.Getpid(), syscall.SIGKILL)
@@ -61,7 +71,7 @@ func At(point string) error {
 			return &Error{Point: point}
 		default:
 			if f != nil {
-				f(point)
+				f(point, subject)
 				return nil
 			}
 			return &Error{Point: point}

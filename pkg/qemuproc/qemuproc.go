@@ -362,6 +362,9 @@ func DialQMP(ctx context.Context, path string, p *Process) (*qmp.Client, error) 
 		}
 		select {
 		case <-p.exited:
+			if err := p.ExitErr(); err != nil {
+				return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %w", err)
+			}
 			return nil, fmt.Errorf("new QEMU exited before its QMP socket answered: %s", p.how())
 		case <-ctx.Done():
 			return nil, fmt.Errorf("waiting for new QEMU's QMP socket %s: %w (last: %v)", path, ctx.Err(), last)

@@ -20,6 +20,7 @@ import (
 	"reflect"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -235,6 +236,16 @@ func (c *Client) Closed() <-chan struct{} { return c.closed }
 // ErrDisconnected means QEMU closed the monitor before replying.
 var ErrDisconnected = errors.New("QMP connection closed")
 
+// ErrNotDelivered means the command never reached QEMU: writing it failed,
+// the connection being closed already (QEMU gone: EPIPE), or QEMU's end was
+// closed with the command still unread in it (ECONNRESET: Linux resets a
+// unix socket whose peer closes with data left unread — a QEMU killed while
+// its last threads were still exiting takes the write, never reads it).
+// Unlike ErrDisconnected — closed after QEMU read the command, before its
+// reply, when QEMU may have run it — QEMU certainly did not run it: a
+// command QEMU got only part of is not run either.
+var ErrNotDelivered = errors.New("QMP command never reached QEMU: its monitor closed")
+
 // Error is an error reply from QEMU.
 type Error struct {
 	Command string
@@ -288,6 +299,14 @@ func (c *Client) run(ctx context.Context, cmd string, b []byte) ([]byte, error) 
 		return nil, fmt.Errorf("waiting for QEMU's reply to %s on %s: %w", cmd, c.path, ctx.Err())
 	}
 	if r.err != nil {
+		// go-qemu returns the error of writing the command as it is, and
+		// the error of reading the reply as the read's. Every command
+		// before this one was answered, so data left unread in QEMU's end
+		// (the reset) is this command.
+		var op *net.OpError
+		if errors.As(r.err, &op) && (op.Op == "write" || errors.Is(op.Err, syscall.ECONNRESET)) {
+			return nil, fmt.Errorf("%s on %s: %w (%v)", cmd, c.path, ErrNotDelivered, op.Err)
+		}
 		// The monitor hands a closed connection to Run as an empty reply,
 		// which fails to decode.
 		var syn *json.SyntaxError

@@ -3,6 +3,7 @@ package qmp
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"path/filepath"
@@ -159,5 +160,91 @@ func TestDialNoGreeting(t *testing.T) {
 	defer cancel()
 	if _, err := Dial(ctx, path); err == nil || !strings.Contains(err.Error(), "no greeting") {
 		t.Fatalf("Dial = %v, want no greeting", err)
+	}
+}
+
+// hangUpMonitor serves one QMP connection that completes the handshake
+// (liveupdate's sync included) and then hangs up: at once, once the next
+// command has arrived but unread, or once it has read it — never answering.
+func hangUpMonitor(t *testing.T, hangUp string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "qmp.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		conn, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		fmt.Fprintln(conn, `{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 2}}, "capabilities": []}}`)
+		dec := json.NewDecoder(conn)
+		for {
+			var cmd struct {
+				Execute string          `json:"execute"`
+				ID      json.RawMessage `json:"id"`
+			}
+			if dec.Decode(&cmd) != nil {
+				return
+			}
+			switch {
+			case cmd.Execute == "qmp_capabilities":
+				fmt.Fprintln(conn, `{"return": {}}`)
+			case cmd.Execute == "query-version" && cmd.ID != nil: // the sync
+				fmt.Fprintf(conn, `{"return": {}, "id": %s}`+"\n", cmd.ID)
+				switch hangUp {
+				case "before":
+					return
+				case "unread":
+					time.Sleep(300 * time.Millisecond) // the command arrives meanwhile
+					return
+				}
+			default:
+				return // read, never answered
+			}
+		}
+	}()
+	return path
+}
+
+// TestExecuteAfterHangUp: a command written to a monitor that hung up
+// already, or left unread in it as it hangs up, is ErrNotDelivered — QEMU
+// never ran it, which lets the engine take back a consumed mark (a cont
+// that never reached the new QEMU); one QEMU read and then hung up on is
+// ErrDisconnected: it may have run it.
+func TestExecuteAfterHangUp(t *testing.T) {
+	for _, tc := range []struct {
+		hangUp  string
+		want    error
+		notWant error
+	}{
+		{hangUp: "before", want: ErrNotDelivered, notWant: ErrDisconnected},
+		{hangUp: "unread", want: ErrNotDelivered, notWant: ErrDisconnected},
+		{hangUp: "after reading", want: ErrDisconnected, notWant: ErrNotDelivered},
+	} {
+		t.Run(tc.hangUp, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, err := Dial(ctx, hangUpMonitor(t, tc.hangUp))
+			if err != nil {
+				t.Fatalf("Dial: %v", err)
+			}
+			defer c.Close()
+			if tc.hangUp == "before" {
+				// The hang-up seen (EOF), so the write surely comes after it.
+				select {
+				case <-c.Closed():
+				case <-ctx.Done():
+					t.Fatal("the monitor's hang-up was never seen")
+				}
+			}
+			err = c.Execute(ctx, "cont", nil, nil)
+			if !errors.Is(err, tc.want) || errors.Is(err, tc.notWant) {
+				t.Fatalf("cont = %v, want %v and not %v", err, tc.want, tc.notWant)
+			}
+		})
 	}
 }

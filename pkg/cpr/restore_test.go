@@ -1,0 +1,137 @@
+package cpr
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
+)
+
+// TestNewQEMUDiedFirst: a restore whose new QEMU was killed under it —
+// its monitor gone — says so, with how it ended, instead of only the QMP
+// error it saw; a living QEMU's error stays what it was.
+func TestNewQEMUDiedFirst(t *testing.T) {
+	start := func(t *testing.T) *newQEMU {
+		p, err := qemuproc.Start(qemuproc.Spec{Binary: "/bin/sleep", Argv: []string{"sleep", "30"}}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		q := &newQEMU{p: p}
+		t.Cleanup(q.stop)
+		return q
+	}
+	notDelivered := fmt.Errorf("cont on qmp.sock: %w", qmp.ErrNotDelivered)
+	closed := fmt.Errorf("waiting for loading vm1: %w", qmp.ErrDisconnected)
+	for _, tc := range []struct {
+		name       string
+		kill       bool
+		reaped     bool // its end seen before diedFirst (else: given a moment)
+		err        error
+		wantDied   bool
+		wantKilled bool
+	}{
+		{"killed, the cont never delivered", true, false, notDelivered, true, true},
+		{"killed, its monitor closed", true, false, closed, true, true},
+		{"killed and gone, a load error seen", true, true, errors.New("loading vm1 failed"), true, true},
+		{"killed, its start seen failing", true, true, nil, true, true}, // err: DialQMP's, saying how
+		{"alive: a QEMU error", false, false, errors.New("loading vm1 failed: Unknown savevm section"), false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q := start(t)
+			if tc.kill {
+				q.p.Kill()
+			}
+			if tc.reaped {
+				<-q.p.Exited()
+			}
+			if tc.err == nil {
+				tc.err = fmt.Errorf("new QEMU exited before its QMP socket answered: %w", q.p.ExitErr())
+			}
+			err := q.diedFirst(tc.err)
+			var died *diedError
+			if errors.As(err, &died) != tc.wantDied {
+				t.Fatalf("diedFirst(%v) = %v: died %v, want %v", tc.err, err, !tc.wantDied, tc.wantDied)
+			}
+			if !errors.Is(err, tc.err) {
+				t.Errorf("diedFirst(%v) = %v: the error seen is lost", tc.err, err)
+			}
+			if tc.wantDied && died.killed() != tc.wantKilled {
+				t.Errorf("%v: killed() = %v, want %v", err, died.killed(), tc.wantKilled)
+			}
+			if tc.wantDied && strings.Count(err.Error(), "killed by signal") != 1 {
+				t.Errorf("%q: want how it ended said once", err)
+			}
+		})
+	}
+}
+
+// TestStartAnother: which failed restores are tried once more with another
+// new QEMU — only a QEMU killed before it ran the guest, of a guest with no
+// old QEMU to go on on, whose state file was never marked consumed.
+func TestStartAnother(t *testing.T) {
+	killed := &diedError{pid: 7, exit: &qemuproc.ExitError{Status: unix.WaitStatus(unix.SIGKILL)}, err: qmp.ErrNotDelivered}
+	exited := &diedError{pid: 7, exit: &qemuproc.ExitError{Status: unix.WaitStatus(1 << 8)}, err: errors.New("load failed")}
+	cases := []struct {
+		name  string
+		state string // the state file's suffix on disk; "-" for none
+		early bool
+		err   error
+		want  bool
+	}{
+		{"killed, sequential", "", false, fmt.Errorf("vm1: %w", killed), true},
+		{"killed, started early: its old QEMU goes on instead", "", true, killed, false},
+		{"exited by itself (it said why in its log)", "", false, exited, false},
+		{"killed, but the state was consumed: it may have run the guest", doneSuffix, false, killed, false},
+		{"killed, no state file", "-", false, killed, false},
+		{"a QEMU error, QEMU alive", "", false, errors.New("loading vm1 failed"), false},
+		{"no error", "", false, nil, false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			dir := t.TempDir()
+			r := (&Engine{StateDir: hostpath.QEMU(dir)}).newRun()
+			vm := &manifest.VM{Name: "vm1", StateFile: hostpath.QEMU(filepath.Join(dir, "vm1.state"))}
+			if c.state != "-" {
+				if err := os.WriteFile(string(vm.StateFile)+c.state, []byte("state"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := r.startAnother(vm, c.early, c.err); got != c.want {
+				t.Errorf("startAnother(%v) = %v, want %v", c.err, got, c.want)
+			}
+		})
+	}
+}
+
+// TestUnconsume: a consumed mark taken back (the cont never reached the new
+// QEMU) leaves the state file as it was before its load: not consumed, there
+// to be loaded again or set aside.
+func TestUnconsume(t *testing.T) {
+	dir := t.TempDir()
+	r := (&Engine{StateDir: hostpath.QEMU(dir)}).newRun()
+	vm := &manifest.VM{Name: "vm1", StateFile: hostpath.QEMU(filepath.Join(dir, "vm1.state"))}
+	if err := os.WriteFile(string(vm.StateFile), []byte("state"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.consume(vm); err != nil || !r.consumed(vm) {
+		t.Fatalf("consume: %v, consumed %v", err, r.consumed(vm))
+	}
+	if err := r.unconsume(vm); err != nil {
+		t.Fatal(err)
+	}
+	if r.consumed(vm) || !fileExists(string(vm.StateFile)) {
+		t.Errorf("after unconsume: consumed %v, state file there %v", r.consumed(vm), fileExists(string(vm.StateFile)))
+	}
+	if err := r.unconsume(vm); err == nil {
+		t.Errorf("unconsume without a mark succeeded")
+	}
+}
