@@ -79,7 +79,12 @@ func TestChaos(t *testing.T) {
 		if !slices.Contains(want, m.name) {
 			continue
 		}
-		t.Run(m.name, func(t *testing.T) { m.run(t, c, n, time.Now().Add(limit)) })
+		t.Run(m.name, func(t *testing.T) {
+			if c.broken != "" {
+				t.Fatalf("not run: the guests cannot be checked any more (%s)", c.broken)
+			}
+			m.run(t, c, n, time.Now().Add(limit))
+		})
 	}
 }
 
@@ -89,6 +94,9 @@ type chaos struct {
 	names []string
 	out   *os.File
 	rng   *rand.Rand
+	// broken says why the guests cannot be checked any more (a disk
+	// writer that stopped stays stopped): the loops end there.
+	broken string
 }
 
 // chaosGuest is the guest shape the chaos loop restarts: each writes to a
@@ -133,11 +141,13 @@ func (c *chaos) args(state string, sequential bool) []string {
 }
 
 // afterRun is the end of every iteration: recover twice (the second a
-// no-op), then every guest checked — heartbeat, boot id, RAM, its writer
-// going on and every acknowledged record on its disk (a loss there fails
-// the test at once), one QEMU each. It returns whether recover did its part
-// and the guests that are not as they were.
-func (c *chaos) afterRun(t *testing.T, i int, state string, before []beat) (recovered bool, bad []string) {
+// no-op), then every guest checked — heartbeat, boot id, RAM, every
+// acknowledged record on its disk, one QEMU each — and its disk writer
+// going on. It returns whether recover did its part, the guests that are
+// not as they were (lost), and the disk writers that stopped (the guest
+// runs, its acknowledged records are all there, but it acknowledges no
+// more: the loop cannot check that guest again, and ends).
+func (c *chaos) afterRun(t *testing.T, i int, state string, before []beat) (recovered bool, bad, stalled []string) {
 	t.Helper()
 	rec, _, _ := runLU(t, "recover", "--state-dir", state)
 	rec2, out2, _ := runLU(t, "recover", "--state-dir", state)
@@ -149,33 +159,79 @@ func (c *chaos) afterRun(t *testing.T, i int, state string, before []beat) (reco
 		if why := g.continues(before[j]); why != "" {
 			bad = append(bad, why)
 		}
-		g.checkAcksContinue(before[j].ack)
-		g.checkDisk()
+		if why := reported(g, func() { g.checkAcksContinue(before[j].ack) }); why != "" {
+			stalled = append(stalled, why)
+		}
+		if why := reported(g, func() { g.checkDisk() }); why != "" {
+			bad = append(bad, why)
+		}
 		if pids := qemusOf(g.name); len(pids) != 1 {
 			t.Errorf("iteration %d: %s has %d QEMUs after recover (pids %v): one is left over", i, g.name, len(pids), pids)
 		}
 	}
-	return recovered, bad
+	if len(stalled) > 0 {
+		c.broken = strings.Join(stalled, "; ")
+		t.Errorf("iteration %d: %s", i, c.broken)
+	}
+	return recovered, bad, stalled
+}
+
+// reportingTB is a test whose Fatal records why and unwinds to reported:
+// the chaos loop counts a guest check that fails instead of stopping there.
+type reportingTB struct {
+	testing.TB
+	why string
+}
+
+func (r *reportingTB) Helper() {}
+
+func (r *reportingTB) Fatalf(format string, args ...any) {
+	r.why = fmt.Sprintf(format, args...)
+	panic(r)
+}
+
+func (r *reportingTB) Fatal(args ...any) {
+	r.why = fmt.Sprint(args...)
+	panic(r)
+}
+
+// reported runs a check of g's that fails by Fatal, and says why it failed
+// ("" if it passed).
+func reported(g *guest, check func()) (why string) {
+	t := g.t
+	r := &reportingTB{TB: t}
+	g.t = r
+	defer func() {
+		g.t = t
+		if p := recover(); p != nil {
+			if p != any(r) {
+				panic(p)
+			}
+			why = r.why
+		}
+	}()
+	check()
+	return ""
 }
 
 // chaosTool: liveupdate SIGKILLed at a random instant of each run.
 func chaosTool(t *testing.T, c *chaos, n int, deadline time.Time) {
 	lost, done := 0, 0
-	for i := 1; i <= n && time.Now().Before(deadline); i++ {
+	for i := 1; i <= n && time.Now().Before(deadline) && c.broken == ""; i++ {
 		before := c.beats(t)
 		state := t.TempDir()
 		sequential := c.rng.IntN(2) == 0
 		// A restart of three guests takes 0.3–1.5 s here: kill within 2 s.
 		after := time.Duration(c.rng.IntN(2000)) * time.Millisecond
 		code := killAfter(t, after, c.args(state, sequential)...)
-		ok, bad := c.afterRun(t, i, state, before)
+		ok, bad, stalled := c.afterRun(t, i, state, before)
 		if len(bad) > 0 {
 			lost++
 			t.Errorf("iteration %d (kill at %s, sequential %v, exit %d): %s", i, after, sequential, code, strings.Join(bad, "; "))
 		}
 		done++
 		c.record(map[string]any{"kind": "chaos", "iteration": i, "kill_after_ms": after.Milliseconds(),
-			"sequential": sequential, "exit": code, "recovered": ok, "guests_lost": len(bad)})
+			"sequential": sequential, "exit": code, "recovered": ok, "guests_lost": len(bad), "disks_stalled": len(stalled)})
 	}
 	t.Logf("chaos: %d iterations (%d guests each), guests lost in %d", done, len(c.gs), lost)
 }
@@ -229,7 +285,7 @@ func chaosQEMU(t *testing.T, c *chaos, n int, deadline time.Time) {
 	lost, done, noTarget := 0, 0, 0
 	span := 2 * time.Second                // about the run's length
 	windows := map[bool][2]time.Duration{} // by sequential: the last run's first save → last cont
-	for i := 1; i <= n && time.Now().Before(deadline); i++ {
+	for i := 1; i <= n && time.Now().Before(deadline) && c.broken == ""; i++ {
 		before := c.beats(t)
 		olds := map[string]int{}
 		for _, g := range c.gs {
@@ -284,7 +340,7 @@ func chaosQEMU(t *testing.T, c *chaos, n int, deadline time.Time) {
 		if len(down) > 0 {
 			t.Errorf("iteration %d (%s at %s): after the run, before recover: %s", i, hit.kind, at, strings.Join(down, "; "))
 		}
-		ok, bad := c.afterRun(t, i, state, before)
+		ok, bad, stalled := c.afterRun(t, i, state, before)
 		if len(bad) > 0 {
 			lost++
 			t.Errorf("iteration %d (%s at %s, sequential %v, exit %d): %s", i, hit.kind, at, sequential, code, strings.Join(bad, "; "))
@@ -292,7 +348,7 @@ func chaosQEMU(t *testing.T, c *chaos, n int, deadline time.Time) {
 		done++
 		c.record(map[string]any{"kind": "chaos-qemu", "iteration": i, "kill_at_ms": at.Milliseconds(), "drawn": drawn, "sequential": sequential,
 			"target": hit.kind, "vm": hit.vm, "exit": code, "says_why": saysWhy, "ran_after_run": len(down) == 0,
-			"recovered": ok, "guests_lost": len(bad)})
+			"recovered": ok, "guests_lost": len(bad), "disks_stalled": len(stalled)})
 	}
 	var kinds []string
 	for _, k := range slices.Sorted(maps.Keys(kills)) {

@@ -117,7 +117,8 @@ if cs:
     killed = sum(1 for r in cs if r["exit"] == 137)
     lost = sum(r["guests_lost"] for r in cs)
     unrec = sum(1 for r in cs if not r["recovered"])
-    print(f"{len(cs)} iterations{mins('tool')} ({killed} killed mid-run, {len(cs) - killed} finished before the kill): **{lost} guests lost**, {unrec} recovers that failed or were not idempotent.\n")
+    stalled = sum(r.get("disks_stalled", 0) for r in cs)
+    print(f"{len(cs)} iterations{mins('tool')} ({killed} killed mid-run, {len(cs) - killed} finished before the kill): **{lost} guests lost**, {unrec} recovers that failed or were not idempotent, {stalled} disk writers that stopped acknowledging (the loop ends there).\n")
     print("| kill after (ms) | mode | exit | recovered | guests lost |")
     print("|---|---|---|---|---|")
     for r in cs:
@@ -145,11 +146,13 @@ if qs:
     down = sum(1 for r in qs if not r["ran_after_run"])
     mute = sum(1 for r in qs if not r["says_why"])
     unrec = sum(1 for r in qs if not r["recovered"])
+    stalled = sum(r.get("disks_stalled", 0) for r in qs)
     failed = sum(1 for r in hits if r["exit"] != 0)
     by = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "none"
     print(f"{len(qs)} iterations{mins('qemu')}: {len(hits)} QEMUs killed ({by}), {len(qs) - len(hits)} instants with no target.")
     print(f"**{lost} guests lost**; {down} runs that left a guest down until `recover`; {failed} killed runs exited non-zero"
-          f" (a guest back on its old QEMU), {mute} of any without saying why; {unrec} recovers that failed or were not idempotent.\n")
+          f" (a guest back on its old QEMU), {mute} of any without saying why; {unrec} recovers that failed or were not idempotent;"
+          f" {stalled} disk writers that stopped acknowledging (the loop ends there).\n")
     print("| kill at (ms) | drawn over | mode | target | guest | exit | every guest ran after the run | said why | recovered | guests lost |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     yn = lambda b: "yes" if b else "**no**"
