@@ -1,8 +1,9 @@
 #!/bin/bash
-# guest-initrd.sh — builds the test guest's initramfs: the heartbeat /init,
-# the NIC's and the disk's (virtio_blk: a module in Debian's kernel) kernel
-# modules for the set-up's "new" Debian kernel (the guest's kernel), the real QEMU guest agent with its libraries, and busybox as
-# hwclock (qemu-ga's guest-set-time runs it).
+# guest-initrd.sh — builds the test guest's initramfs: the heartbeat /init;
+# the kernel modules of the NIC, the disk (virtio_blk) and the ACPI power
+# button (button, evdev) — all modules in Debian's kernel — for the set-up's
+# "new" Debian kernel (the guest's kernel); the real QEMU guest agent with
+# its libraries; and busybox as hwclock (qemu-ga's guest-set-time runs it).
 #
 #   scripts/guest-initrd.sh OUTPUT
 set -euo pipefail
@@ -15,23 +16,27 @@ CGO_ENABLED=0 go build -o "$tmp/mkinitrd" ./cmds/mkinitrd
 kroot=.cache/kernels/new
 kver=$(cat "$kroot/version")
 args=()
-: >"$tmp/hb-modules"
-while read -r kind path _; do
-	[ "$kind" = insmod ] || continue
-	dst=/lib/modules/$(basename "$path")
-	args+=(-file "$dst=$path")
-	echo "$dst" >>"$tmp/hb-modules"
-done < <(modprobe -S "$kver" -d "$kroot" --show-depends virtio_net)
-args+=(-file "/etc/hb-modules=$tmp/hb-modules")
+# modlist LIST MODULE…: the modules with their dependencies, in load order,
+# into the initramfs and named in /etc/LIST.
+modlist() {
+	local list=$1 kind path dst
+	shift
+	: >"$tmp/$list"
+	for m in "$@"; do
+		while read -r kind path _; do
+			[ "$kind" = insmod ] || continue
+			dst=/lib/modules/$(basename "$path")
+			args+=(-file "$dst=$path")
+			grep -qxF "$dst" "$tmp/$list" || echo "$dst" >>"$tmp/$list"
+		done < <(modprobe -S "$kver" -d "$kroot" --show-depends "$m")
+	done
+	args+=(-file "/etc/$list=$tmp/$list")
+}
+modlist hb-modules virtio_net
 # The disk writer's (hb.disk=) modules, loaded only when it runs.
-: >"$tmp/hb-disk-modules"
-while read -r kind path _; do
-	[ "$kind" = insmod ] || continue
-	dst=/lib/modules/$(basename "$path")
-	args+=(-file "$dst=$path")
-	echo "$dst" >>"$tmp/hb-disk-modules"
-done < <(modprobe -S "$kver" -d "$kroot" --show-depends virtio_blk)
-args+=(-file "/etc/hb-disk-modules=$tmp/hb-disk-modules")
+modlist hb-disk-modules virtio_blk
+# The ACPI power button as an input device (cmds/heartbeat/power.go).
+modlist hb-button-modules button evdev
 [ -x /usr/sbin/qemu-ga ] && args+=(-bin /usr/sbin/qemu-ga=/usr/sbin/qemu-ga)
 bb=$(command -v busybox || true)
 [ -n "$bb" ] && args+=(-file "/sbin/hwclock=$(realpath "$bb")")

@@ -29,8 +29,9 @@ import (
 //	[4088:4096) CRC-64 (ECMA) of bytes [0:4088), little endian
 //
 // The writer stops at the device's end (no wrap: a record once acknowledged
-// is never overwritten) and on the first error, which it prints as
-// "HEARTBEAT disk error: …".
+// is never overwritten), on the first error, which it prints as
+// "HEARTBEAT disk error: …", and when the guest powers down (after the
+// record in flight is acknowledged).
 const (
 	diskRecordSize  = 4096
 	diskRecordMagic = "HBDISK01"
@@ -56,9 +57,36 @@ func diskRecord(buf []byte, n uint64, bootID string) {
 	binary.LittleEndian.PutUint64(buf[diskRecordSize-8:], crc64.Checksum(buf[:diskRecordSize-8], crcTable))
 }
 
-// runDiskWriter writes records to dev every interval until the device ends
-// or a write fails. It never returns early without saying why on out.
-func runDiskWriter(out io.Writer, dev string, interval time.Duration, bootID string) {
+// diskWriter is a running disk writer that can be stopped between records.
+type diskWriter struct {
+	stop chan struct{}
+	done chan uint64 // the last acknowledged record, once the writer ended
+	last uint64
+}
+
+func startDiskWriter(out io.Writer, dev string, interval time.Duration, bootID string) *diskWriter {
+	w := &diskWriter{stop: make(chan struct{}), done: make(chan uint64, 1)}
+	go func() { w.done <- runDiskWriter(out, dev, interval, bootID, w.stop) }()
+	return w
+}
+
+// Stop ends the writer after the record in flight, if any, is
+// acknowledged, and returns the last acknowledged record (0: none). It may
+// be called again.
+func (w *diskWriter) Stop() uint64 {
+	select {
+	case <-w.stop:
+	default:
+		close(w.stop)
+		w.last = <-w.done
+	}
+	return w.last
+}
+
+// runDiskWriter writes records to dev every interval until the device ends,
+// a write fails or stop is closed, and returns the last record it
+// acknowledged. It never ends early without saying why on out.
+func runDiskWriter(out io.Writer, dev string, interval time.Duration, bootID string, stop <-chan struct{}) (acked uint64) {
 	fail := func(format string, a ...any) {
 		fmt.Fprintf(out, "HEARTBEAT disk error: "+format+"\n", a...)
 	}
@@ -66,7 +94,7 @@ func runDiskWriter(out io.Writer, dev string, interval time.Duration, bootID str
 		for _, m := range strings.Fields(string(b)) {
 			if err := loadModule(m); err != nil {
 				fail("module %s: %v", m, err)
-				return
+				return 0
 			}
 		}
 	}
@@ -81,34 +109,42 @@ func runDiskWriter(out io.Writer, dev string, interval time.Duration, bootID str
 	}
 	if err != nil {
 		fail("open %s: %v", dev, err)
-		return
+		return 0
 	}
 	defer unix.Close(fd)
 	size, err := unix.Seek(fd, 0, io.SeekEnd)
 	if err != nil {
 		fail("size of %s: %v", dev, err)
-		return
+		return 0
 	}
 	// O_DIRECT wants an aligned buffer: an anonymous mapping is page
 	// aligned.
 	buf, err := unix.Mmap(-1, 0, diskRecordSize, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
 	if err != nil {
 		fail("buffer: %v", err)
-		return
+		return 0
 	}
 	fmt.Fprintf(out, "HEARTBEAT disk %s: %d bytes, a record every %s\n", dev, size, interval)
+	pause := time.NewTimer(0)
 	for n := uint64(1); int64(n+1)*diskRecordSize <= size; n++ {
+		select {
+		case <-stop:
+			return acked
+		case <-pause.C:
+		}
 		diskRecord(buf, n, bootID)
 		if w, err := unix.Pwrite(fd, buf, int64(n)*diskRecordSize); err != nil || w != diskRecordSize {
 			fail("write of record %d: %d bytes, %v", n, w, err)
-			return
+			return acked
 		}
 		if err := unix.Fdatasync(fd); err != nil {
 			fail("fdatasync after record %d: %v", n, err)
-			return
+			return acked
 		}
 		fmt.Fprintf(out, "ACK %d\n", n)
-		time.Sleep(interval)
+		acked = n
+		pause.Reset(interval)
 	}
 	fmt.Fprintf(out, "HEARTBEAT disk full: %s ends after record %d\n", dev, size/diskRecordSize-1)
+	return acked
 }

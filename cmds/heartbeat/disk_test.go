@@ -3,10 +3,12 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"hash/crc64"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -20,9 +22,12 @@ func TestDiskWriter(t *testing.T) {
 		t.Fatal(err)
 	}
 	var out bytes.Buffer
-	runDiskWriter(&out, p, time.Millisecond, "boot-1234")
+	acked := runDiskWriter(&out, p, time.Millisecond, "boot-1234", nil)
 	if strings.Contains(out.String(), "disk error") {
 		t.Skipf("no O_DIRECT here: %s", out.String())
+	}
+	if acked != 4 {
+		t.Errorf("last acknowledged record %d, want 4", acked)
 	}
 	if !strings.Contains(out.String(), "ACK 1\nACK 2\nACK 3\nACK 4\nHEARTBEAT disk full") {
 		t.Fatalf("output:\n%s", out.String())
@@ -49,4 +54,52 @@ func TestParseConfigDisk(t *testing.T) {
 	if c := parseConfig("quiet"); c.disk != "" || c.diskGap != 80*time.Millisecond {
 		t.Errorf("defaults: %+v", c)
 	}
+}
+
+// Stopped (the guest powers down), the writer ends after an acknowledged
+// record and reports the last one: its "ACK n" is the last line it wrote,
+// and no record follows n on the disk.
+func TestDiskWriterStop(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "disk")
+	if err := os.WriteFile(p, make([]byte, 1000*diskRecordSize), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out syncBuffer
+	w := startDiskWriter(&out, p, 5*time.Millisecond, "boot-1")
+	for !strings.Contains(out.String(), "ACK 3\n") {
+		if strings.Contains(out.String(), "disk error") {
+			t.Skipf("no O_DIRECT here: %s", out.String())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	n := w.Stop()
+	if again := w.Stop(); again != n {
+		t.Errorf("second Stop: %d, first %d", again, n)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if n < 3 || lines[len(lines)-1] != fmt.Sprintf("ACK %d", n) {
+		t.Fatalf("stopped at %d; output ends %q", n, lines[len(lines)-1])
+	}
+	b, _ := os.ReadFile(p)
+	if next := b[(n+1)*diskRecordSize:][:8]; string(next) == diskRecordMagic {
+		t.Errorf("record %d written after the last acknowledged one", n+1)
+	}
+}
+
+// syncBuffer is a bytes.Buffer the writer's goroutine and the test share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

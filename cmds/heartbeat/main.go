@@ -26,7 +26,10 @@
 //     write survived an update;
 //   - the QEMU guest agent (qemu-ga, from the initramfs) on the virtio-serial
 //     port named org.qemu.guest_agent.0, if the VM has one: the host fixes
-//     the guest's clock through it after an update.
+//     the guest's clock through it after an update;
+//   - the ACPI power button (power.go): pressed (QMP system_powerdown), the
+//     guest stops its disk writer after the last acknowledged record,
+//     prints "HEARTBEAT powered down after ACK n" and powers off.
 package main
 
 import (
@@ -110,9 +113,11 @@ func main() {
 			fmt.Fprintf(out, "HEARTBEAT network %s up: echo :7007, state :7008\n", cfg.ip)
 		}
 	}
+	var dw *diskWriter
 	if cfg.disk != "" {
-		go runDiskWriter(out, cfg.disk, cfg.diskGap, bootID)
+		dw = startDiskWriter(out, cfg.disk, cfg.diskGap, bootID)
 	}
+	go watchPowerButton(out, func() { powerDown(out, dw) })
 	go runGuestAgent(out)
 
 	t := time.NewTicker(cfg.interval)
