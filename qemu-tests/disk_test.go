@@ -121,8 +121,13 @@ func (g *guest) acks() (ns []uint64, errLine string) {
 	if err != nil {
 		return nil, ""
 	}
-	// Only whole lines: the guest may be half-way through "ACK 950\n",
-	// which would read as ACK 95.
+	return parseAcks(b)
+}
+
+// parseAcks reads a console's "ACK n" lines in order, and the disk writer's
+// error line if it stopped on one. Only whole lines count: the guest may be
+// half-way through "ACK 950\n", which would read as ACK 95.
+func parseAcks(b []byte) (ns []uint64, errLine string) {
 	if i := bytes.LastIndexByte(b, '\n'); i >= 0 {
 		b = b[:i+1]
 	} else {
@@ -142,14 +147,19 @@ func (g *guest) acks() (ns []uint64, errLine string) {
 	return ns, errLine
 }
 
+// highest is the largest of ns (0: none).
+func highest(ns []uint64) uint64 {
+	var h uint64
+	for _, n := range ns {
+		h = max(h, n)
+	}
+	return h
+}
+
 // lastAck is the highest record the guest has acknowledged (0: none).
 func (g *guest) lastAck() uint64 {
 	ns, _ := g.acks()
-	var last uint64
-	for _, n := range ns {
-		last = max(last, n)
-	}
-	return last
+	return highest(ns)
 }
 
 // checkAcksContinue waits until the guest acknowledges records past
@@ -181,9 +191,8 @@ func (g *guest) checkAcksContinue(before uint64) {
 }
 
 // checkDisk reads the guest's image on the host and asserts every record
-// the guest acknowledged is there and intact: its magic, its number at its
-// place, the guest's boot id, its checksum. It returns how many were
-// checked.
+// the guest acknowledged is there and intact (checkImage). It returns how
+// many were checked.
 //
 // Why reading while the guest's QEMU runs is sound: the acknowledgements
 // are read from the console first, so every record checked had its guest
@@ -212,12 +221,29 @@ func (g *guest) checkDisk() int {
 	if !ok {
 		g.t.Fatalf("%s: no heartbeat, no boot id to check the disk against", g.name)
 	}
-	img := g.image
-	if g.disk.format != "raw" {
-		img = filepath.Join(g.t.TempDir(), "disk.raw")
-		args := []string{"convert", "-f", g.disk.format, "-O", "raw", g.image, img}
-		running := alive(g.pid())
-		if running {
+	n, err := checkImage(g.image, g.disk.format, acked, b.boot, alive(g.pid()))
+	if err != nil {
+		g.t.Fatalf("%s (disk %s): %v", g.name, g.disk, err)
+	}
+	return n
+}
+
+// checkImage asserts that every record up to acked is on image (raw or
+// qcow2, as format says), intact: its magic, its number at its place, the
+// writer's boot id, its checksum (see checkDisk for why a read beside a
+// running QEMU is sound). inUse says a QEMU still holds the image: qcow2
+// is then read with -U. It returns how many records were checked.
+func checkImage(image, format string, acked uint64, bootID string, inUse bool) (int, error) {
+	img := image
+	if format != "raw" {
+		dir, err := os.MkdirTemp("", "lu-disk-check")
+		if err != nil {
+			return 0, err
+		}
+		defer os.RemoveAll(dir)
+		img = filepath.Join(dir, "disk.raw")
+		args := []string{"convert", "-f", format, "-O", "raw", image, img}
+		if inUse {
 			args = append([]string{"convert", "-U"}, args[1:]...)
 		}
 		// A QEMU just SIGKILLed was once seen to hold its image lock a
@@ -230,22 +256,21 @@ func (g *guest) checkDisk() int {
 			if err == nil {
 				break
 			}
-			if running || !strings.Contains(string(out), "lock") || time.Since(start) > 10*time.Second {
-				holders, _ := exec.Command("fuser", "-v", g.image).CombinedOutput()
-				g.t.Fatalf("%s: qemu-img %s: %v %s\nholders of the image:\n%s", g.name, strings.Join(args, " "), err, out, holders)
+			if inUse || !strings.Contains(string(out), "lock") || time.Since(start) > 10*time.Second {
+				holders, _ := exec.Command("fuser", "-v", image).CombinedOutput()
+				return 0, fmt.Errorf("qemu-img %s: %v %s\nholders of the image:\n%s", strings.Join(args, " "), err, out, holders)
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
-		defer os.Remove(img)
 	}
 	f, err := os.Open(img)
 	if err != nil {
-		g.t.Fatal(err)
+		return 0, err
 	}
 	defer f.Close()
 	data := make([]byte, (acked+1)*4096)
 	if n, err := f.ReadAt(data, 0); uint64(n) < uint64(len(data)) {
-		g.t.Fatalf("%s: image %s holds %d bytes, %d acknowledged records need %d: %v", g.name, img, n, acked, len(data), err)
+		return 0, fmt.Errorf("image %s holds %d bytes, %d acknowledged records need %d: %v", img, n, acked, len(data), err)
 	}
 	table := crc64.MakeTable(crc64.ECMA)
 	var bad []string
@@ -258,17 +283,17 @@ func (g *guest) checkDisk() int {
 			bad = append(bad, fmt.Sprintf("%d: holds record %d", n, binary.LittleEndian.Uint64(r[8:])))
 		case binary.LittleEndian.Uint64(r[4088:]) != crc64.Checksum(r[:4088], table):
 			bad = append(bad, fmt.Sprintf("%d: checksum wrong", n))
-		case string(bytes.TrimRight(r[16:64], "\x00")) != b.boot:
-			bad = append(bad, fmt.Sprintf("%d: boot id %q, the guest's is %s", n, bytes.TrimRight(r[16:64], "\x00"), b.boot))
+		case string(bytes.TrimRight(r[16:64], "\x00")) != bootID:
+			bad = append(bad, fmt.Sprintf("%d: boot id %q, the guest's is %s", n, bytes.TrimRight(r[16:64], "\x00"), bootID))
 		}
 	}
 	if len(bad) > 0 {
 		if len(bad) > 10 {
 			bad = append(bad[:10], fmt.Sprintf("… %d more", len(bad)-10))
 		}
-		g.t.Fatalf("%s (disk %s): %d of %d acknowledged records lost or damaged:\n%s", g.name, g.disk, len(bad), acked, strings.Join(bad, "\n"))
+		return 0, fmt.Errorf("%d of %d acknowledged records lost or damaged:\n%s", len(bad), acked, strings.Join(bad, "\n"))
 	}
-	return int(acked)
+	return int(acked), nil
 }
 
 // diskShapes are the disk shapes TestRestartDiskShapes restarts: both

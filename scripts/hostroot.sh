@@ -1,9 +1,10 @@
 #!/bin/bash
 # hostroot.sh — builds the nested test host's root filesystem image without
 # root mounts (mkfs.ext4 -d): QEMU 10 with its libraries and firmware,
-# liveupdate, both Debian kernels (6.1 "old", 6.12 "new") with their configs
-# and this project's initramfs for each, the inner guest's kernel and
-# initramfs, and the first-boot host configuration.
+# liveupdate and the tests' helpers (liveupdate-fault, qmpsend), both Debian
+# kernels (6.1 "old", 6.12 "new") with their configs and this project's
+# initramfs for each, the inner guest's kernel and initramfs, and the
+# first-boot host configuration.
 #
 #   scripts/hostroot.sh HOST_JSON OUTPUT_IMAGE
 set -euo pipefail
@@ -25,6 +26,8 @@ done
 CGO_ENABLED=0 go build -o "$tree/usr/sbin/liveupdate" ./init
 # The same program with fault injection compiled in, for the nested fault tests.
 CGO_ENABLED=0 go build -tags faultinject -o "$tree/usr/sbin/liveupdate-fault" ./init
+# A QMP client for the tests' commands on the host (pause, query, continue a guest).
+CGO_ENABLED=0 go build -o "$tree/usr/sbin/qmpsend" ./cmds/qmpsend
 scripts/guest-initrd.sh "$cache/guest.cpio.gz"
 install -D -m 0644 "$cache/guest.cpio.gz" "$tree/srv/guest/guest.cpio.gz"
 install -D -m 0644 .cache/kernels/new/boot/vmlinuz-"$(cat .cache/kernels/new/version)" "$tree/srv/guest/vmlinuz"
@@ -42,7 +45,7 @@ done
 [ -e "$tree/lib64/ld-linux-x86-64.so.2" ] || { mkdir -p "$tree/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$tree/lib64/"; }
 
 install -D -m 0644 "$hostjson" "$tree/etc/liveupdate/host.json"
-for d in dev proc sys run tmp mnt/pmem var/lib/liveupdate sbin bin; do mkdir -p "$tree/$d"; done
+for d in dev proc sys run tmp mnt/pmem var/lib/liveupdate var/log sbin bin; do mkdir -p "$tree/$d"; done
 rm -f "$out"
 size=$(( $(du -sm "$tree" | cut -f1) + 128 ))M
 mkfs.ext4 -q -F -L lu-hostroot -d "$tree" "$out" "$size"

@@ -523,7 +523,7 @@ func (b *Boot) stop() (string, error) {
 	switch {
 	case b.Params.PMEM != "" && mounts.VolatilePMEM(b.Params.PMEM):
 		b.Log.Warn("the PMEM is memmap= (RAM that power-off erases): guests are shut down, not saved", "pmem", b.Params.PMEM)
-		if err := shutDown(ctx, ts, ShutdownTimeout, b.Log); err != nil {
+		if err := ShutDown(ctx, ts, ShutdownTimeout, b.Log); err != nil {
 			return "", err
 		}
 		done = "guests shut down (memmap= PMEM does not survive power-off)"
@@ -543,10 +543,14 @@ func (b *Boot) stop() (string, error) {
 // ShutdownTimeout bounds the guests' clean shutdown in an orderly stop.
 const ShutdownTimeout = 2 * time.Minute
 
-// shutDown presses every guest's ACPI power button and waits until every
-// QEMU is gone, or the deadline; then it names the ones still running.
-func shutDown(ctx context.Context, ts []*cpr.Target, d time.Duration, log *slog.Logger) error {
-	deadline := time.Now().Add(d)
+// ShutDown presses every guest's ACPI power button and waits until every
+// QEMU is gone, or d has passed; then it names the ones still running,
+// which it leaves alone. PID 1's orderly stop on memmap= PMEM is made of
+// it; the deadline is a parameter so that a test can wait seconds, not
+// ShutdownTimeout, for a guest that ignores the button.
+func ShutDown(ctx context.Context, ts []*cpr.Target, d time.Duration, log *slog.Logger) error {
+	start := time.Now()
+	deadline := start.Add(d)
 	for _, t := range ts {
 		if t.QMP == nil {
 			continue
@@ -561,7 +565,9 @@ func shutDown(ctx context.Context, ts []*cpr.Target, d time.Duration, log *slog.
 	for _, t := range ts {
 		if err := qemuproc.WaitGone(t.Proc.PID, time.Until(deadline)); err != nil {
 			running = append(running, fmt.Sprintf("%s (pid %d)", t.Name(), t.Proc.PID))
+			continue
 		}
+		log.Info("guest shut down", "vm", t.Name(), "pid", t.Proc.PID, "after", time.Since(start).Round(time.Millisecond))
 	}
 	if len(running) > 0 {
 		return fmt.Errorf("guests still running %s after their ACPI power-down: %s", d, strings.Join(running, ", "))
