@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -453,11 +454,57 @@ func (b *Boot) handover() error {
 		unix.Unmount(filepath.Join(NewRoot, d), unix.MNT_DETACH)
 	}
 	init := b.Params.Init
-	if _, err := os.Stat(filepath.Join(NewRoot, init)); err != nil {
+	if _, err := resolveIn(NewRoot, init); err != nil {
 		return fmt.Errorf("host init %s: %w", init, err)
 	}
 	b.Log.Info("handing over to the host's init", "init", init)
 	return mount.SwitchRoot(NewRoot, init)
+}
+
+// resolveIn resolves p as the host root's own processes will see it once
+// root is their /: symbolic links are followed with absolute targets taken
+// inside root, and ".." stops at it. (On a usr-merged root /sbin/init is
+// /sbin → usr/sbin, then usr/sbin/init → /lib/systemd/systemd, which
+// os.Stat would look for in the initramfs.) It returns the path from our
+// side, under root.
+func resolveIn(root, p string) (string, error) {
+	const maxLinks = 40 // the kernel's limit
+	links := 0
+	rest := strings.Split(p, "/")
+	cur := "/"
+	for len(rest) > 0 {
+		c := rest[0]
+		rest = rest[1:]
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			cur = path.Dir(cur)
+			continue
+		}
+		next := path.Join(cur, c)
+		local := filepath.Join(root, next)
+		fi, err := os.Lstat(local)
+		if err != nil {
+			return "", err
+		}
+		if fi.Mode()&os.ModeSymlink == 0 {
+			cur = next
+			continue
+		}
+		if links++; links > maxLinks {
+			return "", fmt.Errorf("%s: too many levels of symbolic links", p)
+		}
+		target, err := os.Readlink(local)
+		if err != nil {
+			return "", err
+		}
+		if path.IsAbs(target) {
+			cur = "/"
+		}
+		rest = append(strings.Split(target, "/"), rest...)
+	}
+	return filepath.Join(root, cur), nil
 }
 
 // supervise is what PID 1 does once up: nothing but reaping and signals.
