@@ -246,7 +246,7 @@ func (b *Boot) waitDevices(ctx context.Context) error {
 func (b *Boot) mountAll(ctx context.Context) error {
 	p := b.Params
 	if p.PMEM != "" {
-		if err := mounts.MountPMEM(p.PMEM, p.PMEMMount, p.FormatPMEM); err != nil {
+		if err := mounts.MountPMEM(p.PMEM, p.PMEMMount, p.FormatPMEM, b.run); err != nil {
 			return err
 		}
 		b.mounted = append(b.mounted, p.PMEMMount)
@@ -459,6 +459,34 @@ func (b *Boot) handover() error {
 	}
 	b.Log.Info("handing over to the host's init", "init", init)
 	return mount.SwitchRoot(NewRoot, init)
+}
+
+// run runs cmd to its end through PID 1's reaper and returns its output
+// (stdout and stderr), as exec.Cmd.CombinedOutput would — which PID 1 must
+// not call: the reaper may collect the child first and the wait fail with
+// ECHILD ("waitid: no child processes"). The output goes through a file, as
+// the reaper takes only *os.File for a child's streams.
+func (b *Boot) run(cmd *exec.Cmd) ([]byte, error) {
+	f, err := os.CreateTemp("", "liveupdate-cmd-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	cmd.Stdout, cmd.Stderr = f, f
+	child, err := b.reaper.Start(cmd)
+	if err != nil {
+		return nil, err
+	}
+	ws, _ := child.Wait(context.Background())
+	out, _ := os.ReadFile(f.Name())
+	switch {
+	case ws.Signaled():
+		return out, fmt.Errorf("%s: %v", cmd.Path, ws.Signal())
+	case ws.ExitStatus() != 0:
+		return out, fmt.Errorf("%s: exit status %d", cmd.Path, ws.ExitStatus())
+	}
+	return out, nil
 }
 
 // resolveIn resolves p as the host root's own processes will see it once

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -138,6 +139,33 @@ func TestResolveIn(t *testing.T) {
 			}
 			if err != nil || got != filepath.Join(root, tt.want) {
 				t.Fatalf("resolveIn(%s) = %q, %v; want %s", tt.path, got, err, filepath.Join(root, tt.want))
+			}
+		})
+	}
+}
+
+// TestRun: commands PID 1 runs to their end go through its reaper, which
+// collects every child; their output and exit status are not lost to it.
+func TestRun(t *testing.T) {
+	b := &Boot{}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go b.reaper.Run(ctx)
+	tests := []struct {
+		script, out, err string
+	}{
+		{script: "echo formatted", out: "formatted\n"},
+		{script: "echo oops >&2; exit 3", out: "oops\n", err: "exit status 3"},
+		{script: "kill -9 $$", err: "killed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.script, func(t *testing.T) {
+			// Many at once: a wait outside the reaper would lose some.
+			for range 20 {
+				out, err := b.run(exec.Command("/bin/sh", "-c", tt.script))
+				if string(out) != tt.out || (err == nil) != (tt.err == "") || (err != nil && !strings.Contains(err.Error(), tt.err)) {
+					t.Fatalf("run(%q) = %q, %v; want %q, error %q", tt.script, out, err, tt.out, tt.err)
+				}
 			}
 		})
 	}
