@@ -7,7 +7,8 @@
 #   scripts/debian-host.sh        → prints the cache directory holding
 #       root.img     the root filesystem (ext4, LABEL=lu-debian-root)
 #       images.img   the guest-image filesystem (ext4, LABEL=lu-images),
-#                    mounted on /var/lib/libvirt/images by the host's fstab
+#                    mounted on /var/lib/libvirt/images by the host's fstab,
+#                    holding the autostarted guest's disk heartbeat.qcow2
 #       boot/        each kernel and its initramfs, as in the image's /boot
 #       cmdline      the kernel command line the host boots with
 #       id_ed25519   the key root logs in with (made for this cache)
@@ -37,7 +38,7 @@ here=$repo/scripts/debian-host
 mkdir -p "$cache"
 log() { echo "debian-host.sh: $*" >&2; }
 tree=""
-trap '[ -z "$tree" ] || rm -rf "$tree"' EXIT
+trap '[ -z "$tree" ] || rm -rf "$tree" "$tree-images"' EXIT
 
 # The kernel command line of the host's first boot: this project's PID 1
 # mounts PMEM (formatting it when it is empty) and the root, then hands over
@@ -82,7 +83,7 @@ build_base() {
 # (tests excluded: they go into neither), and the initramfs' inputs.
 sources_hash() {
 	{
-		cat go.mod go.sum Makefile initramfs/build.sh initramfs/modules.txt
+		cat go.mod go.sum Makefile initramfs/build.sh initramfs/modules.txt scripts/guest-initrd.sh
 		find init pkg cmds internal kernelconfig -name '*.go' ! -name '*_test.go' -print0 | sort -z | xargs -0 cat
 	} | sha256sum | cut -c1-16
 }
@@ -129,8 +130,17 @@ build_image() {
 	chroot "$tree" dpkg -i "/tmp/$(basename "$deb")" >&2
 	rm -f "$tree/tmp/$(basename "$deb")"
 
-	# The host's own configuration.
+	# The host's own configuration, with libvirt's guest autostarted.
 	cp -a "$here/rootfs/." "$tree/"
+	mkdir -p "$tree/etc/libvirt/qemu/autostart"
+	ln -sf /etc/libvirt/qemu/heartbeat.xml "$tree/etc/libvirt/qemu/autostart/heartbeat.xml"
+	# That guest's kernel and initramfs (the set-up's "new" kernel, as the
+	# other tests' guests), and its disk on the guest-image filesystem.
+	local gb=$tree/var/lib/libvirt/boot/heartbeat images=$tree-images
+	install -D -m 0644 .cache/kernels/new/vmlinuz "$gb/vmlinuz"
+	scripts/guest-initrd.sh "$gb/initrd.cpio.gz"
+	rm -rf "$images" && mkdir -p "$images"
+	qemu-img create -q -f qcow2 "$images/heartbeat.qcow2" 64M
 	mkdir -p "$tree/mnt/pmem"
 	echo "$CMDLINE" >"$tree/etc/kernel/cmdline"
 	echo "$CMDLINE" >"$dir/cmdline"
@@ -151,7 +161,8 @@ build_image() {
 	# Room to grow on the root (logs, packages); guests' disks go to images.img.
 	local size=$(( $(du -sm "$tree" | cut -f1) + 768 ))M
 	mkfs.ext4 -q -F -L lu-debian-root -d "$tree" "$dir/root.img" "$size"
-	mkfs.ext4 -q -F -L lu-images "$dir/images.img" 4G
+	mkfs.ext4 -q -F -L lu-images -d "$images" "$dir/images.img" 4G
+	rm -rf "$images"
 	log "root.img $size, images.img 4G (sparse), kernels ${kvers[*]}"
 }
 
