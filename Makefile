@@ -5,6 +5,8 @@
 #   make demo-restart   the QEMU-only live restart of a heartbeat guest
 #   make test    set up, then every test (unit, fuzz briefly, real QEMU)
 #   make bench   benchmarks; rewrites docs/benchmarks.md
+#   make install [DESTDIR=… PREFIX=…]   installs liveupdate (PREFIX/sbin)
+#   make deb     out/liveupdate_VERSION_amd64.deb, for a Debian host
 
 SHELL     := /bin/bash
 GO        ?= go
@@ -14,7 +16,7 @@ GO        ?= go
 FUZZTIME  ?= 100000x
 BIN       := bin
 
-.PHONY: all build setup test unit fuzz-short qemu-test lint demo demo-restart soak bench fuzz clean initramfs
+.PHONY: all build install deb debian-host setup test unit fuzz-short qemu-test lint demo demo-restart soak bench fuzz clean initramfs
 
 # One initramfs per kernel, like update-initramfs:
 #   make initramfs KVER=6.12.117+deb12-amd64 MODROOT=/   → out/initramfs-KVER.cpio.gz
@@ -29,6 +31,36 @@ build:
 
 setup:
 	./scripts/setup.sh
+
+# What an operator installs on a host: the one program (static, no
+# dependencies; it is both the CLI and, inside the initramfs, PID 1).
+PREFIX  ?= /usr/local
+DESTDIR ?=
+install: build
+	install -D -m 0755 $(BIN)/liveupdate $(DESTDIR)$(PREFIX)/sbin/liveupdate
+	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/liveupdate/README.md
+
+# The same, packaged for Debian (dpkg -i, or Ansible's apt deb=): make install
+# into a staged tree with PREFIX=/usr, then dpkg-deb. Prints the .deb's path.
+DEB_DIR     ?= out
+DEB_VERSION ?= 0.1~git$(shell git log -1 --format=%cd.%h --date=format:%Y%m%d 2>/dev/null || echo 0)
+deb:
+	@rm -rf $(DEB_DIR)/deb-root && mkdir -p $(DEB_DIR)/deb-root/DEBIAN
+	@$(MAKE) -s install DESTDIR=$(abspath $(DEB_DIR))/deb-root PREFIX=/usr >&2
+	@printf '%s\n' 'Package: liveupdate' 'Version: $(DEB_VERSION)' 'Architecture: amd64' \
+		'Maintainer: liveupdate developers <liveupdate@localhost>' 'Section: admin' 'Priority: optional' \
+		'Recommends: qemu-system-x86 (>= 1:8.2)' \
+		'Description: live kernel and QEMU updates for KVM hosts' \
+		' Keeps QEMU guests running across a kexec into a new host kernel or a' \
+		' restart onto a new QEMU binary (QEMU CPR, guest RAM on PMEM with DAX).' \
+		>$(DEB_DIR)/deb-root/DEBIAN/control
+	@dpkg-deb --root-owner-group -Zxz --build $(DEB_DIR)/deb-root $(DEB_DIR)/liveupdate_$(DEB_VERSION)_amd64.deb >&2
+	@rm -rf $(DEB_DIR)/deb-root
+	@echo $(abspath $(DEB_DIR))/liveupdate_$(DEB_VERSION)_amd64.deb
+
+# The nested test host's images (cached; prints their directory).
+debian-host:
+	./scripts/debian-host.sh
 
 lint:
 	@out=$$(gofmt -l init cmds pkg qemu-tests internal kernelconfig); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

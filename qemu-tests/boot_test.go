@@ -113,6 +113,7 @@ type hostOpts struct {
 	rootImg string   // virtio-blk disk
 	netns   string   // run QEMU in this named netns with a NIC on tap
 	tap     string
+	files   []*os.File // passed to QEMU as fds 3, 4, … (e.g. a tap opened in a netns)
 }
 
 func bootHost(t testing.TB, o hostOpts) *hostVM {
@@ -145,6 +146,7 @@ func bootHost(t testing.TB, o hostOpts) *hostVM {
 			"-device", "virtio-net-pci,netdev=n0,mac=52:54:00:12:34:56")
 	}
 	h.cmd = exec.Command(argv[0], argv[1:]...)
+	h.cmd.ExtraFiles = o.files
 	start := func() error { return h.cmd.Start() }
 	var err error
 	if o.netns != "" {

@@ -8,6 +8,7 @@
 # Idempotent: running it twice changes nothing the second time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 CACHE=${CACHE:-$PWD/.cache}
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
@@ -16,13 +17,8 @@ log() { echo "setup: $*" >&2; }
 add_backports() {
 	local dst=/etc/apt/sources.list.d/liveupdate-backports.sources
 	[ -f "$dst" ] && return 0
-	local src=/etc/apt/sources.list.d/debian.sources uris=""
-	if [ -f "$src" ]; then
-		uris=$(awk '/^URIs:/ && !/security/ {print $2; exit}' "$src")
-	fi
-	if [ -z "$uris" ] && [ -f /etc/apt/sources.list ]; then
-		uris=$(awk '/^deb / && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list)
-	fi
+	local uris
+	uris=$(debian_uris)
 	[ -n "$uris" ] || { log "cannot find the machine's Debian source entry to copy"; exit 1; }
 	log "adding bookworm-backports from the machine's own Debian source"
 	$SUDO tee "$dst" >/dev/null <<EOT
@@ -45,7 +41,7 @@ install_packages() {
 	if ! libvirtd --version 2>/dev/null | grep -q ' 11\.'; then
 		need+=(libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon)
 	fi
-	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static)
+	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static mmdebstrap openssh-client)
 	local missing=()
 	for p in "${base[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 	if [ ${#need[@]} -gt 0 ] || [ ${#missing[@]} -gt 0 ]; then

@@ -91,8 +91,10 @@ func probeFS(dev string) (fstype string, empty bool, err error) {
 // DAX is really on (dax=always in /proc/mounts): guest RAM on a non-DAX
 // filesystem would live in the page cache and be lost by a kexec. With
 // format, an empty device (all zero) is formatted first; a device that holds
-// anything is never formatted.
-func MountPMEM(dev, dir string, format bool) error {
+// anything is never formatted. run runs mkfs to its end and returns its
+// output (nil: exec.Cmd.CombinedOutput); PID 1 passes one that goes through
+// its reaper, which would otherwise take mkfs's exit status first.
+func MountPMEM(dev, dir string, format bool, run func(*exec.Cmd) ([]byte, error)) error {
 	fs, empty, err := probeFS(dev)
 	if err != nil {
 		return err
@@ -102,7 +104,10 @@ func MountPMEM(dev, dir string, format bool) error {
 	case fs != "":
 		return fmt.Errorf("PMEM %s holds a %s filesystem, not ext4: guest RAM must be on ext4 with DAX", dev, fs)
 	case format && empty:
-		out, err := exec.Command("mkfs.ext4", "-q", "-F", "-L", "lu-pmem", "-b", "4096", dev).CombinedOutput()
+		if run == nil {
+			run = (*exec.Cmd).CombinedOutput
+		}
+		out, err := run(exec.Command("mkfs.ext4", "-q", "-F", "-L", "lu-pmem", "-b", "4096", dev))
 		if err != nil {
 			return fmt.Errorf("formatting empty PMEM %s: %v: %s", dev, err, out)
 		}

@@ -41,7 +41,7 @@ func TestProbe(t *testing.T) {
 	if fs, empty, _ := probeFS(junk); fs != "" || empty {
 		t.Fatalf("junk image: %q empty=%v", fs, empty)
 	}
-	if err := MountPMEM(junk, filepath.Join(dir, "m"), true); err == nil {
+	if err := MountPMEM(junk, filepath.Join(dir, "m"), true, nil); err == nil {
 		t.Fatal("MountPMEM would format a non-empty device")
 	}
 	if _, err := exec.LookPath("mkfs.ext4"); err != nil {

@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -245,7 +246,7 @@ func (b *Boot) waitDevices(ctx context.Context) error {
 func (b *Boot) mountAll(ctx context.Context) error {
 	p := b.Params
 	if p.PMEM != "" {
-		if err := mounts.MountPMEM(p.PMEM, p.PMEMMount, p.FormatPMEM); err != nil {
+		if err := mounts.MountPMEM(p.PMEM, p.PMEMMount, p.FormatPMEM, b.run); err != nil {
 			return err
 		}
 		b.mounted = append(b.mounted, p.PMEMMount)
@@ -453,11 +454,85 @@ func (b *Boot) handover() error {
 		unix.Unmount(filepath.Join(NewRoot, d), unix.MNT_DETACH)
 	}
 	init := b.Params.Init
-	if _, err := os.Stat(filepath.Join(NewRoot, init)); err != nil {
+	if _, err := resolveIn(NewRoot, init); err != nil {
 		return fmt.Errorf("host init %s: %w", init, err)
 	}
 	b.Log.Info("handing over to the host's init", "init", init)
 	return mount.SwitchRoot(NewRoot, init)
+}
+
+// run runs cmd to its end through PID 1's reaper and returns its output
+// (stdout and stderr), as exec.Cmd.CombinedOutput would — which PID 1 must
+// not call: the reaper may collect the child first and the wait fail with
+// ECHILD ("waitid: no child processes"). The output goes through a file, as
+// the reaper takes only *os.File for a child's streams.
+func (b *Boot) run(cmd *exec.Cmd) ([]byte, error) {
+	f, err := os.CreateTemp("", "liveupdate-cmd-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	cmd.Stdout, cmd.Stderr = f, f
+	child, err := b.reaper.Start(cmd)
+	if err != nil {
+		return nil, err
+	}
+	ws, _ := child.Wait(context.Background())
+	out, _ := os.ReadFile(f.Name())
+	switch {
+	case ws.Signaled():
+		return out, fmt.Errorf("%s: %v", cmd.Path, ws.Signal())
+	case ws.ExitStatus() != 0:
+		return out, fmt.Errorf("%s: exit status %d", cmd.Path, ws.ExitStatus())
+	}
+	return out, nil
+}
+
+// resolveIn resolves p as the host root's own processes will see it once
+// root is their /: symbolic links are followed with absolute targets taken
+// inside root, and ".." stops at it. (On a usr-merged root /sbin/init is
+// /sbin → usr/sbin, then usr/sbin/init → /lib/systemd/systemd, which
+// os.Stat would look for in the initramfs.) It returns the path from our
+// side, under root.
+func resolveIn(root, p string) (string, error) {
+	const maxLinks = 40 // the kernel's limit
+	links := 0
+	rest := strings.Split(p, "/")
+	cur := "/"
+	for len(rest) > 0 {
+		c := rest[0]
+		rest = rest[1:]
+		switch c {
+		case "", ".":
+			continue
+		case "..":
+			cur = path.Dir(cur)
+			continue
+		}
+		next := path.Join(cur, c)
+		local := filepath.Join(root, next)
+		fi, err := os.Lstat(local)
+		if err != nil {
+			return "", err
+		}
+		if fi.Mode()&os.ModeSymlink == 0 {
+			cur = next
+			continue
+		}
+		if links++; links > maxLinks {
+			return "", fmt.Errorf("%s: too many levels of symbolic links", p)
+		}
+		target, err := os.Readlink(local)
+		if err != nil {
+			return "", err
+		}
+		if path.IsAbs(target) {
+			cur = "/"
+		}
+		rest = append(strings.Split(target, "/"), rest...)
+	}
+	return filepath.Join(root, cur), nil
 }
 
 // supervise is what PID 1 does once up: nothing but reaping and signals.

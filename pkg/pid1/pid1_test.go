@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -95,6 +96,76 @@ func TestBootSteps(t *testing.T) {
 			}
 			if len(b.Phases) != c.wantSteps {
 				t.Errorf("%d phases recorded, want %d", len(b.Phases), c.wantSteps)
+			}
+		})
+	}
+}
+
+func TestResolveIn(t *testing.T) {
+	root := t.TempDir()
+	// A usr-merged Debian root, and links that try to leave it.
+	for _, d := range []string{"usr/sbin", "usr/lib/systemd", "etc"} {
+		os.MkdirAll(filepath.Join(root, d), 0o755)
+	}
+	os.WriteFile(filepath.Join(root, "usr/lib/systemd/systemd"), nil, 0o755)
+	for link, target := range map[string]string{
+		"sbin": "usr/sbin", "lib": "usr/lib", "usr/sbin/init": "/lib/systemd/systemd",
+		"etc/up": "../../../usr/lib/systemd/systemd", "etc/loop": "loop", "etc/dangling": "/nowhere",
+	} {
+		if err := os.Symlink(target, filepath.Join(root, link)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct {
+		path, want, err string
+	}{
+		{path: "/sbin/init", want: "/usr/lib/systemd/systemd"},
+		{path: "/usr/sbin/init", want: "/usr/lib/systemd/systemd"},
+		{path: "/lib/systemd/systemd", want: "/usr/lib/systemd/systemd"},
+		{path: "/etc/up", want: "/usr/lib/systemd/systemd"}, // ".." stops at the root
+		{path: "/../sbin/./init", want: "/usr/lib/systemd/systemd"},
+		{path: "/etc/loop", err: "too many levels of symbolic links"},
+		{path: "/etc/dangling", err: "no such file or directory"},
+		{path: "/sbin/nothing", err: "no such file or directory"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.path, func(t *testing.T) {
+			got, err := resolveIn(root, tt.path)
+			if tt.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.err) {
+					t.Fatalf("resolveIn(%s) = %q, %v; want an error with %q", tt.path, got, err, tt.err)
+				}
+				return
+			}
+			if err != nil || got != filepath.Join(root, tt.want) {
+				t.Fatalf("resolveIn(%s) = %q, %v; want %s", tt.path, got, err, filepath.Join(root, tt.want))
+			}
+		})
+	}
+}
+
+// TestRun: commands PID 1 runs to their end go through its reaper, which
+// collects every child; their output and exit status are not lost to it.
+func TestRun(t *testing.T) {
+	b := &Boot{}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go b.reaper.Run(ctx)
+	tests := []struct {
+		script, out, err string
+	}{
+		{script: "echo formatted", out: "formatted\n"},
+		{script: "echo oops >&2; exit 3", out: "oops\n", err: "exit status 3"},
+		{script: "kill -9 $$", err: "killed"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.script, func(t *testing.T) {
+			// Many at once: a wait outside the reaper would lose some.
+			for range 20 {
+				out, err := b.run(exec.Command("/bin/sh", "-c", tt.script))
+				if string(out) != tt.out || (err == nil) != (tt.err == "") || (err != nil && !strings.Contains(err.Error(), tt.err)) {
+					t.Fatalf("run(%q) = %q, %v; want %q, error %q", tt.script, out, err, tt.out, tt.err)
+				}
 			}
 		})
 	}
