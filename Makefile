@@ -82,7 +82,7 @@ fuzz-short fuzz:
 	done
 
 qemu-test:
-	LU_RACE=1 $(GO) test -count=1 -timeout 28m -v ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-qemu-tests.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:[0-9]+: [^l]'; exit $${PIPESTATUS[0]}
+	LU_RACE=1 $(GO) test -count=1 -timeout 45m -v ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-qemu-tests.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:[0-9]+: [^l]'; exit $${PIPESTATUS[0]}
 
 test: setup lint unit fuzz-short qemu-test
 
