@@ -20,19 +20,21 @@ type hostCounts struct {
 	Files  int `json:"state_dir_files"`
 }
 
-func countHost(stateDir string) hostCounts {
+// countHost counts what the host holds for the guests named names: their
+// QEMUs and those QEMUs' fds, the taps of tapPrefix, and — host-wide — the
+// mounts, the cgroup v2 tree and the state directory's files. Other suites
+// run QEMUs and taps on the same machine at the same time: counting theirs
+// would take their coming and going for our leak.
+func countHost(stateDir string, names []string, tapPrefix string) hostCounts {
 	var c hostCounts
-	procs, _ := filepath.Glob("/proc/[0-9]*")
-	for _, p := range procs {
-		exe, err := os.Readlink(p + "/exe")
-		if err != nil || !strings.Contains(filepath.Base(exe), "qemu-system") {
-			continue
+	for _, name := range names {
+		for _, pid := range qemusOf(name) {
+			c.QEMUs++
+			fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+			c.QEMUFd += len(fds)
 		}
-		c.QEMUs++
-		fds, _ := os.ReadDir(p + "/fd")
-		c.QEMUFd += len(fds)
 	}
-	taps, _ := filepath.Glob("/sys/class/net/*/tun_flags")
+	taps, _ := filepath.Glob("/sys/class/net/" + tapPrefix + "*/tun_flags")
 	c.Taps = len(taps)
 	if b, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
 		c.Mounts = strings.Count(string(b), "\n")
@@ -54,9 +56,9 @@ func countHost(stateDir string) hostCounts {
 
 // TestSoakRestart (make soak): K guests — each with a tap QEMU opened by
 // name — through M restart-qemu cycles. After every cycle it counts what
-// the host holds (QEMU processes, their fds, taps, mounts, cgroups, files
-// in the state directory): any growth over the cycles is a leak and fails
-// the test. Skipped unless LIVEUPDATE_SOAK_CYCLES is set; the counts go to
+// the host holds (its guests' QEMU processes and their fds, its taps, the
+// mounts, cgroups, files in the state directory): any growth over the
+// cycles is a leak and fails the test. Skipped unless LIVEUPDATE_SOAK_CYCLES is set; the counts go to
 // LIVEUPDATE_SOAK_OUT (JSON lines) for docs/reliability.md.
 func TestSoakRestart(t *testing.T) {
 	m, _ := strconv.Atoi(os.Getenv("LIVEUPDATE_SOAK_CYCLES"))
@@ -106,7 +108,7 @@ func TestSoakRestart(t *testing.T) {
 		} else {
 			failures++
 		}
-		c := countHost(state)
+		c := countHost(state, names, "lusoak")
 		if cycle == 1 {
 			base = c
 		}

@@ -85,7 +85,7 @@ print("## Soak\n")
 print(f"- restarts: `{soak_cmd}`")
 print(f"- updates: `{nested_cmd}`\n")
 recs = [json.loads(l) for l in open(f"{work}/soak.jsonl")] if os.path.exists(f"{work}/soak.jsonl") else []
-for kind, title in [("restart", "restart-qemu cycles (host after each; any growth is a leak and fails the test)"), ("update", "nested updates (the outer host after each)")]:
+for kind, title in [("restart", "restart-qemu cycles (after each: its guests' QEMUs and their fds, its taps, the host's mounts, cgroups, state files; any growth is a leak and fails the test)"), ("update", "nested updates (the outer host after each)")]:
     rs = [r for r in recs if r["kind"] == kind]
     if not rs:
         continue
