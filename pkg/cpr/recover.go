@@ -13,6 +13,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
@@ -163,12 +164,7 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			if t.QMP != nil {
 				cctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
 				r.giveBackMigration(cctx, t.QMP, vm, !o.isOld)
-				if !o.isOld && vm.TwinVNC != nil {
-					if err := r.takeVNC(cctx, vm, t.QMP); err != nil {
-						r.Log.Warn("the guest runs without its VNC server", "vm", vm.Name, "err", err)
-					}
-				}
-				if err := r.handBackToLibvirt(cctx, t.QMP, vm, t.Proc.PID); err != nil {
+				if err := r.handOver(cctx, t.QMP, vm, t.Proc.PID, !o.isOld); err != nil {
 					cancel()
 					failed(i, err.Error())
 					continue
@@ -209,12 +205,7 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 				failed(i, "cont: "+err.Error())
 				continue
 			}
-			if vm.TwinVNC != nil {
-				if err := r.takeVNC(cctx, vm, c); err != nil {
-					r.Log.Warn("the guest runs without its VNC server", "vm", vm.Name, "err", err)
-				}
-			}
-			err = r.handBackToLibvirt(cctx, c, vm, t.Proc.PID)
+			err = r.handOver(cctx, c, vm, t.Proc.PID, true)
 			cancel()
 			if err != nil {
 				failed(i, err.Error())
@@ -255,6 +246,19 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		errs = append(errs, err)
 	}
 	return out, errors.Join(errs...)
+}
+
+// handOver gives the QEMU that now runs the guest (c, pid; isNew: not
+// the old one) what an interrupted run had not given it yet: a twin
+// started -vnc none its VNC port, and libvirt's record. Only the record is
+// an error: without its VNC server the guest still runs.
+func (r *run) handOver(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int, isNew bool) error {
+	if isNew && vm.TwinVNC != nil {
+		if err := r.takeVNC(ctx, vm, c); err != nil {
+			r.Log.Warn("the guest runs without its VNC server", "vm", vm.Name, "err", err)
+		}
+	}
+	return r.handBackToLibvirt(ctx, c, vm, pid)
 }
 
 // dropTapPersistence gives the taps of a guest's running QEMU back the

@@ -178,14 +178,14 @@ func Rewrite(b []byte, c Change) ([]byte, error) {
 			tag := string(b[before:after])
 			switch strings.Join(path, "/") {
 			case "domstatus":
-				n, err := setAttr(tag, "pid", c.PID)
+				n, err := setPID(tag, c.PID)
 				if err != nil {
 					return nil, err
 				}
 				edits = append(edits, edit{before, after, n})
 			case "domstatus/vcpus/vcpu":
 				id, _ := intAttr(t, "id")
-				n, err := setAttr(tag, "pid", c.Vcpus[id])
+				n, err := setPID(tag, c.Vcpus[id])
 				if err != nil {
 					return nil, err
 				}
@@ -247,11 +247,8 @@ func elementEnd(d *xml.Decoder) (int, error) {
 
 var pidAttr = regexp.MustCompile(`(\spid=)(['"])\d+(['"])`)
 
-// setAttr sets the numeric attribute of one start tag as libvirt wrote it.
-func setAttr(tag, name string, v int) (string, error) {
-	if name != "pid" {
-		panic("setAttr: only pid")
-	}
+// setPID sets the pid attribute of one start tag as libvirt wrote it.
+func setPID(tag string, v int) (string, error) {
 	if !pidAttr.MatchString(tag) {
 		return "", fmt.Errorf("libvirt status XML: %s has no pid attribute", tag)
 	}
