@@ -6,10 +6,13 @@
 # initramfs for each, the inner guest's kernel and initramfs, and the
 # first-boot host configuration.
 #
-#   scripts/hostroot.sh HOST_JSON OUTPUT_IMAGE
+#   scripts/hostroot.sh HOST_JSON OUTPUT_IMAGE [FSTAB]
+#
+# FSTAB, if given, becomes the host's /etc/fstab (PID 1 mounts its local
+# filesystems under the host root before the guests start).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-hostjson=$(realpath "$1") out=$2
+hostjson=$(realpath "$1") out=$2 fstab=${3:-}
 cache=.cache/hostroot
 mkdir -p "$cache"
 tree=$(mktemp -d)
@@ -45,6 +48,7 @@ done
 [ -e "$tree/lib64/ld-linux-x86-64.so.2" ] || { mkdir -p "$tree/lib64"; cp -L /lib64/ld-linux-x86-64.so.2 "$tree/lib64/"; }
 
 install -D -m 0644 "$hostjson" "$tree/etc/liveupdate/host.json"
+[ -z "$fstab" ] || install -D -m 0644 "$fstab" "$tree/etc/fstab"
 for d in dev proc sys run tmp mnt/pmem var/lib/liveupdate var/log sbin bin; do mkdir -p "$tree/$d"; done
 rm -f "$out"
 size=$(( $(du -sm "$tree" | cut -f1) + 128 ))M

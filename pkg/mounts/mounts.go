@@ -189,7 +189,8 @@ func unescape(s string) string {
 	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
 }
 
-// ResolveDevice turns UUID=…, LABEL=… or /dev/… into a device path.
+// ResolveDevice turns UUID=…, LABEL=…, PARTUUID=…, PARTLABEL=… or /dev/… into
+// a device path.
 func ResolveDevice(spec string) (string, error) {
 	switch {
 	case strings.HasPrefix(spec, "/dev/"):
@@ -216,8 +217,23 @@ func ResolveDevice(spec string) (string, error) {
 			}
 		}
 		return "", fmt.Errorf("no block device with ext4 filesystem %s", spec)
+	case strings.HasPrefix(spec, "PARTUUID="), strings.HasPrefix(spec, "PARTLABEL="):
+		devs, err := block.GetBlockDevices()
+		if err != nil {
+			return "", err
+		}
+		var m block.BlockDevices
+		if id, ok := strings.CutPrefix(spec, "PARTUUID="); ok {
+			m = devs.FilterPartID(id)
+		} else {
+			m = devs.FilterPartLabel(strings.TrimPrefix(spec, "PARTLABEL="))
+		}
+		if len(m) == 0 {
+			return "", fmt.Errorf("no partition with %s", spec)
+		}
+		return m[0].DevicePath(), nil
 	}
-	return "", fmt.Errorf("device %q: want UUID=…, LABEL=… or /dev/…", spec)
+	return "", fmt.Errorf("device %q: want UUID=…, LABEL=…, PARTUUID=…, PARTLABEL=… or /dev/…", spec)
 }
 
 // ext4Label reads the volume label from an ext2/3/4 superblock.

@@ -71,6 +71,9 @@ type Boot struct {
 
 	mu      sync.Mutex
 	mounted []string // in mount order, for the orderly stop
+	// placeholders are the empty tmpfs mounts over fstab mount points that
+	// failed (mountFstab), removed at the handover.
+	placeholders []string
 }
 
 // Phase is one timed step of the boot.
@@ -123,6 +126,7 @@ func Main() {
 		phase.Step{Name: "modules", Do: b.loadModules},
 		phase.Step{Name: "devices", Do: b.waitDevices},
 		phase.Step{Name: "mounts", Do: b.mountAll}, // never undone: guests' data
+		phase.Step{Name: "host filesystems", Do: b.mountFstab},
 		phase.Step{Name: "manifest", Do: b.readManifest},
 		phase.Step{Name: "clock", Do: b.setClock},
 		phase.Step{Name: "network", Do: b.setupNetwork},
@@ -170,16 +174,23 @@ func (b *Boot) ready() {
 		parts = append(parts, fmt.Sprintf("%s=%.1fms", p.Name, float64(p.Took.Microseconds())/1000))
 	}
 	total := time.Since(b.Start)
-	n := 0
+	n, paused := 0, ""
 	if b.Manifest != nil {
+		np := 0
 		for _, v := range b.Manifest.VMs {
-			if v.Status == manifest.StatusRunning {
+			switch {
+			case v.Status == manifest.StatusRunning && v.WasRunning:
 				n++
+			case v.Status == manifest.StatusRunning:
+				np++ // restored and left paused, as it was before the update
 			}
 		}
+		if np > 0 {
+			paused = fmt.Sprintf("; guests paused, as before the update: %d", np)
+		}
 	}
-	msg := fmt.Sprintf("liveupdate: READY in %.1fms after PID 1 start (kernel uptime at start %.3fs); guests running: %d; %s",
-		float64(total.Microseconds())/1000, b.Uptime0, n, strings.Join(parts, " "))
+	msg := fmt.Sprintf("liveupdate: READY in %.1fms after PID 1 start (kernel uptime at start %.3fs); guests running: %d%s; %s",
+		float64(total.Microseconds())/1000, b.Uptime0, n, paused, strings.Join(parts, " "))
 	b.Log.Info(msg)
 	fmt.Fprintln(consoleOut(), msg)
 }
@@ -276,7 +287,46 @@ func (b *Boot) mountAll(ctx context.Context) error {
 	return nil
 }
 
-// unmountAll is mountAll's inverse.
+// mountFstab mounts, under the host root, the local disk filesystems of
+// its /etc/fstab (guest images on their own disk, as on most hosts). What
+// PID 1 leaves to the host's init (network filesystems, noauto, LVM) is
+// logged; update's plan refuses guests whose files are there. A
+// filesystem that fails to mount gets an empty read-only tmpfs over its
+// mount point until the handover: a guest whose image is there fails to
+// restore in QEMU's words ("No such file") and is kept for recover, the
+// others run, and no QEMU opens a stale file the root filesystem holds
+// under the mount point. Undone by unmountAll.
+func (b *Boot) mountFstab(ctx context.Context) error {
+	if b.Root == "" {
+		return nil
+	}
+	es, err := mounts.ReadFstab(b.Root)
+	if err != nil {
+		return err
+	}
+	for _, e := range es {
+		if why := e.NotMounted(); why != "" {
+			b.Log.Info("fstab entry left to the host's init", "line", e.Line, "spec", e.Spec, "dir", e.Dir, "why", why)
+			continue
+		}
+		dev, err := mounts.MountFstab(e, b.Root)
+		if err != nil {
+			dir := filepath.Join(b.Root, e.Dir)
+			b.Log.Error("host filesystem not mounted: guests with files under it will not be restored", "nofail", e.Nofail(), "err", err)
+			if perr := unix.Mount("liveupdate-unmounted", dir, "tmpfs", unix.MS_RDONLY|unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, "size=4k,mode=0555"); perr != nil {
+				return fmt.Errorf("%w; and covering its mount point %s failed: %v", err, dir, perr)
+			}
+			b.placeholders = append(b.placeholders, dir)
+			b.mounted = append(b.mounted, dir)
+			continue
+		}
+		b.mounted = append(b.mounted, filepath.Join(b.Root, e.Dir))
+		b.Log.Info("host filesystem mounted", "spec", e.Spec, "dev", dev, "on", filepath.Join(b.Root, e.Dir), "type", e.FSType)
+	}
+	return nil
+}
+
+// unmountAll is mountAll's and mountFstab's inverse.
 func (b *Boot) unmountAll() error { return mounts.Unmount(b.mounted...) }
 
 // readManifest reads and checks the manifest. No manifest means nothing to
@@ -452,6 +502,12 @@ func (b *Boot) Reaper() *reaper.Reaper { return &b.reaper }
 func (b *Boot) handover() error {
 	for _, d := range []string{"/dev", "/proc", "/sys", "/run"} {
 		unix.Unmount(filepath.Join(NewRoot, d), unix.MNT_DETACH)
+	}
+	// The host's init mounts what PID 1 could not (mountFstab).
+	for _, d := range b.placeholders {
+		if err := unix.Unmount(d, 0); err != nil {
+			b.Log.Warn("removing the placeholder over a mount point that failed", "dir", d, "err", err)
+		}
 	}
 	init := b.Params.Init
 	if _, err := resolveIn(NewRoot, init); err != nil {

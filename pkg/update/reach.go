@@ -48,13 +48,15 @@ func guestFiles(p *discover.Process, rt *preflight.Runtime) []qemuargv.FileRef {
 }
 
 // unreachable names the files on filesystems PID 1 of the new kernel does
-// not mount: it mounts the host root (lu.root) and PMEM only, so a file on
-// another disk, LVM, MD, NFS or a tmpfs is not there for the restored
-// guest's QEMU. local turns QEMU's path into ours; rootDir is the host
-// root as we see it; pmemDev the PMEM device ("" if unknown); resolve
-// follows a path's symbolic links (for /dev/VG/LV → /dev/dm-N). Files on
-// tmpfs that kexecLosses already reports are left to it (skip).
-func unreachable(files []qemuargv.FileRef, mountsFile string, local func(string) string, rootDir, pmemDev string, resolve func(string) string, skip func(qemuargv.FileRef) bool) []string {
+// not mount: it mounts the host root (lu.root), PMEM and the local disk
+// filesystems of the host's fstab (mounts.FstabEntry.NotMounted), so a
+// file on LVM, MD, NFS, a tmpfs or a disk fstab does not list is not there
+// for the restored guest's QEMU. local turns QEMU's path into ours;
+// rootDir is the host root as we see it; pmemDev the PMEM device ("" if
+// unknown); fstab the host's; resolve follows a path's symbolic links (for
+// /dev/VG/LV → /dev/dm-N). Files on tmpfs that kexecLosses already reports
+// are left to it (skip).
+func unreachable(files []qemuargv.FileRef, mountsFile string, local func(string) string, rootDir, pmemDev string, fstab []mounts.FstabEntry, resolve func(string) string, skip func(qemuargv.FileRef) bool) []string {
 	var out []string
 	root, err := mounts.Holding(mountsFile, rootDir)
 	if err != nil {
@@ -78,14 +80,29 @@ func unreachable(files []qemuargv.FileRef, mountsFile string, local func(string)
 			if r := resolve(l); r != "" {
 				dev = filepath.Base(r)
 			}
-			if strings.HasPrefix(dev, "dm-") || strings.HasPrefix(dev, "md") || strings.Contains(f.Path, "/mapper/") {
+			if isMapped("/dev/"+dev) || strings.Contains(f.Path, "/mapper/") {
 				out = append(out, fmt.Sprintf("%s %s is a device-mapper or MD device (%s), which PID 1 of the new kernel does not assemble: the guest could not start again after the kexec. Move the image to the root filesystem or PMEM (assembling LVM and MD from PID 1 is planned)", f.Option, f.Path, dev))
 			}
 		case m.Dir == root.Dir:
 		case pmemDev != "" && m.Source == pmemDev:
 		default:
-			out = append(out, fmt.Sprintf("%s %s is on the filesystem mounted on %s (%s, %s), which PID 1 of the new kernel does not mount — it mounts only the host root and PMEM: the guest could not start again after the kexec. Move it to the root filesystem or PMEM (mounting /etc/fstab entries from PID 1 is planned)",
-				f.Option, f.Path, m.Dir, m.Source, m.FSType))
+			var entry *mounts.FstabEntry
+			for i := range fstab {
+				if filepath.Join(rootDir, fstab[i].Dir) == m.Dir {
+					entry = &fstab[i]
+				}
+			}
+			switch {
+			case entry != nil && isMapped(m.Source):
+				out = append(out, fmt.Sprintf("%s %s is on the filesystem mounted on %s (%s, %s), a device-mapper (LVM) or MD device, which PID 1 of the new kernel does not assemble: the guest could not start again after the kexec. Move the file to the root filesystem, PMEM or a plain disk partition listed in /etc/fstab",
+					f.Option, f.Path, m.Dir, m.Source, m.FSType))
+			case entry == nil:
+				out = append(out, fmt.Sprintf("%s %s is on the filesystem mounted on %s (%s, %s), which the host's /etc/fstab does not list, so PID 1 of the new kernel does not mount it (it mounts the host root, PMEM and the local filesystems of /etc/fstab): the guest could not start again after the kexec. Add it to /etc/fstab, or move the file to the root filesystem or PMEM",
+					f.Option, f.Path, m.Dir, m.Source, m.FSType))
+			case entry.NotMounted() != "":
+				out = append(out, fmt.Sprintf("%s %s is on the filesystem mounted on %s (%s, %s), which PID 1 of the new kernel does not mount before the guests start: /etc/fstab line %d is %s. Move the file to the root filesystem, PMEM or a local disk filesystem listed in /etc/fstab",
+					f.Option, f.Path, m.Dir, m.Source, m.FSType, entry.Line, entry.NotMounted()))
+			}
 		}
 	}
 	return out
@@ -106,4 +123,9 @@ func inMemory(p *discover.Process, mountsFile string, local func(string) string)
 		m, err := mounts.Holding(mountsFile, local(f.Path))
 		return err == nil && (m.FSType == "tmpfs" || m.FSType == "ramfs") && slices.Contains(argv, f.Path)
 	}
+}
+
+// isMapped tells whether a device is assembled by device-mapper or MD.
+func isMapped(dev string) bool {
+	return strings.HasPrefix(dev, "/dev/mapper/") || strings.HasPrefix(dev, "/dev/dm-") || strings.HasPrefix(dev, "/dev/md")
 }

@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
+	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
@@ -43,17 +44,26 @@ func TestUnreachable(t *testing.T) {
 	nested := "rootfs / rootfs rw 0 0\n/dev/vda /newroot ext4 rw 0 0\n/dev/pmem0 /mnt/pmem ext4 rw,dax=always 0 0\n" +
 		"/dev/pmem0 /newroot/mnt/pmem ext4 rw,dax=always 0 0\n/dev/vdb /newroot/data ext4 rw 0 0\n"
 	links := map[string]string{"/dev/vg/lv": "/dev/dm-3"}
+	// The host's fstab lists /data (PID 1 mounts it), /srv by UUID (an LV:
+	// the mounts table shows it), /nfs and /var/lib/images (MD).
+	fstab, err := mounts.ParseFstab(strings.NewReader("UUID=1 / ext4 defaults 0 1\nUUID=2 /data ext4 defaults 0 2\n" +
+		"UUID=3 /srv xfs defaults 0 2\nsrv:/export /nfs nfs4 _netdev 0 0\n/dev/md0 /var/lib/images ext4 defaults 0 2\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	tests := []struct {
 		name, table, root, file string
+		nofstab                 bool     // the host has no fstab
 		want                    []string // substrings of the one problem; none: reachable
 	}{
 		{name: "root filesystem", table: table, root: "/", file: "/var/lib/vm/disk.img"},
 		{name: "PMEM", table: table, root: "/", file: "/mnt/pmem/vm/disk.img"},
-		{name: "another disk", table: table, root: "/", file: "/data/disk.img",
-			want: []string{"-drive x /data/disk.img is on the filesystem mounted on /data (/dev/vdb, ext4)", "does not mount", "Move it to the root filesystem or PMEM", "/etc/fstab"}},
-		{name: "LVM filesystem", table: table, root: "/", file: "/srv/disk.img", want: []string{"mounted on /srv (/dev/mapper/vg-lv, xfs)"}},
-		{name: "MD filesystem", table: table, root: "/", file: "/var/lib/images/a.qcow2", want: []string{"mounted on /var/lib/images (/dev/md0, ext4)"}},
-		{name: "NFS", table: table, root: "/", file: "/nfs/disk.img", want: []string{"mounted on /nfs (srv:/export, nfs4)"}},
+		{name: "another disk in fstab", table: table, root: "/", file: "/data/disk.img"},
+		{name: "another disk not in fstab", table: table, root: "/", nofstab: true, file: "/data/disk.img",
+			want: []string{"-drive x /data/disk.img is on the filesystem mounted on /data (/dev/vdb, ext4)", "does not list", "Add it to /etc/fstab"}},
+		{name: "LVM filesystem", table: table, root: "/", file: "/srv/disk.img", want: []string{"mounted on /srv (/dev/mapper/vg-lv, xfs)", "device-mapper"}},
+		{name: "MD filesystem", table: table, root: "/", file: "/var/lib/images/a.qcow2", want: []string{"mounted on /var/lib/images (/dev/md0, ext4)", "device-mapper (LVM) or MD"}},
+		{name: "NFS", table: table, root: "/", file: "/nfs/disk.img", want: []string{"mounted on /nfs (srv:/export, nfs4)", "network filesystem"}},
 		{name: "tmpfs", table: table, root: "/", file: "/tmp/disk.img", want: []string{"mounted on /tmp (tmpfs, tmpfs)"}},
 		{name: "tmpfs reported by kexecLosses", table: table, root: "/", file: "/tmp/skip.img"},
 		{name: "host block device", table: table, root: "/", file: "/dev/sdb"},
@@ -61,7 +71,8 @@ func TestUnreachable(t *testing.T) {
 		{name: "MD device", table: table, root: "/", file: "/dev/md127", want: []string{"device-mapper or MD device (md127)"}},
 		{name: "under PID 1: host root", table: nested, root: "/newroot", file: "/var/lib/vm/disk.img"},
 		{name: "under PID 1: PMEM", table: nested, root: "/newroot", file: "/mnt/pmem/vm/disk.img"},
-		{name: "under PID 1: another disk", table: nested, root: "/newroot", file: "/data/disk.img", want: []string{"mounted on /newroot/data (/dev/vdb, ext4)"}},
+		{name: "under PID 1: another disk in fstab", table: nested, root: "/newroot", file: "/data/disk.img"},
+		{name: "under PID 1: another disk not in fstab", table: nested, root: "/newroot", nofstab: true, file: "/data/disk.img", want: []string{"mounted on /newroot/data (/dev/vdb, ext4)"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -70,7 +81,11 @@ func TestUnreachable(t *testing.T) {
 				t.Fatal(err)
 			}
 			local := func(p string) string { return filepath.Join(tt.root, p) }
-			got := unreachable([]qemuargv.FileRef{{Option: "-drive x", Path: tt.file}}, mf, local, local("/"), "/dev/pmem0",
+			fs := fstab
+			if tt.nofstab {
+				fs = nil
+			}
+			got := unreachable([]qemuargv.FileRef{{Option: "-drive x", Path: tt.file}}, mf, local, local("/"), "/dev/pmem0", fs,
 				func(p string) string { return links[p] },
 				func(f qemuargv.FileRef) bool { return f.Path == "/tmp/skip.img" })
 			switch {

@@ -154,10 +154,15 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		}
 	}
 
-	// Every file a guest opens must be on a filesystem PID 1 mounts.
+	// Every file a guest opens must be on a filesystem PID 1 mounts: the
+	// host root, PMEM, or a local disk filesystem of the host's fstab.
+	fstab, err := mounts.ReadFstab(local("/"))
+	if err != nil {
+		bad("reading the host's fstab (PID 1 mounts its local filesystems before the restore): %v", err)
+	}
 	for _, t := range ts {
 		files := guestFiles(t.Proc, t.Facts.Runtime)
-		for _, pr := range unreachable(files, o.MountsFile, local, local("/"), p.PMEMDevice, resolveLink, inMemory(t.Proc, o.MountsFile, local)) {
+		for _, pr := range unreachable(files, o.MountsFile, local, local("/"), p.PMEMDevice, fstab, resolveLink, inMemory(t.Proc, o.MountsFile, local)) {
 			bad("%s: %s", t.Name(), pr)
 		}
 	}
