@@ -41,7 +41,7 @@ install_packages() {
 	if ! libvirtd --version 2>/dev/null | grep -q ' 11\.'; then
 		need+=(libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon)
 	fi
-	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static mmdebstrap openssh-client)
+	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static mmdebstrap openssh-client ansible-core)
 	local missing=()
 	for p in "${base[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 	if [ ${#need[@]} -gt 0 ] || [ ${#missing[@]} -gt 0 ]; then
