@@ -100,7 +100,7 @@ func main() {
 
 	var seq atomic.Uint64
 	line := func() string {
-		return fmt.Sprintf("HB seq=%d boot=%s up=%.2f mem=%s checks=%d", seq.Load(), bootID, uptime(), mem.status(), mem.checks.Load())
+		return fmt.Sprintf("HB seq=%d boot=%s up=%.2f mem=%s checks=%d served=%d", seq.Load(), bootID, uptime(), mem.status(), mem.checks.Load(), served.Load())
 	}
 	if cfg.ip != "" {
 		if err := setupNetwork(cfg.ip); err != nil {

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -98,6 +99,11 @@ func serveEcho(out io.Writer, addr string) {
 	}
 }
 
+// served counts the state server's answers (the heartbeat line shows it: a
+// test that gets none can tell a guest that does not answer from answers
+// that do not arrive).
+var served atomic.Uint64
+
 // serveState answers each connection with one line and closes it.
 func serveState(out io.Writer, addr string, line func() string) {
 	l, err := net.Listen("tcp", addr)
@@ -110,6 +116,7 @@ func serveState(out io.Writer, addr string, line func() string) {
 		if err != nil {
 			continue
 		}
+		served.Add(1)
 		fmt.Fprintln(c, line())
 		c.Close()
 	}
