@@ -3,6 +3,7 @@ package qemutests
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"net"
@@ -35,6 +36,11 @@ const (
 	nestNS    = "lu-nest"
 	nestTap   = "lunst0"
 	innerAddr = "10.80.0.3"
+	// The inner guest's disk, on the host's images filesystem: its own
+	// virtual disk, listed in the host's /etc/fstab by label.
+	imagesDir   = "/var/lib/libvirt/images"
+	innerImage  = imagesDir + "/inner.qcow2"
+	imagesFstab = "LABEL=lu-images " + imagesDir + " ext4 defaults,noatime 0 2\n"
 )
 
 func kernelVersion(t testing.TB, which string) string {
@@ -62,7 +68,13 @@ func nestedHostConfig() pid1.HostConfig {
 			"-machine", "pc,memory-backend=ram0",
 			"-object", "memory-backend-file,id=ram0,size=160M,mem-path=/mnt/pmem/inner.ram,share=on",
 			"-kernel", "/srv/guest/vmlinuz", "-initrd", "/srv/guest/guest.cpio.gz",
-			"-append", "console=ttyS0 quiet panic=-1 hb.ip=" + innerAddr + "/24 hb.mem_mib=8 hb.check_ms=5000 hb.interval_ms=1000",
+			"-append", "console=ttyS0 quiet panic=-1 hb.ip=" + innerAddr + "/24 hb.mem_mib=8 hb.check_ms=5000 hb.interval_ms=1000 hb.disk=/dev/vda hb.disk_ms=1000",
+			// Its disk: qcow2 on the host's own images filesystem (a
+			// second disk in the host's fstab, which PID 1 mounts), written
+			// by the disk writer all through the updates.
+			"-blockdev", `{"driver":"file","filename":"` + innerImage + `","node-name":"d0-file","aio":"native","cache":{"direct":true,"no-flush":false}}`,
+			"-blockdev", `{"node-name":"d0","driver":"qcow2","file":"d0-file","cache":{"direct":true,"no-flush":false}}`,
+			"-device", "virtio-blk-pci,drive=d0,id=disk0",
 			"-nodefaults", "-nographic", "-vga", "none", "-no-reboot",
 			"-chardev", "file,id=ser0,path=/mnt/pmem/inner-serial.log,append=on", "-serial", "chardev:ser0",
 			"-qmp", "unix:/run/inner.qmp,server=on,wait=off",
@@ -77,10 +89,11 @@ func nestedHostConfig() pid1.HostConfig {
 // nestedHost is the outer VM with its control line.
 type nestedHost struct {
 	*hostVM
-	top  testing.TB // the test that owns the host (subtests come and go)
-	ctl  string
-	conn net.Conn
-	r    *bufio.Reader
+	top    testing.TB // the test that owns the host (subtests come and go)
+	ctl    string
+	conn   net.Conn
+	r      *bufio.Reader
+	images string // the images disk (ext4 holding inner.qcow2), on this machine
 }
 
 func bootNestedHost(t *testing.T) *nestedHost {
@@ -89,11 +102,24 @@ func bootNestedHost(t *testing.T) *nestedHost {
 	hj, _ := json.MarshalIndent(nestedHostConfig(), "", "  ")
 	hjPath := filepath.Join(dir, "host.json")
 	os.WriteFile(hjPath, hj, 0o644)
+	fstab := filepath.Join(dir, "fstab")
+	os.WriteFile(fstab, []byte("# the nested host's filesystems besides its root (lu.root) and PMEM\n"+imagesFstab), 0o644)
 	img := filepath.Join(dir, "hostroot.img")
-	cmd := exec.Command(filepath.Join(repoRoot, "scripts/hostroot.sh"), hjPath, img)
+	cmd := exec.Command(filepath.Join(repoRoot, "scripts/hostroot.sh"), hjPath, img, fstab)
 	cmd.Dir = repoRoot
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("hostroot.sh: %v\n%s", err, out)
+	}
+	// The images disk: an ext4 filesystem holding the inner guest's empty
+	// qcow2 image.
+	tree := filepath.Join(dir, "images")
+	os.MkdirAll(tree, 0o755)
+	images := filepath.Join(dir, "images.img")
+	for _, c := range [][]string{{"qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(tree, filepath.Base(innerImage)), "64M"},
+		{"mkfs.ext4", "-q", "-F", "-L", "lu-images", "-d", tree, images, "128M"}} {
+		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v %s", c, err, out)
+		}
 	}
 	old := kernelVersion(t, "old")
 
@@ -106,18 +132,27 @@ func bootNestedHost(t *testing.T) *nestedHost {
 	}
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", nestNS).Run() })
 
-	h := &nestedHost{top: t, ctl: filepath.Join(dir, "ctl.sock")}
+	h := &nestedHost{top: t, ctl: filepath.Join(dir, "ctl.sock"), images: images}
 	h.hostVM = bootHost(t, hostOpts{memmap: true, rootImg: img, netns: nestNS, tap: nestTap,
-		kernel:  filepath.Join(repoRoot, ".cache/hostroot/../kernels/old/boot/vmlinuz-"+old),
-		initrd:  filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img"),
-		extra:   []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off"},
+		kernel: filepath.Join(repoRoot, ".cache/hostroot/../kernels/old/boot/vmlinuz-"+old),
+		initrd: filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img"),
+		extra: []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off",
+			"-drive", "file=" + images + ",if=virtio,format=raw"},
 		cmdline: []string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}})
 	return h
 }
 
 // run sends one command over the control line and returns its output and
-// exit code.
+// exit code; both are logged.
 func (h *nestedHost) run(cmd string, d time.Duration) (string, int) {
+	h.t.Helper()
+	out, code := h.output(cmd, d)
+	h.t.Logf("host$ %s → exit %d\n%s", cmd, code, out)
+	return out, code
+}
+
+// output is run without the log (for commands polled or long outputs).
+func (h *nestedHost) output(cmd string, d time.Duration) (string, int) {
 	h.t.Helper()
 	if h.conn == nil {
 		c, err := net.Dial("unix", h.ctl)
@@ -136,7 +171,6 @@ func (h *nestedHost) run(cmd string, d time.Duration) (string, int) {
 		out.WriteString(line)
 		if m := exitRE.FindStringSubmatch(line); m != nil {
 			code, _ := strconv.Atoi(m[1])
-			h.t.Logf("host$ %s → exit %d\n%s", cmd, code, out.String())
 			return out.String(), code
 		}
 		if err != nil {
@@ -157,8 +191,8 @@ type echoWatch struct {
 	stopped chan struct{}
 }
 
-func watchEcho(t *testing.T, addr string) *echoWatch {
-	c, err := dialIn(nestNS, addr)
+func watchEcho(t *testing.T, ns, addr string) *echoWatch {
+	c, err := dialIn(ns, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -220,7 +254,7 @@ type beatWatch struct {
 	stop   chan struct{}
 }
 
-func watchBeats(addr string) *beatWatch {
+func watchBeats(ns, addr string) *beatWatch {
 	w := &beatWatch{stop: make(chan struct{})}
 	go func() {
 		var lastSeq uint64
@@ -231,7 +265,7 @@ func watchBeats(addr string) *beatWatch {
 				return
 			case <-time.After(250 * time.Millisecond):
 			}
-			b, _, err := guestState(nestNS, addr)
+			b, _, err := guestState(ns, addr)
 			if err != nil || b.seq == lastSeq {
 				continue
 			}
@@ -273,6 +307,11 @@ func TestNestedUpdate(t *testing.T) {
 			h.use(t)
 			h.conn = nil // the control connection of the test was closed
 			h.run("tail -n 25 /mnt/pmem/inner-serial.log", 30*time.Second)
+			// Where the guest's network stands: the host's counters for
+			// its tap and bridge, and what the inner QEMU says of its NIC.
+			h.run("cat /proc/net/dev", 30*time.Second)
+			h.run(qmpsend+` /run/inner.qmp human-monitor-command '{"command-line":"info network"}'`, 30*time.Second)
+			h.run(qmpsend+" /run/inner.qmp query-rx-filter", 30*time.Second)
 		}
 	})
 	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
@@ -294,9 +333,12 @@ func TestNestedUpdate(t *testing.T) {
 		}
 		time.Sleep(5 * time.Second)
 	}
-	echo := watchEcho(t, innerAddr+":7007")
+	// The disk writer writes and acknowledges; the napper is paused.
+	acks := h.waitAcksPast(t, 0, 5*time.Minute)
+	nap := startNapper(t, h)
+	echo := watchEcho(t, nestNS, innerAddr+":7007")
 	defer close(echo.stop)
-	beats := watchBeats(state)
+	beats := watchBeats(nestNS, state)
 	defer close(beats.stop)
 
 	old, nw := kernelVersion(t, "old"), kernelVersion(t, "new")
@@ -373,6 +415,8 @@ func TestNestedUpdate(t *testing.T) {
 		if code != 0 || !regexp.MustCompile(`inner +restored`).MatchString(out) {
 			t.Fatalf("recover after the crash: exit %d\n%s", code, out)
 		}
+		nap.check(t, "after recover")
+		acks = h.waitAcksPast(t, acks, 4*time.Minute)
 		after, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
 		if after.boot != first.boot || after.seq <= before.seq || after.mem != "ok" {
 			t.Fatalf("guest after recover: %+v, before %+v", after, before)
@@ -380,8 +424,8 @@ func TestNestedUpdate(t *testing.T) {
 		if out, _ := h.run("cat /sys/kernel/kexec_loaded", time.Minute); !strings.HasPrefix(out, "0") {
 			t.Errorf("the new kernel is still loaded after recover: %s", out)
 		}
-		if _, code := h.run("touch /mnt/pmem/liveupdate/writable /newroot/tmp/writable", time.Minute); code != 0 {
-			t.Errorf("PMEM or the host root is still read-only after recover")
+		if _, code := h.run("touch /mnt/pmem/liveupdate/writable /newroot/tmp/writable /newroot"+imagesDir+"/writable", time.Minute); code != 0 {
+			t.Errorf("PMEM, the host root or its images filesystem is still read-only after recover")
 		}
 		if _, err := echo.takeGap(); err != nil {
 			t.Errorf("the TCP connection broke: %v", err)
@@ -414,14 +458,17 @@ func TestNestedUpdate(t *testing.T) {
 			h.run(fmt.Sprintf("echo update %d to %s", i+1, target), time.Minute)
 			h.sendNoAnswer(updateCmd(target, ""), "the update returned instead of rebooting")
 			bootsOn[target]++
-			readyRE := fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start \(kernel uptime at start ([0-9.]+)s\); guests running: (\d+); ([^\n]*)`, regexp.QuoteMeta(target))
+			readyRE := fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start \(kernel uptime at start ([0-9.]+)s\); guests running: (\d+)(; guests paused, as before the update: \d+)?; ([^\n]*)`, regexp.QuoteMeta(target))
 			m := h.waitForNth(readyRE, bootsOn[target], 5*time.Minute)
-			if m[3] != "1" {
-				t.Fatalf("%s guests running after kexec, want 1", m[3])
+			if m[3] != "1" || m[4] != "; guests paused, as before the update: 1" {
+				t.Fatalf("%s guests running after kexec, want 1, and%s, want the napper paused", m[3], m[4])
 			}
+			m[4] = m[5]
 			// PID 1 corrects the guest's clock just after READY.
 			clock := h.waitForNth(`msg="guest clock (corrected|not corrected)"`, i+1, cpr.ClockFixTimeout+time.Minute)
 			after, lag := waitGuestState(t, nestNS, state, 4*time.Minute)
+			acks = h.waitAcksPast(t, acks, 4*time.Minute)
+			nap.check(t, fmt.Sprintf("after update %d", i+1))
 			if after.boot != first.boot {
 				t.Fatalf("inner guest rebooted (boot id %s → %s)", first.boot, after.boot)
 			}
@@ -522,6 +569,19 @@ func TestNestedUpdate(t *testing.T) {
 		}
 		t.Logf("restored by hand from the rescue shell: %+v", got)
 	})
+
+	// Last, what the updates must not have changed for the operator: the
+	// paused guest continues when told to, and every disk record the inner
+	// guest acknowledged is on its image.
+	t.Run("PausedGuestContinues", func(t *testing.T) {
+		defer h.use(t)()
+		nap.check(t, "at the end")
+		nap.wake(t)
+	})
+	t.Run("DiskRecords", func(t *testing.T) {
+		defer h.use(t)()
+		h.checkInnerDisk(t, innerPID(), first.boot)
+	})
 }
 
 // frailGuest is a second, small guest on the nested host whose QEMU
@@ -563,14 +623,7 @@ func startFrail(t *testing.T, h *nestedHost) *frailGuest {
 	return fr
 }
 
-func (fr *frailGuest) ramSum(t *testing.T) string {
-	out, _ := fr.h.run(frailRegion, 2*time.Minute)
-	sum := regexp.MustCompile(`[0-9a-f]{64}`).FindString(out)
-	if sum == "" {
-		t.Fatalf("no checksum of the frail guest's RAM: %s", out)
-	}
-	return sum
-}
+func (fr *frailGuest) ramSum(t *testing.T) string { return ramSum(t, fr.h, frailRegion) }
 
 // recoverAfterKexec checks the frail guest failed alone and was kept, then
 // mends the binary, recovers it and removes it again.
@@ -758,4 +811,150 @@ func recordNestedSoak(t *testing.T, h *nestedHost, n int, kernel string) {
 	}
 	defer f.Close()
 	f.Write(append(b, '\n'))
+}
+
+// innerAcks returns the highest "ACK n" of the inner guest's disk writer
+// among the last lines of its console (a file on the host's PMEM); a disk
+// writer that stopped fails the test.
+func (h *nestedHost) innerAcks(t testing.TB) uint64 {
+	out, _ := h.output("tail -n 200 /mnt/pmem/inner-serial.log", time.Minute)
+	ns, errLine := parseAcks([]byte(strings.Split(out, "@@LU-EXIT")[0]))
+	if errLine != "" {
+		t.Fatalf("the inner guest's disk writer stopped: %s", errLine)
+	}
+	return highest(ns)
+}
+
+// waitAcksPast waits until the inner guest acknowledges a disk record past
+// n: its disk works on the QEMU that runs it now.
+func (h *nestedHost) waitAcksPast(t testing.TB, n uint64, d time.Duration) uint64 {
+	deadline := time.Now().Add(d)
+	for {
+		got := h.innerAcks(t)
+		if got > n {
+			return got
+		}
+		if time.Now().After(deadline) {
+			out, _ := h.output("tail -n 20 /mnt/pmem/inner-serial.log", time.Minute)
+			t.Fatalf("the inner guest acknowledged no disk record past %d within %s; its console:\n%s", n, d, out)
+		}
+		time.Sleep(5 * time.Second)
+	}
+}
+
+// checkInnerDisk powers the inner guest down (ACPI: its disk writer
+// finishes the record in flight), unmounts the host's images filesystem
+// and checks, on a copy of the images disk read on this machine, that
+// every record the guest acknowledged through all the updates is in its
+// qcow2 image, intact.
+func (h *nestedHost) checkInnerDisk(t *testing.T, pid, bootID string) {
+	h.run("/newroot/usr/sbin/qmpsend /run/inner.qmp system_powerdown", time.Minute)
+	deadline := time.Now().Add(3 * time.Minute)
+	for {
+		// (u-root's ls exits 0 on a missing path: ask plan, which lists
+		// the QEMUs that run.)
+		if out, _ := h.output("liveupdate plan --root /newroot --state-dir /mnt/pmem/liveupdate --json", time.Minute); !strings.Contains(out, `"vm": "inner"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("the inner guest did not power off within 3 min of the ACPI power button: killed (its acknowledged records must be on the image all the same)")
+			h.run("kill -9 "+pid, time.Minute)
+			time.Sleep(2 * time.Second)
+			break
+		}
+		time.Sleep(5 * time.Second)
+	}
+	acked := h.innerAcks(t)
+	if acked == 0 {
+		t.Fatalf("the inner guest acknowledged no disk record")
+	}
+	h.run("sync", time.Minute)
+	if _, code := h.run("umount "+filepath.Join("/newroot", imagesDir), time.Minute); code != 0 {
+		t.Logf("the images filesystem did not unmount: reading it after journal replay")
+	}
+	dir := t.TempDir()
+	cp := filepath.Join(dir, "images.img")
+	qcow := filepath.Join(dir, "inner.qcow2")
+	for _, c := range [][]string{{"cp", "--sparse=always", h.images, cp}, {"e2fsck", "-fy", cp},
+		{"debugfs", "-R", "dump /" + filepath.Base(innerImage) + " " + qcow, cp}} {
+		out, err := exec.Command(c[0], c[1:]...).CombinedOutput()
+		var ee *exec.ExitError
+		if err != nil && !(c[0] == "e2fsck" && errors.As(err, &ee) && ee.ExitCode() == 1) {
+			t.Fatalf("%v: %v\n%s", c, err, out)
+		}
+	}
+	n, err := checkImage(qcow, "qcow2", acked, bootID, false)
+	if err != nil {
+		t.Fatalf("inner guest's disk after %s: %v", "the updates", err)
+	}
+	t.Logf("the inner guest's qcow2 image holds all %d records it acknowledged across the updates, intact", n)
+}
+
+// napper is a guest its operator paused (QMP stop) before the updates:
+// recover and every update must leave it paused, its RAM as it was.
+type napper struct {
+	h   *nestedHost
+	sum string
+}
+
+const (
+	napperQMP    = "/run/napper.qmp"
+	napperRegion = "dd if=/mnt/pmem/napper.ram bs=1M skip=32 count=1 | shasum -a 256"
+	qmpsend      = "/newroot/usr/sbin/qmpsend"
+)
+
+func startNapper(t *testing.T, h *nestedHost) *napper {
+	for _, c := range []string{
+		"chroot /newroot /usr/bin/qemu-system-x86_64 -name napper -accel tcg -m 64 -machine pc,memory-backend=np0 " +
+			"-object memory-backend-file,id=np0,size=64M,mem-path=/mnt/pmem/napper.ram,share=on " +
+			"-nodefaults -display none -qmp unix:" + napperQMP + ",server=on,wait=off -daemonize",
+		qmpsend + " " + napperQMP + " stop",
+		"dd if=/dev/urandom of=/mnt/pmem/napper.ram bs=1M seek=32 count=1 conv=notrunc",
+	} {
+		if out, code := h.run(c, 2*time.Minute); code != 0 {
+			t.Fatalf("setting up the paused guest: %s: exit %d\n%s", c, code, out)
+		}
+	}
+	n := &napper{h: h}
+	n.sum = ramSum(t, h, napperRegion)
+	n.check(t, "once paused")
+	return n
+}
+
+// check asserts the guest is paused, its RAM unchanged.
+func (n *napper) check(t testing.TB, when string) {
+	out, code := n.h.run(qmpsend+" "+napperQMP+" query-status", time.Minute)
+	if code != 0 || !regexp.MustCompile(`"status":\s*"paused"`).MatchString(out) {
+		t.Errorf("the paused guest %s: query-status exit %d: %s", when, code, out)
+	}
+	if n.sum != "" {
+		if got := ramSum(t, n.h, napperRegion); got != n.sum {
+			t.Errorf("the paused guest's RAM %s: %s, was %s", when, got, n.sum)
+		}
+	}
+}
+
+// wake continues the guest (it runs: the operator's cont works on the QEMU
+// that runs it now), then removes it.
+func (n *napper) wake(t testing.TB) {
+	h := n.h
+	if out, code := h.run(qmpsend+" "+napperQMP+" cont", time.Minute); code != 0 {
+		t.Errorf("cont of the paused guest: exit %d: %s", code, out)
+	}
+	if out, _ := h.run(qmpsend+" "+napperQMP+" query-status", time.Minute); !regexp.MustCompile(`"status":\s*"running"`).MatchString(out) {
+		t.Errorf("the paused guest does not run after cont: %s", out)
+	}
+	h.run(qmpsend+" "+napperQMP+" quit", time.Minute)
+	time.Sleep(2 * time.Second)
+	h.run("rm -f /mnt/pmem/napper.ram /mnt/pmem/liveupdate/napper.state.done /mnt/pmem/liveupdate/napper.qemu.log", time.Minute)
+}
+
+// ramSum is the sha256 a command (dd … | shasum) prints.
+func ramSum(t testing.TB, h *nestedHost, cmd string) string {
+	out, _ := h.run(cmd, 2*time.Minute)
+	sum := regexp.MustCompile(`[0-9a-f]{64}`).FindString(out)
+	if sum == "" {
+		t.Fatalf("no checksum from %s: %s", cmd, out)
+	}
+	return sum
 }
