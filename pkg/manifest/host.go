@@ -25,6 +25,10 @@ type Bridge struct {
 	MTU   int      `json:"mtu"`
 	Addrs []string `json:"addrs,omitempty"` // CIDR
 	Ports []string `json:"ports,omitempty"` // ports other than the recorded taps (e.g. the uplink NIC)
+	// PortMACs gives each port's hardware address: PID 1 has no udev, so a
+	// NIC udev had renamed (ens3) comes up under the kernel's name (eth1)
+	// and is found, and named again, by its address.
+	PortMACs map[string]string `json:"port_macs,omitempty"`
 	Up    bool     `json:"up"`
 }
 

@@ -97,6 +97,12 @@ func captureBridge(name string, taps map[string]TapInfo) (manifest.Bridge, error
 		if p.Attrs().MasterIndex == a.Index {
 			if _, isTap := taps[p.Attrs().Name]; !isTap {
 				b.Ports = append(b.Ports, p.Attrs().Name)
+				if mac := portMAC(p.Attrs()); mac != "" {
+					if b.PortMACs == nil {
+						b.PortMACs = map[string]string{}
+					}
+					b.PortMACs[p.Attrs().Name] = mac
+				}
 			}
 		}
 	}
@@ -147,7 +153,7 @@ func applyBridge(b manifest.Bridge) error {
 		}
 	}
 	for _, p := range b.Ports {
-		pl, err := netlink.LinkByName(p)
+		pl, err := portLink(p, b.PortMACs[p])
 		if err != nil {
 			return fmt.Errorf("port %s: %w", p, err)
 		}
@@ -160,6 +166,42 @@ func applyBridge(b manifest.Bridge) error {
 		return netlink.LinkSetUp(l)
 	}
 	return nil
+}
+
+// portMAC is a port's own hardware address: the permanent one where the
+// driver reports it.
+func portMAC(a *netlink.LinkAttrs) string {
+	if len(a.PermHWAddr) > 0 {
+		return a.PermHWAddr.String()
+	}
+	return a.HardwareAddr.String()
+}
+
+// portLink finds a bridge port by name or, when no link has that name (a
+// NIC udev renamed before, under the kernel's name now), by its hardware
+// address, and gives it the recorded name — the name udev gives it again
+// after the handover.
+func portLink(name, mac string) (netlink.Link, error) {
+	l, err := netlink.LinkByName(name)
+	if err == nil || mac == "" {
+		return l, err
+	}
+	links, lerr := netlink.LinkList()
+	if lerr != nil {
+		return nil, errors.Join(err, lerr)
+	}
+	for _, c := range links {
+		a := c.Attrs()
+		if portMAC(a) != mac || a.MasterIndex != 0 || c.Type() == "bridge" || c.Type() == "tuntap" {
+			continue
+		}
+		netlink.LinkSetDown(c)
+		if rerr := netlink.LinkSetName(c, name); rerr != nil {
+			return nil, fmt.Errorf("%w; the link with its address %s is %s, and renaming it failed: %v", err, mac, a.Name, rerr)
+		}
+		return netlink.LinkByName(name)
+	}
+	return nil, fmt.Errorf("%w (and no link has its address %s)", err, mac)
 }
 
 func applyTap(t manifest.Tap) error {

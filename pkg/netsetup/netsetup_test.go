@@ -45,10 +45,12 @@ func TestCaptureApply(t *testing.T) {
 		}
 		must(LoopbackUp())
 		want := manifest.Network{
-			Bridges: []manifest.Bridge{{Name: "br-lu", MAC: "02:00:00:00:00:01", MTU: 1400, Addrs: []string{"10.77.0.1/24"}, Ports: []string{"uplink"}, Up: true}},
+			Bridges: []manifest.Bridge{{Name: "br-lu", MAC: "02:00:00:00:00:01", MTU: 1400, Addrs: []string{"10.77.0.1/24"}, Ports: []string{"uplink"},
+				PortMACs: map[string]string{"uplink": "02:00:00:00:00:0a"}, Up: true}},
 			Taps:    []manifest.Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}},
 		}
-		must(netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink", MTU: 1400}, PeerName: "uplink-peer"}))
+		mac, _ := net.ParseMAC("02:00:00:00:00:0a")
+		must(netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink", MTU: 1400, HardwareAddr: mac}, PeerName: "uplink-peer"}))
 		must(Apply(want))
 		got, err := Capture(map[string]TapInfo{"vnet-lu": {Flags: flags, Queues: 2}})
 		must(err)
@@ -66,6 +68,34 @@ func TestCaptureApply(t *testing.T) {
 		must(err)
 		if !reflect.DeepEqual(again, want) {
 			t.Fatalf("rebuilt\n%+v\nwant\n%+v", again, want)
+		}
+		// After a kexec PID 1 has no udev: the uplink NIC comes up under
+		// another (the kernel's) name. It is found by its address and
+		// named as recorded.
+		for _, n := range []string{"vnet-lu", "br-lu"} {
+			l, err := netlink.LinkByName(n)
+			must(err)
+			must(netlink.LinkDel(l))
+		}
+		up, err := netlink.LinkByName("uplink")
+		must(err)
+		must(netlink.LinkSetName(up, "eth7"))
+		must(Apply(got))
+		renamed, err := Capture(map[string]TapInfo{"vnet-lu": {Flags: flags, Queues: 2}})
+		must(err)
+		if !reflect.DeepEqual(renamed, want) {
+			t.Fatalf("rebuilt with the uplink renamed\n%+v\nwant\n%+v", renamed, want)
+		}
+		if _, err := netlink.LinkByName("eth7"); err == nil {
+			t.Fatalf("eth7 still there: the uplink was not named back")
+		}
+		// A port whose address no link has: the error names both.
+		lost := got
+		lost.Bridges = []manifest.Bridge{got.Bridges[0]}
+		lost.Bridges[0].Ports = []string{"gone0"}
+		lost.Bridges[0].PortMACs = map[string]string{"gone0": "02:00:00:00:00:99"}
+		if err := Apply(manifest.Network{Bridges: lost.Bridges}); err == nil || !strings.Contains(err.Error(), "no link has its address 02:00:00:00:00:99") {
+			t.Fatalf("Apply with a missing port: %v", err)
 		}
 		// The rebuilt tap takes a second queue, as QEMU's fds would.
 		f1, err := tapdev.Open("vnet-lu", flags)

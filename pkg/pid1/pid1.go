@@ -19,6 +19,7 @@ import (
 	"os/signal"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -304,9 +305,19 @@ func (b *Boot) mountFstab(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	mounted, err := mounts.Table("/proc/mounts")
+	if err != nil {
+		return err
+	}
 	for _, e := range es {
 		if why := e.NotMounted(); why != "" {
 			b.Log.Info("fstab entry left to the host's init", "line", e.Line, "spec", e.Spec, "dir", e.Dir, "why", why)
+			continue
+		}
+		// PMEM (lu.pmem=, bound into the root) or anything else already
+		// there: never mounted twice, never covered.
+		if slices.ContainsFunc(mounted, func(m mounts.Entry) bool { return m.Dir == filepath.Join(b.Root, e.Dir) }) {
+			b.Log.Info("fstab entry already mounted", "line", e.Line, "spec", e.Spec, "dir", e.Dir)
 			continue
 		}
 		dev, err := mounts.MountFstab(e, b.Root)
