@@ -33,7 +33,32 @@ func (r *run) handBackToLibvirt(ctx context.Context, c *qmp.Client, vm *manifest
 	if err != nil {
 		return fmt.Errorf("the guest runs on QEMU pid %d, but libvirt's record of it still names the old QEMU: %w. Do not start libvirt's daemon (it would take the guest for stopped and remove its RAM file) before 'liveupdate recover' has rewritten the record", pid, err)
 	}
+	if back, err := libvirt.ReleaseAutostart(string(r.Root.Local("/")), vm.Name); err != nil {
+		r.Log.Warn("libvirt's autostart of the guest stays held", "vm", vm.Name, "err", err)
+	} else if back {
+		r.Log.Info("libvirt's autostart of the guest given back", "vm", vm.Name)
+	}
 	return nil
+}
+
+// holdLibvirtAutostart keeps libvirt's daemon from starting afresh a guest
+// whose restore failed (err): started by the host's init after a kexec, it
+// finds no record of the guest running and would boot it over the RAM the
+// restore kept (and delete that RAM file when that QEMU stops). The
+// returned error says what was done; recover gives the link back once the
+// guest runs.
+func (r *run) holdLibvirtAutostart(vm *manifest.VM, err error) error {
+	if vm.Libvirt == nil {
+		return err
+	}
+	held, herr := libvirt.HoldAutostart(string(r.Root.Local("/")), vm.Name)
+	switch {
+	case herr != nil:
+		return fmt.Errorf("%w; and %v: do not start libvirt's daemon before 'liveupdate recover' has brought the guest back", err, herr)
+	case held:
+		return fmt.Errorf("%w (libvirt's autostart of the guest is held, %s/%s.xml%s, until 'liveupdate recover' brings it back: do not 'virsh start' it meanwhile, that would boot it over its kept RAM)", err, libvirt.AutostartDir, vm.Name, libvirt.HeldSuffix)
+	}
+	return fmt.Errorf("%w (do not 'virsh start' the guest before 'liveupdate recover' has brought it back: that would boot it over its kept RAM)", err)
 }
 
 // rewriteLibvirt names pid and its vCPU threads in the guest's status

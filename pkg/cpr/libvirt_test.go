@@ -1,6 +1,7 @@
 package cpr
 
 import (
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -76,5 +77,27 @@ func TestRewriteLibvirt(t *testing.T) {
 				t.Errorf("a second rewrite changed the record")
 			}
 		})
+	}
+}
+
+// A libvirt guest whose restore failed is kept from libvirt's autostart
+// (which would boot it over its kept RAM) and the error says so; a guest
+// libvirt does not manage is left alone.
+func TestHoldLibvirtAutostart(t *testing.T) {
+	root := t.TempDir()
+	dir := filepath.Join(root, libvirt.AutostartDir)
+	os.MkdirAll(dir, 0o755)
+	os.Symlink("/etc/libvirt/qemu/g.xml", filepath.Join(dir, "g.xml"))
+	r := (&Engine{Root: hostpath.Root(root), Log: slog.New(slog.DiscardHandler)}).newRun()
+	cause := errors.New("starting QEMU: boom")
+	err := r.holdLibvirtAutostart(&manifest.VM{Name: "g", Libvirt: &manifest.Libvirt{Status: "/run/libvirt/qemu/g.xml"}}, cause)
+	if !errors.Is(err, cause) || !strings.Contains(err.Error(), "autostart of the guest is held") {
+		t.Fatalf("error %v", err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "g.xml")); err == nil {
+		t.Fatalf("the autostart link was not held")
+	}
+	if err := r.holdLibvirtAutostart(&manifest.VM{Name: "plain"}, cause); err != cause {
+		t.Fatalf("a guest without libvirt: %v", err)
 	}
 }

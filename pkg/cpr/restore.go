@@ -86,6 +86,7 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 				}
 			}
 			if err != nil {
+				err = r.holdLibvirtAutostart(vm, err)
 				vm.Status = manifest.StatusFailed
 				vm.Error = err.Error()
 				r.Log.Error("restore failed; RAM and state files kept", "vm", vm.Name, "err", err)
@@ -423,6 +424,7 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 			f.Close() // QEMU has its copies
 		}
 	}()
+	r.makeSocketDirs(vm, argv)
 	err := tapdev.InNetNS(vm.NetNS, func() error {
 		var err error
 		q.files, opened, err = r.openFds(vm, held)
@@ -584,6 +586,23 @@ func (r *run) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*
 	return files, opened, nil
 }
 
+// makeSocketDirs makes the directories of the unix sockets QEMU binds
+// itself (-chardev socket,path=…,server=on, -qmp unix:…): after a kexec
+// those under /run (a tmpfs) are gone, and QEMU would refuse to start
+// ("Failed to bind socket … No such file or directory"). QEMU's error
+// is the report if one cannot be made.
+func (r *run) makeSocketDirs(vm *manifest.VM, argv []string) {
+	c, err := qemuargv.Parse(argv)
+	if err != nil {
+		return // startQEMU's QEMU says what is wrong with its argv
+	}
+	for _, p := range c.ListenPaths() {
+		if err := os.MkdirAll(filepath.Dir(r.localIn(vm, p)), 0o750); err != nil {
+			r.Log.Warn("making a socket's directory", "vm", vm.Name, "path", p, "err", err)
+		}
+	}
+}
+
 // reopenFile opens a file of an -add-fd set again as its QEMU had it: the
 // access mode and the flags that change how it is written; never created
 // or truncated (it is the guest's log or disk).
@@ -598,6 +617,11 @@ func reopenFile(path string, flags int) (*os.File, error) {
 
 func listenUnix(path string) (*os.File, error) {
 	os.Remove(path) // a stale socket from the old QEMU
+	// After a kexec /run is empty: libvirt's agent channel is bound in
+	// /run/libvirt/qemu/channel/ID-NAME/, which it made at the guest's start.
+	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
+		return nil, fmt.Errorf("re-creating the directory of socket %s: %w", path, err)
+	}
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("re-creating socket %s: %w", path, err)

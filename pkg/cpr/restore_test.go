@@ -3,6 +3,7 @@ package cpr
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -134,4 +135,31 @@ func TestUnconsume(t *testing.T) {
 	if err := r.unconsume(vm); err == nil {
 		t.Errorf("unconsume without a mark succeeded")
 	}
+}
+
+// After a kexec /run is an empty tmpfs: the directories of the sockets a
+// guest's QEMU binds (libvirt's agent channel by fd, a -chardev path, a
+// -qmp path) are made again under the root QEMU runs in, and the socket
+// passed by fd is bound there.
+func TestSocketDirsAfterKexec(t *testing.T) {
+	root := t.TempDir()
+	r := (&Engine{Root: hostpath.Root(root), Log: slog.New(slog.DiscardHandler)}).newRun()
+	vm := &manifest.VM{Name: "g", Cwd: "/"}
+	r.makeSocketDirs(vm, []string{"qemu-system-x86_64",
+		"-chardev", "socket,id=c0,path=/run/libvirt/qemu/channel/1-g/agent.0,server=on,wait=off",
+		"-qmp", "unix:/run/lu/g.qmp,server=on,wait=off",
+		"-chardev", "socket,id=c1,path=/run/client/only.sock"}) // a client: QEMU connects, makes nothing
+	for _, d := range []string{"run/libvirt/qemu/channel/1-g", "run/lu"} {
+		if fi, err := os.Stat(filepath.Join(root, d)); err != nil || !fi.IsDir() {
+			t.Errorf("%s not made: %v", d, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(root, "run/client")); err == nil {
+		t.Errorf("the directory of a client socket was made")
+	}
+	f, err := listenUnix(filepath.Join(root, "run/libvirt/qemu/channel/2-h/org.qemu.guest_agent.0"))
+	if err != nil {
+		t.Fatalf("listenUnix in a directory that is gone: %v", err)
+	}
+	f.Close()
 }

@@ -29,7 +29,7 @@ type Bridge struct {
 	// NIC udev had renamed (ens3) comes up under the kernel's name (eth1)
 	// and is found, and named again, by its address.
 	PortMACs map[string]string `json:"port_macs,omitempty"`
-	Up    bool     `json:"up"`
+	Up       bool              `json:"up"`
 }
 
 // Tap is a guest's tap device.

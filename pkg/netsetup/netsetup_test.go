@@ -47,7 +47,7 @@ func TestCaptureApply(t *testing.T) {
 		want := manifest.Network{
 			Bridges: []manifest.Bridge{{Name: "br-lu", MAC: "02:00:00:00:00:01", MTU: 1400, Addrs: []string{"10.77.0.1/24"}, Ports: []string{"uplink"},
 				PortMACs: map[string]string{"uplink": "02:00:00:00:00:0a"}, Up: true}},
-			Taps:    []manifest.Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}},
+			Taps: []manifest.Tap{{Name: "vnet-lu", MAC: "fe:54:00:00:00:02", MTU: 1400, Flags: flags, Queues: 2, Master: "br-lu", Up: true}},
 		}
 		mac, _ := net.ParseMAC("02:00:00:00:00:0a")
 		must(netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "uplink", MTU: 1400, HardwareAddr: mac}, PeerName: "uplink-peer"}))

@@ -1,0 +1,206 @@
+package qemutests
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestDebianHostUpdate is the fleet operator's update of a real Debian KVM
+// host (scripts/debian-host.sh), end to end: the host boots the old kernel
+// (this project's PID 1, handed over to systemd), libvirt autostarts its
+// guest (RAM on PMEM, a qcow2 disk on the images filesystem of the host's
+// fstab, its disk writer acknowledging records, a NIC on br0, the agent);
+// the project's Ansible playbook, run from this machine over SSH (QEMU user
+// networking, a forwarded port), gates, updates the host to the new kernel
+// and verifies it; then the test checks what the operator's guests and
+// host must show: heartbeat on, same boot id, RAM checksum intact, the TCP
+// connection opened before the update still open, the guest's clock put
+// right, its disk writer still acknowledging and — read on this machine
+// after the guest is shut down — every acknowledged record on its image,
+// libvirt managing the guest again under its new pid, systemd "running".
+func TestDebianHostUpdate(t *testing.T) {
+	if _, err := exec.LookPath("ansible-playbook"); err != nil {
+		t.Fatal("ansible-playbook is not installed (scripts/setup.sh installs ansible-core)")
+	}
+	h := bootDebianHost(t, "old")
+	start := time.Now()
+	h.checkBooted(t, "old", start)
+	first := h.waitGuestBeats(t, start)
+	acks := h.guestAcks(t)
+	qemuBefore := h.libvirtQEMU(t)
+	echo := watchEcho(t, dhNS, dhGuest+":7007")
+	defer close(echo.stop)
+	beats := watchBeats(dhNS, dhGuest+":7008")
+	defer close(beats.stop)
+
+	nw := kernelVersion(t, "new")
+	dir := t.TempDir()
+	inv := filepath.Join(dir, "inventory.ini")
+	os.WriteFile(inv, []byte(fmt.Sprintf("[kvm_hosts]\nlu-debian-host ansible_host=127.0.0.1 ansible_port=%d ansible_user=root "+
+		"ansible_ssh_private_key_file=%s ansible_python_interpreter=/usr/bin/python3 "+
+		"ansible_ssh_common_args='-o UserKnownHostsFile=%s -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes'\n",
+		h.sshPort, filepath.Join(h.dir, "id_ed25519"), filepath.Join(h.dir, "known_hosts"))), 0o644)
+	updateStart := time.Now()
+	cmd := exec.Command("ansible-playbook", "-i", inv, filepath.Join(repoRoot, "ansible/playbook.yml"),
+		"-e", "liveupdate_kernel_version="+nw)
+	cmd.Env = append(os.Environ(), "ANSIBLE_NOCOLOR=1", "ANSIBLE_LOCAL_TEMP="+filepath.Join(dir, "tmp"), "ANSIBLE_RETRY_FILES_ENABLED=0")
+	out, err := cmd.CombinedOutput()
+	t.Logf("ansible-playbook (%s):\n%s", time.Since(updateStart).Round(time.Second), out)
+	if err != nil {
+		st, _ := h.ssh(time.Minute, "liveupdate status --state-dir /mnt/pmem/liveupdate; ls -l /mnt/pmem/liveupdate; tail -n 30 /mnt/pmem/liveupdate/*.qemu.log; journalctl -b -u libvirtd --no-pager | tail -40")
+		t.Fatalf("the playbook failed: %v; PID 1 on the host's console:\n%s\non the host:\n%s", err, pid1Lines(h.console()), st)
+	}
+	if !regexp.MustCompile(`lu-debian-host\s+: ok=\d+\s+changed=\d+\s+unreachable=0\s+failed=0`).Match(out) {
+		t.Errorf("the playbook's recap does not show the host updated without failure")
+	}
+
+	// The guest, as its user sees it.
+	after, lag := waitGuestState(t, dhNS, dhGuest+":7008", 4*time.Minute)
+	if after.boot != first.boot || after.seq <= first.seq || after.mem != "ok" {
+		t.Errorf("guest after the update: %+v, before %+v (rebooted, stalled or RAM damaged)", after, first)
+	}
+	if lag < -2*time.Second || lag > 2*time.Second {
+		t.Errorf("the guest's clock is off by %s after the update", lag)
+	}
+	gap, err := echo.takeGap()
+	if err != nil {
+		t.Errorf("the TCP connection opened before the update broke: %v", err)
+	}
+	acks = h.waitGuestAcksPast(t, acks, 4*time.Minute)
+
+	// The host, as its operator sees it.
+	if got := strings.TrimSpace(h.mustSSH("uname -r")); got != nw {
+		t.Errorf("host runs %s after the update, want %s", got, nw)
+	}
+	if st, _ := h.ssh(5*time.Minute, "systemctl is-system-running --wait"); strings.TrimSpace(st) != "running" {
+		failed, _ := h.ssh(time.Minute, "systemctl --failed --no-legend --plain; journalctl -b -p err --no-pager | tail -40")
+		t.Errorf("systemctl is-system-running: %q after the update; failed units and errors:\n%s", strings.TrimSpace(st), failed)
+	}
+	qemuAfter := h.libvirtQEMU(t)
+	if qemuAfter == qemuBefore {
+		t.Errorf("libvirt's guest runs under the same QEMU pid %d across a kexec", qemuAfter)
+	}
+	status := h.mustSSH("liveupdate status --state-dir /mnt/pmem/liveupdate")
+	t.Logf("update: TCP echo longest gap %s, heartbeat longest gap %s, guest clock − host = %s; liveupdate status:\n%s",
+		gap.Round(time.Millisecond), beats.takeGap().Round(time.Millisecond), lag.Round(time.Millisecond), status)
+
+	// Last: the guest shut down by libvirt (ACPI), its image read here.
+	t.Run("DiskRecords", func(t *testing.T) {
+		h.mustSSH("virsh -c qemu:///system shutdown heartbeat")
+		deadline := time.Now().Add(3 * time.Minute)
+		for {
+			st, _ := h.ssh(time.Minute, "virsh -c qemu:///system domstate heartbeat")
+			if strings.HasPrefix(st, "shut off") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("the guest did not shut down within 3 min of libvirt's ACPI shutdown (%q): destroyed", st)
+				h.ssh(time.Minute, "virsh -c qemu:///system destroy heartbeat")
+				break
+			}
+			time.Sleep(3 * time.Second)
+		}
+		acked := h.guestAcks(t)
+		img := filepath.Join(t.TempDir(), "heartbeat.qcow2")
+		if err := h.fetch("/var/lib/libvirt/images/heartbeat.qcow2", img); err != nil {
+			t.Fatal(err)
+		}
+		n, err := checkImage(img, "qcow2", acked, first.boot, false)
+		if err != nil {
+			t.Fatalf("the guest's disk after the update: %v", err)
+		}
+		t.Logf("the guest's qcow2 image holds all %d records it acknowledged, intact", n)
+	})
+}
+
+// waitGuestBeats waits for libvirt's guest to beat over br0 (a nested boot
+// under TCG: minutes) and returns its state.
+func (h *debianHost) waitGuestBeats(t *testing.T, start time.Time) beat {
+	t.Helper()
+	h.checkGuest(t, start)
+	b, _ := waitGuestState(t, dhNS, dhGuest+":7008", time.Minute)
+	return b
+}
+
+// guestAcks is the highest record libvirt's guest acknowledged on its
+// serial console (a file libvirt keeps on the host).
+func (h *debianHost) guestAcks(t testing.TB) uint64 {
+	out, code := h.ssh(time.Minute, "tail -n 200 /var/log/libvirt/qemu/heartbeat-serial.log")
+	if code != 0 {
+		t.Fatalf("reading the guest's console: exit %d %s", code, out)
+	}
+	ns, errLine := parseAcks([]byte(out))
+	if errLine != "" {
+		t.Fatalf("the guest's disk writer stopped: %s", errLine)
+	}
+	return highest(ns)
+}
+
+func (h *debianHost) waitGuestAcksPast(t testing.TB, n uint64, d time.Duration) uint64 {
+	deadline := time.Now().Add(d)
+	for {
+		if got := h.guestAcks(t); got > n {
+			return got
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest acknowledged no disk record past %d within %s", n, d)
+		}
+		time.Sleep(3 * time.Second)
+	}
+}
+
+// libvirtQEMU is the pid libvirt's record gives for the guest, checked
+// against the QEMU that runs it.
+func (h *debianHost) libvirtQEMU(t testing.TB) int {
+	out := h.mustSSH("cat /run/libvirt/qemu/heartbeat.pid; echo; virsh -c qemu:///system domstate heartbeat; pgrep -f 'guest=heartbeat' | head -1")
+	f := strings.Fields(out)
+	if len(f) < 3 || f[1] != "running" {
+		t.Fatalf("libvirt's view of the guest: %q", out)
+	}
+	pid, _ := strconv.Atoi(f[0])
+	if f[len(f)-1] != f[0] {
+		t.Errorf("libvirt's record says pid %s, the QEMU running the guest is %s", f[0], f[len(f)-1])
+	}
+	return pid
+}
+
+// fetch copies a file of the host to local over SSH.
+func (h *debianHost) fetch(remote, local string) error {
+	f, err := os.Create(local)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	c := exec.Command("ssh", "-i", filepath.Join(h.dir, "id_ed25519"),
+		"-o", "UserKnownHostsFile="+filepath.Join(h.dir, "known_hosts"), "-o", "HostKeyAlias=lu-debian-host",
+		"-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+		"-p", fmt.Sprint(h.sshPort), "root@127.0.0.1", "cat "+remote)
+	var stderr strings.Builder
+	c.Stdout, c.Stderr = f, &stderr
+	if err := c.Run(); err != nil {
+		return fmt.Errorf("ssh cat %s: %v %s", remote, err, stderr.String())
+	}
+	return nil
+}
+
+// pid1Lines is what this project's PID 1 printed in the console's last
+// boot (its log lines and messages), for a failure report.
+func pid1Lines(console string) string {
+	if i := strings.LastIndex(console, "Linux version"); i >= 0 {
+		console = console[i:]
+	}
+	var out []string
+	for _, l := range strings.Split(console, "\n") {
+		if strings.Contains(l, "liveupdate") || strings.Contains(l, "level=") {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
