@@ -38,6 +38,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/kexec"
+	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/phase"
@@ -150,6 +151,20 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 				if !manifest.Within(b.MemPath, p.PMEMMount) {
 					bad("%s: RAM of backend %q is in %s, not on the PMEM filesystem %s: it would not survive the kexec", t.Name(), b.ID, b.MemPath, p.PMEMMount)
 				}
+			}
+		}
+	}
+
+	// libvirt's guests on a host where systemd-machined tracks them: after
+	// the kexec machined has forgotten the guest's machine, and libvirtd,
+	// started by systemd, fails to reconnect to the QEMU PID 1 restored
+	// ("NoMachineForPID" in TestDebianHostUpdate) and stops the guest,
+	// then autostarts it afresh. Refused until liveupdate registers the
+	// restored guests with machined before libvirtd starts.
+	if ms := libvirt.MachinedTracks(local("/")); len(ms) > 0 {
+		for _, t := range ts {
+			if t.Libvirt != "" {
+				bad("%s: libvirt manages this guest and systemd-machined tracks its machine (%s): after the kexec libvirt's daemon could not reconnect to it (machined forgets the machine; libvirtd then stops the guest). A kernel update of libvirt's guests on a systemd host is not supported yet; `liveupdate restart-qemu` (a QEMU-only restart) is", t.Name(), filepath.Join(libvirt.MachinedDir, strings.Join(ms, ",")))
 			}
 		}
 	}
