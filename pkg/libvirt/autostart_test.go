@@ -32,17 +32,3 @@ func TestHoldAutostart(t *testing.T) {
 		t.Fatalf("a second release: %v, %v", back, err)
 	}
 }
-
-func TestMachinedTracks(t *testing.T) {
-	root := t.TempDir()
-	if got := MachinedTracks(root); got != nil {
-		t.Fatalf("no machined: %v", got)
-	}
-	dir := filepath.Join(root, MachinedDir)
-	os.MkdirAll(dir, 0o755)
-	os.WriteFile(filepath.Join(dir, "qemu-1-heartbeat"), []byte("NAME=qemu-1-heartbeat\n"), 0o644)
-	os.Symlink("qemu-1-heartbeat", filepath.Join(dir, "unit:machine-qemu\\x2d1\\x2dheartbeat.scope"))
-	if got := MachinedTracks(root); len(got) != 1 || got[0] != "qemu-1-heartbeat" {
-		t.Fatalf("MachinedTracks = %v", got)
-	}
-}

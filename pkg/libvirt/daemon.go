@@ -82,23 +82,3 @@ func StopHint(ds []Daemon) (stop, start string) {
 	}
 	return "systemctl stop " + strings.Join(units, " "), "systemctl start " + strings.Join(startUnits, " ")
 }
-
-// MachinedDir is where systemd-machined keeps a state file per machine
-// it tracks (libvirt registers each guest there on a systemd host).
-const MachinedDir = "/run/systemd/machines"
-
-// MachinedTracks lists the machines systemd-machined tracks under root
-// (the host root as we see it): libvirt's guests on a systemd host.
-func MachinedTracks(root string) []string {
-	ents, err := os.ReadDir(filepath.Join(root, MachinedDir))
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, e := range ents {
-		if !e.IsDir() && !strings.HasPrefix(e.Name(), ".") && !strings.HasPrefix(e.Name(), "unit:") {
-			out = append(out, e.Name())
-		}
-	}
-	return out
-}

@@ -38,7 +38,6 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/kexec"
-	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/phase"
@@ -155,17 +154,15 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		}
 	}
 
-	// libvirt's guests on a host where systemd-machined tracks them: after
-	// the kexec machined has forgotten the guest's machine, and libvirtd,
-	// started by systemd, fails to reconnect to the QEMU PID 1 restored
-	// ("NoMachineForPID" in TestDebianHostUpdate) and stops the guest,
-	// then autostarts it afresh. Refused until liveupdate registers the
-	// restored guests with machined before libvirtd starts.
-	if ms := libvirt.MachinedTracks(local("/")); len(ms) > 0 {
-		for _, t := range ts {
-			if t.Libvirt != "" {
-				bad("%s: libvirt manages this guest and systemd-machined tracks its machine (%s): after the kexec libvirt's daemon could not reconnect to it (machined forgets the machine; libvirtd then stops the guest). A kernel update of libvirt's guests on a systemd host is not supported yet; `liveupdate restart-qemu` (a QEMU-only restart) is", t.Name(), filepath.Join(libvirt.MachinedDir, strings.Join(ms, ",")))
-			}
+	// libvirt's guests: after the kexec PID 1 restores the guest and writes
+	// libvirt's record back, but libvirtd, started by systemd, fails to
+	// reconnect and stops the guest (TestDebianHostUpdate on libvirt 11.3:
+	// "terminating on signal 15 from … libvirtd" a second after it logged
+	// machined's NoMachineForPID), then autostarts it afresh. Refused until
+	// the hand-back after a kexec is proven; restart-qemu hands them back.
+	for _, t := range ts {
+		if t.Libvirt != "" {
+			bad("%s: libvirt manages this guest: after a kexec libvirt's daemon does not take the restored guest back yet (libvirt 11.3 stopped it: 'terminating on signal 15 from libvirtd'), so a kernel update would lose it. Move it off the host (virsh migrate) for the kernel update; a QEMU-only update of it works (liveupdate restart-qemu)", t.Name())
 		}
 	}
 
