@@ -145,16 +145,7 @@ func (h *debianHost) guestAcks(t testing.TB) uint64 {
 }
 
 func (h *debianHost) waitGuestAcksPast(t testing.TB, n uint64, d time.Duration) uint64 {
-	deadline := time.Now().Add(d)
-	for {
-		if got := h.guestAcks(t); got > n {
-			return got
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the guest acknowledged no disk record past %d within %s", n, d)
-		}
-		time.Sleep(3 * time.Second)
-	}
+	return waitAckPast(t, n, d, 3*time.Second, func() uint64 { return h.guestAcks(t) }, func() string { return "" })
 }
 
 // libvirtQEMU is the pid libvirt's record gives for the guest, checked

@@ -401,3 +401,19 @@ func startedEarly(m *manifest.Manifest, name string) bool {
 	}
 	return false
 }
+
+// waitAckPast polls read (the highest "ACK n" a guest printed) every
+// interval until it passes n, and returns it; after d it fails the test,
+// with more() appended to the message (the guest's console, say).
+func waitAckPast(t testing.TB, n uint64, d, interval time.Duration, read func() uint64, more func() string) uint64 {
+	deadline := time.Now().Add(d)
+	for {
+		if got := read(); got > n {
+			return got
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the guest acknowledged no disk record past %d within %s%s", n, d, more())
+		}
+		time.Sleep(interval)
+	}
+}

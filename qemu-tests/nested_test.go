@@ -828,18 +828,10 @@ func (h *nestedHost) innerAcks(t testing.TB) uint64 {
 // waitAcksPast waits until the inner guest acknowledges a disk record past
 // n: its disk works on the QEMU that runs it now.
 func (h *nestedHost) waitAcksPast(t testing.TB, n uint64, d time.Duration) uint64 {
-	deadline := time.Now().Add(d)
-	for {
-		got := h.innerAcks(t)
-		if got > n {
-			return got
-		}
-		if time.Now().After(deadline) {
-			out, _ := h.output("tail -n 20 /mnt/pmem/inner-serial.log", time.Minute)
-			t.Fatalf("the inner guest acknowledged no disk record past %d within %s; its console:\n%s", n, d, out)
-		}
-		time.Sleep(5 * time.Second)
-	}
+	return waitAckPast(t, n, d, 5*time.Second, func() uint64 { return h.innerAcks(t) }, func() string {
+		out, _ := h.output("tail -n 20 /mnt/pmem/inner-serial.log", time.Minute)
+		return "; its console:\n" + out
+	})
 }
 
 // checkInnerDisk powers the inner guest down (ACPI: its disk writer
