@@ -41,15 +41,22 @@ func dialIn(ns, addr string) (net.Conn, error) {
 
 var stateRE = regexp.MustCompile(`HB seq=(\d+) boot=(\S+) .* mem=(\S+) .* time=(\d+)`)
 
-// guestState asks the guest's state server for its heartbeat and clock; the
-// lag is guest clock − host clock at the moment of the answer.
-func guestState(ns, addr string) (beat, time.Duration, error) {
+// stateWait is how long one question to a guest's state server waits for
+// its answer. Under nested TCG a loaded guest has taken more than 5 s to
+// accept a connection; an asker that gives up sooner and asks again only
+// adds to its load, and then never hears an answer.
+const stateWait = 30 * time.Second
+
+// guestState asks the guest's state server for its heartbeat and clock,
+// waiting up to wait for the answer; the lag is guest clock − host clock at
+// the moment of the answer.
+func guestState(ns, addr string, wait time.Duration) (beat, time.Duration, error) {
 	c, err := dialIn(ns, addr)
 	if err != nil {
 		return beat{}, 0, err
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
+	c.SetDeadline(time.Now().Add(wait))
 	line, err := bufio.NewReader(c).ReadString('\n')
 	now := time.Now()
 	if err != nil {
@@ -68,10 +75,10 @@ func waitGuestState(t testing.TB, ns, addr string, d time.Duration) (beat, time.
 	t.Helper()
 	deadline := time.Now().Add(d)
 	var err error
-	for time.Now().Before(deadline) {
+	for left := d; left > 0; left = time.Until(deadline) {
 		var b beat
 		var lag time.Duration
-		if b, lag, err = guestState(ns, addr); err == nil {
+		if b, lag, err = guestState(ns, addr, min(left, stateWait)); err == nil {
 			return b, lag
 		}
 		time.Sleep(200 * time.Millisecond)

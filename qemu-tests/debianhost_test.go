@@ -283,7 +283,7 @@ func (h *debianHost) checkGuest(t *testing.T, start time.Time) {
 	deadline := time.Now().Add(wait)
 	var first beat
 	for {
-		b, _, err := guestState(dhNS, dhGuest+":7008")
+		b, _, err := guestState(dhNS, dhGuest+":7008", stateWait)
 		if err == nil && first.seq == 0 {
 			first = b
 			t.Logf("guest heartbeat %d after %s", b.seq, time.Since(start).Round(time.Second))

@@ -265,7 +265,7 @@ func watchBeats(ns, addr string) *beatWatch {
 				return
 			case <-time.After(250 * time.Millisecond):
 			}
-			b, _, err := guestState(ns, addr)
+			b, _, err := guestState(ns, addr, stateWait)
 			if err != nil || b.seq == lastSeq {
 				continue
 			}
