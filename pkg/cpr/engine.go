@@ -27,6 +27,7 @@
 package cpr
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -69,8 +70,24 @@ type Engine struct {
 	ClockTimeout   time.Duration // one guest's clock fix through its agent
 
 	// ClockAsync: Restore returns once the guests run, and their clocks
-	// are corrected afterwards (PID 1 must not wait for slow agents).
+	// are corrected afterwards (PID 1 must not wait for slow agents);
+	// WaitClocks waits for those fixes.
 	ClockAsync bool
+	clockFixes sync.WaitGroup
+}
+
+// WaitClocks waits until the clock fixes ClockAsync left running are done,
+// or ctx ends (false). PID 1 waits before it execs the host's init, which
+// would end them half-way.
+func (e *Engine) WaitClocks(ctx context.Context) bool {
+	done := make(chan struct{})
+	go func() { e.clockFixes.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // New returns an engine with default timeouts.

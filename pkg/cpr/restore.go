@@ -248,9 +248,16 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		r.Log.Error("libvirt's record not rewritten", "vm", vm.Name, "err", err)
 		vm.Error = err.Error()
 	}
+	// Through a copy of the new QEMU's own fd: ours were closed once it
+	// started, and a single-queue tap cannot be opened twice.
 	for _, fd := range vm.Fds {
 		if fd.Kind == qemuargv.FdTap && !fd.TapPersist {
-			if err := tapdev.SetPersist(q.files[fd.Num-firstFd], false); err != nil {
+			f, err := tapdev.DupFromProcess(vm.NewPID, fd.Num)
+			if err == nil {
+				err = tapdev.SetPersist(f, false)
+				f.Close()
+			}
+			if err != nil {
 				r.Log.Warn("restoring tap persistence", "vm", vm.Name, "tap", fd.TapName, "err", err)
 			}
 		}
@@ -261,7 +268,9 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		r.clockDue = append(r.clockDue, vm)
 		r.mu.Unlock()
 	} else if r.ClockAsync {
+		r.clockFixes.Add(1)
 		go func() {
+			defer r.clockFixes.Done()
 			r.fixClock(context.WithoutCancel(ctx), vm)
 			if err := r.write(); err != nil {
 				r.Log.Warn("recording the clock fix", "vm", vm.Name, "err", err)

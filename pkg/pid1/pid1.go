@@ -75,6 +75,9 @@ type Boot struct {
 	// placeholders are the empty tmpfs mounts over fstab mount points that
 	// failed (mountFstab), removed at the handover.
 	placeholders []string
+	// restorer restored the guests; their clocks are put right after
+	// READY, and the handover waits for that (the host's init would end it).
+	restorer *cpr.Engine
 }
 
 // Phase is one timed step of the boot.
@@ -150,6 +153,7 @@ func Main() {
 		})
 	}
 	if p.Handover {
+		b.waitClocks()
 		if err := b.handover(); err != nil {
 			b.Log.Error("handover to the host's init failed; staying as init", "err", err)
 		}
@@ -484,6 +488,7 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	e.Root = hostpath.Root(b.Root)
 	e.Reaper = b.Reaper() // QEMUs started here are waited for through PID 1's reaper
 	e.ClockAsync = true   // READY means running; clocks are put right just after
+	b.restorer = e
 	_, err := e.Recover(ctx, m, nil)
 	for _, v := range m.VMs {
 		b.Log.Info("guest", "vm", v.Name, "status", v.Status, "pid", v.NewPID, "err", v.Error)
@@ -506,6 +511,25 @@ func (b *Boot) guard(name string, fn func()) {
 // (the CPR engine's new QEMUs): started through it, their exit statuses
 // reach their waiters instead of being collected as orphans'.
 func (b *Boot) Reaper() *reaper.Reaper { return &b.reaper }
+
+// waitClocks waits, before the handover, for the guests' clock fixes the
+// restore left running: exec'ing the host's init would end them half-way,
+// the guests' clocks left behind by the blackout. The guests run
+// meanwhile; only the host's init waits (at most the fixes' own timeout).
+func (b *Boot) waitClocks() {
+	e := b.restorer
+	if e == nil {
+		return
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), e.ClockTimeout+5*time.Second)
+	defer cancel()
+	if !e.WaitClocks(ctx) {
+		b.Log.Warn("handing over with guests' clock fixes unfinished: those clocks stay behind by the blackout", "waited", time.Since(start).Round(time.Millisecond))
+		return
+	}
+	b.Log.Info("guests' clocks put right before the handover", "waited", time.Since(start).Round(time.Millisecond))
+}
 
 // handover switches root into the host root and execs its init, with the
 // guests running. Our bind mounts are dropped first: switch_root moves the
