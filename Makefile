@@ -36,9 +36,18 @@ setup:
 # dependencies; it is both the CLI and, inside the initramfs, PID 1).
 PREFIX  ?= /usr/local
 DESTDIR ?=
+# With it, the unit that gives libvirt's guests back to systemd-machined
+# after a kexec, and the drop-in that starts libvirt's daemon after it
+# (systemd/).
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 install: build
 	install -D -m 0755 $(BIN)/liveupdate $(DESTDIR)$(PREFIX)/sbin/liveupdate
 	install -D -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/liveupdate/README.md
+	install -d $(DESTDIR)$(UNITDIR)
+	sed -e 's|@SBINDIR@|$(PREFIX)/sbin|' -e 's|@DOCDIR@|$(PREFIX)/share/doc/liveupdate|' \
+		systemd/liveupdate-machines.service >$(DESTDIR)$(UNITDIR)/liveupdate-machines.service
+	for d in libvirtd virtqemud; do \
+		install -D -m 0644 systemd/liveupdate-machines.conf $(DESTDIR)$(UNITDIR)/$$d.service.d/liveupdate-machines.conf; done
 
 # The same, packaged for Debian (dpkg -i, or Ansible's apt deb=): make install
 # into a staged tree with PREFIX=/usr, then dpkg-deb. Prints the .deb's path.

@@ -23,6 +23,8 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/libvirt"
+	"github.com/liveupdate/liveupdate/pkg/machined"
+	"github.com/liveupdate/liveupdate/pkg/machines"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
@@ -56,6 +58,7 @@ var commands = []command{
 	{"recover", "bring every guest of an interrupted run back to running (cont or restore); safe to repeat", cmdRecover},
 	{"status", "the last run: each guest's blackout and every phase, as a table, JSON, SVG or metrics", cmdStatus},
 	{"sync-clock", "set running guests' clocks to the host's through their guest agents", cmdSyncClock},
+	{"register-machines", "after a kexec, make libvirt's restored guests systemd-machined machines again, before libvirt's daemon starts", cmdRegisterMachines},
 }
 
 func cmdStatus(ctx context.Context, args []string, out io.Writer) int {
@@ -140,6 +143,40 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintf(out, "%s: clock set to the host's (guest − host = %s after)\n", t.Name(), off.Round(time.Microsecond))
 	}
 	return code
+}
+
+// cmdRegisterMachines is liveupdate-machines.service's: it runs once systemd
+// and machined are up, before libvirt's daemon, which would stop a guest
+// whose machine machined does not know (package machines).
+func cmdRegisterMachines(ctx context.Context, args []string, out io.Writer) int {
+	var c commonFlags
+	fs := newFlagSet("register-machines", "register-machines [--timeout D]", &c)
+	timeout := fs.Duration("timeout", 2*time.Minute, "how long to wait for systemd-machined and systemd (a guest not registered by then is put back as it was)")
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	l, ok := c.lock("register-machines", args)
+	if !ok {
+		return exitFailed
+	}
+	defer l.Release()
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	conn, err := machined.Dial(ctx)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate register-machines:", err)
+		return exitFailed
+	}
+	defer conn.Close()
+	res, err := machines.Register(ctx, machines.Options{Machined: conn, Log: c.engine().Log})
+	for _, r := range res {
+		fmt.Fprintf(out, "%s: QEMU pid %d: %s (%s)\n", r.Guest, r.PID, r.Done, r.Unit)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "liveupdate register-machines: %v\nThe guests run on; do not start libvirt's daemon before this is solved: it would stop a guest machined does not know (run 'liveupdate register-machines' again)\n", err)
+		return exitFailed
+	}
+	return exitOK
 }
 
 func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {

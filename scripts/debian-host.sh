@@ -80,10 +80,11 @@ build_base() {
 }
 
 # sources_hash: the Go sources that make the binary and the initramfs core
-# (tests excluded: they go into neither), and the initramfs' inputs.
+# (tests excluded: they go into neither), the initramfs' inputs, and the
+# systemd units the package installs.
 sources_hash() {
 	{
-		cat go.mod go.sum Makefile initramfs/build.sh initramfs/modules.txt scripts/guest-initrd.sh
+		cat go.mod go.sum Makefile initramfs/build.sh initramfs/modules.txt scripts/guest-initrd.sh systemd/*
 		find init pkg cmds internal kernelconfig -name '*.go' ! -name '*_test.go' -print0 | sort -z | xargs -0 cat
 	} | sha256sum | cut -c1-16
 }

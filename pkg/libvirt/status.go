@@ -32,6 +32,7 @@ const RunDir = "/run/libvirt/qemu"
 // Status is what liveupdate needs of one status file.
 type Status struct {
 	Name    string      // <domain><name>
+	UUID    string      // <domain><uuid>
 	PID     int         // <domstatus pid=…>: the guest's QEMU
 	Monitor string      // <monitor path=…>
 	Vcpus   map[int]int // <vcpus><vcpu id=… pid=…>: vCPU id → thread id
@@ -86,6 +87,13 @@ func ParseStatus(b []byte) (*Status, error) {
 					return nil, fmt.Errorf("libvirt status XML: <name>: %w", err)
 				}
 				s.Name = strings.TrimSpace(n)
+				path = path[:len(path)-1]
+			case "domstatus/domain/uuid":
+				var u string
+				if err := d.DecodeElement(&u, &t); err != nil {
+					return nil, fmt.Errorf("libvirt status XML: <uuid>: %w", err)
+				}
+				s.UUID = strings.TrimSpace(u)
 				path = path[:len(path)-1]
 			}
 		case xml.EndElement:

@@ -30,7 +30,7 @@ func TestParseStatusFixtures(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if s.Name != "lu-lv-facts" || s.PID != 2086 || s.Monitor != "/var/lib/libvirt/qemu/domain-1-lu-lv-facts/monitor.sock" ||
+			if s.Name != "lu-lv-facts" || s.UUID != "fac8c2cb-fb5f-4ce4-b50f-740b3077c0cd" || s.PID != 2086 || s.Monitor != "/var/lib/libvirt/qemu/domain-1-lu-lv-facts/monitor.sock" ||
 				!s.MountNS || len(s.Vcpus) != 1 || s.Vcpus[0] != 2094 {
 				t.Errorf("parsed %+v", s)
 			}

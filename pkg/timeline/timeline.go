@@ -39,6 +39,9 @@ type Guest struct {
 	Resumed  time.Time       `json:"resumed,omitzero"`
 	Clock    string          `json:"clock,omitempty"`
 	Error    string          `json:"error,omitempty"`
+	// PID is the QEMU that runs the guest after the run (a fleet engine
+	// checks libvirt's record names the same one).
+	PID int `json:"pid,omitempty"`
 }
 
 // Timeline is one run on one axis.
@@ -90,7 +93,7 @@ func Build(m *manifest.Manifest, b *manifest.Boot) *Timeline {
 	sort.SliceStable(t.Spans, func(i, j int) bool { return t.Spans[i].Start.Before(t.Spans[j].Start) })
 	for _, v := range m.VMs {
 		t.Guests = append(t.Guests, Guest{Name: v.Name, Status: v.Status, Blackout: v.Blackout(),
-			Stopped: v.Stopped, Resumed: v.Resumed, Clock: v.Clock, Error: v.Error})
+			Stopped: v.Stopped, Resumed: v.Resumed, Clock: v.Clock, Error: v.Error, PID: v.NewPID})
 	}
 	return t
 }

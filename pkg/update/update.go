@@ -154,18 +154,6 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		}
 	}
 
-	// libvirt's guests: after the kexec PID 1 restores the guest and writes
-	// libvirt's record back, but libvirtd, started by systemd, fails to
-	// reconnect and stops the guest (TestDebianHostUpdate on libvirt 11.3:
-	// "terminating on signal 15 from … libvirtd" a second after it logged
-	// machined's NoMachineForPID), then autostarts it afresh. Refused until
-	// the hand-back after a kexec is proven; restart-qemu hands them back.
-	for _, t := range ts {
-		if t.Libvirt != "" {
-			bad("%s: libvirt manages this guest: after a kexec libvirt's daemon does not take the restored guest back yet (libvirt 11.3 stopped it: 'terminating on signal 15 from libvirtd'), so a kernel update would lose it. Move it off the host (virsh migrate) for the kernel update; a QEMU-only update of it works (liveupdate restart-qemu)", t.Name())
-		}
-	}
-
 	// Every file a guest opens must be on a filesystem PID 1 mounts: the
 	// host root, PMEM, or a local disk filesystem of the host's fstab.
 	fstab, err := mounts.ReadFstab(local("/"))
