@@ -82,7 +82,8 @@ unit:
 
 # Every parser of outside input, fuzzed briefly (longer: make fuzz FUZZTIME=20000000x).
 FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzDecodeBoot:./pkg/manifest FuzzParse:./pkg/bootparams \
-	FuzzProcFiles:./pkg/discover FuzzDecodeReply:./pkg/qmp FuzzReply:./pkg/guestagent
+	FuzzProcFiles:./pkg/discover FuzzDecodeReply:./pkg/qmp FuzzReply:./pkg/guestagent FuzzParseFstab:./pkg/mounts \
+	FuzzRewrite:./pkg/libvirt FuzzCgroupMounts:./pkg/qemuproc FuzzCheckVMName:./pkg/manifest FuzzScopeOf:./pkg/machines
 fuzz-short fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		name=$${t%%:*}; pkg=$${t#*:}; \
@@ -96,8 +97,7 @@ qemu-test:
 test: setup lint unit fuzz-short qemu-test
 
 demo: setup
-	$(GO) test -count=1 -timeout 40m -v -run '^TestNestedUpdate$$/^Update' ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-demo.log | \
-		grep -E 'inner guest up|update [0-9]+ to|blackout of|^(--- |    --- |ok|FAIL)'; exit $${PIPESTATUS[0]}
+	./scripts/demo.sh
 
 demo-restart: setup build
 	./scripts/demo-restart.sh

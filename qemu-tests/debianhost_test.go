@@ -126,10 +126,7 @@ func bootDebianHost(t *testing.T, which string) *debianHost {
 func (h *debianHost) ssh(d time.Duration, cmd string) (string, int) {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
-	c := exec.CommandContext(ctx, "ssh", "-i", filepath.Join(h.dir, "id_ed25519"),
-		"-o", "UserKnownHostsFile="+filepath.Join(h.dir, "known_hosts"), "-o", "HostKeyAlias=lu-debian-host",
-		"-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
-		"-o", "LogLevel=ERROR", "-p", fmt.Sprint(h.sshPort), "root@127.0.0.1", cmd)
+	c := exec.CommandContext(ctx, "ssh", h.sshArgs(cmd)...)
 	out, err := c.CombinedOutput()
 	code := 0
 	if ee, ok := err.(*exec.ExitError); ok {
@@ -138,6 +135,15 @@ func (h *debianHost) ssh(d time.Duration, cmd string) (string, int) {
 		code = 255
 	}
 	return string(out), code
+}
+
+// sshArgs are ssh's arguments to run cmd on the host as root, with the
+// cache's key and host key.
+func (h *debianHost) sshArgs(cmd string) []string {
+	return []string{"-i", filepath.Join(h.dir, "id_ed25519"),
+		"-o", "UserKnownHostsFile=" + filepath.Join(h.dir, "known_hosts"), "-o", "HostKeyAlias=lu-debian-host",
+		"-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10",
+		"-o", "LogLevel=ERROR", "-p", fmt.Sprint(h.sshPort), "root@127.0.0.1", cmd}
 }
 
 // mustSSH runs cmd and fails the test unless it exits 0.

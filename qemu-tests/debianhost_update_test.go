@@ -204,10 +204,7 @@ func (h *debianHost) fetch(remote, local string) error {
 		return err
 	}
 	defer f.Close()
-	c := exec.Command("ssh", "-i", filepath.Join(h.dir, "id_ed25519"),
-		"-o", "UserKnownHostsFile="+filepath.Join(h.dir, "known_hosts"), "-o", "HostKeyAlias=lu-debian-host",
-		"-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-		"-p", fmt.Sprint(h.sshPort), "root@127.0.0.1", "cat "+remote)
+	c := exec.Command("ssh", h.sshArgs("cat "+remote)...)
 	var stderr strings.Builder
 	c.Stdout, c.Stderr = f, &stderr
 	if err := c.Run(); err != nil {

@@ -103,3 +103,21 @@ func TestRegisterLeavesAlone(t *testing.T) {
 		t.Errorf("with libvirtd running: %v", err)
 	}
 }
+
+// FuzzScopeOf: a process's cgroup path (read from /proc) gives either no
+// scope or a machine scope that is a leading part of the path under slices.
+func FuzzScopeOf(f *testing.F) {
+	f.Add(`/machine.slice/machine-qemu\x2d1\x2dvm1.scope/libvirt/emulator`)
+	f.Add(`/machine/qemu-1-vm1.libvirt-qemu`)
+	f.Add("")
+	f.Fuzz(func(t *testing.T, p string) {
+		s := scopeOf(p)
+		if s == "" {
+			return
+		}
+		if !strings.HasPrefix("/"+strings.Trim(p, "/")+"/", s+"/") || !strings.HasSuffix(s, ".scope") {
+			t.Fatalf("scopeOf(%q) = %q", p, s)
+		}
+		machineName(filepath.Base(s))
+	})
+}
