@@ -104,6 +104,8 @@ type Input struct {
 	Libvirt string
 	// LibvirtDaemons are the libvirt daemons running now (libvirt.Daemons).
 	LibvirtDaemons []libvirt.Daemon
+	// MemNode finds the NUMA node of a RAM file's memory (nil: MemNode).
+	MemNode func(local string) (node int, dev string, ok bool)
 }
 
 // Verdict is the answer for one VM.
@@ -190,6 +192,13 @@ func Check(in Input) Verdict {
 			bad("memory backend %q (%s, mem-path %s) has share=off: QEMU's copy-on-write RAM would be lost; start the guest with share=on", b.ID, use, b.MemPath)
 		default:
 			if pr := ramFileProblem(b, in.path(p, b.MemPath)); pr != "" {
+				bad("memory backend %q (%s): %s", b.ID, use, pr)
+			}
+			memNode := in.MemNode
+			if memNode == nil {
+				memNode = MemNode
+			}
+			if pr := numaProblem(b, in.path(p, b.MemPath), memNode); pr != "" {
 				bad("memory backend %q (%s): %s", b.ID, use, pr)
 			}
 			if b.DiscardData {

@@ -173,3 +173,51 @@ func TestLibvirtGuest(t *testing.T) {
 		})
 	}
 }
+
+// TestNUMAPlacement: a backend bound to host nodes whose RAM file is on
+// another node's PMEM is refused, naming both; the same file on a node it
+// allows, a policy that does not bind, or memory sysfs gives no node for
+// pass.
+func TestNUMAPlacement(t *testing.T) {
+	onNode := func(n int) func(string) (int, string, bool) {
+		return func(string) (int, string, bool) { return n, fmt.Sprintf("/dev/pmem%d", n), true }
+	}
+	unknown := func(string) (int, string, bool) { return 0, "", false }
+	backend := func(extra string) []string {
+		return []string{"-name", "vm1", "-machine", "pc,memory-backend=ram0",
+			"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/dev/null,share=on" + extra, "-qmp", "unix:/q,server=on"}
+	}
+	for _, c := range []struct {
+		name    string
+		argv    []string
+		memNode func(string) (int, string, bool)
+		want    string
+	}{
+		{"bound to its own node", backend(",host-nodes=1,policy=bind"), onNode(1), ""},
+		{"bound to another node", backend(",host-nodes=0,policy=bind"), onNode(1),
+			`memory backend "ram0" (machine): its RAM is bound to host node(s) [0] (host-nodes, policy=bind), but its file /dev/null is on /dev/pmem1, memory of node 1`},
+		{"preferred, other node", backend(",host-nodes=0,policy=preferred"), onNode(1), "memory of node 1"},
+		{"one of its nodes", backend(",host-nodes=0-1,policy=bind"), onNode(1), ""},
+		{"interleave is not a placement", backend(",host-nodes=0,policy=interleave"), onNode(1), ""},
+		{"no host-nodes", backend(""), onNode(1), ""},
+		{"node unknown", backend(",host-nodes=0,policy=bind"), unknown, ""},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := Check(Input{Proc: proc(t, c.argv...), Facts: facts(), StateDir: t.TempDir(), StateDirFree: 1 << 30, MemNode: c.memNode})
+			got := strings.Join(v.Problems, "\n")
+			if c.want == "" && !v.OK || c.want != "" && !strings.Contains(got, c.want) {
+				t.Errorf("problems %q, want %q", got, c.want)
+			}
+		})
+	}
+}
+
+// TestMemNodeUnknown: memory sysfs gives no node for — a character device
+// that is not device-DAX, a missing file — is not placed on any node.
+func TestMemNodeUnknown(t *testing.T) {
+	for _, p := range []string{"/dev/null", "/nonexistent"} {
+		if n, dev, ok := MemNode(p); ok {
+			t.Errorf("MemNode(%q) = node %d of %s", p, n, dev)
+		}
+	}
+}

@@ -62,6 +62,11 @@ type MemoryBackend struct {
 	// DiscardData (memory-backend-file): QEMU punches the RAM file out
 	// when it quits.
 	DiscardData bool `json:"discard_data,omitempty"`
+	// HostNodes and Policy: the host NUMA nodes the backend's RAM is
+	// bound to (host-nodes=0-1, repeated, or a JSON list) and how
+	// (default, preferred, bind, interleave).
+	HostNodes []int  `json:"host_nodes,omitempty"`
+	Policy    string `json:"policy,omitempty"`
 }
 
 // RAM tells where a guest's RAM lives.
@@ -76,6 +81,35 @@ type RAM struct {
 	Implicit string
 	// Size is the guest's boot RAM size from -m, in bytes (0 if unknown).
 	Size uint64
+}
+
+// hostNodes reads host-nodes values: "N", "A-B" (QemuOpts' ranges), each
+// possibly repeated, or one JSON list.
+func hostNodes(vals []string) ([]int, error) {
+	var out []int
+	for _, v := range vals {
+		if strings.HasPrefix(v, "[") {
+			var ns []int
+			if err := json.Unmarshal([]byte(v), &ns); err != nil {
+				return nil, fmt.Errorf("host-nodes %s: %w", v, err)
+			}
+			out = append(out, ns...)
+			continue
+		}
+		lo, hi, isRange := strings.Cut(v, "-")
+		a, err := strconv.Atoi(lo)
+		b := a
+		if err == nil && isRange {
+			b, err = strconv.Atoi(hi)
+		}
+		if err != nil || a < 0 || b < a || b-a > 4096 {
+			return nil, fmt.Errorf("host-nodes=%s: not a node number or range", v)
+		}
+		for n := a; n <= b; n++ {
+			out = append(out, n)
+		}
+	}
+	return out, nil
 }
 
 // RAM analyses the memory options.
@@ -97,6 +131,10 @@ func (c *Cmdline) RAM() (RAM, error) {
 		// but memfd (share=on by default since it exists to be shared).
 		b.Share = p.Bool("share", typ == "memory-backend-memfd")
 		b.DiscardData = typ == "memory-backend-file" && p.Bool("discard-data", false)
+		b.Policy, _ = p.Get("policy")
+		if b.HostNodes, err = hostNodes(p.All("host-nodes")); err != nil {
+			return r, fmt.Errorf("memory backend %q: %w", b.ID, err)
+		}
 		if s, ok := p.Get("size"); ok {
 			n, err := ParseSize(s)
 			if err != nil {

@@ -318,6 +318,17 @@ func (p *Props) Get(key string) (string, bool) {
 	return "", false
 }
 
+// All returns every value of a repeated property, in order.
+func (p *Props) All(key string) []string {
+	var out []string
+	for _, e := range p.pairs {
+		if e.key == key {
+			out = append(out, valString(e.val))
+		}
+	}
+	return out
+}
+
 // Bool reports a boolean property the way QEMU reads it; def if absent.
 func (p *Props) Bool(key string, def bool) bool {
 	v, ok := p.Get(key)

@@ -1,6 +1,7 @@
 package qemuargv
 
 import (
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -320,4 +321,34 @@ func FuzzParse(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestHostNodes(t *testing.T) {
+	for _, c := range []struct {
+		obj     string
+		nodes   []int
+		policy  string
+		wantErr bool
+	}{
+		{"memory-backend-file,id=r,mem-path=/p,share=on,size=1M,host-nodes=1,policy=bind", []int{1}, "bind", false},
+		{"memory-backend-file,id=r,mem-path=/p,share=on,size=1M,host-nodes=0-2,policy=interleave", []int{0, 1, 2}, "interleave", false},
+		{"memory-backend-file,id=r,mem-path=/p,share=on,size=1M,host-nodes=0,host-nodes=3,policy=preferred", []int{0, 3}, "preferred", false},
+		{`{"qom-type":"memory-backend-file","id":"r","mem-path":"/p","share":true,"size":1048576,"host-nodes":[1],"policy":"bind"}`, []int{1}, "bind", false},
+		{"memory-backend-file,id=r,mem-path=/p,share=on,size=1M", nil, "", false},
+		{"memory-backend-file,id=r,mem-path=/p,share=on,size=1M,host-nodes=2-1", nil, "", true},
+		{"memory-backend-file,id=r,mem-path=/p,share=on,size=1M,host-nodes=x", nil, "", true},
+	} {
+		p, err := Parse([]string{"qemu", "-object", c.obj, "-machine", "memory-backend=r"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := p.RAM()
+		if (err != nil) != c.wantErr {
+			t.Errorf("%s: err %v", c.obj, err)
+			continue
+		}
+		if err == nil && (fmt.Sprint(r.Backends[0].HostNodes) != fmt.Sprint(c.nodes) || r.Backends[0].Policy != c.policy) {
+			t.Errorf("%s: host-nodes %v policy %q, want %v %q", c.obj, r.Backends[0].HostNodes, r.Backends[0].Policy, c.nodes, c.policy)
+		}
+	}
 }
