@@ -129,3 +129,23 @@ func inMemory(p *discover.Process, mountsFile string, local func(string) string)
 func isMapped(dev string) bool {
 	return strings.HasPrefix(dev, "/dev/mapper/") || strings.HasPrefix(dev, "/dev/dm-") || strings.HasPrefix(dev, "/dev/md")
 }
+
+// pmemFilesystems are the filesystems guest RAM may be on for a kernel
+// update, as QEMU names their mount points: the state directory's PMEM
+// filesystem (primary), and every other DAX filesystem on a PMEM device
+// that the host's fstab lists by its mount point — PID 1 mounts those
+// before the restore (one PMEM region per NUMA node, for one). view turns
+// a mount point of the table into QEMU's view.
+func pmemFilesystems(table []mounts.Entry, fstab []mounts.FstabEntry, primary string, view func(string) string) []string {
+	out := []string{primary}
+	for _, m := range table {
+		dir := view(m.Dir)
+		if dir == primary || slices.Contains(out, dir) || !strings.HasPrefix(m.Source, "/dev/pmem") || !mounts.HasDAX(m.Opts) {
+			continue
+		}
+		if slices.ContainsFunc(fstab, func(e mounts.FstabEntry) bool { return filepath.Clean(e.Dir) == dir }) {
+			out = append(out, dir)
+		}
+	}
+	return out
+}

@@ -102,3 +102,24 @@ func TestUnreachable(t *testing.T) {
 		})
 	}
 }
+
+// TestPMEMFilesystems: guest RAM may be on the state directory's PMEM
+// filesystem or on another PMEM one mounted with dax that the fstab lists
+// (PID 1 mounts it before the restore); not on one the fstab does not
+// list, nor on PMEM without dax, nor on a disk.
+func TestPMEMFilesystems(t *testing.T) {
+	table := []mounts.Entry{
+		{Source: "/dev/vda1", Dir: "/", FSType: "ext4", Opts: "rw"},
+		{Source: "/dev/pmem0", Dir: "/mnt/pmem", FSType: "ext4", Opts: "rw,dax=always"},
+		{Source: "/dev/pmem1", Dir: "/mnt/pmem1", FSType: "ext4", Opts: "rw,dax=always"},
+		{Source: "/dev/pmem2", Dir: "/mnt/pmem2", FSType: "ext4", Opts: "rw,dax=always"}, // not in fstab
+		{Source: "/dev/pmem3", Dir: "/mnt/pmem3", FSType: "ext4", Opts: "rw"},            // no dax
+		{Source: "/dev/vdb", Dir: "/var/lib/libvirt/images", FSType: "ext4", Opts: "rw"},
+	}
+	fstab := []mounts.FstabEntry{{Spec: "/dev/pmem1", Dir: "/mnt/pmem1/", FSType: "ext4", Opts: "dax=always"},
+		{Spec: "/dev/pmem3", Dir: "/mnt/pmem3", FSType: "ext4"}, {Spec: "LABEL=img", Dir: "/var/lib/libvirt/images", FSType: "ext4"}}
+	got := pmemFilesystems(table, fstab, "/mnt/pmem", func(s string) string { return s })
+	if strings.Join(got, " ") != "/mnt/pmem /mnt/pmem1" {
+		t.Errorf("pmemFilesystems = %v", got)
+	}
+}

@@ -142,13 +142,20 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		p.PMEMDevice = m.Source
 		p.PMEMMount = qemuView(m.Dir)
 	}
-	// Every guest's RAM must be on that filesystem.
+	fstab, err := mounts.ReadFstab(local("/"))
+	if err != nil {
+		bad("reading the host's fstab (PID 1 mounts its local filesystems before the restore): %v", err)
+	}
+	// Every guest's RAM must be on that filesystem, or on another PMEM
+	// DAX filesystem PID 1 mounts from the fstab.
 	if p.PMEMMount != "" {
+		table, _ := mounts.Table(o.MountsFile)
+		pmem := pmemFilesystems(table, fstab, p.PMEMMount, qemuView)
 		for _, t := range ts {
 			ram, _ := t.Proc.Cmdline.RAM()
 			for _, b := range ram.Backends {
-				if !manifest.Within(b.MemPath, p.PMEMMount) {
-					bad("%s: RAM of backend %q is in %s, not on the PMEM filesystem %s: it would not survive the kexec", t.Name(), b.ID, b.MemPath, p.PMEMMount)
+				if !slices.ContainsFunc(pmem, func(d string) bool { return manifest.Within(b.MemPath, d) }) {
+					bad("%s: RAM of backend %q is in %s, not on a PMEM filesystem (%s; another one counts when it is mounted with dax and listed in /etc/fstab): it would not survive the kexec", t.Name(), b.ID, b.MemPath, strings.Join(pmem, ", "))
 				}
 			}
 		}
@@ -156,10 +163,6 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 
 	// Every file a guest opens must be on a filesystem PID 1 mounts: the
 	// host root, PMEM, or a local disk filesystem of the host's fstab.
-	fstab, err := mounts.ReadFstab(local("/"))
-	if err != nil {
-		bad("reading the host's fstab (PID 1 mounts its local filesystems before the restore): %v", err)
-	}
 	for _, t := range ts {
 		files := guestFiles(t.Proc, t.Facts.Runtime)
 		for _, pr := range unreachable(files, o.MountsFile, local, local("/"), p.PMEMDevice, fstab, resolveLink, inMemory(t.Proc, o.MountsFile, local)) {
