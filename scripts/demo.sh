@@ -56,11 +56,14 @@ ssh_opts=(-i "$dir/id_ed25519" -o UserKnownHostsFile="$dir/known_hosts" -o HostK
 	-o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR -p $port)
 host() { ip netns exec $ns ssh "${ssh_opts[@]}" root@127.0.0.1 "$@"; }
 wait_for() { # wait_for WHAT SECONDS CMD…: until CMD succeeds, a line every 30 s
-	local what=$1 max=$2 t=$SECONDS; shift 2
+	local what=$1 max=$2 t=$SECONDS next=$((SECONDS + 30)); shift 2
 	until "$@" >/dev/null 2>&1; do
 		kill -0 $qpid 2>/dev/null || { echo "the host's VM exited; its console: $work/console.log"; KEEP=1; exit 1; }
 		((SECONDS - t < max)) || { echo "no $what within $max s; the host's console: $work/console.log"; KEEP=1; exit 1; }
-		(((SECONDS - t) % 30 == 0)) && note "waiting for $what ($((SECONDS - t)) s)"
+		if ((SECONDS >= next)); then
+			note "waiting for $what ($((SECONDS - t)) s)"
+			next=$((SECONDS + 30))
+		fi
 		sleep 1
 	done
 	note "$what after $((SECONDS - t)) s"
@@ -77,7 +80,7 @@ note "guest: $first"
 note "libvirt: $(host 'virsh -c qemu:///system list | sed -n 3p' | tr -s ' ')"
 
 inv=$work/inventory.ini
-printf '[kvm_hosts]\nlu-debian-host ansible_host=127.0.0.1 ansible_port=%s ansible_user=root ansible_ssh_private_key_file=%s ansible_python_interpreter=/usr/bin/python3 ansible_ssh_common_args=%q\n' \
+printf "[kvm_hosts]\nlu-debian-host ansible_host=127.0.0.1 ansible_port=%s ansible_user=root ansible_ssh_private_key_file=%s ansible_python_interpreter=/usr/bin/python3 ansible_ssh_common_args='%s'\n" \
 	$port "$dir/id_ed25519" "-o UserKnownHostsFile=$dir/known_hosts -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes" >"$inv"
 
 from=$old to=$new
@@ -88,9 +91,15 @@ for i in $(seq "$updates"); do
 
 	say "update $i: the Ansible playbook (ansible/playbook.yml) updates the host"
 	t0=$SECONDS
+	rc=0
 	ip netns exec $ns env ANSIBLE_NOCOLOR=1 ANSIBLE_RETRY_FILES_ENABLED=0 ANSIBLE_LOCAL_TEMP="$work/ansible" \
-		ansible-playbook -i "$inv" ansible/playbook.yml -e liveupdate_kernel_version="$to" |
-		grep -E '^(TASK|ok|changed|fatal|failed)|msg|PLAY RECAP|lu-debian-host +:' | sed 's/^/   /'
+		ansible-playbook -i "$inv" ansible/playbook.yml -e liveupdate_kernel_version="$to" >"$work/playbook-$i.log" 2>&1 || rc=$?
+	grep -E '^(TASK|ok|changed|fatal|failed)|"msg"|lu-debian-host +:' "$work/playbook-$i.log" | sed 's/^/   /' || true
+	if ((rc != 0)); then
+		echo "the playbook failed (exit $rc): $work/playbook-$i.log; the host's console: $work/console.log"
+		KEEP=1
+		exit 1
+	fi
 	note "playbook done in $((SECONDS - t0)) s"
 
 	say "update $i: liveupdate status on the host"
