@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -575,7 +576,7 @@ func (r *run) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*
 			case qemuargv.FdVhost:
 				f, err = os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
 			case qemuargv.FdChardev:
-				f, err = listenUnix(r.local(fd.SocketPath))
+				f, err = listenUnix(r.Root, fd.SocketPath)
 			case qemuargv.FdFile:
 				if fd.Path == "" {
 					err = fmt.Errorf("fd %d was a pipe of an -add-fd set (libvirt's virtlogd): only a restart that hands it over keeps it", fd.Num)
@@ -624,13 +625,49 @@ func reopenFile(path string, flags int) (*os.File, error) {
 	return f, nil
 }
 
-func listenUnix(path string) (*os.File, error) {
-	os.Remove(path) // a stale socket from the old QEMU
+// listenUnix makes the listening unix socket a QEMU gets by fd, at path
+// (QEMU's name for it) under root. It is bound from inside root — by a
+// thread of ours chrooted there — so that its name, which /proc/net/unix
+// and with it every later discovery reads, is QEMU's path and not ours:
+// after PID 1 hands over to the host's init no "/newroot/…" path exists
+// (the next update's plan failed "dial unix /newroot/var/lib/libvirt/…").
+func listenUnix(root hostpath.Root, path hostpath.QEMU) (*os.File, error) {
+	local := string(root.Local(path))
+	os.Remove(local) // a stale socket from the old QEMU
 	// After a kexec /run is empty: libvirt's agent channel is bound in
 	// /run/libvirt/qemu/channel/ID-NAME/, which it made at the guest's start.
-	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
-		return nil, fmt.Errorf("re-creating the directory of socket %s: %w", path, err)
+	if err := os.MkdirAll(filepath.Dir(local), 0o750); err != nil {
+		return nil, fmt.Errorf("re-creating the directory of socket %s: %w", local, err)
 	}
+	top := string(root.Local("/"))
+	if top == "/" {
+		return bindUnix(local)
+	}
+	type bound struct {
+		f   *os.File
+		err error
+	}
+	ch := make(chan bound, 1)
+	go func() {
+		// Never unlocked: the thread, chrooted, ends with this goroutine.
+		runtime.LockOSThread()
+		if err := unix.Unshare(unix.CLONE_FS); err != nil {
+			ch <- bound{nil, fmt.Errorf("binding socket %s inside %s: unshare: %w", path, top, err)}
+			return
+		}
+		if err := unix.Chroot(top); err != nil {
+			ch <- bound{nil, fmt.Errorf("binding socket %s inside %s: chroot: %w", path, top, err)}
+			return
+		}
+		unix.Chdir("/")
+		f, err := bindUnix(string(path))
+		ch <- bound{f, err}
+	}()
+	b := <-ch
+	return b.f, b.err
+}
+
+func bindUnix(path string) (*os.File, error) {
 	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("re-creating socket %s: %w", path, err)

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -157,9 +158,37 @@ func TestSocketDirsAfterKexec(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(root, "run/client")); err == nil {
 		t.Errorf("the directory of a client socket was made")
 	}
-	f, err := listenUnix(filepath.Join(root, "run/libvirt/qemu/channel/2-h/org.qemu.guest_agent.0"))
+	f, err := listenUnix(hostpath.Root(root), "/run/libvirt/qemu/channel/2-h/org.qemu.guest_agent.0")
 	if err != nil {
 		t.Fatalf("listenUnix in a directory that is gone: %v", err)
 	}
 	f.Close()
+}
+
+// TestSocketNamedAsQEMUSeesIt: a socket made for a QEMU chrooted in a host
+// root (PID 1's /newroot) is bound under QEMU's own name for it — what
+// /proc/net/unix shows, and discovery reads, after the handover — and is
+// there in the root's filesystem; with no root it is bound at its path.
+func TestSocketNamedAsQEMUSeesIt(t *testing.T) {
+	for _, root := range []string{t.TempDir(), ""} {
+		want := "/run/lu-test-" + strconv.Itoa(os.Getpid()) + "/mon.sock"
+		if root == "" {
+			want = filepath.Join(t.TempDir(), "mon.sock")
+		}
+		f, err := listenUnix(hostpath.Root(root), hostpath.QEMU(want))
+		if err != nil {
+			t.Fatal(err)
+		}
+		sa, err := unix.Getsockname(int(f.Fd()))
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if name := sa.(*unix.SockaddrUnix).Name; name != want {
+			t.Errorf("root %q: the socket is named %q, want %q", root, name, want)
+		}
+		if fi, err := os.Stat(filepath.Join(root, want)); err != nil || fi.Mode()&os.ModeSocket == 0 {
+			t.Errorf("root %q: no socket at %s: %v", root, filepath.Join(root, want), err)
+		}
+	}
 }
