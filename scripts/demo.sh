@@ -50,7 +50,8 @@ ip netns exec $ns qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 
 	-kernel "$dir/boot/vmlinuz-$old" -initrd "$dir/boot/initramfs-$old.img" -append "$(cat "$dir/cmdline")" \
 	-drive file="$work/root.qcow2",if=virtio,format=qcow2 -drive file="$work/images.qcow2",if=virtio,format=qcow2 \
 	-netdev user,id=mgmt,hostfwd=tcp:127.0.0.1:$port-:22 -device virtio-net-pci,netdev=mgmt,mac=52:54:00:4c:55:01 \
-	-netdev tap,id=guests,ifname=$tap,script=no,downscript=no -device virtio-net-pci,netdev=guests,mac=52:54:00:4c:55:02 &
+	-netdev tap,id=guests,ifname=$tap,script=no,downscript=no -device virtio-net-pci,netdev=guests,mac=52:54:00:4c:55:02 \
+	2>>"$work/qemu.log" &
 qpid=$!
 ssh_opts=(-i "$dir/id_ed25519" -o UserKnownHostsFile="$dir/known_hosts" -o HostKeyAlias=lu-debian-host
 	-o StrictHostKeyChecking=yes -o BatchMode=yes -o ConnectTimeout=10 -o LogLevel=ERROR -p $port)
@@ -103,7 +104,7 @@ for i in $(seq "$updates"); do
 	note "playbook done in $((SECONDS - t0)) s"
 
 	say "update $i: liveupdate status on the host"
-	host "liveupdate status --state-dir /mnt/pmem/liveupdate; liveupdate status --state-dir /mnt/pmem/liveupdate --svg /tmp/timeline.svg" | sed 's/^/   /'
+	host "liveupdate status --state-dir /mnt/pmem/liveupdate; liveupdate status --state-dir /mnt/pmem/liveupdate --svg /tmp/timeline.svg >/dev/null" | sed 's/^/   /'
 	host cat /tmp/timeline.svg >"$out/timeline-$i.svg"
 	note "timeline picture: $out/timeline-$i.svg"
 	note "guest: $(beat)"
