@@ -105,14 +105,16 @@ demo-restart: setup build
 # Reliability: the fault table, K guests × M restart cycles and N nested
 # updates, leaks counted, and C restarts in each of TestChaos' two modes:
 # liveupdate SIGKILLed at a random instant, or one QEMU whose death a correct
-# tool survives; rewrites docs/reliability.md (make soak K=3 M=20 N=10 C=50).
+# tool survives, and D updates of the Debian host by the playbook
+# (scripts/demo.sh); rewrites docs/reliability.md (make soak K=3 M=20 N=10 C=50 D=10).
 # make test skips TestChaos (it needs LIVEUPDATE_CHAOS_N).
 K ?= 3
 M ?= 20
 N ?= 10
 C ?= 50
+D ?= 10
 soak: setup
-	./scripts/soak.sh $(K) $(M) $(N) $(C)
+	./scripts/soak.sh $(K) $(M) $(N) $(C) $(D)
 
 bench: setup
 	./scripts/bench.sh

@@ -4,18 +4,21 @@
 # nested update loop for N updates, counting failures and what the host
 # holds after each cycle, and C restarts in each of TestChaos' two modes
 # (liveupdate SIGKILLed at a random instant; one QEMU whose death a correct
-# tool survives SIGKILLed at a random instant); rewrites docs/reliability.md.
+# tool survives SIGKILLed at a random instant), and D live kernel updates
+# there and back of the Debian host by the Ansible playbook with libvirt's
+# guest running throughout (scripts/demo.sh); rewrites docs/reliability.md.
 #
-#   scripts/soak.sh K M N C    (make soak K=3 M=20 N=10 C=50; C: chaos iterations per mode)
+#   scripts/soak.sh K M N C D  (make soak K=3 M=20 N=10 C=50 D=10; C: chaos iterations per mode)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-k=${1:-3} m=${2:-20} n=${3:-10} c=${4:-50}
+k=${1:-3} m=${2:-20} n=${3:-10} c=${4:-50} d=${5:-10}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 faults_cmd="go test -count=1 -timeout 30m -v -run 'TestFault' ./qemu-tests"
 soak_cmd="LIVEUPDATE_SOAK_CYCLES=$m LIVEUPDATE_SOAK_GUESTS=$k LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 60m -v -run TestSoakRestart ./qemu-tests"
 chaos_cmd="LIVEUPDATE_CHAOS_N=$c LIVEUPDATE_CHAOS_MINUTES=30 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 75m -v -run TestChaos ./qemu-tests"
+debian_cmd="UPDATES=$d scripts/demo.sh"
 nested_cmd="LIVEUPDATE_NESTED_N=$n LIVEUPDATE_NESTED_FULL=1 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 120m -v -run TestNestedUpdate ./qemu-tests"
 
 echo "== faults: $faults_cmd"
@@ -36,9 +39,18 @@ else
 	: >"$work/nested.log"
 fi
 
-python3 - "$work" "$faults_cmd" "$soak_cmd" "$nested_cmd" "$chaos_cmd" <<'PY' >docs/reliability.new
+if [ "$d" -gt 0 ]; then
+	echo "== Debian host: $debian_cmd"
+	eval "$debian_cmd" >"$work/debian.log" 2>&1 || true
+	grep -E 'blackout|^verified|NOT verified|failed' "$work/debian.log" || true
+else
+	debian_cmd="(skipped: D=0)"
+	: >"$work/debian.log"
+fi
+
+python3 - "$work" "$faults_cmd" "$soak_cmd" "$nested_cmd" "$chaos_cmd" "$debian_cmd" <<'PY' >docs/reliability.new
 import json, os, re, sys, datetime, subprocess
-work, faults_cmd, soak_cmd, nested_cmd, chaos_cmd = sys.argv[1:]
+work, faults_cmd, soak_cmd, nested_cmd, chaos_cmd, debian_cmd = sys.argv[1:]
 def sh(c): return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-").strip()
 qemu = sh("qemu-system-x86_64 --version | head -1")
@@ -161,6 +173,9 @@ if qs:
     print()
 else:
     print("(not run)\n")
+sys.path.insert(0, "scripts")
+from soak_debian import section
+print(section(open(f"{work}/debian.log").read(), debian_cmd))
 PY
 # The notes at the end are written by hand; keep them.
 if [ -f docs/reliability.md ] && grep -q '^## Notes (by hand)' docs/reliability.md; then
