@@ -42,8 +42,7 @@ type Machine struct {
 	Class   string   // "vm" or "container"
 	Leader  int      // the QEMU's pid
 	Slice   string   // the scope's slice, e.g. "machine.slice"
-	After   []string // the scope is ordered after these units
-	Before  []string // and before these
+	Before  []string // the scope is ordered before these units
 }
 
 // Unit is the scope unit machined gives to (or found for) the machine of
@@ -80,9 +79,6 @@ type property struct {
 // cgroup. It returns once the scope runs.
 func (c *Conn) Create(ctx context.Context, m Machine) error {
 	props := []property{{"Slice", dbus.MakeVariant(m.Slice)}}
-	if len(m.After) > 0 {
-		props = append(props, property{"After", dbus.MakeVariant(m.After)})
-	}
 	if len(m.Before) > 0 {
 		props = append(props, property{"Before", dbus.MakeVariant(m.Before)})
 	}

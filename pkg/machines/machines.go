@@ -28,6 +28,7 @@ import (
 	"strings"
 
 	"github.com/liveupdate/liveupdate/pkg/cgroupv2"
+	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/machined"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
@@ -184,10 +185,8 @@ func processCgroup(procRoot string, pid int) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("reading the cgroup of pid %d: %w", pid, err)
 	}
-	for _, l := range strings.Split(string(b), "\n") {
-		if p, ok := strings.CutPrefix(l, "0::"); ok {
-			return p, nil
-		}
+	if p := discover.ParseCgroup(string(b)); p != "" {
+		return p, nil
 	}
 	return "", fmt.Errorf("pid %d is in no cgroup v2 (its /proc/%d/cgroup has no 0:: line)", pid, pid)
 }
