@@ -110,6 +110,7 @@ type hostOpts struct {
 	extra   []string // more QEMU options
 	cmdline []string // lu.* and other parameters besides console and memmap
 	memmap  bool     // reserve PMEM with memmap=512M!1G
+	machine []string // the VM's memory (default -m 2G), e.g. NUMA nodes
 	rootImg string   // virtio-blk disk
 	netns   string   // run QEMU in this named netns with a NIC on tap
 	tap     string
@@ -133,11 +134,15 @@ func bootHost(t testing.TB, o hostOpts) *hostVM {
 		initrd = hostInitramfs(t)
 	}
 	// -cpu max: RDRAND seeds the kernel's random pool at once (DHCP needs it).
-	argv := []string{qemuBinary, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2", "-m", "2G",
+	mem := []string{"-m", "2G"}
+	if o.machine != nil {
+		mem = o.machine
+	}
+	argv := []string{qemuBinary, "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
 		"-nographic", "-nodefaults", "-no-reboot", "-serial", "file:" + h.log,
 		"-monitor", "unix:" + h.monitor + ",server=on,wait=off",
 		"-kernel", kernel, "-initrd", initrd, "-append", strings.Join(kernelArgs, " ")}
-	argv = append(argv, o.extra...)
+	argv = append(append(argv, mem...), o.extra...)
 	if o.rootImg != "" {
 		argv = append(argv, "-drive", "file="+o.rootImg+",if=virtio,format=raw")
 	}

@@ -70,7 +70,7 @@ type debianHost struct {
 
 // bootDebianHost boots the host on kernel which ("old" or "new") from
 // copy-on-write overlays of the cached images: the root and the guest-image
-// disk as virtio disks, PMEM by memmap= (in the image's cmdline), the
+// disk as virtio disks, two NUMA nodes with a PMEM region each by memmap= (the cache's machine-args and cmdline), the
 // management NIC on QEMU user networking with SSH forwarded from
 // 127.0.0.1:sshPort, and the guests' NIC on a tap in the network namespace
 // dhNS (10.80.0.1 there), opened there and passed to QEMU by fd so that
@@ -103,6 +103,10 @@ func bootDebianHost(t *testing.T, which string) *debianHost {
 	if err != nil {
 		t.Fatal(err)
 	}
+	machine, err := os.ReadFile(filepath.Join(dir, "machine-args"))
+	if err != nil {
+		t.Fatal(err)
+	}
 	var cmdline []string
 	for _, w := range strings.Fields(string(raw)) {
 		if w != "console=ttyS0" { // bootHost puts it first
@@ -117,7 +121,7 @@ func bootDebianHost(t *testing.T, which string) *debianHost {
 	h := &debianHost{dir: dir, sshPort: port}
 	h.hostVM = bootHost(t, hostOpts{
 		kernel: filepath.Join(dir, "boot/vmlinuz-"+kver), initrd: filepath.Join(dir, "boot/initramfs-"+kver+".img"),
-		cmdline: cmdline, extra: extra, files: []*os.File{tap}})
+		cmdline: cmdline, extra: extra, files: []*os.File{tap}, machine: strings.Fields(string(machine))})
 	return h
 }
 
@@ -246,6 +250,12 @@ func (h *debianHost) checkBooted(t *testing.T, which string, start time.Time) {
 			regexp.MustCompile(`^(/dev/vd[a-z])\s+lu-images\s+ext4\n(/dev/vd[a-z])\n$`)},
 		{"PMEM with DAX", "findmnt -n -o SOURCE,FSTYPE,OPTIONS /mnt/pmem",
 			regexp.MustCompile(`^/dev/pmem0\s+ext4\s+\S*dax=always`)},
+		// Two NUMA nodes, a PMEM region in each: the second mounted by
+		// PID 1 from the fstab (formatted on the first boot), with DAX.
+		{"two NUMA nodes, a PMEM region each", "cat /sys/devices/system/node/online; cat /sys/block/pmem0/device/numa_node /sys/block/pmem1/device/numa_node",
+			regexp.MustCompile(`^0-1\n0\n1\n$`)},
+		{"the second PMEM with DAX", "findmnt -n -o SOURCE,FSTYPE,OPTIONS /mnt/pmem1",
+			regexp.MustCompile(`^/dev/pmem1\s+ext4\s+\S*dax=always`)},
 		{"libvirt's RAM on PMEM", "virsh -c qemu:///system domcapabilities >/dev/null && grep -E '^memory_backing_dir' /etc/libvirt/qemu.conf",
 			regexp.MustCompile(`"/mnt/pmem/libvirt"`)},
 		{"guests' bridge", "ip -br addr show br0; ip -br link show master br0",

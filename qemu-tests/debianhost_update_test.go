@@ -18,14 +18,14 @@ import (
 // boots the old kernel (this project's PID 1, handed over to systemd),
 // libvirt autostarts its guest (RAM on PMEM, a qcow2 disk on the images
 // filesystem of the host's fstab, its disk writer acknowledging records, a
-// NIC on br0, the agent), and the playbook gates, stops libvirt's daemon
-// and asks for the update. Today the gate refuses it: the runs that went
-// through the kexec (this session's) showed PID 1 restoring the guest and
-// libvirtd, started by systemd, sending the restored QEMU SIGTERM. The
-// test checks that refusal end to end — the wave stops naming the reason,
-// the kernel, libvirt's QEMU, the guest's heartbeat, TCP connection and
-// disk writer untouched, libvirtd started again — and, after libvirt's
-// ACPI shutdown, every acknowledged record on the guest's image.
+// NIC on br0, the agent), and a second guest runs outside libvirt with two
+// NUMA nodes, each one's RAM on its own host node's PMEM. First the bad
+// paths on this host: the playbook's gate stops the wave on two unsafe
+// guests, touching nothing; the updater killed just before its kexec, then
+// `liveupdate recover` and libvirt's daemon started, as the README says.
+// Then the update by the playbook to the new kernel: every guest kept and
+// in place, libvirt managing its own, the host's boot finished; and, after
+// libvirt's ACPI shutdown, every acknowledged record on the guest's image.
 func TestDebianHostUpdate(t *testing.T) {
 	if _, err := exec.LookPath("ansible-playbook"); err != nil {
 		t.Fatal("ansible-playbook is not installed (scripts/setup.sh installs ansible-core)")
@@ -48,31 +48,32 @@ func TestDebianHostUpdate(t *testing.T) {
 	h.checkBooted(t, "old", start)
 	first := h.waitGuestBeats(t, start)
 	acks := h.guestAcks(t)
-	qemuBefore := h.libvirtQEMU(t)
 	tapBefore := h.tapPersist(t)
 	echo := watchEcho(t, dhNS, dhGuest+":7007")
 	defer close(echo.stop)
 	beats := watchBeats(dhNS, dhGuest+":7008")
 	defer close(beats.stop)
+	numa := startNUMAGuest(t, h)
+	bootID := strings.TrimSpace(h.mustSSH("cat /proc/sys/kernel/random/boot_id"))
 
 	nw := kernelVersion(t, "new")
-	dir := t.TempDir()
-	inv := filepath.Join(dir, "inventory.ini")
-	os.WriteFile(inv, []byte(fmt.Sprintf("[kvm_hosts]\nlu-debian-host ansible_host=127.0.0.1 ansible_port=%d ansible_user=root "+
-		"ansible_ssh_private_key_file=%s ansible_python_interpreter=/usr/bin/python3 "+
-		"ansible_ssh_common_args='-o UserKnownHostsFile=%s -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes'\n",
-		h.sshPort, filepath.Join(h.dir, "id_ed25519"), filepath.Join(h.dir, "known_hosts"))), 0o644)
-	updateStart := time.Now()
-	cmd := exec.Command("ansible-playbook", "-i", inv, filepath.Join(repoRoot, "ansible/playbook.yml"),
-		"-e", "liveupdate_kernel_version="+nw)
-	cmd.Env = append(os.Environ(), "ANSIBLE_NOCOLOR=1", "ANSIBLE_LOCAL_TEMP="+filepath.Join(dir, "tmp"), "ANSIBLE_RETRY_FILES_ENABLED=0")
-	out, err := cmd.CombinedOutput()
-	t.Logf("ansible-playbook (%s):\n%s", time.Since(updateStart).Round(time.Second), out)
+	if !t.Run("GateStopsTheWave", func(t *testing.T) { gateStopsWave(t, h, nw, bootID, h.libvirtQEMU(t)) }) ||
+		!t.Run("CrashBeforeKexec", func(t *testing.T) { crashBeforeKexec(t, h, numa, nw, bootID) }) {
+		return
+	}
+	if _, err := echo.takeGap(); err != nil {
+		t.Fatalf("the TCP connection into the guest broke before the update: %v", err)
+	}
+	beats.takeGap()
+	qemuBefore := h.libvirtQEMU(t)
+	numaBefore := numa.pid(t)
+
+	out, err := h.playbook(t, "liveupdate_kernel_version="+nw)
 	if err != nil {
 		t.Fatalf("the playbook failed: %v; PID 1 on the console:\n%s", err, pid1Lines(h.console()))
 	}
-	for _, want := range []string{"Every guest runs", "heartbeat: running, blackout", "libvirt manages its guests again"} {
-		if !strings.Contains(string(out), want) {
+	for _, want := range []string{"Every guest runs", "heartbeat: running, blackout", "numa: running, blackout", "libvirt manages its guests again"} {
+		if !strings.Contains(out, want) {
 			t.Errorf("the playbook's output does not say %q", want)
 		}
 	}
@@ -106,6 +107,12 @@ func TestDebianHostUpdate(t *testing.T) {
 	}
 	if got := h.tapPersist(t); got != tapBefore {
 		t.Errorf("the guest's tap is %q after the update, %q before (it would outlive its QEMU, or vanish with a fd)", got, tapBefore)
+	}
+	// The guest outside libvirt: restored, its RAM as it was, each
+	// backend's file on its node's PMEM and bound to that node again.
+	numa.checkKept(t, numaBefore)
+	if st := h.statusGuests(t); st["numa"] != "running" || st["heartbeat"] != "running" {
+		t.Errorf("liveupdate status after the update: %v", st)
 	}
 	time.Sleep(10 * time.Second) // libvirt must keep it, not stop it a moment later
 	if q := h.libvirtQEMU(t); q != qemuAfter {

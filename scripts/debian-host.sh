@@ -11,6 +11,7 @@
 #                    holding the autostarted guest's disk heartbeat.qcow2
 #       boot/        each kernel and its initramfs, as in the image's /boot
 #       cmdline      the kernel command line the host boots with
+#       machine-args the outer VM's memory: two NUMA nodes, a PMEM region each
 #       id_ed25519   the key root logs in with (made for this cache)
 #       known_hosts  the host's key, under the name lu-debian-host
 #       kernels      "old=KVER new=KVER"
@@ -42,8 +43,13 @@ trap '[ -z "$tree" ] || rm -rf "$tree" "$tree-images"' EXIT
 
 # The kernel command line of the host's first boot: this project's PID 1
 # mounts PMEM (formatting it when it is empty) and the root, then hands over
-# to systemd (README: "The nested test host").
-CMDLINE='console=ttyS0 memmap=512M!1G lu.pmem=/dev/pmem0 lu.format_pmem=1 lu.root=LABEL=lu-debian-root lu.handover=1'
+# to systemd (README: "The nested test host"). Two PMEM regions, one in each
+# of the outer VM's two NUMA nodes (1.5 GiB each): pmem0 at 1 GiB (node 0,
+# lu.pmem, libvirt's memory_backing_dir) and pmem1 at 2 GiB (node 1, in the
+# host's fstab; PID 1 mounts and first formats it from there).
+# The outer VM's memory to match (in the cache as machine-args).
+MACHINE_ARGS='-m 3G -object memory-backend-ram,id=node0,size=1536M -object memory-backend-ram,id=node1,size=1536M -numa node,nodeid=0,cpus=0,memdev=node0 -numa node,nodeid=1,cpus=1,memdev=node1'
+CMDLINE='console=ttyS0 memmap=512M!1G memmap=512M!2G lu.pmem=/dev/pmem0 lu.format_pmem=1 lu.root=LABEL=lu-debian-root lu.handover=1'
 
 # Units a small KVM host under test does not need, masked so that systemd's
 # boot under emulation spends no time on them: apt's and dpkg's timers and
@@ -145,6 +151,7 @@ build_image() {
 	mkdir -p "$tree/mnt/pmem"
 	echo "$CMDLINE" >"$tree/etc/kernel/cmdline"
 	echo "$CMDLINE" >"$dir/cmdline"
+	echo "$MACHINE_ARGS" >"$dir/machine-args"
 	echo "${kvers[*]}" >"$dir/kernels"
 	# Identity made for this cache: machine id, SSH host keys, root's key.
 	od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$tree/etc/machine-id"

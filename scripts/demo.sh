@@ -45,7 +45,7 @@ done
 port=2222
 # QEMU runs in the namespace: its tap is there, and so is its forwarded SSH
 # port (127.0.0.1:2222 inside the namespace).
-ip netns exec $ns qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 2G \
+ip netns exec $ns qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 $(cat "$dir/machine-args") \
 	-nographic -nodefaults -no-reboot -serial file:"$work/console.log" -monitor none \
 	-kernel "$dir/boot/vmlinuz-$old" -initrd "$dir/boot/initramfs-$old.img" -append "$(cat "$dir/cmdline")" \
 	-drive file="$work/root.qcow2",if=virtio,format=qcow2 -drive file="$work/images.qcow2",if=virtio,format=qcow2 \

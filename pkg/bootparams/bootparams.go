@@ -45,7 +45,7 @@ const (
 var known = map[string]string{
 	"lu.pmem":        "PMEM block device, e.g. /dev/pmem0",
 	"lu.pmem_mount":  "mount point of the PMEM filesystem (default /mnt/pmem)",
-	"lu.format_pmem": "1: format the PMEM device if it is empty (first boot)",
+	"lu.format_pmem": "1: format the PMEM devices if they are empty (first boot): lu.pmem and the host fstab's /dev/pmemN ext4 entries",
 	"lu.manifest":    "path of the manifest (default PMEM_MOUNT/liveupdate/manifest.json)",
 	"lu.root":        "host root: UUID=…, LABEL=… or /dev/…",
 	"lu.rootfstype":  "host root filesystem type (default ext4)",

@@ -169,6 +169,12 @@ func MountFstab(e FstabEntry, root string) (string, error) {
 	return dev, nil
 }
 
+// PMEM tells whether the entry is an ext4 filesystem on a PMEM block device
+// named by its path (/dev/pmemN): PID 1 mounts it as it mounts lu.pmem.
+func (e FstabEntry) PMEM() bool {
+	return strings.HasPrefix(e.Spec, "/dev/pmem") && e.FSType == "ext4"
+}
+
 // Nofail tells whether the entry may fail to mount without stopping the
 // boot (fstab's nofail).
 func (e FstabEntry) Nofail() bool { return slices.Contains(strings.Split(e.Opts, ","), "nofail") }

@@ -133,3 +133,20 @@ func FuzzParseFstab(f *testing.F) {
 		}
 	})
 }
+
+func TestFstabEntryPMEM(t *testing.T) {
+	for _, tt := range []struct {
+		spec, fstype string
+		want         bool
+	}{
+		{"/dev/pmem1", "ext4", true},
+		{"/dev/pmem0s", "ext4", true}, // a sector-mode namespace is still named so
+		{"/dev/pmem1", "xfs", false},  // guest RAM is on ext4 with DAX only
+		{"LABEL=pmem", "ext4", false}, // an empty device has no label to find
+		{"/dev/vdb", "ext4", false},
+	} {
+		if got := (FstabEntry{Spec: tt.spec, FSType: tt.fstype}).PMEM(); got != tt.want {
+			t.Errorf("%s %s: PMEM() = %v, want %v", tt.spec, tt.fstype, got, tt.want)
+		}
+	}
+}

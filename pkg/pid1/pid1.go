@@ -324,7 +324,7 @@ func (b *Boot) mountFstab(ctx context.Context) error {
 			b.Log.Info("fstab entry already mounted", "line", e.Line, "spec", e.Spec, "dir", e.Dir)
 			continue
 		}
-		dev, err := mounts.MountFstab(e, b.Root)
+		dev, err := b.mountFstabEntry(e)
 		if err != nil {
 			dir := filepath.Join(b.Root, e.Dir)
 			b.Log.Error("host filesystem not mounted: guests with files under it will not be restored", "nofail", e.Nofail(), "err", err)
@@ -339,6 +339,23 @@ func (b *Boot) mountFstab(ctx context.Context) error {
 		b.Log.Info("host filesystem mounted", "spec", e.Spec, "dev", dev, "on", filepath.Join(b.Root, e.Dir), "type", e.FSType)
 	}
 	return nil
+}
+
+// mountFstabEntry mounts one fstab entry under the host root. A PMEM one
+// (guest RAM on another NUMA node's PMEM, say) is mounted as lu.pmem is:
+// DAX checked, and on a first boot with lu.format_pmem=1 formatted when
+// empty — memmap= PMEM is blank after every power-on.
+func (b *Boot) mountFstabEntry(e mounts.FstabEntry) (string, error) {
+	if !e.PMEM() {
+		return mounts.MountFstab(e, b.Root)
+	}
+	dir := filepath.Join(b.Root, e.Dir)
+	if err := mounts.MountPMEM(e.Spec, dir, b.Params.FormatPMEM, b.run); err != nil {
+		return e.Spec, fmt.Errorf("fstab line %d: %w", e.Line, err)
+	}
+	opts, _ := mounts.MountOptions("/proc/mounts", dir)
+	fmt.Fprintf(consoleOut(), "liveupdate: PMEM %s mounted on %s options=%s (fstab)\n", e.Spec, dir, opts)
+	return e.Spec, nil
 }
 
 // unmountAll is mountAll's and mountFstab's inverse.

@@ -1,0 +1,268 @@
+package qemutests
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The Debian host's other guests and bad paths, used by TestDebianHostUpdate:
+// a two-node guest started directly (not by libvirt) with each memory
+// backend bound to its own host node's PMEM, the gate stopping the wave on
+// unsafe guests, and the updater crashing before its kexec.
+
+// numaGuest is a QEMU started on the host by systemd-run, as an
+// orchestrator other than libvirt would, with two guest NUMA nodes: node
+// 0's RAM on /mnt/pmem (host node 0's PMEM) bound to host node 0, node 1's
+// on /mnt/pmem1 (host node 1's) bound to host node 1. It runs SeaBIOS only
+// (no disk): what is checked is that its RAM and where it lives survive.
+type numaGuest struct {
+	h    *debianHost
+	sums string // sha256 of a random MiB written into the middle of each backend
+}
+
+// numaBackends: guest node, host node, file. The 33rd MiB of each: SeaBIOS
+// lives at the bottom and the top of the guest's RAM.
+var numaBackends = []struct {
+	id   string
+	node int
+	file string
+}{{"ram0", 0, "/mnt/pmem/numa/ram0"}, {"ram1", 1, "/mnt/pmem1/numa/ram1"}}
+
+const numaSums = "for f in /mnt/pmem/numa/ram0 /mnt/pmem1/numa/ram1; do dd if=$f bs=1M skip=32 count=1 status=none | sha256sum; done"
+
+func startNUMAGuest(t *testing.T, h *debianHost) *numaGuest {
+	t.Helper()
+	argv := "/usr/bin/qemu-system-x86_64 -name numa -accel tcg -smp 2 -m 128M -nodefaults -display none -qmp unix:/run/numa.qmp,server=on,wait=off"
+	for i, b := range numaBackends {
+		argv += fmt.Sprintf(" -object memory-backend-file,id=%s,size=64M,mem-path=%s,share=on,host-nodes=%d,policy=bind -numa node,nodeid=%d,cpus=%d,memdev=%s",
+			b.id, b.file, b.node, i, i, b.id)
+	}
+	h.mustSSH("mkdir -p /mnt/pmem/numa /mnt/pmem1/numa && systemd-run --unit lu-numa-guest --description 'two-node guest, RAM bound per host node' " + argv)
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if _, code := h.ssh(time.Minute, "test -S /run/numa.qmp && test -s /mnt/pmem1/numa/ram1"); code == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			out, _ := h.ssh(time.Minute, "systemctl status --no-pager lu-numa-guest.service | cat")
+			t.Fatalf("the two-node guest did not start:\n%s", out)
+		}
+		time.Sleep(time.Second)
+	}
+	g := &numaGuest{h: h}
+	for _, b := range numaBackends {
+		h.mustSSH("dd if=/dev/urandom of=" + b.file + " bs=1M seek=32 count=1 conv=notrunc status=none")
+	}
+	g.sums = h.mustSSH(numaSums)
+	g.checkPlaced(t, g.pid(t))
+	return g
+}
+
+// pid is the guest's QEMU as `liveupdate plan` sees it.
+func (g *numaGuest) pid(t testing.TB) int {
+	out := g.h.mustSSH("liveupdate plan --json --state-dir /mnt/pmem/liveupdate || true")
+	m := regexp.MustCompile(`"vm": "numa",\s*"pid": (\d+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("plan shows no QEMU for the two-node guest:\n%s", out)
+	}
+	var pid int
+	fmt.Sscan(m[1], &pid)
+	return pid
+}
+
+// checkPlaced checks that QEMU pid maps each backend's file with its
+// host node's binding, and that each file's PMEM is memory of that node.
+func (g *numaGuest) checkPlaced(t testing.TB, pid int) {
+	t.Helper()
+	maps := g.h.mustSSH(fmt.Sprintf("grep /numa/ram /proc/%d/numa_maps", pid))
+	for _, b := range numaBackends {
+		if !regexp.MustCompile(`(?m)^[0-9a-f]+ bind:` + fmt.Sprint(b.node) + ` file=` + regexp.QuoteMeta(b.file) + `\b`).MatchString(maps) {
+			t.Errorf("QEMU %d does not map %s bound to host node %d:\n%s", pid, b.file, b.node, maps)
+		}
+		dev := strings.TrimSpace(g.h.mustSSH("findmnt -n -o SOURCE --target " + b.file))
+		node := strings.TrimSpace(g.h.mustSSH("cat /sys/block/" + filepath.Base(dev) + "/device/numa_node"))
+		if node != fmt.Sprint(b.node) {
+			t.Errorf("%s is on %s, memory of host node %s, not %d", b.file, dev, node, b.node)
+		}
+	}
+}
+
+// checkKept checks that the guest runs under a QEMU other than before's,
+// its RAM as it was and each backend still on its node.
+func (g *numaGuest) checkKept(t testing.TB, before int) int {
+	t.Helper()
+	pid := g.pid(t)
+	if pid == before {
+		t.Errorf("the two-node guest still runs under QEMU %d: was it restored?", pid)
+	}
+	if got := g.h.mustSSH(numaSums); got != g.sums {
+		t.Errorf("the two-node guest's RAM changed:\n%s\nwas:\n%s", got, g.sums)
+	}
+	g.checkPlaced(t, pid)
+	return pid
+}
+
+// playbook runs the project's playbook against the host with extra
+// variables and returns its output.
+func (h *debianHost) playbook(t *testing.T, vars ...string) (string, error) {
+	t.Helper()
+	dir := t.TempDir()
+	inv := filepath.Join(dir, "inventory.ini")
+	os.WriteFile(inv, []byte(fmt.Sprintf("[kvm_hosts]\nlu-debian-host ansible_host=127.0.0.1 ansible_port=%d ansible_user=root "+
+		"ansible_ssh_private_key_file=%s ansible_python_interpreter=/usr/bin/python3 "+
+		"ansible_ssh_common_args='-o UserKnownHostsFile=%s -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes'\n",
+		h.sshPort, filepath.Join(h.dir, "id_ed25519"), filepath.Join(h.dir, "known_hosts"))), 0o644)
+	args := []string{"-i", inv, filepath.Join(repoRoot, "ansible/playbook.yml")}
+	for _, v := range vars {
+		args = append(args, "-e", v)
+	}
+	start := time.Now()
+	cmd := exec.Command("ansible-playbook", args...)
+	cmd.Env = append(os.Environ(), "ANSIBLE_NOCOLOR=1", "ANSIBLE_LOCAL_TEMP="+filepath.Join(dir, "tmp"), "ANSIBLE_RETRY_FILES_ENABLED=0")
+	out, err := cmd.CombinedOutput()
+	t.Logf("ansible-playbook (%s):\n%s", time.Since(start).Round(time.Second), out)
+	return string(out), err
+}
+
+// untouched checks what a stopped wave or a recovered update must leave
+// as it was: the kernel and boot, libvirt's daemon running again, no
+// guest state saved, the filesystems writable, no kernel loaded.
+func (h *debianHost) untouched(t *testing.T, bootID string) {
+	t.Helper()
+	if got := strings.TrimSpace(h.mustSSH("cat /proc/sys/kernel/random/boot_id")); got != bootID {
+		t.Errorf("the host rebooted (boot %s → %s)", bootID, got)
+	}
+	if st, _ := h.ssh(time.Minute, "systemctl is-active libvirtd.service"); strings.TrimSpace(st) != "active" {
+		t.Errorf("libvirtd is %q, want active again", strings.TrimSpace(st))
+	}
+	if out, _ := h.ssh(time.Minute, "ls /mnt/pmem/liveupdate"); strings.Contains(out, ".state\n") {
+		t.Errorf("guest state files left: %s", out)
+	}
+	if out, _ := h.ssh(time.Minute, "cat /sys/kernel/kexec_loaded"); strings.TrimSpace(out) != "0" {
+		t.Errorf("a kernel is still loaded for kexec: %s", out)
+	}
+	if out, code := h.ssh(time.Minute, "for d in /mnt/pmem /mnt/pmem1 /var/lib/libvirt/images /var/tmp; do touch $d/lu-writable && rm $d/lu-writable || echo $d read-only; done"); code != 0 || out != "" {
+		t.Errorf("a filesystem is still read-only: %s", out)
+	}
+}
+
+// gateStopsWave starts two unsafe guests beside the others — one with
+// private RAM, one whose RAM is bound to host node 1 but on node 0's
+// PMEM — and checks the playbook's gate stops the wave naming both, with
+// every guest untouched and libvirt's daemon started again.
+func gateStopsWave(t *testing.T, h *debianHost, target, bootID string, libvirtPID int) {
+	h.mustSSH("systemd-run --unit lu-priv-guest /usr/bin/qemu-system-x86_64 -name priv -S -accel tcg -m 64 -nodefaults -display none; " +
+		"mkdir -p /mnt/pmem/numa-bad && systemd-run --unit lu-numa-bad-guest /usr/bin/qemu-system-x86_64 -name numa-bad -S -accel tcg -m 64 -nodefaults -display none " +
+		"-object memory-backend-file,id=m,size=64M,mem-path=/mnt/pmem/numa-bad/ram,share=on,host-nodes=1,policy=bind -machine pc,memory-backend=m")
+	defer h.ssh(time.Minute, "systemctl stop lu-priv-guest.service lu-numa-bad-guest.service; rm -rf /mnt/pmem/numa-bad")
+	time.Sleep(3 * time.Second)
+	out, err := h.playbook(t, "liveupdate_kernel_version="+target)
+	if err == nil {
+		t.Fatalf("the playbook updated a host with unsafe guests")
+	}
+	for _, want := range []string{
+		"liveupdate refuses to update lu-debian-host (exit 3)",
+		"priv: guest RAM is -m without -machine memory-backend= (anonymous private RAM)",
+		"numa-bad: memory backend", // "m", in JSON's quotes
+		"its RAM is bound to host node(s) [1] (host-nodes, policy=bind), but its file /mnt/pmem/numa-bad/ram is on /dev/pmem0, memory of node 0",
+		"Start libvirt's daemon again",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("the playbook's output lacks %q", want)
+		}
+	}
+	h.untouched(t, bootID)
+	if got := h.libvirtQEMU(t); got != libvirtPID {
+		t.Errorf("libvirt's guest moved from QEMU %d to %d in a stopped wave", libvirtPID, got)
+	}
+}
+
+// crashBeforeKexec kills the updater just before its kexec (guests saved
+// and quit, filesystems read-only, the new kernel loaded), then does what
+// the README tells the operator: `liveupdate recover`, libvirt's daemon
+// started again. Every guest must run on this kernel, libvirt must keep
+// its guest under the recovered QEMU, and the rest be undone.
+func crashBeforeKexec(t *testing.T, h *debianHost, ng *numaGuest, target, bootID string) {
+	fault := filepath.Join(t.TempDir(), "liveupdate-fault")
+	build := exec.Command("go", "build", "-tags", "faultinject", "-o", fault, "./init")
+	build.Dir, build.Env = repoRoot, append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("building liveupdate-fault: %v\n%s", err, out)
+	}
+	if err := h.put(fault, "/usr/local/sbin/liveupdate-fault", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	before, _ := waitGuestState(t, dhNS, dhGuest+":7008", time.Minute)
+	numaBefore := ng.pid(t)
+	libvirtBefore := h.libvirtQEMU(t)
+	const units = "libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket"
+	h.mustSSH("systemctl stop " + units)
+	out, code := h.ssh(4*time.Minute, fmt.Sprintf("LIVEUPDATE_FAULT=pmem-ro=kill liveupdate-fault update --state-dir /mnt/pmem/liveupdate --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", target, target))
+	if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at pmem-ro") {
+		t.Fatalf("the injected crash did not happen: exit %d\n%s", code, out)
+	}
+	// The clock is not what this is about: no minutes for the agent.
+	out, code = h.ssh(4*time.Minute, "liveupdate recover --state-dir /mnt/pmem/liveupdate --clock-timeout 20s")
+	t.Logf("host$ liveupdate recover → exit %d\n%s", code, out)
+	if code != 0 || !regexp.MustCompile(`heartbeat +restored`).MatchString(out) || !regexp.MustCompile(`numa +restored`).MatchString(out) {
+		t.Fatalf("recover after the crash: exit %d", code)
+	}
+	h.mustSSH("systemctl start " + units)
+	h.untouched(t, bootID)
+	after, _ := waitGuestState(t, dhNS, dhGuest+":7008", 4*time.Minute)
+	if after.boot != before.boot || after.seq <= before.seq || after.mem != "ok" {
+		t.Errorf("libvirt's guest after recover: %+v, before %+v", after, before)
+	}
+	// libvirt's daemon took the recovered QEMU back, and keeps it.
+	libvirtAfter := h.libvirtQEMU(t)
+	if libvirtAfter == libvirtBefore {
+		t.Errorf("libvirt's guest still under QEMU %d after recover", libvirtAfter)
+	}
+	time.Sleep(10 * time.Second)
+	if got := h.libvirtQEMU(t); got != libvirtAfter {
+		t.Errorf("libvirt's guest moved from the recovered QEMU %d to %d", libvirtAfter, got)
+	}
+	ng.checkKept(t, numaBefore)
+	if st := strings.TrimSpace(h.mustSSH("systemctl is-system-running || true")); st != "running" {
+		failed, _ := h.ssh(time.Minute, "systemctl --failed --no-legend --plain")
+		t.Errorf("after recover the system is %q:\n%s", st, failed)
+	}
+}
+
+// put copies a local file to the host over SSH.
+func (h *debianHost) put(local, remote string, mode os.FileMode) error {
+	f, err := os.Open(local)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	c := exec.Command("ssh", h.sshArgs(fmt.Sprintf("cat > %s.new && chmod %o %s.new && mv %s.new %s", remote, mode, remote, remote, remote))...)
+	c.Stdin = f
+	if out, err := c.CombinedOutput(); err != nil {
+		return fmt.Errorf("ssh put %s: %v %s", remote, err, out)
+	}
+	return nil
+}
+
+// statusGuests is `liveupdate status --json`'s guests, by name.
+func (h *debianHost) statusGuests(t testing.TB) map[string]string {
+	out := h.mustSSH("liveupdate status --json --state-dir /mnt/pmem/liveupdate")
+	var st struct {
+		Guests []struct{ Name, Status string }
+	}
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("liveupdate status --json: %v\n%s", err, out)
+	}
+	m := map[string]string{}
+	for _, g := range st.Guests {
+		m[g.Name] = g.Status
+	}
+	return m
+}
