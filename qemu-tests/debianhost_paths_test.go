@@ -229,6 +229,7 @@ func crashBeforeKexec(t *testing.T, h *debianHost, ng *numaGuest, target, bootID
 	if got := h.libvirtQEMU(t); got != libvirtAfter {
 		t.Errorf("libvirt's guest moved from the recovered QEMU %d to %d", libvirtAfter, got)
 	}
+	h.checkMachine(t, libvirtAfter)
 	ng.checkKept(t, numaBefore)
 	if st := strings.TrimSpace(h.mustSSH("systemctl is-system-running || true")); st != "running" {
 		failed, _ := h.ssh(time.Minute, "systemctl --failed --no-legend --plain")
@@ -265,4 +266,16 @@ func (h *debianHost) statusGuests(t testing.TB) map[string]string {
 		m[g.Name] = g.Status
 	}
 	return m
+}
+
+// checkMachine checks that systemd-machined knows libvirt's guest as
+// libvirt registered it, led by QEMU pid, and that QEMU is in its scope.
+func (h *debianHost) checkMachine(t testing.TB, pid int) {
+	t.Helper()
+	out, _ := h.ssh(time.Minute, fmt.Sprintf("machinectl show qemu-1-heartbeat -p Leader -p Unit -p Class; cat /proc/%d/cgroup", pid))
+	want := regexp.MustCompile(fmt.Sprintf(`(?s)Leader=%d\nUnit=(machine-qemu\\x2d1\\x2dheartbeat\.scope)\nClass=vm\n0::/machine\.slice/(\S+)/libvirt/emulator\n$`, pid))
+	m := want.FindStringSubmatch(out)
+	if m == nil || m[1] != m[2] {
+		t.Errorf("systemd-machined's machine for libvirt's guest, and the QEMU's cgroup (want the machine led by %d, the QEMU in its scope):\n%s", pid, out)
+	}
 }

@@ -118,6 +118,7 @@ func TestDebianHostUpdate(t *testing.T) {
 	if q := h.libvirtQEMU(t); q != qemuAfter {
 		t.Errorf("libvirt's guest moved from QEMU pid %d to %d after the update", qemuAfter, q)
 	}
+	h.checkMachine(t, qemuAfter)
 	t.Logf("updated to %s: guest kept (boot %s, seq %d → %d), QEMU pid %d → %d under libvirt, TCP echo longest gap %s, heartbeat longest gap %s, disk ACK %d, clock off by %s",
 		nw, after.boot, first.seq, after.seq, qemuBefore, qemuAfter, gap.Round(time.Millisecond),
 		beats.takeGap().Round(time.Millisecond), acks, lag.Round(time.Millisecond))

@@ -464,10 +464,13 @@ func CheckPrivate(path string) error {
 // root (the PMEM mount) without leaving root — no symlink or ".." may lead
 // out of it — through openat2(RESOLVE_BENEATH). Files that do not exist
 // pass (the restore reports them).
-func (m *Manifest) CheckBeneath(root string) error {
-	dir, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+//
+// local is where the caller sees root (PID 1 sees the host's /mnt/pmem1 as
+// /newroot/mnt/pmem1); it is root itself when the two views agree.
+func (m *Manifest) CheckBeneath(root, local string) error {
+	dir, err := unix.Open(local, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return fmt.Errorf("opening %s: %w", root, err)
+		return fmt.Errorf("opening %s: %w", local, err)
 	}
 	defer unix.Close(dir)
 	for _, v := range m.VMs {

@@ -192,11 +192,23 @@ func TestCheckBeneath(t *testing.T) {
 	os.Symlink(filepath.Join(outside, "secret"), filepath.Join(root, "vm1.state"))
 	os.Symlink("ram", filepath.Join(root, "vm2.state"))
 	m := &Manifest{VMs: []VM{{Name: "vm2", StateFile: hostpath.QEMU(filepath.Join(root, "vm2.state"))}}}
-	if err := m.CheckBeneath(root); err != nil {
+	if err := m.CheckBeneath(root, root); err != nil {
 		t.Errorf("symlink inside the mount: %v", err)
 	}
 	m.VMs = append(m.VMs, VM{Name: "vm1", StateFile: hostpath.QEMU(filepath.Join(root, "vm1.state"))})
-	if err := m.CheckBeneath(root); err == nil || !strings.Contains(err.Error(), "vm1") {
+	if err := m.CheckBeneath(root, root); err == nil || !strings.Contains(err.Error(), "vm1") {
 		t.Errorf("symlink out of the mount: err = %v", err)
+	}
+	// Seen from elsewhere (PID 1 sees the host's /mnt/pmem1 under its
+	// root): the files are named as the host names them, resolved where
+	// the caller sees them.
+	view := "/mnt/pmem1"
+	m.VMs = []VM{{Name: "vm1", StateFile: hostpath.QEMU(view + "/vm1.state")}}
+	if err := m.CheckBeneath(view, root); err == nil || !strings.Contains(err.Error(), "vm1") {
+		t.Errorf("symlink out of the mount seen elsewhere: err = %v", err)
+	}
+	m.VMs = []VM{{Name: "vm2", StateFile: hostpath.QEMU(view + "/vm2.state")}}
+	if err := m.CheckBeneath(view, root); err != nil {
+		t.Errorf("symlink inside the mount seen elsewhere: %v", err)
 	}
 }

@@ -72,6 +72,9 @@ type Boot struct {
 
 	mu      sync.Mutex
 	mounted []string // in mount order, for the orderly stop
+	// morePMEM are the PMEM filesystems mounted from the host's fstab, as
+	// the host (and QEMU) sees them: guest RAM may be there too.
+	morePMEM []string
 	// placeholders are the empty tmpfs mounts over fstab mount points that
 	// failed (mountFstab), removed at the handover.
 	placeholders []string
@@ -353,6 +356,7 @@ func (b *Boot) mountFstabEntry(e mounts.FstabEntry) (string, error) {
 	if err := mounts.MountPMEM(e.Spec, dir, b.Params.FormatPMEM, b.run); err != nil {
 		return e.Spec, fmt.Errorf("fstab line %d: %w", e.Line, err)
 	}
+	b.morePMEM = append(b.morePMEM, e.Dir)
 	opts, _ := mounts.MountOptions("/proc/mounts", dir)
 	fmt.Fprintf(consoleOut(), "liveupdate: PMEM %s mounted on %s options=%s (fstab)\n", e.Spec, dir, opts)
 	return e.Spec, nil
@@ -374,7 +378,9 @@ func (b *Boot) readManifest(ctx context.Context) error {
 		b.Log.Info("no manifest: no guests to restore (first boot?)", "path", path)
 		return nil
 	}
-	m, err := manifest.Read(path, p.PMEMMount)
+	// Guest RAM may be on any PMEM filesystem mounted: lu.pmem's, and the
+	// fstab's (another NUMA node's, say), which update's plan accepts too.
+	m, err := manifest.Read(path, append([]string{p.PMEMMount}, b.morePMEM...)...)
 	if err != nil {
 		return err
 	}
@@ -382,7 +388,12 @@ func (b *Boot) readManifest(ctx context.Context) error {
 		return fmt.Errorf("manifest state_dir %s is outside the PMEM mount %s", m.StateDir, p.PMEMMount)
 	}
 	if p.PMEM != "" {
-		if err := m.CheckBeneath(p.PMEMMount); err != nil {
+		if err := m.CheckBeneath(p.PMEMMount, p.PMEMMount); err != nil {
+			return err
+		}
+	}
+	for _, dir := range b.morePMEM {
+		if err := m.CheckBeneath(dir, filepath.Join(b.Root, dir)); err != nil {
 			return err
 		}
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/phase"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
 // TestReadManifest: PID 1 reads the manifest the kernel command line names,
@@ -61,6 +62,46 @@ func TestReadManifest(t *testing.T) {
 				t.Errorf("error %v", err)
 			case (b.Manifest != nil) != c.wantRead:
 				t.Errorf("manifest read: %v, want %v", b.Manifest != nil, c.wantRead)
+			}
+		})
+	}
+}
+
+// TestReadManifestMorePMEM: a guest's RAM on another PMEM filesystem is
+// accepted when PID 1 mounted it from the host's fstab (another NUMA
+// node's), and stops the boot otherwise.
+func TestReadManifestMorePMEM(t *testing.T) {
+	pmem, root := t.TempDir(), t.TempDir()
+	const more = "/mnt/pmem1"
+	os.MkdirAll(filepath.Join(root, more, "numa"), 0o755)
+	os.WriteFile(filepath.Join(root, more, "numa/ram1"), nil, 0o600)
+	dir := filepath.Join(pmem, "liveupdate")
+	os.MkdirAll(dir, 0o700)
+	m := &manifest.Manifest{Schema: manifest.SchemaVersion, ID: "t", StateDir: hostpath.QEMU(dir), VMs: []manifest.VM{{
+		Name: "numa", Binary: "/usr/bin/qemu-system-x86_64", PID: 7, Argv: []string{"qemu-system-x86_64"}, RestartArgv: []string{"qemu-system-x86_64", "-incoming", "defer"},
+		StateFile: hostpath.QEMU(filepath.Join(dir, "numa.state")), QMP: "/run/numa.qmp", Status: manifest.StatusQuit,
+		RAM: []qemuargv.MemoryBackend{{ID: "ram1", MemPath: more + "/numa/ram1", Share: true}}}}}
+	path := filepath.Join(dir, manifest.FileName)
+	if err := manifest.Write(path, m); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name     string
+		morePMEM []string
+		wantErr  string
+	}{
+		{"RAM on the fstab's PMEM", []string{more}, ""},
+		{"RAM on a filesystem PID 1 did not mount as PMEM", nil, "is outside"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := &Boot{Log: slog.New(slog.DiscardHandler), Root: root, morePMEM: c.morePMEM,
+				Params: bootparams.Params{PMEM: "/dev/pmem0", PMEMMount: pmem, Manifest: path}}
+			err := b.readManifest(context.Background())
+			if c.wantErr == "" && (err != nil || b.Manifest == nil) {
+				t.Errorf("error %v, manifest read %v", err, b.Manifest != nil)
+			}
+			if c.wantErr != "" && (err == nil || !strings.Contains(err.Error(), c.wantErr)) {
+				t.Errorf("error %v, want %q", err, c.wantErr)
 			}
 		})
 	}
