@@ -246,8 +246,11 @@ var partialRescue = regexp.MustCompile(`Fix the cause, then: liveupdate recover 
 
 // fatalRescue tells whether PID 1 stopped in the rescue shell (not the one
 // it offers beside running guests after a partial restore).
-func fatalRescue(console string) bool {
-	return strings.Count(console, "liveupdate: RESCUE SHELL") > len(partialRescue.FindAllStringIndex(console, -1))
+func fatalRescue(console string) bool { return fatalRescues(console) > 0 }
+
+// fatalRescues counts the times the console shows such a rescue shell.
+func fatalRescues(console string) int {
+	return strings.Count(console, "liveupdate: RESCUE SHELL") - len(partialRescue.FindAllStringIndex(console, -1))
 }
 
 func (h *hostVM) console() string {

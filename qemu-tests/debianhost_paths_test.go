@@ -1,12 +1,15 @@
 package qemutests
 
 import (
+	"bufio"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -278,4 +281,140 @@ func (h *debianHost) checkMachine(t testing.TB, pid int) {
 	if m == nil || m[1] != m[2] {
 		t.Errorf("systemd-machined's machine for libvirt's guest, and the QEMU's cgroup (want the machine led by %d, the QEMU in its scope):\n%s", pid, out)
 	}
+}
+
+// control runs cmd on PID 1's control line and returns its output and
+// exit code (PID 1 answers there only before it hands over, or in the
+// rescue shell).
+func (h *debianHost) control(t testing.TB, cmd string, d time.Duration) (string, int) {
+	t.Helper()
+	c, err := net.Dial("unix", h.ctl)
+	if err != nil {
+		t.Fatalf("control line: %v", err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(d))
+	fmt.Fprintf(c, "%s\n", cmd)
+	r := bufio.NewReader(c)
+	var out strings.Builder
+	exitRE := regexp.MustCompile(`@@LU-EXIT (\d+)@@`)
+	for {
+		line, err := r.ReadString('\n')
+		out.WriteString(line)
+		if m := exitRE.FindStringSubmatch(line); m != nil {
+			code, _ := strconv.Atoi(m[1])
+			t.Logf("PID 1$ %s → exit %d\n%s", cmd, code, out.String())
+			return out.String(), code
+		}
+		if err != nil {
+			t.Fatalf("control line, running %q: %v\noutput so far:\n%s", cmd, err, out.String())
+		}
+	}
+}
+
+// oneRestoreFails updates the host to target by the playbook with a third
+// guest whose QEMU binary is broken under it (as by a bad package
+// upgrade): nothing before the kexec can see it, its restore fails, the
+// other guests run, the playbook fails the host naming it, and
+// `liveupdate recover` brings it back once the binary is mended.
+func oneRestoreFails(t *testing.T, h *debianHost, ng *numaGuest, target string) {
+	const bin = "/usr/local/bin/qemu-system-x86_64"
+	h.mustSSH("install -D /usr/bin/qemu-system-x86_64 " + bin + " && systemd-run --unit lu-frail-guest " + bin +
+		" -name frail -accel tcg -m 64 -machine pc,memory-backend=fr0 -object memory-backend-file,id=fr0,size=64M,mem-path=/mnt/pmem/frail.ram,share=on" +
+		" -nodefaults -display none -qmp unix:/run/frail.qmp,server=on,wait=off && sleep 3 && dd if=/dev/urandom of=/mnt/pmem/frail.ram bs=1M seek=32 count=1 conv=notrunc status=none")
+	const sum = "dd if=/mnt/pmem/frail.ram bs=1M skip=32 count=1 status=none | sha256sum"
+	want := h.mustSSH(sum)
+	h.mustSSH("head -c 65536 /dev/urandom > " + bin + ".new && chmod 0755 " + bin + ".new && mv " + bin + ".new " + bin)
+	numaBefore, before := ng.pid(t), h.libvirtQEMU(t)
+	out, err := h.playbook(t, "liveupdate_kernel_version="+target)
+	if err == nil || !strings.Contains(out, "guests not running after the update") || !strings.Contains(out, "frail") {
+		t.Fatalf("the playbook did not fail the host naming the guest that did not come back (err %v)", err)
+	}
+	if got := strings.TrimSpace(h.mustSSH("uname -r")); got != target {
+		t.Fatalf("host runs %s, want %s", got, target)
+	}
+	if !regexp.MustCompile(`(?s)restore failed: .*frail.*Fix the cause, then, once the host is up: liveupdate recover`).MatchString(pid1Lines(h.console())) {
+		t.Errorf("PID 1 did not report the failed restore with what to do:\n%s", pid1Lines(h.console()))
+	}
+	st := h.statusGuests(t)
+	if st["heartbeat"] != "running" || st["numa"] != "running" || st["frail"] == "running" {
+		t.Errorf("after the update with one guest failing: %v", st)
+	}
+	if out, _ := h.ssh(time.Minute, "ls /mnt/pmem/liveupdate"); !strings.Contains(out, "frail.state\n") {
+		t.Errorf("the failed guest's state file is gone: %s", out)
+	}
+	if got := h.mustSSH(sum); got != want {
+		t.Errorf("the failed guest's RAM changed")
+	}
+	h.mustSSH("systemctl is-system-running --wait || true")
+	libvirtAfter := h.libvirtQEMU(t)
+	if libvirtAfter == before {
+		t.Errorf("libvirt's guest still under QEMU %d", before)
+	}
+	h.checkMachine(t, libvirtAfter)
+	ng.checkKept(t, numaBefore)
+	// Mended, then recovered.
+	h.mustSSH("install /usr/bin/qemu-system-x86_64 " + bin)
+	out, code := h.ssh(4*time.Minute, "liveupdate recover --state-dir /mnt/pmem/liveupdate --clock-timeout 5s")
+	t.Logf("host$ liveupdate recover → exit %d\n%s", code, out)
+	if code != 0 || !regexp.MustCompile(`frail +restored`).MatchString(out) || !regexp.MustCompile(`heartbeat +running`).MatchString(out) {
+		t.Fatalf("recover of the failed guest: exit %d", code)
+	}
+	if got := h.mustSSH(sum); got != want {
+		t.Errorf("the recovered guest's RAM differs")
+	}
+	if st := h.statusGuests(t); st["frail"] != "running" {
+		t.Errorf("after recover: %v", st)
+	}
+	// Gone again: the next update carries the other two.
+	h.mustSSH("pkill -f 'guest=frail|-name frail'; sleep 2; rm -f /mnt/pmem/frail.ram /mnt/pmem/liveupdate/frail.* " + bin)
+}
+
+// corruptManifest updates the host to target with the manifest cut short
+// after it is written (the fault "corrupt"): the new kernel's PID 1 must
+// stop in the rescue shell touching nothing; from there (its control
+// line) the intact manifest is put back, `recover --host` restores the
+// guests, and PID 1 is told to boot the host after all.
+func corruptManifest(t *testing.T, h *debianHost, ng *numaGuest, target string) {
+	before, _ := waitGuestState(t, dhNS, dhGuest+":7008", time.Minute)
+	numaBefore := ng.pid(t)
+	const dir = "/mnt/pmem/liveupdate"
+	h.mustSSH("systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket")
+	h.ssh(time.Minute, fmt.Sprintf("LIVEUPDATE_FAULT=kexec-record=corrupt nohup liveupdate-fault update --state-dir %s --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img "+
+		"--keep-control --append \"$(cat /proc/cmdline) lu.control=/dev/ttyS1\" >/var/tmp/lu-corrupt.log 2>&1 &", dir, target, target))
+	m := h.waitFor(`liveupdate: FATAL: manifest: ([^\n]*)\n(?s:.*)liveupdate: RESCUE SHELL`, 8*time.Minute)
+	t.Logf("PID 1 stopped: manifest: %s", m[1])
+	if !strings.Contains(h.console(), "Then boot the host (") {
+		t.Errorf("the rescue message does not say how to boot the host afterwards")
+	}
+	// Nothing was touched: the state files and RAM are there.
+	out, _ := h.control(t, "ls "+dir+" /mnt/pmem/libvirt /mnt/pmem1/numa", time.Minute)
+	for _, f := range []string{"heartbeat.state", "numa.state", "manifest.json.intact", "ram1"} {
+		if !strings.Contains(out, f+"\n") {
+			t.Errorf("%s is gone in the rescue path", f)
+		}
+	}
+	h.control(t, "cp "+dir+"/manifest.json.intact "+dir+"/manifest.json", time.Minute)
+	out, code := h.control(t, "liveupdate recover --host --root /newroot --manifest "+dir+"/manifest.json --clock-timeout 20s", 4*time.Minute)
+	if code != 0 || !regexp.MustCompile(`heartbeat +restored`).MatchString(out) || !regexp.MustCompile(`numa +restored`).MatchString(out) {
+		t.Fatalf("recover --host from the rescue shell: exit %d", code)
+	}
+	h.control(t, "mkdir -p /run/liveupdate && touch /run/liveupdate/boot-host", time.Minute)
+	h.waitFor(`liveupdate: RESCUE SHELL(?s:.*)booting the host from the rescue shell, as asked`, 2*time.Minute)
+	h.okRescues = fatalRescues(h.console())
+	h.waitSSH(10 * time.Minute)
+	if got := strings.TrimSpace(h.mustSSH("uname -r")); got != target {
+		t.Errorf("host runs %s, want %s", got, target)
+	}
+	if st := strings.TrimSpace(h.mustSSH("systemctl is-system-running --wait; systemctl is-active libvirtd.service")); st != "running\nactive" {
+		failed, _ := h.ssh(time.Minute, "systemctl --failed --no-legend --plain")
+		t.Errorf("the host booted from the rescue shell is %q:\n%s", st, failed)
+	}
+	after, _ := waitGuestState(t, dhNS, dhGuest+":7008", 4*time.Minute)
+	if after.boot != before.boot || after.seq <= before.seq || after.mem != "ok" {
+		t.Errorf("libvirt's guest after the rescue: %+v, before %+v", after, before)
+	}
+	h.checkMachine(t, h.libvirtQEMU(t))
+	ng.checkKept(t, numaBefore)
+	t.Logf("restored from the rescue shell and booted: %+v", after)
 }

@@ -66,6 +66,11 @@ type debianHost struct {
 	*hostVM
 	dir     string // the images' cache directory (key, known_hosts)
 	sshPort int
+	// ctl is PID 1's control line (the VM's second serial port, ttyS1),
+	// answering on boots whose command line has lu.control=/dev/ttyS1.
+	ctl string
+	// okRescues are the rescue shells the test led PID 1 into and out of.
+	okRescues int
 }
 
 // bootDebianHost boots the host on kernel which ("old" or "new") from
@@ -118,7 +123,8 @@ func bootDebianHost(t *testing.T, which string) *debianHost {
 		"-netdev", fmt.Sprintf("user,id=mgmt,hostfwd=tcp:127.0.0.1:%d-:22", port),
 		"-device", "virtio-net-pci,netdev=mgmt,mac="+dhMgmtMAC,
 		"-netdev", "tap,id=guests,fd=3", "-device", "virtio-net-pci,netdev=guests,mac="+dhNICMAC)
-	h := &debianHost{dir: dir, sshPort: port}
+	h := &debianHost{dir: dir, sshPort: port, ctl: filepath.Join(work, "ctl.sock")}
+	extra = append(extra, "-serial", "unix:"+h.ctl+",server=on,wait=off")
 	h.hostVM = bootHost(t, hostOpts{
 		kernel: filepath.Join(dir, "boot/vmlinuz-"+kver), initrd: filepath.Join(dir, "boot/initramfs-"+kver+".img"),
 		cmdline: cmdline, extra: extra, files: []*os.File{tap}, machine: strings.Fields(string(machine))})
@@ -172,7 +178,7 @@ func (h *debianHost) waitSSH(d time.Duration) {
 		if time.Now().After(deadline) {
 			h.t.Fatalf("no SSH login within %s (last: exit %d %s); console:\n%s", d, code, out, tail(h.console(), 60))
 		}
-		if fatalRescue(h.console()) {
+		if fatalRescues(h.console()) > h.okRescues {
 			h.t.Fatalf("PID 1 went to the rescue shell; console:\n%s", tail(h.console(), 60))
 		}
 		time.Sleep(2 * time.Second)

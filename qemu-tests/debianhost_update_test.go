@@ -123,6 +123,16 @@ func TestDebianHostUpdate(t *testing.T) {
 		nw, after.boot, first.seq, after.seq, qemuBefore, qemuAfter, gap.Round(time.Millisecond),
 		beats.takeGap().Round(time.Millisecond), acks, lag.Round(time.Millisecond))
 
+	// Two more kexecs: minutes under nested emulation, which CI's half
+	// hour cannot spare; make soak and make bench run them.
+	if os.Getenv("LIVEUPDATE_NESTED_FULL") != "" {
+		old := kernelVersion(t, "old")
+		if !t.Run("OneRestoreFails", func(t *testing.T) { oneRestoreFails(t, h, numa, old) }) ||
+			!t.Run("CorruptManifestAfterKexec", func(t *testing.T) { corruptManifest(t, h, numa, nw) }) {
+			return
+		}
+	}
+
 	// Last: the guest shut down by libvirt (ACPI), its image read here.
 	t.Run("DiskRecords", func(t *testing.T) {
 		h.mustSSH("virsh -c qemu:///system shutdown heartbeat")

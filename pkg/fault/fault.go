@@ -12,6 +12,7 @@
 //	killnew    At calls the registered killer of the new QEMU of the VM the
 //	           point is reached for (AtFor's subject): a new QEMU dies
 //	fill       At fills the state directory's filesystem (a full disk)
+//	corrupt    At cuts the manifest short, keeping it whole beside (update)
 //
 // Points are the names passed to At, listed in Points.
 package fault

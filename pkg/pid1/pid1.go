@@ -151,9 +151,15 @@ func Main() {
 	b.writeBootRecord()
 	if restoreErr != nil {
 		b.Log.Error("some guests were not restored; their RAM and state files are kept", "err", restoreErr)
-		go b.guard("rescue shell", func() {
-			b.rescueShellLoop(fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate recover --root %s --manifest %s\n", restoreErr, orSlash(b.Root), b.Params.Manifest))
-		})
+		msg := fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate recover --root %s --manifest %s\n", restoreErr, orSlash(b.Root), b.Params.Manifest)
+		if p.Handover {
+			msg = fmt.Sprintf("restore failed: %v\nFix the cause, then, once the host is up: liveupdate recover --manifest %s\n", restoreErr, b.Params.Manifest)
+			// The host's init gives the operator a login; a shell of
+			// ours would outlive the handover on the console.
+			fmt.Fprintf(consoleOut(), "liveupdate: %s", msg)
+		} else {
+			go b.guard("rescue shell", func() { b.rescueShellLoop(msg, nil) })
+		}
 	}
 	if p.Handover {
 		b.waitClocks()
@@ -769,22 +775,54 @@ func ShutDown(ctx context.Context, ts []*cpr.Target, d time.Duration, log *slog.
 	return nil
 }
 
-// rescue logs a fatal error and runs a shell on the console forever. The
-// guests' RAM and state files are untouched.
+// BootHostFile, made from the rescue shell once the guests are back
+// (liveupdate recover --host), tells PID 1 on a host it hands over to
+// (lu.handover=1) to boot the host's init after all, as after a restore.
+const BootHostFile = "/run/liveupdate/boot-host"
+
+// rescue logs a fatal error and runs a shell on the console. The guests'
+// RAM and state files are untouched. It never returns: on a host whose
+// init PID 1 hands over to, with its root mounted, it hands over when the
+// operator makes BootHostFile (the host would otherwise stay without its
+// services); elsewhere the shell is all there is.
 func (b *Boot) rescue(err error) {
 	msg := fmt.Sprintf("liveupdate: FATAL: %v\nNo guest data was touched: guest RAM and state files stay where they are.\n", err)
 	if b.Params.Manifest != "" {
 		msg += fmt.Sprintf("When the cause is fixed, bring the guests back with: liveupdate recover --host --root %s --manifest %s\n", orSlash(b.Root), b.Params.Manifest)
 	}
+	canBoot := b.Params.Handover && b.Root != ""
+	if canBoot {
+		msg += fmt.Sprintf("Then boot the host (%s): mkdir -p %s && touch %s\n", b.Params.Init, filepath.Dir(BootHostFile), BootHostFile)
+	}
 	if b.Log != nil {
 		b.Log.Error("fatal", "err", err)
 	}
-	b.rescueShellLoop(msg)
+	if !canBoot {
+		b.rescueShellLoop(msg, nil)
+	}
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go b.guard("rescue shell", func() { defer close(done); b.rescueShellLoop(msg, stop) })
+	for {
+		if _, err := os.Stat(BootHostFile); err == nil {
+			break
+		}
+		time.Sleep(time.Second)
+	}
+	os.Remove(BootHostFile)
+	close(stop)
+	<-done // the shell is gone: the host's init gets the console
+	b.Log.Info("booting the host from the rescue shell, as asked", "file", BootHostFile)
+	b.waitClocks()
+	if err := b.handover(); err != nil {
+		b.rescueShellLoop(fmt.Sprintf("liveupdate: handover to the host's init failed: %v\n", err), nil)
+	}
 }
 
 // rescueShellLoop starts a shell on the console and starts it again when it
-// exits. It never returns.
-func (b *Boot) rescueShellLoop(msg string) {
+// exits, until stop is closed (then it kills the shell and returns; nil:
+// never).
+func (b *Boot) rescueShellLoop(msg string, stop <-chan struct{}) {
 	for {
 		con := consoleOut()
 		fmt.Fprintf(con, "%sliveupdate: RESCUE SHELL\n", msg)
@@ -799,7 +837,14 @@ func (b *Boot) rescueShellLoop(msg string) {
 			time.Sleep(5 * time.Second)
 			continue
 		}
-		child.Wait(context.Background())
+		select {
+		case <-child.Done():
+		case <-stop:
+			unix.Kill(-child.Pid, unix.SIGKILL) // its session: the shell and what it runs
+			unix.Kill(child.Pid, unix.SIGKILL)  // (no session without a console)
+			<-child.Done()
+			return
+		}
 		time.Sleep(time.Second) // no busy loop if the shell dies at once
 	}
 }

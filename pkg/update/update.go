@@ -337,6 +337,9 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 		return nil, fmt.Errorf("no guest was touched: %w", err)
 	}
 	u := &updateRun{e: e, p: p, o: o, phases: slices.Clone(p.phases)}
+	// A manifest damaged after it is written (tests: PID 1 must stop in
+	// the rescue shell, touching nothing); the intact one is kept beside.
+	fault.On("corrupt", func(string, string) { corruptManifest(u.local(filepath.Join(string(e.StateDir), manifest.FileName))) })
 	err := phase.Run(ctx, u.record,
 		// The kernel first: one the running kernel refuses is found out
 		// before any guest is touched.
@@ -441,6 +444,18 @@ func (u *updateRun) recordKexec(context.Context) error {
 		return fmt.Errorf("writing the manifest: %w", err)
 	}
 	return nil
+}
+
+// corruptManifest is the fault action "corrupt": the manifest at path is
+// copied to path+".intact" and cut to its first 300 bytes, durably.
+func corruptManifest(path string) {
+	b, err := os.ReadFile(path)
+	if err != nil || len(b) < 300 {
+		return
+	}
+	os.WriteFile(path+".intact", b, 0o600)
+	os.WriteFile(path, b[:300], 0o600)
+	unix.Sync()
 }
 
 // remountPMEM remounts the PMEM filesystem read-only, last.
