@@ -276,9 +276,15 @@ func (h *debianHost) statusGuests(t testing.TB) map[string]string {
 func (h *debianHost) checkMachine(t testing.TB, pid int) {
 	t.Helper()
 	out, _ := h.ssh(time.Minute, fmt.Sprintf("machinectl show qemu-1-heartbeat -p Leader -p Unit -p Class; cat /proc/%d/cgroup", pid))
-	want := regexp.MustCompile(fmt.Sprintf(`(?s)Leader=%d\nUnit=(machine-qemu\\x2d1\\x2dheartbeat\.scope)\nClass=vm\n0::/machine\.slice/(\S+)/libvirt/emulator\n$`, pid))
-	m := want.FindStringSubmatch(out)
-	if m == nil || m[1] != m[2] {
+	prop := func(k string) string {
+		m := regexp.MustCompile(`(?m)^` + k + `=(.*)$`).FindStringSubmatch(out)
+		if m == nil {
+			return ""
+		}
+		return m[1]
+	}
+	scope := regexp.MustCompile(`(?m)^0::/machine\.slice/(\S+)/libvirt/emulator$`).FindStringSubmatch(out)
+	if prop("Leader") != fmt.Sprint(pid) || prop("Class") != "vm" || prop("Unit") != `machine-qemu\x2d1\x2dheartbeat.scope` || scope == nil || scope[1] != prop("Unit") {
 		t.Errorf("systemd-machined's machine for libvirt's guest, and the QEMU's cgroup (want the machine led by %d, the QEMU in its scope):\n%s", pid, out)
 	}
 }
