@@ -120,7 +120,7 @@ func (h *debianHost) playbook(t *testing.T, vars ...string) (string, error) {
 	inv := filepath.Join(dir, "inventory.ini")
 	os.WriteFile(inv, []byte(fmt.Sprintf("[kvm_hosts]\nlu-debian-host ansible_host=127.0.0.1 ansible_port=%d ansible_user=root "+
 		"ansible_ssh_private_key_file=%s ansible_python_interpreter=/usr/bin/python3 "+
-		"ansible_ssh_common_args='-o UserKnownHostsFile=%s -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes'\n",
+		"ansible_ssh_common_args='-o UserKnownHostsFile=%s -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes -o ServerAliveInterval=5 -o ServerAliveCountMax=3'\n",
 		h.sshPort, filepath.Join(h.dir, "id_ed25519"), filepath.Join(h.dir, "known_hosts"))), 0o644)
 	args := []string{"-i", inv, filepath.Join(repoRoot, "ansible/playbook.yml")}
 	for _, v := range vars {

@@ -24,8 +24,12 @@ import (
 // guests, touching nothing; the updater killed just before its kexec, then
 // `liveupdate recover` and libvirt's daemon started, as the README says.
 // Then the update by the playbook to the new kernel: every guest kept and
-// in place, libvirt managing its own, the host's boot finished; and, after
-// libvirt's ACPI shutdown, every acknowledged record on the guest's image.
+// in place, libvirt managing its own, the host's boot finished. With
+// LIVEUPDATE_NESTED_FULL=1 two more kexecs: back to the old kernel with a
+// third guest whose restore fails, and to the new one with the manifest
+// cut short (PID 1's rescue shell, recover --host, then the host's boot).
+// Last, after libvirt's ACPI shutdown, every acknowledged record on the
+// guest's image.
 func TestDebianHostUpdate(t *testing.T) {
 	if _, err := exec.LookPath("ansible-playbook"); err != nil {
 		t.Fatal("ansible-playbook is not installed (scripts/setup.sh installs ansible-core)")

@@ -82,7 +82,7 @@ note "libvirt: $(host 'virsh -c qemu:///system list | sed -n 3p' | tr -s ' ')"
 
 inv=$work/inventory.ini
 printf "[kvm_hosts]\nlu-debian-host ansible_host=127.0.0.1 ansible_port=%s ansible_user=root ansible_ssh_private_key_file=%s ansible_python_interpreter=/usr/bin/python3 ansible_ssh_common_args='%s'\n" \
-	$port "$dir/id_ed25519" "-o UserKnownHostsFile=$dir/known_hosts -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes" >"$inv"
+	$port "$dir/id_ed25519" "-o UserKnownHostsFile=$dir/known_hosts -o HostKeyAlias=lu-debian-host -o StrictHostKeyChecking=yes -o ServerAliveInterval=5 -o ServerAliveCountMax=3" >"$inv"
 
 from=$old to=$new
 pid0=$(host cat /run/libvirt/qemu/heartbeat.pid)
