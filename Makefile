@@ -106,7 +106,7 @@ demo-restart: setup build
 # updates, leaks counted, and C restarts in each of TestChaos' two modes:
 # liveupdate SIGKILLed at a random instant, or one QEMU whose death a correct
 # tool survives, and D updates of the Debian host by the playbook
-# (scripts/demo.sh); rewrites docs/reliability.md (make soak K=3 M=20 N=10 C=50 D=10).
+# (scripts/demo.sh) and the bad paths on that host (TestDebianHostUpdate with LIVEUPDATE_NESTED_FULL=1); rewrites docs/reliability.md (make soak K=3 M=20 N=10 C=50 D=10).
 # make test skips TestChaos (it needs LIVEUPDATE_CHAOS_N).
 K ?= 3
 M ?= 20

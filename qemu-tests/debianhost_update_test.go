@@ -128,7 +128,7 @@ func TestDebianHostUpdate(t *testing.T) {
 		beats.takeGap().Round(time.Millisecond), acks, lag.Round(time.Millisecond))
 
 	// Two more kexecs: minutes under nested emulation, which CI's half
-	// hour cannot spare; make soak and make bench run them.
+	// hour cannot spare; make soak runs them.
 	if os.Getenv("LIVEUPDATE_NESTED_FULL") != "" {
 		old := kernelVersion(t, "old")
 		if !t.Run("OneRestoreFails", func(t *testing.T) { oneRestoreFails(t, h, numa, old) }) ||

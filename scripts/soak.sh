@@ -19,6 +19,7 @@ faults_cmd="go test -count=1 -timeout 30m -v -run 'TestFault' ./qemu-tests"
 soak_cmd="LIVEUPDATE_SOAK_CYCLES=$m LIVEUPDATE_SOAK_GUESTS=$k LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 60m -v -run TestSoakRestart ./qemu-tests"
 chaos_cmd="LIVEUPDATE_CHAOS_N=$c LIVEUPDATE_CHAOS_MINUTES=30 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 75m -v -run TestChaos ./qemu-tests"
 debian_cmd="UPDATES=$d scripts/demo.sh"
+debian_paths_cmd="LIVEUPDATE_NESTED_FULL=1 go test -count=1 -timeout 60m -v -run '^TestDebianHostUpdate\$' ./qemu-tests"
 nested_cmd="LIVEUPDATE_NESTED_N=$n LIVEUPDATE_NESTED_FULL=1 LIVEUPDATE_SOAK_OUT=FILE go test -count=1 -timeout 120m -v -run TestNestedUpdate ./qemu-tests"
 
 echo "== faults: $faults_cmd"
@@ -43,14 +44,18 @@ if [ "$d" -gt 0 ]; then
 	echo "== Debian host: $debian_cmd"
 	eval "$debian_cmd" >"$work/debian.log" 2>&1 || true
 	grep -E 'blackout|^verified|NOT verified|failed' "$work/debian.log" || true
+	echo "== Debian host, bad paths: $debian_paths_cmd"
+	eval "$debian_paths_cmd" >"$work/debianpaths.log" 2>&1 || true
+	grep -E '^(---|    ---)' "$work/debianpaths.log" || true
 else
 	debian_cmd="(skipped: D=0)"
 	: >"$work/debian.log"
+	: >"$work/debianpaths.log"
 fi
 
-python3 - "$work" "$faults_cmd" "$soak_cmd" "$nested_cmd" "$chaos_cmd" "$debian_cmd" <<'PY' >docs/reliability.new
+python3 - "$work" "$faults_cmd" "$soak_cmd" "$nested_cmd" "$chaos_cmd" "$debian_cmd" "$debian_paths_cmd" <<'PY' >docs/reliability.new
 import json, os, re, sys, datetime, subprocess
-work, faults_cmd, soak_cmd, nested_cmd, chaos_cmd, debian_cmd = sys.argv[1:]
+work, faults_cmd, soak_cmd, nested_cmd, chaos_cmd, debian_cmd, debian_paths_cmd = sys.argv[1:]
 def sh(c): return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
 cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-").strip()
 qemu = sh("qemu-system-x86_64 --version | head -1")
@@ -92,6 +97,15 @@ for name, row in [("TestNestedUpdate/RefuseMemmapDrop", "| update: plan | a comm
     ok = next((v for k, v in nstatus.items() if re.fullmatch(name.replace("*", "[^/]*"), k)), None)
     verdict = ("yes" if ok == "PASS" else "**NO**") if ok else "not run here (N=0)"
     print(f"{row} | {verdict} | {name} |")
+dlog = open(f"{work}/debianpaths.log").read()
+dstatus = {b: a for a, b in re.findall(r"--- (PASS|FAIL): (\S+)", dlog)}
+for name, row in [("TestDebianHostUpdate/GateStopsTheWave", "| Debian host: the playbook's gate | a guest with private RAM, one bound to host node 1 with its file on node 0's PMEM | the wave stops naming both in liveupdate's words; libvirt's daemon started again; nothing touched"),
+                  ("TestDebianHostUpdate/CrashBeforeKexec", "| Debian host: kexec | the updater SIGKILLed just before reboot | `recover` restores libvirt's guest and the two-node one on the old kernel; libvirt keeps its guest under the recovered QEMU, machined knows it"),
+                  ("TestDebianHostUpdate/OneRestoreFails", "| Debian host, after kexec: restore | a third guest's QEMU binary broken | the playbook fails the host naming it; the other guests run under libvirt and in place; `recover` restores it"),
+                  ("TestDebianHostUpdate/CorruptManifestAfterKexec", "| Debian host, after kexec: manifest | the manifest cut short (fault `corrupt`) | PID 1 stops in the rescue shell touching nothing; `recover --host` over its control line, then `/run/liveupdate/boot-host`: systemd boots, every guest runs")]:
+    ok = dstatus.get(name)
+    verdict = ("yes" if ok == "PASS" else "**NO**") if ok else "not run here (D=0)"
+    print(f"{row} | {verdict} | {name} (`{debian_paths_cmd}`) |")
 print()
 print("## Soak\n")
 print(f"- restarts: `{soak_cmd}`")
