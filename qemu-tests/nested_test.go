@@ -94,6 +94,10 @@ type nestedHost struct {
 	conn   net.Conn
 	r      *bufio.Reader
 	images string // the images disk (ext4 holding inner.qcow2), on this machine
+	// noAnswer is closed when sendNoAnswer's reader of r has returned;
+	// output stops that reader first (a bufio.Reader read from two
+	// goroutines at once corrupts itself: CI saw it panic).
+	noAnswer chan struct{}
 }
 
 func bootNestedHost(t *testing.T) *nestedHost {
@@ -162,6 +166,7 @@ func (h *nestedHost) output(cmd string, d time.Duration) (string, int) {
 		h.conn, h.r = c, bufio.NewReader(c)
 		h.top.Cleanup(func() { c.Close() })
 	}
+	h.stopNoAnswer()
 	h.conn.SetDeadline(time.Now().Add(d))
 	fmt.Fprintf(h.conn, "%s\n", cmd)
 	var out strings.Builder
@@ -669,9 +674,13 @@ func (h *nestedHost) use(t testing.TB) func() {
 // sendNoAnswer sends a command that should never answer (the host kexecs);
 // an answer aborts the next console wait with msg.
 func (h *nestedHost) sendNoAnswer(cmd, msg string) {
+	h.stopNoAnswer()
 	h.abort = make(chan string, 1)
+	h.noAnswer = make(chan struct{})
+	h.conn.SetDeadline(time.Time{})
 	fmt.Fprintf(h.conn, "%s\n", cmd)
-	go func(r *bufio.Reader, abort chan string) {
+	go func(r *bufio.Reader, abort chan string, done chan struct{}) {
+		defer close(done)
 		var out strings.Builder
 		for {
 			line, err := r.ReadString('\n')
@@ -684,7 +693,19 @@ func (h *nestedHost) sendNoAnswer(cmd, msg string) {
 				return
 			}
 		}
-	}(h.r, h.abort)
+	}(h.r, h.abort, h.noAnswer)
+}
+
+// stopNoAnswer ends sendNoAnswer's reader, if one runs, by cutting its read
+// short, and waits for it, so that the control line has one reader again.
+func (h *nestedHost) stopNoAnswer() {
+	if h.noAnswer == nil {
+		return
+	}
+	h.conn.SetReadDeadline(time.Now())
+	<-h.noAnswer
+	h.noAnswer = nil
+	h.conn.SetReadDeadline(time.Time{})
 }
 
 // split asks `liveupdate status` where the last update's guest blackout
