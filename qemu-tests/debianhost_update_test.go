@@ -171,7 +171,10 @@ func TestDebianHostUpdate(t *testing.T) {
 func (h *debianHost) waitGuestBeats(t *testing.T, start time.Time) beat {
 	t.Helper()
 	h.checkGuest(t, start)
-	b, _ := waitGuestState(t, dhNS, dhGuest+":7008", time.Minute)
+	// The guest answered moments ago, but a guest still booting under
+	// nested TCG can starve for minutes (once no answer within 1 min just
+	// after its heartbeat 11 came, 7.5 min after the host's start).
+	b, _ := waitGuestState(t, dhNS, dhGuest+":7008", 4*time.Minute)
 	return b
 }
 
