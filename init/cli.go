@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -601,14 +602,24 @@ func cmdRecover(ctx context.Context, args []string, out io.Writer) int {
 
 func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
-	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [--sequential] [VM…]", &c)
+	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [--sequential] [--each [--parallel N]] [VM…]", &c)
 	binary := fs.String("qemu", "", "restart the VMs on this QEMU binary (default: the one each runs now)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	skip := fs.Bool("skip-unsafe", false, "restart the safe VMs and leave unsafe ones running untouched (default: refuse all)")
 	sequential := fs.Bool("sequential", false, "start each new QEMU only after its old one quit (the default starts it\nbefore the save, so that QEMU's start-up is not part of the blackout)")
 	copyRAM := fs.Bool("copy-ram", false, "also copy guest RAM through the state file, as a plain migration does\n(the slow way, for comparison; the default leaves shared RAM in place)")
+	each := fs.Bool("each", false, "take each guest on its own: save, load and cont it as soon as its turn comes,\nwithout waiting for the others; a guest that fails goes back to its old QEMU\nalone (the default: every guest saves before any loads, and a failed save\nresumes them all)")
+	parallel := fs.Int("parallel", runtime.NumCPU(), "with --each, how many guests are in their blackout at once")
 	if code, ok := parse(fs, args); !ok {
 		return code
+	}
+	if *parallel < 1 {
+		fmt.Fprintf(os.Stderr, "liveupdate restart-qemu: --parallel %d: give at least 1\n", *parallel)
+		return exitUsage
+	}
+	o := cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM, EarlyStart: !*sequential}
+	if *each {
+		o.Each = *parallel
 	}
 	l, ok := c.lock("restart-qemu", args)
 	if !ok {
@@ -616,7 +627,7 @@ func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	}
 	defer l.Release()
 	e := c.engine()
-	m, ts, err := e.RestartQEMU(ctx, fs.Args(), cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM, EarlyStart: !*sequential}, *skip)
+	m, ts, err := e.RestartQEMU(ctx, fs.Args(), o, *skip)
 	if m == nil {
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "liveupdate restart-qemu:", err)

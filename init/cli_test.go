@@ -27,6 +27,11 @@ func TestUsageAndHelp(t *testing.T) {
 			t.Errorf("%s with a bad flag: exit %d, want %d", c.name, code, exitUsage)
 		}
 	}
+	for _, args := range [][]string{{"restart-qemu", "--each", "--parallel", "0"}, {"restart-qemu", "--parallel", "-2"}} {
+		if code := runCLI(args); code != exitUsage {
+			t.Errorf("%v: exit %d, want %d", args, code, exitUsage)
+		}
+	}
 }
 
 func TestCheckKernel(t *testing.T) {

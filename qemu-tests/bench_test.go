@@ -23,6 +23,7 @@ type benchOpts struct {
 	ramMiB  int  // guest RAM, a shared file backend on /dev/shm
 	touched int  // MiB the guest fills with a pattern and checks (hb.mem_mib)
 	copyRAM bool // the naive way: RAM through the state file
+	each    bool // restart-qemu --each: every guest on its own
 }
 
 func benchRestart(b *testing.B, o benchOpts) {
@@ -43,6 +44,9 @@ func benchRestart(b *testing.B, o benchOpts) {
 	args := []string{"restart-qemu", "--json", "--state-dir", state}
 	if o.copyRAM {
 		args = append(args, "--copy-ram")
+	}
+	if o.each {
+		args = append(args, "--each")
 	}
 	var blackouts, stateBytes []float64
 	b.ResetTimer()
@@ -70,8 +74,8 @@ func benchRestart(b *testing.B, o benchOpts) {
 	b.ReportMetric(blackouts[0], "blackout-min-ms")
 	b.ReportMetric(blackouts[len(blackouts)-1], "blackout-max-ms")
 	// One line per benchmark for scripts/bench.sh.
-	fmt.Fprintf(os.Stderr, "BENCH id=%s name=%s guests=%d ram_mib=%d touched_mib=%d copy_ram=%v samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f state_bytes=%.0f raw=%s\n",
-		o.id, b.Name(), o.guests, o.ramMiB, o.touched, o.copyRAM, len(blackouts), median(blackouts), blackouts[0], blackouts[len(blackouts)-1],
+	fmt.Fprintf(os.Stderr, "BENCH id=%s name=%s guests=%d ram_mib=%d touched_mib=%d copy_ram=%v each=%v samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f state_bytes=%.0f raw=%s\n",
+		o.id, b.Name(), o.guests, o.ramMiB, o.touched, o.copyRAM, o.each, len(blackouts), median(blackouts), blackouts[0], blackouts[len(blackouts)-1],
 		median(stateBytes), strings.Trim(strings.Join(strings.Fields(fmt.Sprint(blackouts)), ","), "[]"))
 }
 
@@ -95,6 +99,12 @@ func BenchmarkRestart1Guest(b *testing.B) {
 // P2: sixteen guests at once.
 func BenchmarkRestart16Guests(b *testing.B) {
 	benchRestart(b, benchOpts{id: "P2", guests: 16, ramMiB: 256, touched: 16})
+}
+
+// P2 with --each: each guest saved, loaded and continued on its own, as
+// many at once as there are CPUs.
+func BenchmarkRestart16GuestsEach(b *testing.B) {
+	benchRestart(b, benchOpts{id: "P2e", guests: 16, ramMiB: 256, touched: 16, each: true})
 }
 
 // P3: the blackout against guest RAM size (the RAM is not copied, so it

@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -405,6 +406,44 @@ func TestRollback(t *testing.T) {
 		t.Fatalf("restart after rollback: exit %d", code)
 	}
 	gs[0].checkContinues(last0)
+
+	// --each: the same failure sends back "ro" alone; ok1 and ok2 run on
+	// new QEMUs. (The same state directory: ro's is read-only there.)
+	t.Run("Each", func(t *testing.T) {
+		for _, g := range gs {
+			g.t = t
+		}
+		var pids []int
+		var last []beat
+		for _, g := range gs {
+			pids = append(pids, g.pid())
+			b, _ := g.lastBeat()
+			last = append(last, b)
+		}
+		code, _, errOut := runLU(t, "restart-qemu", "--each", "--state-dir", state, "ok1", "ro", "ok2")
+		if code != 1 || !strings.Contains(errOut, "ro: save failed, resumed on its old QEMU") || strings.Contains(errOut, "ok1") || strings.Contains(errOut, "ok2") {
+			t.Errorf("exit %d; stderr does not name ro alone:\n%s", code, errOut)
+		}
+		m, err := manifest.Read(filepath.Join(state, manifest.FileName))
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := map[string]manifest.Status{"ok1": manifest.StatusRunning, "ro": manifest.StatusResumed, "ok2": manifest.StatusRunning}
+		for _, v := range m.VMs {
+			if v.Status != want[v.Name] {
+				t.Errorf("%s: manifest status %s, want %s (%s)", v.Name, v.Status, want[v.Name], v.Error)
+			}
+		}
+		for i, g := range gs {
+			if moved := g.pid() != pids[i]; moved != (g.name != "ro") || !alive(g.pid()) {
+				t.Errorf("%s: QEMU pid %d before, %d after (alive %v); want a new QEMU for ok1 and ok2 and the old one for ro", g.name, pids[i], g.pid(), alive(g.pid()))
+			}
+			if g.name != "ro" && alive(pids[i]) {
+				t.Errorf("%s: old QEMU %d still runs beside its new one", g.name, pids[i])
+			}
+			g.checkContinues(last[i])
+		}
+	})
 }
 
 // TestSaveRestoreChrooted: the two halves as separate commands, and the
@@ -497,5 +536,84 @@ func TestEarlyStartFdMonitor(t *testing.T) {
 	g.checkContinues(last)
 	if g.pid() != oldPID {
 		t.Errorf("pidfile names %d, not the old QEMU %d that runs the guest", g.pid(), oldPID)
+	}
+}
+
+// TestRestartEach: restart-qemu --each takes each guest on its own. With
+// --parallel 1 the guests' turns (save → load → cont) follow one another
+// and never overlap — no guest waits, stopped, for another's save; with
+// --sequential too, each goes save → quit → start → load alone. Every
+// guest runs on a new QEMU afterwards, heartbeat continuing.
+func TestRestartEach(t *testing.T) {
+	gs := bootAll(t, guestSpec{name: "e1"}, guestSpec{name: "e2"}, guestSpec{name: "e3"})
+	for _, c := range []struct {
+		name string
+		args []string
+	}{
+		{"OneAtATime", []string{"--each", "--parallel", "1"}},
+		{"OneAtATimeSequential", []string{"--each", "--parallel", "1", "--sequential"}},
+		{"AllAtOnce", []string{"--each", "--parallel", "3"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			for _, g := range gs {
+				g.t = t
+			}
+			var pids []int
+			var last []beat
+			for _, g := range gs {
+				pids = append(pids, g.pid())
+				b, _ := g.lastBeat()
+				last = append(last, b)
+			}
+			state := t.TempDir()
+			args := append(append([]string{"restart-qemu", "--state-dir", state}, c.args...), "e1", "e2", "e3")
+			if code, _, _ := runLU(t, args...); code != 0 {
+				t.Fatalf("restart-qemu exit %d", code)
+			}
+			for i, g := range gs {
+				g.checkContinues(last[i])
+				if g.pid() == pids[i] || alive(pids[i]) {
+					t.Errorf("%s: QEMU pid %d before, %d after, old alive %v: want a new QEMU and the old one gone", g.name, pids[i], g.pid(), alive(pids[i]))
+				}
+			}
+			m, err := manifest.Read(filepath.Join(state, manifest.FileName))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Each guest's turn: from its save's start to its restore's end.
+			type turn struct{ start, end time.Time }
+			turns := map[string]*turn{}
+			for _, p := range m.Phases {
+				if p.VM == "" {
+					continue
+				}
+				if turns[p.VM] == nil {
+					turns[p.VM] = &turn{}
+				}
+				switch p.Name {
+				case "save":
+					turns[p.VM].start = p.Start
+				case "restore":
+					turns[p.VM].end = p.End
+				}
+			}
+			for _, v := range m.VMs {
+				if tu := turns[v.Name]; v.Status != manifest.StatusRunning || tu == nil || tu.start.IsZero() || tu.end.IsZero() {
+					t.Fatalf("%s: status %s, turn %+v: want running, with its save and restore timed", v.Name, v.Status, tu)
+				}
+			}
+			overlaps := 0
+			for a, ta := range turns {
+				for b, tb := range turns {
+					if a < b && ta.start.Before(tb.end) && tb.start.Before(ta.end) {
+						overlaps++
+						if slices.Contains(c.args, "1") {
+							t.Errorf("%s's turn (%s – %s) overlaps %s's (%s – %s) with --parallel 1", a, ta.start.Format(time.StampMicro), ta.end.Format(time.StampMicro), b, tb.start.Format(time.StampMicro), tb.end.Format(time.StampMicro))
+						}
+					}
+				}
+			}
+			t.Logf("%s: %d of 3 turn pairs overlapped", c.name, overlaps)
+		})
 	}
 }

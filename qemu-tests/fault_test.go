@@ -47,46 +47,59 @@ func TestFaults(t *testing.T) {
 		// A QEMU's death the run itself must survive: every guest runs
 		// when it ends, before any recover.
 		survived bool
+		each     bool // restart-qemu --each: each guest on its own
 	}{
-		{"plan=fail", "nothing touched", false, false, false},
-		{"plan=kill", "nothing touched", false, false, false},
-		{"manifest=fail", "manifest written, nothing saved", false, false, false},
-		{"manifest-write=kill", "the first manifest write interrupted before its rename", false, false, false},
-		{"manifest=kill", "manifest written, nothing saved", false, false, false},
-		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false, true, false},
-		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false, false, false},
-		{"saved=fail", "all saved, none quit: resumed", false, true, false},
-		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false, false, false},
-		{"manifest-write@2=kill", "recording the migration set-up interrupted: nothing changed yet", false, false, false},
-		{"migrate-setup=kill", "every old QEMU set up for the save, we die: recover gives each its own set-up back", false, false, false},
-		{"manifest-write@3=kill", "saves done, recording them interrupted", false, false, false},
-		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false, false, true},
-		{"saved=killqemu", "one old QEMU dies after its save, before its quit: restored from its state file", true, false, true},
-		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false, false, false},
-		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false, false, false},
-		{"qemu-start=fail", "one early QEMU fails to start: that VM restarts the sequential way", false, false, false},
-		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false, false, false},
-		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false, false, false},
-		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false, false, false},
-		{"load=killnew", "an early QEMU dies after its load, before cont: its guest continues on its old QEMU", false, false, true},
-		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs there, the old QEMU is never continued", false, false, false},
-		{"cont=kill", "we die after cont: recover kills the old QEMU, the new one runs the guest", false, false, false},
-		{"quit=fail", "all quit, then an error: restored", true, false, false},
-		{"quit=kill", "all quit, we die: recover restores from the state files", true, false, false},
-		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true, false, false},
-		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true, false, false},
-		{"qemu-start=killnew", "a new QEMU dies before its monitor answers: another is started and restores the guest", true, false, true},
-		{"load=fail", "one restore fails after loading: recover restores it again", true, false, false},
-		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true, false, false},
-		{"load=killnew", "a new QEMU dies after its load, before cont: another is started and restores the guest", true, false, true},
-		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs", true, false, false},
-		{"cont=kill", "we die after cont: the new QEMUs run, recover finds them running", true, false, false},
+		{"plan=fail", "nothing touched", false, false, false, false},
+		{"plan=kill", "nothing touched", false, false, false, false},
+		{"manifest=fail", "manifest written, nothing saved", false, false, false, false},
+		{"manifest-write=kill", "the first manifest write interrupted before its rename", false, false, false, false},
+		{"manifest=kill", "manifest written, nothing saved", false, false, false, false},
+		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false, true, false, false},
+		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false, false, false, false},
+		{"saved=fail", "all saved, none quit: resumed", false, true, false, false},
+		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false, false, false, false},
+		{"manifest-write@2=kill", "recording the migration set-up interrupted: nothing changed yet", false, false, false, false},
+		{"migrate-setup=kill", "every old QEMU set up for the save, we die: recover gives each its own set-up back", false, false, false, false},
+		{"manifest-write@3=kill", "saves done, recording them interrupted", false, false, false, false},
+		{"saved=killqemu", "one old QEMU dies after its save: restored from its state file", false, false, true, false},
+		{"saved=killqemu", "one old QEMU dies after its save, before its quit: restored from its state file", true, false, true, false},
+		{"quit=fail", "all saved, an error before the restores: restored on the early QEMUs", false, false, false, false},
+		{"quit=kill", "all saved, we die: recover stops the early QEMUs, continues the old ones", false, false, false, false},
+		{"qemu-start=fail", "one early QEMU fails to start: that VM restarts the sequential way", false, false, false, false},
+		{"qemu-start=kill", "we die starting the early QEMUs: recover stops them, puts the old sockets back", false, false, false, false},
+		{"load=fail", "one early QEMU fails to load: its guest continues on its old QEMU", false, false, false, false},
+		{"load=kill", "we die after a load: recover kills the old QEMU its new one superseded", false, false, false, false},
+		{"load=killnew", "an early QEMU dies after its load, before cont: its guest continues on its old QEMU", false, false, true, false},
+		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs there, the old QEMU is never continued", false, false, false, false},
+		{"cont=kill", "we die after cont: recover kills the old QEMU, the new one runs the guest", false, false, false, false},
+		{"quit=fail", "all quit, then an error: restored", true, false, false, false},
+		{"quit=kill", "all quit, we die: recover restores from the state files", true, false, false, false},
+		{"qemu-start=fail", "one new QEMU fails at start: the others run, recover restores it", true, false, false, false},
+		{"qemu-start=kill", "we die with new QEMUs waiting for their state: recover stops them and restores", true, false, false, false},
+		{"qemu-start=killnew", "a new QEMU dies before its monitor answers: another is started and restores the guest", true, false, true, false},
+		{"load=fail", "one restore fails after loading: recover restores it again", true, false, false, false},
+		{"load=kill", "we die before cont: recover continues the loaded QEMUs", true, false, false, false},
+		{"load=killnew", "a new QEMU dies after its load, before cont: another is started and restores the guest", true, false, true, false},
+		{"cont=fail", "the cont's answer lost: the new QEMU is asked, the guest runs", true, false, false, false},
+		{"cont=kill", "we die after cont: the new QEMUs run, recover finds them running", true, false, false, false},
+		// --each: the guests' turns are their own; the fault is reached
+		// first by whichever guest gets there first.
+		{"save=fail", "one guest's save fails: it alone continues on its old QEMU, the others restart", false, true, true, true},
+		{"save=kill", "we die after one guest's save: recover continues its old QEMU and stops the others' twins", false, false, false, true},
+		{"load=fail", "one guest's new QEMU fails to load: it continues on its old QEMU, the others restart", false, false, true, true},
+		{"cont=kill", "we die after one guest's cont: recover kills its old QEMU and gives the others back theirs", false, false, false, true},
+		{"quit=kill", "each on its own, sequential: we die after one old QEMU quit: recover restores it from its state file", true, false, false, true},
+		{"load=fail", "each on its own, sequential: one restore fails after loading: recover restores it again", true, false, false, true},
 	}
 	for _, c := range cases {
 		name, args := strings.ReplaceAll(c.fault, "=", "_"), []string{"restart-qemu"}
 		if c.sequential {
 			name += "_sequential"
 			args = append(args, "--sequential")
+		}
+		if c.each {
+			name += "_each"
+			args = append(args, "--each")
 		}
 		t.Run(name, func(t *testing.T) {
 			for _, g := range gs {

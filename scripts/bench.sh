@@ -77,6 +77,8 @@ p1 = b("BenchmarkRestart1Guest")
 if p1: row("P1", "restart-qemu, 1 guest, 256 MiB: blackout", "≤ 100 ms", p1["median_ms"]+" ms", p1["min_ms"], p1["max_ms"]+" ms", p1["samples"], float(p1["median_ms"]) <= 100)
 p2 = b("BenchmarkRestart16Guests")
 if p2: row("P2", "restart-qemu, 16 guests at once: every guest's blackout", "≤ 400 ms", p2["median_ms"]+" ms", p2["min_ms"], p2["max_ms"]+" ms", p2["samples"], float(p2["max_ms"]) <= 400)
+p2e = b("BenchmarkRestart16GuestsEach")
+if p2e: row("P2", "restart-qemu --each, 16 guests, each on its own (as many at once as CPUs): every guest's blackout", "≤ 100 ms (issue 15)", p2e["median_ms"]+" ms", p2e["min_ms"], p2e["max_ms"]+" ms", p2e["samples"], float(p2e["max_ms"]) <= 100)
 p3 = [b(f"BenchmarkRestartRAM/{m}MiB") for m in (256, 4096, 8192)]
 if all(p3):
     meds = [float(x["median_ms"]) for x in p3]

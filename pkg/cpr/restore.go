@@ -41,58 +41,16 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 	m := r.man
 	var wg sync.WaitGroup
 	errs := make([]error, len(m.VMs))
-	var mapped map[string]int // RAM files living QEMUs map, looked up once
+	mapped := sync.OnceValue(r.mappedRAM) // RAM files living QEMUs map, looked up once
 	for i := range m.VMs {
 		vm := &m.VMs[i]
 		if only != nil && !only[vm.Name] {
 			continue
 		}
-		switch vm.Status {
-		case manifest.StatusRunning, manifest.StatusResumed:
-			continue // nothing to do: idempotent
-		case manifest.StatusPlanned:
-			errs[i] = fmt.Errorf("%s: was never saved (its old QEMU should still run): not restoring", vm.Name)
-			continue
-		}
-		early := r.hasEarly(vm.Name)
-		if !early && !r.sawExit(vm.Name) {
-			if mapped == nil {
-				mapped = r.mappedRAM()
-			}
-			if err := ramInUse(r, vm, mapped); err != nil {
-				vm.Status, vm.Error = manifest.StatusFailed, err.Error()
-				errs[i] = fmt.Errorf("%s: %w", vm.Name, err)
-				continue
-			}
-		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			attempt := func() error {
-				return r.timed("restore", vm.Name, func() (err error) {
-					// A bug here must not take the caller (PID 1) down.
-					defer func() {
-						if p := recover(); p != nil {
-							err = fmt.Errorf("internal error: %v", p)
-						}
-					}()
-					return r.restoreOne(ctx, vm, held[vm.Name])
-				})
-			}
-			err := attempt()
-			if r.startAnother(vm, early, err) {
-				r.Log.Warn("the new QEMU was killed before it ran the guest; starting another on the same state and RAM", "vm", vm.Name, "why", err)
-				if err = attempt(); err != nil {
-					err = fmt.Errorf("a second new QEMU failed too: %w", err)
-				}
-			}
-			if err != nil {
-				err = r.holdLibvirtAutostart(vm, err)
-				vm.Status = manifest.StatusFailed
-				vm.Error = err.Error()
-				r.Log.Error("restore failed; RAM and state files kept", "vm", vm.Name, "err", err)
-				errs[i] = fmt.Errorf("%s: %w", vm.Name, err)
-			}
+			errs[i] = r.restoreVM(ctx, vm, held[vm.Name], mapped)
 		}()
 	}
 	wg.Wait()
@@ -100,6 +58,51 @@ func (r *run) restore(ctx context.Context, held map[string]map[int]*os.File, onl
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// restoreVM restores one VM if it needs it, and records the outcome in its
+// manifest entry (not written): a VM that fails keeps its RAM and state
+// files and is marked failed. mapped gives the RAM files living QEMUs map.
+func (r *run) restoreVM(ctx context.Context, vm *manifest.VM, held map[int]*os.File, mapped func() map[string]int) error {
+	switch vm.Status {
+	case manifest.StatusRunning, manifest.StatusResumed:
+		return nil // nothing to do: idempotent
+	case manifest.StatusPlanned:
+		return fmt.Errorf("%s: was never saved (its old QEMU should still run): not restoring", vm.Name)
+	}
+	early := r.hasEarly(vm.Name)
+	if !early && !r.sawExit(vm.Name) {
+		if err := ramInUse(r, vm, mapped()); err != nil {
+			vm.Status, vm.Error = manifest.StatusFailed, err.Error()
+			return fmt.Errorf("%s: %w", vm.Name, err)
+		}
+	}
+	attempt := func() error {
+		return r.timed("restore", vm.Name, func() (err error) {
+			// A bug here must not take the caller (PID 1) down.
+			defer func() {
+				if p := recover(); p != nil {
+					err = fmt.Errorf("internal error: %v", p)
+				}
+			}()
+			return r.restoreOne(ctx, vm, held)
+		})
+	}
+	err := attempt()
+	if r.startAnother(vm, early, err) {
+		r.Log.Warn("the new QEMU was killed before it ran the guest; starting another on the same state and RAM", "vm", vm.Name, "why", err)
+		if err = attempt(); err != nil {
+			err = fmt.Errorf("a second new QEMU failed too: %w", err)
+		}
+	}
+	if err != nil {
+		err = r.holdLibvirtAutostart(vm, err)
+		vm.Status = manifest.StatusFailed
+		vm.Error = err.Error()
+		r.Log.Error("restore failed; RAM and state files kept", "vm", vm.Name, "err", err)
+		return fmt.Errorf("%s: %w", vm.Name, err)
+	}
+	return nil
 }
 
 // startAnother tells whether a restore that failed with err is tried once

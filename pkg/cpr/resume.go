@@ -88,9 +88,15 @@ func (r *run) dropAllEarly(ts []*Target) {
 // continued with its own migration set-up, its taps given back their
 // persistence, and the manifest records it.
 func (r *run) resume(ctx context.Context, ts []*Target) error {
+	return errors.Join(r.undoSave(ctx, ts), r.write())
+}
+
+// undoSave is resume without the manifest write, for a guest taken on its
+// own while others' records change (restartEach writes once at the end).
+func (r *run) undoSave(ctx context.Context, ts []*Target) error {
 	r.dropAllEarly(ts)
 	err := r.continueOld(ctx, ts)
 	r.giveBackAll(ctx, ts)
 	r.releaseTaps(ts)
-	return errors.Join(err, r.write())
+	return err
 }

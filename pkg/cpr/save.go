@@ -43,6 +43,12 @@ type SaveOptions struct {
 	// Phases the caller timed before the save (plan, kexec-load): they
 	// head the manifest's.
 	Phases []manifest.Phase
+	// Each, when above 0, makes a restart-qemu take each guest on its own
+	// (restart.go's restartEach): saved, loaded and continued as soon as
+	// its turn comes, at most Each guests at once, a failure sending back
+	// to its old QEMU that guest alone. 0: every guest saves before any
+	// loads, and a failed save resumes them all (all or nothing).
+	Each int
 }
 
 // firstFd is where the new QEMU's inherited fds start (after stdio).
@@ -59,11 +65,54 @@ func (e *Engine) Save(ctx context.Context, ts []*Target, o SaveOptions) (*manife
 }
 
 func (r *run) save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.Manifest, error) {
+	if err := allSafe(ts); err != nil {
+		return nil, err
+	}
+	steps := r.setupSteps(ts, o)
+	steps = append(steps,
+		// All save in parallel; none quits until all have saved.
+		phase.Step{Name: "save",
+			Do: func(ctx context.Context) error {
+				return r.each("save", ts, func(t *Target) error { return r.saveOne(ctx, t) })
+			},
+			Undo: func(ctx context.Context) error { return r.continueOld(ctx, ts) }},
+		phase.Step{Name: "saved", Do: func(context.Context) error { return r.recordSaved(ts) }},
+	)
+	if err := phase.Run(ctx, r.recordHost, steps...); err != nil {
+		return r.setupFailed(err)
+	}
+	// Quit: from here on the way back is Restore. An old QEMU with a new
+	// one started early waits, paused, until the new one runs its guest
+	// (retireOld).
+	err := phase.Run(ctx, r.recordHost, phase.Step{Name: "quit", Do: func(ctx context.Context) error { return r.quitAll(ctx, ts) }})
+	return r.man, err
+}
+
+// allSafe refuses targets whose verdict is not OK.
+func allSafe(ts []*Target) error {
 	for _, t := range ts {
 		if !t.Verdict.OK {
-			return nil, fmt.Errorf("VM %s is not safe to save: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
+			return fmt.Errorf("VM %s is not safe to save: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
 		}
 	}
+	return nil
+}
+
+// setupFailed is what a save whose steps failed returns: a failure to
+// prepare touched nothing and has no manifest.
+func (r *run) setupFailed(err error) (*manifest.Manifest, error) {
+	var pe *phase.Error
+	if errors.As(err, &pe) && pe.Step == "prepare" {
+		return nil, pe.Err
+	}
+	return r.man, saveFailed(err)
+}
+
+// setupSteps are the steps of a save before any guest stops: the VMs
+// recorded, the manifest written, the new QEMUs started early (if asked),
+// the old ones set up for the migration. Undone, every guest runs on as
+// before.
+func (r *run) setupSteps(ts []*Target, o SaveOptions) []phase.Step {
 	steps := []phase.Step{
 		{Name: "prepare", Do: func(context.Context) error { return r.prepareAll(ts, o) },
 			Undo: func(context.Context) error { r.releaseTaps(ts); return nil }},
@@ -83,26 +132,8 @@ func (r *run) save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.
 				return r.setupAll(ctx, ts)
 			},
 			Undo: func(ctx context.Context) error { r.giveBackAll(ctx, ts); return nil }},
-		// All save in parallel; none quits until all have saved.
-		phase.Step{Name: "save",
-			Do: func(ctx context.Context) error {
-				return r.each("save", ts, func(t *Target) error { return r.saveOne(ctx, t) })
-			},
-			Undo: func(ctx context.Context) error { return r.continueOld(ctx, ts) }},
-		phase.Step{Name: "saved", Do: func(context.Context) error { return r.recordSaved(ts) }},
 	)
-	if err := phase.Run(ctx, r.recordHost, steps...); err != nil {
-		var pe *phase.Error
-		if errors.As(err, &pe) && pe.Step == "prepare" {
-			return nil, pe.Err
-		}
-		return r.man, saveFailed(err)
-	}
-	// Quit: from here on the way back is Restore. An old QEMU with a new
-	// one started early waits, paused, until the new one runs its guest
-	// (retireOld).
-	err := phase.Run(ctx, r.recordHost, phase.Step{Name: "quit", Do: func(ctx context.Context) error { return r.quitAll(ctx, ts) }})
-	return r.man, err
+	return steps
 }
 
 // saveFailed says what a failure of Save before the quit means for the
