@@ -59,6 +59,11 @@ type observed struct {
 	stateFile  bool   // the guest's state file is there
 	consumed   bool   // a new QEMU loaded the state file (.done) and may have run the guest
 	wasRunning bool   // the guest ran before the run (else it was paused, and stays so)
+	// libvirtRuns: libvirt's daemon holds the monitor of the QEMU found,
+	// libvirt's record names that QEMU, and the run confirmed the guest
+	// running on it (the manifest's running, with that QEMU as its new
+	// one): libvirt has taken the guest back, which is the end wanted.
+	libvirtRuns bool
 }
 
 // asItWas tells whether the QEMU found runs the guest as it was before the
@@ -85,6 +90,7 @@ const (
 	restoreState               // no QEMU runs it, its state file is there: restore
 	reportLost                 // no QEMU and no state file: report, leave the RAM alone
 	reportStale                // only the old QEMU, whose state a new QEMU (gone) consumed: never continue it
+	libvirtHasIt               // confirmed running on its new QEMU, which libvirt manages again: nothing to do
 )
 
 // decide is recover's judgement of one guest, from what it observed.
@@ -92,6 +98,8 @@ func decide(o observed) action {
 	switch {
 	case o.qemus > 1 && !o.twinsApart:
 		return reportTwins
+	case o.found && !o.answers && o.libvirtRuns:
+		return libvirtHasIt
 	case o.found && !o.answers:
 		return reportHung
 	case o.isOld && o.consumed && o.status != "running":
@@ -141,6 +149,8 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			consumed: r.consumed(vm), wasRunning: vm.WasRunning}
 		if t != nil {
 			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
+			o.libvirtRuns = errors.Is(t.Facts.QMPErr, libvirt.ErrDaemonRuns) && t.Libvirt != "" &&
+				vm.Status == manifest.StatusRunning && vm.NewPID == t.Proc.PID
 		}
 		if !sameBoot || unix.Kill(vm.PID, 0) != nil {
 			r.dropAside(vm) // the old QEMU is gone: nothing to put back
@@ -148,6 +158,8 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		switch decide(o) {
 		case reportTwins:
 			failed(i, fmt.Sprintf("%d QEMUs run it (pids %v), left by an interrupted restart; they share one monitor socket and cannot be told apart from here: stop the one that does not run the guest (the old one is pid %d, the others were started for it), then run recover again", o.qemus, twins[vm.Name], vm.PID))
+		case libvirtHasIt:
+			out[i].Action, out[i].Detail = "running", "libvirt manages it again (its daemon holds the monitor)"
 		case reportHung:
 			if errors.Is(t.Facts.QMPErr, libvirt.ErrDaemonRuns) {
 				stop, start := libvirt.StopHint(libvirt.Daemons(r.ProcRoot))

@@ -13,6 +13,8 @@ func TestDecide(t *testing.T) {
 		{"twins on one monitor passed by fd", observed{qemus: 2, found: true, answers: true, status: "running"}, reportTwins},
 		{"twins apart: the monitor path is the twin's", observed{qemus: 2, twinsApart: true, found: true, answers: true, status: "running"}, markRunning},
 		{"a hung monitor is never touched", observed{qemus: 1, found: true, answers: false, isOld: true, stateFile: true}, reportHung},
+		{"libvirt holds the monitor of the new QEMU the run confirmed", observed{qemus: 1, found: true, answers: false, libvirtRuns: true}, libvirtHasIt},
+		{"libvirt holds the monitor, not confirmed by the run", observed{qemus: 1, found: true, answers: false, stateFile: true}, reportHung},
 		{"the old QEMU runs the guest (never stopped, or resumed)", observed{qemus: 1, found: true, answers: true, status: "running", isOld: true, stateFile: true, wasRunning: true}, markRunning},
 		{"a new QEMU runs the guest", observed{qemus: 1, found: true, answers: true, status: "running", stateFile: true, wasRunning: true}, markRunning},
 		{"the old QEMU lives, paused after its save", observed{qemus: 1, found: true, answers: true, status: "postmigrate", isOld: true, stateFile: true, wasRunning: true}, resumeOld},
