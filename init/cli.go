@@ -602,7 +602,7 @@ func cmdRecover(ctx context.Context, args []string, out io.Writer) int {
 
 func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	var c commonFlags
-	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [--sequential] [--each [--parallel N]] [VM…]", &c)
+	fs := newFlagSet("restart-qemu", "restart-qemu [--qemu NEW_BINARY] [--json] [--skip-unsafe] [--copy-ram] [--sequential] [--no-transfer] [--each [--parallel N]] [VM…]", &c)
 	binary := fs.String("qemu", "", "restart the VMs on this QEMU binary (default: the one each runs now)")
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	skip := fs.Bool("skip-unsafe", false, "restart the safe VMs and leave unsafe ones running untouched (default: refuse all)")
@@ -610,6 +610,7 @@ func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 	copyRAM := fs.Bool("copy-ram", false, "also copy guest RAM through the state file, as a plain migration does\n(the slow way, for comparison; the default leaves shared RAM in place)")
 	each := fs.Bool("each", false, "take each guest on its own: save, load and cont it as soon as its turn comes,\nwithout waiting for the others; a guest that fails goes back to its old QEMU\nalone (the default: every guest saves before any loads, and a failed save\nresumes them all)")
 	parallel := fs.Int("parallel", runtime.NumCPU(), "with --each, how many guests are in their blackout at once")
+	noTransfer := fs.Bool("no-transfer", false, "restart every guest the cpr-reboot way (state file); the default hands\nguests started with -machine aux-ram-share=on over by QEMU's cpr-transfer")
 	if code, ok := parse(fs, args); !ok {
 		return code
 	}
@@ -617,7 +618,7 @@ func cmdRestartQEMU(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintf(os.Stderr, "liveupdate restart-qemu: --parallel %d: give at least 1\n", *parallel)
 		return exitUsage
 	}
-	o := cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM, EarlyStart: !*sequential}
+	o := cpr.SaveOptions{QEMUBinary: *binary, CopyRAM: *copyRAM, EarlyStart: !*sequential, Transfer: !*noTransfer}
 	if *each {
 		o.Each = *parallel
 	}

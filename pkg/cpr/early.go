@@ -73,14 +73,17 @@ func (r *run) startEarlyOne(ctx context.Context, t *Target) error {
 		argv = twin.Argv()
 		vm.TwinVNC = &addr
 	}
-	q, err := r.startQEMU(ctx, vm, t.files, argv)
-	if err == nil {
+	var q *newQEMU
+	if vm.Transfer != nil {
+		q, err = r.startTransfer(ctx, vm, t.files, argv)
+	} else if q, err = r.startQEMU(ctx, vm, t.files, argv); err == nil {
 		if err = migrateSetup(ctx, q.c, vm); err != nil {
 			q.stop()
 		}
 	}
 	if err != nil {
-		vm.NewPID, vm.TwinVNC = 0, nil
+		r.dropTransferSockets(vm)
+		vm.NewPID, vm.TwinVNC, vm.Transfer = 0, nil, nil
 		putBack(aside)
 		return err
 	}
@@ -100,6 +103,7 @@ func (r *run) dropEarly(vm *manifest.VM) {
 		return
 	}
 	q.stop()
+	r.dropTransferSockets(vm)
 	vm.NewPID, vm.TwinVNC = 0, nil
 	putBack(q.aside)
 	r.Log.Info("stopped the new QEMU started early; the old one keeps its sockets", "vm", vm.Name)

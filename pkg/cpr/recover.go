@@ -91,6 +91,7 @@ const (
 	reportLost                 // no QEMU and no state file: report, leave the RAM alone
 	reportStale                // only the old QEMU, whose state a new QEMU (gone) consumed: never continue it
 	libvirtHasIt               // confirmed running on its new QEMU, which libvirt manages again: nothing to do
+	reportTorn                 // only a new QEMU that never got the whole state, none to load again: report
 )
 
 // decide is recover's judgement of one guest, from what it observed.
@@ -108,8 +109,10 @@ func decide(o observed) action {
 		return markRunning
 	case o.isOld:
 		return resumeOld
-	case o.found && o.status == "inmigrate":
+	case o.found && o.status == "inmigrate" && o.stateFile:
 		return restartNew
+	case o.found && o.status == "inmigrate":
+		return reportTorn
 	case o.found:
 		return contLoaded
 	case o.stateFile:
@@ -145,7 +148,8 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
 		o := observed{qemus: len(twins[vm.Name]), twinsApart: r.monitorAside(vm), found: t != nil,
-			isOld: t != nil && sameBoot && t.Proc.PID == vm.PID, stateFile: fileExists(r.local(vm.StateFile)),
+			isOld: t != nil && sameBoot && t.Proc.PID == vm.PID,
+			stateFile: fileExists(r.local(vm.StateFile)) && vm.Transfer == nil, // a transfer's is a note
 			consumed: r.consumed(vm), wasRunning: vm.WasRunning}
 		if t != nil {
 			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
@@ -234,6 +238,8 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			out[i].Action = "restored"
 		case reportStale:
 			failed(i, fmt.Sprintf("only its old QEMU pid %d runs it, paused, but a new QEMU (now gone) had loaded its state and may have run the guest: the old QEMU's device state is behind the guest's RAM, so it is not continued. The RAM file is left as it is", vm.PID))
+		case reportTorn:
+			failed(i, fmt.Sprintf("only its new QEMU pid %d lives, still waiting for the guest's device state, and there is no state file to give it (a cpr-transfer cut off with its old QEMU gone, or the file removed): the guest cannot be continued. Its RAM file is left as it is; stop that QEMU and boot the guest afresh", t.Proc.PID))
 		case reportLost:
 			failed(i, "no QEMU runs it and its state file "+string(vm.StateFile)+" is gone (its RAM file is left as it is)")
 		}

@@ -14,6 +14,8 @@ func TestDecide(t *testing.T) {
 		{"twins apart: the monitor path is the twin's", observed{qemus: 2, twinsApart: true, found: true, answers: true, status: "running"}, markRunning},
 		{"a hung monitor is never touched", observed{qemus: 1, found: true, answers: false, isOld: true, stateFile: true}, reportHung},
 		{"libvirt holds the monitor of the new QEMU the run confirmed", observed{qemus: 1, found: true, answers: false, libvirtRuns: true}, libvirtHasIt},
+		{"a new QEMU waits for a state there is no file of (a cpr-transfer cut off)", observed{qemus: 1, found: true, answers: true, status: "inmigrate"}, reportTorn},
+		{"a new QEMU waits for its state file", observed{qemus: 1, found: true, answers: true, status: "inmigrate", stateFile: true}, restartNew},
 		{"libvirt holds the monitor, not confirmed by the run", observed{qemus: 1, found: true, answers: false, stateFile: true}, reportHung},
 		{"the old QEMU runs the guest (never stopped, or resumed)", observed{qemus: 1, found: true, answers: true, status: "running", isOld: true, stateFile: true, wasRunning: true}, markRunning},
 		{"a new QEMU runs the guest", observed{qemus: 1, found: true, answers: true, status: "running", stateFile: true, wasRunning: true}, markRunning},

@@ -188,9 +188,15 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		vm.NewPID = 0
 		return r.withQEMUsWords(vm, err)
 	}
-	defer q.c.Close()
-	c := q.c
-	err := r.timedPoint("load", vm.Name, func() error {
+	c, err := q.monitor(ctx) // cpr-transfer: reached while the old QEMU handed over
+	if err != nil {
+		return fail(err)
+	}
+	defer c.Close()
+	err = r.timedPoint("load", vm.Name, func() error {
+		if vm.Transfer != nil {
+			return waitLoaded(ctx, c, vm)
+		}
 		if !q.setUp {
 			if err := migrateSetup(ctx, c, vm); err != nil {
 				return err
@@ -243,6 +249,7 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 	// QEMU gets the VM's own migration set-up.
 	r.syncDone(vm)
 	r.giveBackMigration(ctx, c, vm, true)
+	r.dropTransferSockets(vm)
 
 	// Confirmed: the state file is done with; keep it for inspection.
 	vm.Status = manifest.StatusRunning
@@ -424,12 +431,36 @@ type newQEMU struct {
 	c     *qmp.Client
 	files []*os.File // its inherited fds 3, 4, …
 	setUp bool       // migration capabilities already set
+	// dialing brings its monitor, reached in the background (cpr-transfer:
+	// dialTransfer); nil when c is set or is to be dialled.
+	dialing chan dialed
 	aside []string   // started early: the old QEMU's sockets, moved aside (early.go)
 }
 
 // startQEMU starts a VM's new QEMU on argv (in its network namespace,
 // cgroup and credentials) and connects to its monitor. Its inverse is stop.
 func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.File, argv []string) (*newQEMU, error) {
+	q, err := r.spawnQEMU(vm, held, argv)
+	if err != nil {
+		return nil, err
+	}
+	// QEMU's own start-up: until its QMP socket answers.
+	err = r.timed("qemu-init", vm.Name, func() (err error) {
+		q.c, err = qemuproc.DialQMP(ctx, r.local(vm.QMP), q.p)
+		return err
+	})
+	if err != nil {
+		err = q.diedFirst(err)
+		q.stop()
+		vm.NewPID = 0
+		return nil, r.withQEMUsWords(vm, err)
+	}
+	r.place(ctx, q.c, vm, q.p.Pid, r.man.Host.BootID == currentBootID())
+	return q, nil
+}
+
+// spawnQEMU is startQEMU up to the process: started, not yet talked to.
+func (r *run) spawnQEMU(vm *manifest.VM, held map[int]*os.File, argv []string) (*newQEMU, error) {
 	q := &newQEMU{}
 	var opened []*os.File
 	defer func() {
@@ -485,18 +516,6 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		vm.NewPID = 0
 		return nil, fmt.Errorf("starting QEMU: %w", err)
 	}
-	// QEMU's own start-up: until its QMP socket answers.
-	err = r.timed("qemu-init", vm.Name, func() (err error) {
-		q.c, err = qemuproc.DialQMP(ctx, r.local(vm.QMP), q.p)
-		return err
-	})
-	if err != nil {
-		err = q.diedFirst(err)
-		q.stop()
-		vm.NewPID = 0
-		return nil, r.withQEMUsWords(vm, err)
-	}
-	r.place(ctx, q.c, vm, q.p.Pid, r.man.Host.BootID == currentBootID())
 	return q, nil
 }
 
@@ -507,6 +526,10 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 func (q *newQEMU) stop() {
 	q.p.Kill()
 	<-q.p.Exited()
+	if q.dialing != nil { // the dial ends with the process
+		d := <-q.dialing
+		q.dialing, q.c = nil, d.c
+	}
 	if q.c != nil {
 		q.c.Close()
 	}

@@ -49,6 +49,11 @@ type SaveOptions struct {
 	// to its old QEMU that guest alone. 0: every guest saves before any
 	// loads, and a failed save resumes them all (all or nothing).
 	Each int
+	// Transfer restarts by QEMU's cpr-transfer each guest that allows it
+	// (transfer.go; with EarlyStart, restart-qemu only): no state file,
+	// the device state streamed to the new QEMU. The others go the
+	// cpr-reboot way.
+	Transfer bool
 }
 
 // firstFd is where the new QEMU's inherited fds start (after stdio).
@@ -386,15 +391,22 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 		return nil, err
 	}
 	rec.RestartArgv = n.Argv()
+	r.planTransfer(t, rec, o)
 	return rec, nil
 }
 
 // migrateSetup sets the capabilities and mode both sides of CPR use:
 // shared RAM stays where it is unless the VM's RAM is to be copied.
 func migrateSetup(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
+	mode, ignoreShared := "cpr-reboot", !vm.CopyRAM
+	if vm.Transfer != nil {
+		// cpr-transfer leaves all RAM in place by itself, and the new
+		// QEMU, reached only once the stream flows, keeps QEMU's default.
+		mode, ignoreShared = "cpr-transfer", false
+	}
 	return setMigration(ctx, c, manifest.Migration{
-		Capabilities: map[string]bool{"x-ignore-shared": !vm.CopyRAM, "events": true},
-		Mode:         "cpr-reboot",
+		Capabilities: map[string]bool{"x-ignore-shared": ignoreShared, "events": true},
+		Mode:         mode,
 	})
 }
 
@@ -579,6 +591,11 @@ func waitMigration(ctx context.Context, c *qmp.Client, what string) error {
 func (r *run) saveOne(ctx context.Context, t *Target) error {
 	ctx, cancel := context.WithTimeout(ctx, r.SaveTimeout)
 	defer cancel()
+	if t.rec.Transfer != nil && t.early {
+		if fellBack, err := r.saveTransfer(ctx, t); !fellBack || err != nil {
+			return err
+		}
+	}
 	c := t.QMP
 	mark := len(c.Events())
 	if err := c.Execute(ctx, "migrate", map[string]any{"uri": "file:" + t.rec.StateFile}, nil); err != nil {

@@ -145,12 +145,24 @@ type VM struct {
 	TwinVNC *qemuargv.VNCAddr `json:"twin_vnc,omitempty"`
 	// Libvirt is libvirt's record of the guest when libvirt manages it.
 	Libvirt *Libvirt `json:"libvirt,omitempty"`
+	// Transfer, when set, is a restart-qemu by QEMU's cpr-transfer: the
+	// device state goes to the new QEMU over a socket and the RAM's fds
+	// over another, and StateFile holds only a note (its .done rename
+	// still marks the state consumed). Nil: cpr-reboot through StateFile.
+	Transfer *Transfer `json:"transfer,omitempty"`
 
 	Status  Status    `json:"status"`
 	Error   string    `json:"error,omitempty"`
 	Stopped time.Time `json:"stopped,omitzero"` // old QEMU's STOP event
 	Resumed time.Time `json:"resumed,omitzero"` // new QEMU's RESUME event
 	NewPID  int       `json:"new_pid,omitempty"`
+}
+
+// Transfer is where a cpr-transfer's two channels listen: the new QEMU's
+// -incoming main (device state) and cpr (the RAM's fds) unix sockets.
+type Transfer struct {
+	Main hostpath.QEMU `json:"main"`
+	CPR  hostpath.QEMU `json:"cpr"`
 }
 
 // Blackout is RESUME − STOP, or 0 when either is unknown.

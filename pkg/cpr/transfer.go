@@ -1,0 +1,249 @@
+package cpr
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
+)
+
+// cpr-transfer (restart-qemu only): QEMU's own QEMU-to-QEMU handover. The
+// new QEMU, started early with a main and a cpr -incoming channel, waits on
+// the cpr socket before it creates any device. The old QEMU's migrate sends
+// it the RAM's fds there while the guest still runs, waits until the new
+// QEMU has created its devices, then stops the guest and streams the device
+// state over the main socket: the blackout is that save and load alone, no
+// file written or read. The guest's RAM stays where it is either way.
+//
+// QEMU allows it only for a guest started with -machine aux-ram-share=on
+// (its own RAM blocks shared too) whose RAM backends are all shared; every
+// other guest goes the cpr-reboot way, as does one whose QEMU refuses the
+// migrate (a blocker): nothing has stopped then. The new QEMU runs with -S,
+// so that — as with cpr-reboot — the state is marked consumed before the
+// guest runs there (the note in StateFile is renamed .done), and recover
+// judges a cut-off transfer by the same rules; only, with no state file to
+// load again, a guest whose old QEMU is gone can be taken only by its new
+// one.
+
+// transferNote is StateFile's content for a guest restarted by cpr-transfer.
+const transferNote = "cpr-transfer: this guest's device state went to its new QEMU over a socket; there is nothing here to load.\n"
+
+// whyNoTransfer says why the guest cannot be restarted by cpr-transfer, or
+// "" when it can.
+func whyNoTransfer(c *qemuargv.Cmdline, vm *manifest.VM, version [3]int) string {
+	switch {
+	case version[0] < 10:
+		return fmt.Sprintf("QEMU %d.%d has no cpr-transfer (10.0 and later)", version[0], version[1])
+	case vm.Libvirt != nil:
+		return "libvirt manages it"
+	case vm.CopyRAM:
+		return "its RAM is copied (--copy-ram)"
+	case !c.AuxRAMShare():
+		return "it was started without -machine aux-ram-share=on"
+	}
+	for _, b := range vm.RAM {
+		if !b.Share || b.Type == "memory-backend-ram" {
+			return fmt.Sprintf("memory backend %s is not shared memory", b.ID)
+		}
+	}
+	return ""
+}
+
+// planTransfer records the channels of a guest that can go by cpr-transfer
+// (o.Transfer asks for it, o.EarlyStart gives it a new QEMU beside the old).
+func (r *run) planTransfer(t *Target, rec *manifest.VM, o SaveOptions) {
+	if !o.Transfer || !o.EarlyStart {
+		return
+	}
+	if why := whyNoTransfer(t.Proc.Cmdline, rec, t.Facts.Version); why != "" {
+		r.Log.Debug("restarting the cpr-reboot way", "vm", rec.Name, "why", why)
+		return
+	}
+	base := strings.TrimSuffix(string(rec.StateFile), ".state")
+	tr := &manifest.Transfer{Main: hostpath.QEMU(base + ".main.sock"), CPR: hostpath.QEMU(base + ".cpr.sock")}
+	const sunPath = 107 // sockaddr_un's sun_path, less its NUL
+	if len(r.local(tr.Main)) > sunPath || len(tr.Main) > sunPath {
+		r.Log.Warn("restarting the cpr-reboot way: the state directory's path is too long for cpr-transfer's unix sockets", "vm", rec.Name, "socket", tr.Main)
+		return
+	}
+	rec.Transfer = tr
+}
+
+// startTransfer starts a guest's new QEMU for cpr-transfer and waits until
+// it listens on its cpr channel. Its monitor comes up only once the old
+// QEMU's migrate began (dialTransfer).
+func (r *run) startTransfer(ctx context.Context, vm *manifest.VM, files map[int]*os.File, argv []string) (*newQEMU, error) {
+	tr := vm.Transfer
+	for _, p := range []hostpath.QEMU{tr.Main, tr.CPR} {
+		os.Remove(r.local(p)) // ours, left by an earlier run
+	}
+	c, err := qemuargv.Parse(argv)
+	if err != nil {
+		return nil, err
+	}
+	q, err := r.spawnQEMU(vm, files, c.WithTransfer(string(tr.Main), string(tr.CPR)).Argv())
+	if err != nil {
+		return nil, err
+	}
+	err = r.timed("qemu-init", vm.Name, func() error {
+		tick := time.NewTicker(2 * time.Millisecond)
+		defer tick.Stop()
+		for !fileExists(r.local(tr.CPR)) {
+			select {
+			case <-q.p.Exited():
+				return fmt.Errorf("new QEMU exited before it listened on its cpr channel: %w", q.p.ExitErr())
+			case <-ctx.Done():
+				return fmt.Errorf("waiting for the new QEMU's cpr channel %s: %w", tr.CPR, ctx.Err())
+			case <-tick.C:
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		q.stop()
+		vm.NewPID = 0
+		return nil, r.withQEMUsWords(vm, err)
+	}
+	q.setUp = true // its mode comes over the cpr channel
+	return q, nil
+}
+
+// dialed is the new QEMU's monitor, reached while the old QEMU hands over.
+type dialed struct {
+	c   *qmp.Client
+	err error
+}
+
+// dialTransfer reaches the new QEMU's monitor in the background, once the
+// old QEMU's migrate has sent the cpr state: QEMU creates its devices and
+// monitors then, while the guest still runs on the old one, and that time
+// stays out of the blackout.
+func (r *run) dialTransfer(ctx context.Context, vm *manifest.VM, q *newQEMU) {
+	q.dialing = make(chan dialed, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.RestoreTimeout)
+		defer cancel()
+		var d dialed
+		d.err = r.timed("qemu-init", vm.Name, func() (err error) {
+			d.c, err = qemuproc.DialQMP(ctx, r.local(vm.QMP), q.p)
+			return err
+		})
+		if d.err == nil {
+			r.place(ctx, d.c, vm, q.p.Pid, true)
+		}
+		q.dialing <- d
+	}()
+}
+
+// monitor is the new QEMU's monitor: dialled by startQEMU, or waited for
+// from dialTransfer.
+func (q *newQEMU) monitor(ctx context.Context) (*qmp.Client, error) {
+	if q.c != nil || q.dialing == nil {
+		return q.c, nil
+	}
+	select {
+	case d := <-q.dialing:
+		q.dialing = nil
+		q.c = d.c
+		return d.c, d.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting for the new QEMU's monitor: %w", ctx.Err())
+	}
+}
+
+// saveTransfer is saveOne for a guest going by cpr-transfer: the old QEMU
+// migrates to its new twin over both channels. A migrate QEMU refuses (the
+// guest has not stopped) falls back to cpr-reboot: the twin is stopped, and
+// the guest is saved to its state file and restarted the sequential way.
+func (r *run) saveTransfer(ctx context.Context, t *Target) (fellBack bool, err error) {
+	vm, c := t.rec, t.QMP
+	q := r.earlyOf(vm.Name)
+	if q == nil {
+		return false, fmt.Errorf("%s: no new QEMU waits for its cpr-transfer", t.Name())
+	}
+	mark := len(c.Events())
+	args := map[string]any{"channels": []any{
+		qemuargv.TransferChannel("main", string(vm.Transfer.Main)),
+		qemuargv.TransferChannel("cpr", string(vm.Transfer.CPR)),
+	}}
+	if err := c.Execute(ctx, "migrate", args, nil); err != nil {
+		var qe *qmp.Error
+		if !errors.As(err, &qe) {
+			return false, fmt.Errorf("%s: migrate (cpr-transfer): %w", t.Name(), err)
+		}
+		r.Log.Warn("QEMU refuses cpr-transfer for this guest; saving it the cpr-reboot way", "vm", t.Name(), "qemu_said", err.Error())
+		r.dropEarly(vm)
+		t.early, vm.Transfer = false, nil
+		if err := migrateSetup(ctx, c, vm); err != nil {
+			return true, fmt.Errorf("%s: setting cpr-reboot up after QEMU refused cpr-transfer: %w", t.Name(), err)
+		}
+		return true, nil
+	}
+	r.dialTransfer(ctx, vm, q)
+	if err := waitMigration(ctx, c, "handing "+t.Name()+" over (cpr-transfer)"); err != nil {
+		// The new QEMU's end is the likelier reason: it says why in its log.
+		select {
+		case <-q.p.Exited():
+			return false, r.withQEMUsWords(vm, fmt.Errorf("%w; the new QEMU pid %d ended (%v)", err, q.p.Pid, q.p.ExitErr()))
+		case <-time.After(time.Second):
+			return false, err
+		}
+	}
+	for _, ev := range c.Events()[mark:] {
+		if ev.Name == "STOP" {
+			vm.Stopped = ev.Time
+			break
+		}
+	}
+	if err := os.WriteFile(r.local(vm.StateFile), []byte(transferNote), 0o600); err != nil {
+		return false, fmt.Errorf("%s: writing the note that stands for its state file: %w", t.Name(), err)
+	}
+	r.Log.Info("handed over (cpr-transfer)", "vm", t.Name())
+	return false, nil
+}
+
+// earlyOf is the VM's early-started QEMU, left in place.
+func (r *run) earlyOf(name string) *newQEMU {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.early[name]
+}
+
+// waitLoaded waits until a new QEMU that takes its guest by cpr-transfer has
+// loaded the device state. The load may be over before its monitor was
+// reached: it is asked first.
+func waitLoaded(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
+	var st struct {
+		Status    string `json:"status"`
+		ErrorDesc string `json:"error-desc"`
+	}
+	if err := c.Execute(ctx, "query-migrate", nil, &st); err != nil {
+		return err
+	}
+	switch st.Status {
+	case "completed":
+		return nil
+	case "failed", "cancelled":
+		return fmt.Errorf("loading %s (cpr-transfer) %s: %s", vm.Name, st.Status, st.ErrorDesc)
+	}
+	return waitMigration(ctx, c, "loading "+vm.Name+" (cpr-transfer)")
+}
+
+// dropTransferSockets removes a finished transfer's listening sockets (the
+// new QEMU's, listening no more).
+func (r *run) dropTransferSockets(vm *manifest.VM) {
+	if vm.Transfer == nil {
+		return
+	}
+	for _, p := range []hostpath.QEMU{vm.Transfer.Main, vm.Transfer.CPR} {
+		os.Remove(r.local(p))
+	}
+}

@@ -1,0 +1,58 @@
+package qemuargv
+
+import (
+	"encoding/json"
+	"strings"
+)
+
+// AuxRAMShare tells whether the guest was started with -machine
+// aux-ram-share=on: QEMU allocates its own RAM blocks (ROMs, VGA, ACPI
+// tables) as shared memory then, which cpr-transfer needs to pass them to
+// the new QEMU by fd. Without it QEMU refuses cpr-transfer ("Memory region
+// /rom@etc/acpi/rsdp is not compatible with CPR").
+func (c *Cmdline) AuxRAMShare() bool {
+	v, ok := c.machineProp("aux-ram-share")
+	if !ok {
+		return false
+	}
+	switch strings.ToLower(v) {
+	case "on", "yes", "true", "y":
+		return true
+	}
+	return false
+}
+
+// WithTransfer returns a copy of a ForRestart command line that takes its
+// guest by cpr-transfer: the -incoming defer replaced by the two channels on
+// unix sockets — main (the device state) and cpr (the RAM's fds, read before
+// QEMU creates any device or monitor) — and, as its monitor is reached only
+// once the handover began, migration events on from the command line: the
+// restorer waits for the load by them. (x-ignore-shared stays off on both
+// sides: cpr-transfer leaves all RAM in place by itself, and QEMU 10 has no
+// command-line property for it — a stream saying it is on is refused.)
+func (c *Cmdline) WithTransfer(main, cpr string) *Cmdline {
+	n := &Cmdline{Binary: c.Binary}
+	for _, opt := range c.Opts {
+		if opt.Name == "incoming" {
+			continue
+		}
+		n.Opts = append(n.Opts, opt)
+	}
+	n.Opts = append(n.Opts,
+		Option{Name: "global", Value: "migration.x-events=on", HasValue: true},
+		Option{Name: "incoming", Value: channelJSON("main", main), HasValue: true},
+		Option{Name: "incoming", Value: channelJSON("cpr", cpr), HasValue: true})
+	return n
+}
+
+// TransferChannel is one channel of a cpr-transfer as QMP's migrate and
+// QEMU's -incoming take it.
+func TransferChannel(kind, path string) map[string]any {
+	return map[string]any{"channel-type": kind,
+		"addr": map[string]any{"transport": "socket", "type": "unix", "path": path}}
+}
+
+func channelJSON(kind, path string) string {
+	b, _ := json.Marshal(TransferChannel(kind, path)) // maps of strings always marshal
+	return string(b)
+}
