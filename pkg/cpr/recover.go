@@ -148,9 +148,9 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
 		o := observed{qemus: len(twins[vm.Name]), twinsApart: r.monitorAside(vm), found: t != nil,
-			isOld: t != nil && sameBoot && t.Proc.PID == vm.PID,
+			isOld:     t != nil && sameBoot && t.Proc.PID == vm.PID,
 			stateFile: fileExists(r.local(vm.StateFile)) && vm.Transfer == nil, // a transfer's is a note
-			consumed: r.consumed(vm), wasRunning: vm.WasRunning}
+			consumed:  r.consumed(vm), wasRunning: vm.WasRunning}
 		if t != nil {
 			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
 			o.libvirtRuns = errors.Is(t.Facts.QMPErr, libvirt.ErrDaemonRuns) && t.Libvirt != "" &&

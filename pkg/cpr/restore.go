@@ -434,7 +434,7 @@ type newQEMU struct {
 	// dialing brings its monitor, reached in the background (cpr-transfer:
 	// dialTransfer); nil when c is set or is to be dialled.
 	dialing chan dialed
-	aside []string   // started early: the old QEMU's sockets, moved aside (early.go)
+	aside   []string // started early: the old QEMU's sockets, moved aside (early.go)
 }
 
 // startQEMU starts a VM's new QEMU on argv (in its network namespace,
