@@ -677,6 +677,9 @@ type VMResult struct {
 	NewPID     int             `json:"new_pid,omitempty"`
 	Clock      string          `json:"clock,omitempty"`
 	ClockOffMS float64         `json:"clock_offset_ms,omitempty"`
+	// Mode is how the device state went: "cpr-reboot" (a state file) or
+	// "cpr-transfer" (streamed to the new QEMU).
+	Mode string `json:"mode"`
 }
 
 func results(m *manifest.Manifest) Result {
@@ -686,7 +689,11 @@ func results(m *manifest.Manifest) Result {
 		for _, b := range v.RAM {
 			ram += b.Size
 		}
-		r.VMs = append(r.VMs, VMResult{Name: v.Name, Status: v.Status, Error: v.Error,
+		mode := "cpr-reboot"
+		if v.Transfer != nil {
+			mode = "cpr-transfer"
+		}
+		r.VMs = append(r.VMs, VMResult{Mode: mode, Name: v.Name, Status: v.Status, Error: v.Error,
 			BlackoutMS: float64(v.Blackout().Microseconds()) / 1000, StateBytes: v.StateSize,
 			RAMBytes: ram, OldPID: v.PID, NewPID: v.NewPID, Clock: v.Clock,
 			ClockOffMS: ms(v.ClockOffset)})
@@ -724,7 +731,11 @@ func printVMs(out io.Writer, m *manifest.Manifest) {
 		if r.Clock == "corrected" {
 			clock = fmt.Sprintf("corrected (%+.1f ms)", r.ClockOffMS)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Status, bo, size(uint64(r.StateBytes)), size(r.RAMBytes), pid, clock)
+		state := size(uint64(r.StateBytes))
+		if r.Mode == "cpr-transfer" {
+			state = "none: cpr-transfer"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Name, r.Status, bo, state, size(r.RAMBytes), pid, clock)
 	}
 	tw.Flush()
 	for _, v := range m.VMs {

@@ -24,7 +24,9 @@ func TestFaults(t *testing.T) {
 	// Each guest writes to a disk of another shape, and every case checks
 	// every write the guest was told is stable is on its image.
 	gs := bootAll(t,
-		guestSpec{name: "f1", disk: &diskSpec{format: "raw", frontend: "drive", cache: "none", aio: "native"}},
+		// f1 allows cpr-transfer (aux-ram-share=on): every case without
+		// --sequential hands it over that way, beside two cpr-reboot guests.
+		guestSpec{name: "f1", extra: []string{"-machine", "aux-ram-share=on"}, disk: &diskSpec{format: "raw", frontend: "drive", cache: "none", aio: "native"}},
 		guestSpec{name: "f2", disk: &diskSpec{format: "qcow2", frontend: "blockdev", iothread: true, cache: "writeback", aio: "threads"}},
 		guestSpec{name: "f3", disk: &diskSpec{format: "raw", frontend: "drive", cache: "none", aio: "io_uring", refusal: "io_uring"}})
 	names := []string{"f1", "f2", "f3"}
@@ -90,9 +92,16 @@ func TestFaults(t *testing.T) {
 		{"cont=kill", "we die after one guest's cont: recover kills its old QEMU and gives the others back theirs", false, false, false, true},
 		{"quit=kill", "each on its own, sequential: we die after one old QEMU quit: recover restores it from its state file", true, false, false, true},
 		{"load=fail", "each on its own, sequential: one restore fails after loading: recover restores it again", true, false, false, true},
+		// f1's cpr-transfer, at each of its steps.
+		{"save:f1=fail", "f1 handed over, then an error before its load: it alone continues on its old QEMU", false, true, true, true},
+		{"save:f1=kill", "we die after f1's handover: recover kills its old QEMU, continues the new one", false, false, false, true},
+		{"load:f1=fail", "f1's new QEMU loaded, then an error: it continues on its old QEMU", false, false, true, false},
+		{"load:f1=killnew", "f1's new QEMU dies after its load: it continues on its old QEMU", false, false, true, false},
+		{"load:f1=kill", "we die after f1's load: recover continues its new QEMU", false, false, false, false},
+		{"cont:f1=kill", "we die after f1's cont: recover finds it running on its new QEMU", false, false, false, true},
 	}
 	for _, c := range cases {
-		name, args := strings.ReplaceAll(c.fault, "=", "_"), []string{"restart-qemu"}
+		name, args := strings.NewReplacer("=", "_", ":", "_").Replace(c.fault), []string{"restart-qemu"}
 		if c.sequential {
 			name += "_sequential"
 			args = append(args, "--sequential")

@@ -354,6 +354,15 @@ func (r *run) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 			r.killAndWait(twin.Proc.PID)
 			putBack(r.ownPaths(vm))
 			changed = true
+		case status == "" && vm.Transfer != nil && twin.Facts.QMPErr != nil && r.guestStillOnOld(vm):
+			// A cpr-transfer twin makes its monitor only once the cpr
+			// state came: silent, with the guest still on its old QEMU,
+			// it holds nothing (stopped, an old QEMU handing over
+			// fails and runs on).
+			r.Log.Warn("stopping a new QEMU waiting for its cpr-transfer; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
+			r.killAndWait(twin.Proc.PID)
+			putBack(r.ownPaths(vm))
+			changed = true
 		case status == "running" || status == "paused":
 			// The new QEMU loaded the guest: the old one, saved, is
 			// superseded (we died before retireOld).

@@ -247,3 +247,21 @@ func (r *run) dropTransferSockets(vm *manifest.VM) {
 		os.Remove(r.local(p))
 	}
 }
+
+// guestStillOnOld tells whether vm's old QEMU, asked at its monitor moved
+// aside, still holds the guest: it answers, and has not stopped it for a
+// handover (postmigrate, finish-migrate).
+func (r *run) guestStillOnOld(vm *manifest.VM) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), r.QMPTimeout)
+	defer cancel()
+	c, err := qmp.DialPeerCheck(ctx, r.local(vm.QMP)+asideSuffix, vm.PID, nil)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	var st struct{ Status string }
+	if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
+		return false
+	}
+	return st.Status != "postmigrate" && st.Status != "finish-migrate"
+}

@@ -36,4 +36,8 @@ func TestAt(t *testing.T) {
 	if victim != "vm2" {
 		t.Errorf("killnew at the second load: killed %q, want vm2's new QEMU", victim)
 	}
+	t.Setenv("LIVEUPDATE_FAULT", "save:vm2=fail")
+	if AtFor("save", "vm1") != nil || AtFor("save", "vm2") == nil || AtFor("save", "vm2") != nil {
+		t.Errorf("save:vm2 must fire for vm2 alone, once")
+	}
 }

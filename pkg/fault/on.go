@@ -29,7 +29,8 @@ func On(action string, f func(point, subject string)) {
 
 // At marks a phase boundary and, when LIVEUPDATE_FAULT arms it, fails
 // there. "point=action" fires the first time the point is reached,
-// "point@n=action" the n-th time; each fires once per process.
+// "point@n=action" the n-th time, "point:VM=action" ("point:VM@n") the
+// first (n-th) time VM reaches it; each fires once per process.
 func At(point string) error { return AtFor(point, "") }
 
 // AtFor is At at a boundary one VM reaches (subject: its name), for the
@@ -39,6 +40,8 @@ func AtFor(point, subject string) error {
 	mu.Lock()
 	counts[point]++
 	n := counts[point]
+	counts[point+":"+subject]++
+	nOf := counts[point+":"+subject]
 	mu.Unlock()
 	for _, spec := range strings.Split(os.Getenv("LIVEUPDATE_FAULT"), ",") {
 		p, action, ok := strings.Cut(spec, "=")
@@ -52,7 +55,14 @@ func AtFor(point, subject string) error {
 				continue
 			}
 		}
-		if p != point || n != want {
+		got := n
+		if name, vm, ok := strings.Cut(p, ":"); ok {
+			if vm != subject {
+				continue
+			}
+			p, got = name, nOf
+		}
+		if p != point || got != want {
 			continue
 		}
 		mu.Lock()

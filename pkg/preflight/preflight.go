@@ -242,6 +242,7 @@ func Check(in Input) Verdict {
 		}
 	}
 	checkDrift(in, bad, note)
+	noteTransfer(in, note)
 	if len(c.Find("snapshot")) > 0 {
 		bad("-snapshot: the guest's disk writes live in a temporary overlay that quitting QEMU discards")
 	}
@@ -347,4 +348,19 @@ func checkLibvirt(in Input, v *Verdict, bad, note func(string, ...any)) {
 		return
 	}
 	note("libvirt manages this guest (%s): its record is rewritten for the new QEMU; start libvirt's daemon again after the run (e.g. `systemctl start libvirtd.service`)", in.Libvirt)
+}
+
+// noteTransfer tells how restart-qemu will take the guest: by QEMU's
+// cpr-transfer when it was started with -machine aux-ram-share=on (no state
+// file, the shortest blackout), else the cpr-reboot way — and, then, what
+// starting it with that option would gain. (libvirt has no setting for it.)
+func noteTransfer(in Input, note func(string, ...any)) {
+	if in.Libvirt != "" || in.Facts.Version[0] < 10 {
+		return
+	}
+	if in.Proc.Cmdline.AuxRAMShare() {
+		note("started with -machine aux-ram-share=on: restart-qemu hands it over by QEMU's cpr-transfer (no state file; --no-transfer for cpr-reboot); an update saves it the cpr-reboot way")
+		return
+	}
+	note("restart-qemu takes it the cpr-reboot way (state file); started with -machine aux-ram-share=on it would be handed over by QEMU's cpr-transfer instead, with a shorter blackout (docs/benchmarks.md, P1t)")
 }

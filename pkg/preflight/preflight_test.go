@@ -29,6 +29,27 @@ func facts() Facts {
 		Memdevs: []Memdev{{ID: "ram0", Share: true}}}
 }
 
+func TestNoteTransfer(t *testing.T) {
+	aux := append(append([]string{}, good...), "-machine", "aux-ram-share=on")
+	for _, c := range []struct {
+		name, want string
+		argv       []string
+		libvirt    string
+	}{
+		{"aux-ram-share", "restart-qemu hands it over by QEMU's cpr-transfer", aux, ""},
+		{"without", "started with -machine aux-ram-share=on it would be handed over", good, ""},
+		{"libvirt: no hint it cannot follow", "", good, "/run/libvirt/qemu/vm1.xml"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			v := Check(Input{Proc: proc(t, c.argv...), Facts: facts(), StateDir: t.TempDir(), StateDirFree: 1 << 30, Libvirt: c.libvirt})
+			all := strings.Join(v.Notes, "\n")
+			if c.want == "" && strings.Contains(all, "cpr-transfer") || !strings.Contains(all, c.want) {
+				t.Errorf("notes lack %q (or name cpr-transfer for libvirt):\n%s", c.want, all)
+			}
+		})
+	}
+}
+
 func TestCheck(t *testing.T) {
 	tests := []struct {
 		name  string
