@@ -396,7 +396,9 @@ func corruptManifest(t *testing.T, h *debianHost, ng *numaGuest, target string) 
 		t.Errorf("the rescue message does not say how to boot the host afterwards")
 	}
 	// Nothing was touched: the state files and RAM are there.
-	out, _ := h.control(t, "ls "+dir+" /mnt/pmem/libvirt /mnt/pmem1/numa", time.Minute)
+	// The second node's PMEM is an fstab entry: PID 1 mounts it under the
+	// host root it mounted (/newroot), not at PID 1's own /mnt.
+	out, _ := h.control(t, "ls "+dir+" /mnt/pmem/libvirt /newroot/mnt/pmem1/numa", time.Minute)
 	for _, f := range []string{"heartbeat.state", "numa.state", "manifest.json.intact", "ram1"} {
 		if !strings.Contains(out, f+"\n") {
 			t.Errorf("%s is gone in the rescue path", f)
