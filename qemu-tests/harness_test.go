@@ -370,6 +370,7 @@ type restartResult struct {
 		NewPID     int     `json:"new_pid"`
 		Clock      string  `json:"clock"`
 		ClockOffMS float64 `json:"clock_offset_ms"`
+		Mode       string  `json:"mode"`
 	} `json:"vms"`
 }
 
