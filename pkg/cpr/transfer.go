@@ -169,6 +169,11 @@ func (r *run) saveTransfer(ctx context.Context, t *Target) (fellBack bool, err e
 	if q == nil {
 		return false, fmt.Errorf("%s: no new QEMU waits for its cpr-transfer", t.Name())
 	}
+	// The note first: written after the handover it would be in the
+	// blackout. (recover never loads a transfer's state file.)
+	if err := os.WriteFile(r.local(vm.StateFile), []byte(transferNote), 0o600); err != nil {
+		return false, fmt.Errorf("%s: writing the note that stands for its state file: %w", t.Name(), err)
+	}
 	mark := len(c.Events())
 	args := map[string]any{"channels": []any{
 		qemuargv.TransferChannel("main", string(vm.Transfer.Main)),
@@ -181,6 +186,7 @@ func (r *run) saveTransfer(ctx context.Context, t *Target) (fellBack bool, err e
 		}
 		r.Log.Warn("QEMU refuses cpr-transfer for this guest; saving it the cpr-reboot way", "vm", t.Name(), "qemu_said", err.Error())
 		r.dropEarly(vm)
+		os.Remove(r.local(vm.StateFile)) // the note: the state file proper comes next
 		t.early, vm.Transfer = false, nil
 		if err := migrateSetup(ctx, c, vm); err != nil {
 			return true, fmt.Errorf("%s: setting cpr-reboot up after QEMU refused cpr-transfer: %w", t.Name(), err)
@@ -203,9 +209,6 @@ func (r *run) saveTransfer(ctx context.Context, t *Target) (fellBack bool, err e
 			break
 		}
 	}
-	if err := os.WriteFile(r.local(vm.StateFile), []byte(transferNote), 0o600); err != nil {
-		return false, fmt.Errorf("%s: writing the note that stands for its state file: %w", t.Name(), err)
-	}
 	r.Log.Info("handed over (cpr-transfer)", "vm", t.Name())
 	return false, nil
 }
@@ -218,9 +221,22 @@ func (r *run) earlyOf(name string) *newQEMU {
 }
 
 // waitLoaded waits until a new QEMU that takes its guest by cpr-transfer has
-// loaded the device state. The load may be over before its monitor was
-// reached: it is asked first.
+// loaded the device state. Its MIGRATION events (on from its command line,
+// the monitor reached before the stream began) usually say so already; if
+// none has, the load may have ended before the monitor was reached, and it
+// is asked.
 func waitLoaded(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
+	for _, ev := range c.Events() {
+		if ev.Name != "MIGRATION" {
+			continue
+		}
+		switch ev.Data["status"] {
+		case "completed":
+			return nil
+		case "failed", "cancelled":
+			return waitMigration(ctx, c, "loading "+vm.Name+" (cpr-transfer)") // says why
+		}
+	}
 	var st struct {
 		Status    string `json:"status"`
 		ErrorDesc string `json:"error-desc"`
