@@ -54,7 +54,7 @@ var commands = []command{
 	{"save", "save VMs' device state and quit their QEMUs", cmdSave},
 	{"restore", "restore the VMs recorded in a manifest", cmdRestore},
 	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
-	{"check-kernel", "check a kernel config against kernelconfig/host.config", cmdCheckKernel},
+	{"check-kernel", "check a kernel config: the host's options, the PMEM and the LUO backend's", cmdCheckKernel},
 	{"update", "live kernel update: save guests, kexec into a new kernel", cmdUpdate},
 	{"recover", "bring every guest of an interrupted run back to running (cont or restore); safe to repeat", cmdRecover},
 	{"status", "the last run: each guest's blackout and every phase, as a table, JSON, SVG or metrics", cmdStatus},
@@ -247,7 +247,7 @@ func printPlan(out io.Writer, p *update.Plan) {
 func cmdCheckKernel(ctx context.Context, args []string, out io.Writer) int {
 	fs := flag.NewFlagSet("check-kernel", flag.ContinueOnError)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "usage: liveupdate check-kernel PATH_TO_CONFIG\n\nLists the options of kernelconfig/host.config the config lacks; exit 1 if any.\n")
+		fmt.Fprintf(fs.Output(), "usage: liveupdate check-kernel PATH_TO_CONFIG\n\nSays whether the config has what every host needs (kernelconfig/host.config)\nand what each RAM backend needs (pmem.config, luo.config), listing what it\nlacks; exit 1 unless it has the host's options and one backend's.\n")
 	}
 	if code, ok := parse(fs, args); !ok {
 		return code
@@ -267,15 +267,25 @@ func cmdCheckKernel(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintf(os.Stderr, "liveupdate check-kernel: %s: %v\n", fs.Arg(0), err)
 		return exitFailed
 	}
-	ps := kernelconfig.Check(cfg, kernelconfig.Requirements())
-	for _, p := range ps {
-		fmt.Fprintln(out, p)
+	r := kernelconfig.Readiness(cfg)
+	line := func(what string, ps []kernelconfig.Problem, n int, hint string) {
+		if len(ps) == 0 {
+			fmt.Fprintf(out, "%s: ready (%d options checked)\n", what, n)
+			return
+		}
+		fmt.Fprintf(out, "%s: not ready, %d option(s) missing or wrong%s\n", what, len(ps), hint)
+		for _, p := range ps {
+			fmt.Fprintf(out, "  %s\n", p)
+		}
 	}
-	if len(ps) > 0 {
-		fmt.Fprintf(out, "%s: %d option(s) missing or wrong for a liveupdate host\n", fs.Arg(0), len(ps))
+	line("host", r.Host, len(kernelconfig.Host()), "")
+	line("PMEM backend (guest RAM on a DAX filesystem)", r.PMEM, len(kernelconfig.PMEM()), "")
+	line("LUO backend (guest RAM in memfds kept by the Live Update Orchestrator; boot with kho=on liveupdate=on)", r.LUO, len(kernelconfig.LUO()), "")
+	if !r.Ready() {
+		fmt.Fprintf(out, "%s: not a liveupdate host: it needs everything of \"host\" and one backend\n", fs.Arg(0))
 		return exitFailed
 	}
-	fmt.Fprintf(out, "%s: has everything a liveupdate host needs (%d options checked)\n", fs.Arg(0), len(kernelconfig.Requirements()))
+	fmt.Fprintf(out, "%s: a liveupdate host\n", fs.Arg(0))
 	return exitOK
 }
 

@@ -28,7 +28,7 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 
 # --- 1. core (cached by the hash of everything that goes into it) ---
-hash=$(cd "$repo" && { cat go.mod go.sum "$here/build.sh"; find init pkg kernelconfig internal -name '*.go' -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -c1-16)
+hash=$(cd "$repo" && { cat go.mod go.sum "$here/build.sh"; find init pkg kernelconfig internal \( -name '*.go' -o -name '*.config' \) -print0 | sort -z | xargs -0 cat; } | sha256sum | cut -c1-16)
 core=$cache/core-$hash.cpio.gz
 if [ ! -f "$core" ]; then
 	mkdir -p "$stage/core/bin"

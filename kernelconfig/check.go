@@ -1,5 +1,8 @@
 // Package kernelconfig checks a kernel's .config against the options a
-// liveupdate host needs (host.config in this directory, embedded).
+// liveupdate host needs: host.config (every host), and one backend for its
+// guests' RAM — pmem.config (files on a DAX filesystem on persistent memory)
+// or luo.config (memfds kept across the kexec by the Live Update
+// Orchestrator). The fragments are embedded.
 package kernelconfig
 
 import (
@@ -11,8 +14,14 @@ import (
 	"strings"
 )
 
-//go:embed host.config
-var hostConfig string
+var (
+	//go:embed host.config
+	hostConfig string
+	//go:embed pmem.config
+	pmemConfig string
+	//go:embed luo.config
+	luoConfig string
+)
 
 // Requirement is one line of the fragment.
 type Requirement struct {
@@ -35,10 +44,39 @@ func (p Problem) String() string {
 	return fmt.Sprintf("%s: is %s, needs to be %s", p.Option, have, want)
 }
 
-// Requirements parses the embedded fragment.
+// Requirements is what a host with the PMEM backend needs (host.config
+// and pmem.config): what `update` checks a new kernel's config against.
 func Requirements() []Requirement {
-	reqs, _ := parseFragment(strings.NewReader(hostConfig))
+	return append(fragment(hostConfig), fragment(pmemConfig)...)
+}
+
+// Host is what every host needs (host.config).
+func Host() []Requirement { return fragment(hostConfig) }
+
+// PMEM is what the PMEM backend needs besides Host (pmem.config).
+func PMEM() []Requirement { return fragment(pmemConfig) }
+
+// LUO is what the LUO backend needs besides Host (luo.config).
+func LUO() []Requirement { return fragment(luoConfig) }
+
+// fragment parses an embedded fragment (their syntax is tested).
+func fragment(text string) []Requirement {
+	reqs, _ := parseFragment(strings.NewReader(text))
 	return reqs
+}
+
+// Report is a config checked against every fragment.
+type Report struct {
+	Host, PMEM, LUO []Problem // what each lacks; none: ready
+}
+
+// Ready reports whether the kernel can be a liveupdate host: everything
+// of Host, and one backend at least.
+func (r Report) Ready() bool { return len(r.Host) == 0 && (len(r.PMEM) == 0 || len(r.LUO) == 0) }
+
+// Readiness checks cfg against each fragment.
+func Readiness(cfg map[string]string) Report {
+	return Report{Host: Check(cfg, Host()), PMEM: Check(cfg, PMEM()), LUO: Check(cfg, LUO())}
 }
 
 func parseFragment(r io.Reader) ([]Requirement, error) {

@@ -8,12 +8,17 @@ import (
 )
 
 func TestFragmentParses(t *testing.T) {
-	reqs, err := parseFragment(strings.NewReader(hostConfig))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(reqs) < 20 {
-		t.Fatalf("only %d requirements", len(reqs))
+	for _, f := range []struct {
+		name, text string
+		min        int
+	}{{"host.config", hostConfig, 20}, {"pmem.config", pmemConfig, 6}, {"luo.config", luoConfig, 4}} {
+		reqs, err := parseFragment(strings.NewReader(f.text))
+		if err != nil {
+			t.Fatalf("%s: %v", f.name, err)
+		}
+		if len(reqs) < f.min {
+			t.Fatalf("%s: only %d requirements", f.name, len(reqs))
+		}
 	}
 }
 
@@ -64,6 +69,67 @@ func TestDebianKernels(t *testing.T) {
 		ps := Check(cfg, Requirements())
 		if len(ps) != 1 || ps[0].Option != "CONFIG_FS_DAX" {
 			t.Errorf("%s without FS_DAX: %v", filepath.Base(c), ps)
+		}
+	}
+}
+
+// TestReadiness: each backend is judged on its own; a host needs the
+// host's options and one backend's.
+func TestReadiness(t *testing.T) {
+	all := map[string]string{}
+	for _, r := range append(append(Host(), PMEM()...), LUO()...) {
+		all[r.Option] = "y"
+	}
+	without := func(opts ...string) map[string]string {
+		c := map[string]string{}
+		for k, v := range all {
+			c[k] = v
+		}
+		for _, o := range opts {
+			c[o] = "n"
+		}
+		return c
+	}
+	for _, c := range []struct {
+		name            string
+		cfg             map[string]string
+		host, pmem, luo int
+		ready           bool
+	}{
+		{"everything", all, 0, 0, 0, true},
+		{"PMEM only", without("CONFIG_KEXEC_HANDOVER", "CONFIG_LIVEUPDATE", "CONFIG_LIVEUPDATE_MEMFD"), 0, 0, 3, true},
+		{"LUO only", without("CONFIG_FS_DAX", "CONFIG_X86_PMEM_LEGACY"), 0, 2, 0, true},
+		{"neither", without("CONFIG_FS_DAX", "CONFIG_LIVEUPDATE"), 0, 1, 1, false},
+		{"no kexec_file_load", without("CONFIG_KEXEC_FILE"), 1, 0, 1, false},
+		{"no cgroups", without("CONFIG_CGROUPS"), 1, 0, 0, false},
+	} {
+		r := Readiness(c.cfg)
+		if len(r.Host) != c.host || len(r.PMEM) != c.pmem || len(r.LUO) != c.luo || r.Ready() != c.ready {
+			t.Errorf("%s: host %v, PMEM %v, LUO %v, ready %v; want %d, %d, %d problems, ready %v",
+				c.name, r.Host, r.PMEM, r.LUO, r.Ready(), c.host, c.pmem, c.luo, c.ready)
+		}
+	}
+}
+
+// TestLUOKernel: the LUO test kernel's config (scripts/luo-kernel.sh),
+// when built on this machine, is ready for both backends.
+func TestLUOKernel(t *testing.T) {
+	configs, _ := filepath.Glob("../.cache/luo-kernel/out-*/config")
+	if len(configs) == 0 {
+		t.Skip("no LUO test kernel built here (scripts/luo-kernel.sh; qemu-tests' TestLUOKexec builds it)")
+	}
+	for _, c := range configs {
+		f, err := os.Open(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := ParseConfig(f)
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r := Readiness(cfg); len(r.Host)+len(r.PMEM)+len(r.LUO) != 0 {
+			t.Errorf("%s: host %v, PMEM %v, LUO %v", c, r.Host, r.PMEM, r.LUO)
 		}
 	}
 }

@@ -91,7 +91,7 @@ build_base() {
 sources_hash() {
 	{
 		cat go.mod go.sum Makefile initramfs/build.sh initramfs/modules.txt scripts/guest-initrd.sh systemd/*
-		find init pkg cmds internal kernelconfig -name '*.go' ! -name '*_test.go' -print0 | sort -z | xargs -0 cat
+		find init pkg cmds internal kernelconfig \( -name '*.go' ! -name '*_test.go' -o -name '*.config' \) -print0 | sort -z | xargs -0 cat
 	} | sha256sum | cut -c1-16
 }
 
