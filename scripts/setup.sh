@@ -5,6 +5,8 @@
 #
 # The backports suite is added by copying the machine's own Debian source entry
 # (its URIs line) and changing the suite, so no mirror host name is written here.
+# Also the LUO test kernel (scripts/luo-kernel.sh: Debian's linux-source-7.3
+# fetched through a private apt configuration, never the machine's sources).
 # Idempotent: running it twice changes nothing the second time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +43,8 @@ install_packages() {
 	if ! libvirtd --version 2>/dev/null | grep -q ' 11\.'; then
 		need+=(libvirt-daemon-driver-qemu libvirt-clients libvirt-daemon)
 	fi
-	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static mmdebstrap openssh-client ansible-core)
+	local base=(iproute2 e2fsprogs cpio xz-utils kmod ovmf qemu-guest-agent busybox-static mmdebstrap openssh-client ansible-core
+		flex bison bc libelf-dev libssl-dev)  # the last five build the LUO test kernel (scripts/luo-kernel.sh)
 	local missing=()
 	for p in "${base[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 	if [ ${#need[@]} -gt 0 ] || [ ${#missing[@]} -gt 0 ]; then
@@ -82,3 +85,6 @@ mkdir -p "$CACHE/kernels"
 fetch_kernel bookworm-backports '6\.12\.[0-9.+~a-z]*' new
 fetch_kernel bookworm '6\.1\.0-[0-9]*' old
 log "kernels: old=$(cat "$CACHE/kernels/old/version") new=$(cat "$CACHE/kernels/new/version")"
+# The LUO test kernel (Debian's linux-source-7.3 through a private apt
+# configuration; cached by the hash of its inputs, about 10 minutes to build).
+log "LUO test kernel: $(cat "$(scripts/luo-kernel.sh)/version")"
