@@ -2,10 +2,12 @@ package qemutests
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -99,4 +101,29 @@ func TestLUOKexec(t *testing.T) {
 			t.Fatalf("without kho=on liveupdate=on the probe did not stop at Open with the reason:\n%s", tail(out, 30))
 		}
 	})
+}
+
+// BenchmarkLUOPreserve: LUO's preserve (in the old kernel, before the
+// kexec: pinning every page, filling holes) and retrieve (in the new one)
+// against the memfd's size, half of it holes as guest RAM has. One VM boot
+// pair per run and size; b.N runs. Reported as BENCH lines (P11).
+func BenchmarkLUOPreserve(b *testing.B) {
+	kdir := luoKernel(b)
+	initrd := luoProbeInitrds(b, filepath.Join(kdir, "bzImage"))
+	re := regexp.MustCompile(`LUOPROBE preserved (\d+) MiB in ([0-9.]+) ms[\s\S]*LUOPROBE OK: .* retrieved in ([0-9.]+) ms`)
+	for _, mib := range []int{64, 256, 768} {
+		var pres, retr []float64
+		for i := 0; i < b.N; i++ {
+			out := runLUOProbe(b, kdir, initrd, mib, "kho=on liveupdate=on")
+			m := re.FindStringSubmatch(out)
+			if m == nil {
+				b.Fatalf("%d MiB: the probe did not finish:\n%s", mib, tail(out, 30))
+			}
+			p, _ := strconv.ParseFloat(m[2], 64)
+			r, _ := strconv.ParseFloat(m[3], 64)
+			pres, retr = append(pres, p), append(retr, r)
+		}
+		fmt.Fprintf(os.Stderr, "BENCH id=P11 name=LUOPreserve%dMiB ram_mib=%d samples=%d preserve_median_ms=%.1f preserve_min_ms=%.1f preserve_max_ms=%.1f retrieve_median_ms=%.1f retrieve_min_ms=%.1f retrieve_max_ms=%.1f\n",
+			mib, mib, len(pres), median(pres), slices.Min(pres), slices.Max(pres), median(retr), slices.Min(retr), slices.Max(retr))
+	}
 }

@@ -94,6 +94,11 @@ if p4s and p4c:
     row("P4", "4 GiB (1 GiB written): naive copy vs shared", "≥ 20× shorter", f"{p4c['median_ms']} vs {p4s['median_ms']} ms ({ratio:.0f}×)", p4s["min_ms"], p4s["max_ms"]+" ms (shared)", p4s["samples"], ratio >= 20)
 p9 = b("BenchmarkRestartLibvirtVNC")
 if p9: row("P9", "restart-qemu of a libvirt guest with VNC (fast path, libvirtd stopped)", "≤ 100 ms", p9["median_ms"]+" ms", p9["min_ms"], p9["max_ms"]+" ms", p9["samples"], float(p9["max_ms"]) <= 100)
+p11 = [b(f"LUOPreserve{m}MiB") for m in (64, 256, 768)]
+if all(p11):
+    for x in p11:
+        row("P11", f"LUO: preserve (old kernel) + retrieve (new kernel) of a {x['ram_mib']} MiB memfd, half holes", "— (how it grows with RAM)",
+            f"{x['preserve_median_ms']} + {x['retrieve_median_ms']} ms", f"{x['preserve_min_ms']}+{x['retrieve_min_ms']}", f"{x['preserve_max_ms']}+{x['retrieve_max_ms']} ms", x["samples"], None)
 if rows:
     frac = [(r["blackout_ms"] - r["kernel_boot_ms"]) / r["blackout_ms"] * 100 for r in rows]
     m, lo, hi = mmm(frac)
@@ -115,7 +120,7 @@ if rows:
     print()
 print("Raw local blackouts (ms), sorted:\n")
 for name, kv in benches.items():
-    print(f"    {name}: {kv['raw']}")
+    if "raw" in kv: print(f"    {name}: {kv['raw']}")
 PY
 # The analysis below the figures is written by hand; keep it.
 if [ -f docs/benchmarks.md ] && grep -q '^## Where the time goes' docs/benchmarks.md; then
