@@ -3,6 +3,7 @@ package qemutests
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qmp"
 )
 
 // diskSpec shapes a test guest's disk: an image in the guest's directory,
@@ -175,7 +177,7 @@ func (g *guest) checkAcksContinue(before uint64) {
 		}
 		if time.Now().After(deadline) {
 			tail, _ := exec.Command("tail", "-5", g.serial).Output()
-			g.t.Fatalf("%s (disk %s): no ACK past %d within 60 s (last %d); serial tail:\n%s", g.name, g.disk, before, g.lastAck(), tail)
+			g.t.Fatalf("%s (disk %s): no ACK past %d within 60 s (last %d); serial tail:\n%s\nQEMU's view of the disk:\n%s", g.name, g.disk, before, g.lastAck(), tail, g.diskDiagnosis())
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -188,6 +190,46 @@ func (g *guest) checkAcksContinue(before uint64) {
 			g.t.Logf("%s: the console lost ACKs %d..%d (the records are still checked on the image)", g.name, ns[i-1]+1, ns[i]-1)
 		}
 	}
+}
+
+// diskDiagnosis is what the guest's QEMU says of its disk when the disk
+// writer stalls: the block layer's view, and each virtio queue's indexes
+// (a request QEMU took from the ring but never completed shows as
+// last-avail-idx ahead of used-idx with nothing in flight in the block
+// layer). Best effort: errors are part of the text.
+func (g *guest) diskDiagnosis() string {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	c, err := qmp.Dial(ctx, g.qmp)
+	if err != nil {
+		return fmt.Sprintf("(its monitor: %v)", err)
+	}
+	defer c.Close()
+	var b strings.Builder
+	ask := func(cmd string, args any) any {
+		var out any
+		if err := c.Execute(ctx, cmd, args, &out); err != nil {
+			return err.Error()
+		}
+		return out
+	}
+	fmt.Fprintf(&b, "query-status: %v\nquery-block: %v\n", ask("query-status", nil), ask("query-block", nil))
+	var devs []struct{ Path, Name string }
+	c.Execute(ctx, "x-query-virtio", nil, &devs)
+	for _, d := range devs {
+		if d.Name != "virtio-blk" {
+			continue
+		}
+		fmt.Fprintf(&b, "%s status: %v\n", d.Path, ask("x-query-virtio-status", map[string]any{"path": d.Path}))
+		for q := 0; q < 16; q++ { // until QEMU says there is no such queue
+			st := ask("x-query-virtio-queue-status", map[string]any{"path": d.Path, "queue": q})
+			if _, isErr := st.(string); isErr && q > 0 {
+				break
+			}
+			fmt.Fprintf(&b, "%s queue %d: %v\n", d.Path, q, st)
+		}
+	}
+	return b.String()
 }
 
 // checkDisk reads the guest's image on the host and asserts every record
