@@ -78,3 +78,66 @@ func TestRestartTransfer(t *testing.T) {
 		})
 	}
 }
+
+// TestRestartMemfd: a guest whose RAM is a memfd (memory-backend-memfd)
+// lives only as long as its QEMU holds it, and only QEMU's cpr-transfer
+// hands a memfd to a new QEMU. Started with -machine aux-ram-share=on it is
+// restarted so — new QEMU, old gone, same boot, RAM checksum intact — while
+// an update refuses it (a kexec would lose it) and so do restart-qemu
+// --no-transfer and --sequential, touching nothing. Without aux-ram-share=on
+// plan refuses it, naming the fix.
+func TestRestartMemfd(t *testing.T) {
+	memfd := func(aux string) []string {
+		return []string{"-m", "256", "-machine", "pc,memory-backend=ram0" + aux,
+			"-object", "memory-backend-memfd,id=ram0,size=256M,share=on"}
+	}
+	gs := bootAll(t, guestSpec{name: "mfd", memory: memfd(",aux-ram-share=on")}, guestSpec{name: "mfdplain", memory: memfd("")})
+	g, plain := gs[0], gs[1]
+	state := t.TempDir()
+
+	code, out, _ := runLU(t, "plan", "--state-dir", state, "mfdplain")
+	if code != 3 || !strings.Contains(out, `memory backend "ram0" (memory-backend-memfd`) || !strings.Contains(out, "Start it with -machine aux-ram-share=on") {
+		t.Errorf("plan of a memfd guest without aux-ram-share=on: exit %d, want 3 naming the backend and the fix:\n%s", code, out)
+	}
+	code, out, _ = runLU(t, "plan", "--state-dir", state, "mfd")
+	if code != 0 {
+		t.Errorf("plan of a memfd guest with aux-ram-share=on: exit %d, want 0:\n%s", code, out)
+	}
+	code, out, errOut := runLU(t, "update", "--dry-run", "--state-dir", state, "--kernel", guestKernel, "--initrd", guestInitrd)
+	if code != 3 || !strings.Contains(out+errOut, "a kexec loses a memfd's RAM") {
+		t.Errorf("update --dry-run with a memfd guest: exit %d, want 3 saying a kexec loses it:\n%s%s", code, out, errOut)
+	}
+	for _, refused := range [][]string{{"--no-transfer"}, {"--sequential"}} {
+		pid := g.pid()
+		last, _ := g.lastBeat()
+		code, _, errOut := runLU(t, append(append([]string{"restart-qemu", "--state-dir", t.TempDir()}, refused...), "mfd")...)
+		if code == 0 || !strings.Contains(errOut, `memory backend "ram0" is a memfd, which only QEMU's cpr-transfer hands to a new QEMU`) {
+			t.Errorf("restart-qemu %v of a memfd guest: exit %d, want a refusal naming the memfd:\n%s", refused, code, errOut)
+		}
+		if g.pid() != pid {
+			t.Fatalf("restart-qemu %v: the guest moved from QEMU %d to %d", refused, pid, g.pid())
+		}
+		g.checkContinues(last)
+	}
+
+	pid := g.pid()
+	last, _ := g.lastBeat()
+	if code, _, _ := runLU(t, "restart-qemu", "--state-dir", state, "mfd"); code != 0 {
+		t.Fatalf("restart-qemu of the memfd guest: exit %d", code)
+	}
+	g.checkContinues(last)
+	if g.pid() == pid || alive(pid) {
+		t.Errorf("QEMU pid %d before, %d after, old alive %v: want a new QEMU and the old one gone", pid, g.pid(), alive(pid))
+	}
+	m, err := manifest.Read(filepath.Join(state, manifest.FileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := m.VMs[0]; v.Transfer == nil || v.Status != manifest.StatusRunning {
+		t.Errorf("mfd: status %s, transfer %+v: want running, by cpr-transfer", v.Status, v.Transfer)
+	} else {
+		t.Logf("mfd: memfd RAM handed over by cpr-transfer, blackout %v", v.Blackout())
+	}
+	plainLast, _ := plain.lastBeat()
+	plain.checkContinues(plainLast)
+}

@@ -391,7 +391,9 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 		return nil, err
 	}
 	rec.RestartArgv = n.Argv()
-	r.planTransfer(t, rec, o)
+	if err := r.planTransfer(t, rec, o); err != nil {
+		return nil, err
+	}
 	return rec, nil
 }
 

@@ -59,22 +59,50 @@ func whyNoTransfer(c *qemuargv.Cmdline, vm *manifest.VM, version [3]int) string 
 
 // planTransfer records the channels of a guest that can go by cpr-transfer
 // (o.Transfer asks for it, o.EarlyStart gives it a new QEMU beside the old).
-func (r *run) planTransfer(t *Target, rec *manifest.VM, o SaveOptions) {
-	if !o.Transfer || !o.EarlyStart {
-		return
-	}
-	if why := whyNoTransfer(t.Proc.Cmdline, rec, t.Facts.Version); why != "" {
-		r.Log.Debug("restarting the cpr-reboot way", "vm", rec.Name, "why", why)
-		return
+// A guest whose RAM is a memfd can go no other way (unless its RAM is
+// copied): if this run cannot take it so, it is refused, nothing touched.
+func (r *run) planTransfer(t *Target, rec *manifest.VM, o SaveOptions) error {
+	why := ""
+	switch {
+	case !o.Transfer:
+		why = "cpr-transfer is turned off (--no-transfer, or an update across kexec)"
+	case !o.EarlyStart:
+		why = "this run starts no new QEMU beside the old one (--sequential)"
+	default:
+		why = whyNoTransfer(t.Proc.Cmdline, rec, t.Facts.Version)
 	}
 	base := strings.TrimSuffix(string(rec.StateFile), ".state")
 	tr := &manifest.Transfer{Main: hostpath.QEMU(base + ".main.sock"), CPR: hostpath.QEMU(base + ".cpr.sock")}
 	const sunPath = 107 // sockaddr_un's sun_path, less its NUL
-	if len(r.local(tr.Main)) > sunPath || len(tr.Main) > sunPath {
-		r.Log.Warn("restarting the cpr-reboot way: the state directory's path is too long for cpr-transfer's unix sockets", "vm", rec.Name, "socket", tr.Main)
-		return
+	tooLong := why == "" && (len(r.local(tr.Main)) > sunPath || len(tr.Main) > sunPath)
+	if tooLong {
+		why = fmt.Sprintf("the state directory's path is too long for cpr-transfer's unix sockets (%s)", tr.Main)
 	}
-	rec.Transfer = tr
+	if why == "" {
+		rec.Transfer = tr
+		return nil
+	}
+	if id := memfdBackend(rec); id != "" && !rec.CopyRAM {
+		return fmt.Errorf("memory backend %q is a memfd, which only QEMU's cpr-transfer hands to a new QEMU, and %s: nothing was touched", id, why)
+	}
+	switch {
+	case tooLong: // asked for and possible but for our path: say so
+		r.Log.Warn("restarting the cpr-reboot way", "vm", rec.Name, "why", why)
+	case o.Transfer && o.EarlyStart:
+		r.Log.Debug("restarting the cpr-reboot way", "vm", rec.Name, "why", why)
+	}
+	return nil
+}
+
+// memfdBackend is the id of a memory-backend-memfd of the guest, or "":
+// its RAM lives only as long as some process holds the memfd.
+func memfdBackend(vm *manifest.VM) string {
+	for _, b := range vm.RAM {
+		if b.Type == "memory-backend-memfd" {
+			return b.ID
+		}
+	}
+	return ""
 }
 
 // startTransfer starts a guest's new QEMU for cpr-transfer and waits until
@@ -183,6 +211,10 @@ func (r *run) saveTransfer(ctx context.Context, t *Target) (fellBack bool, err e
 		var qe *qmp.Error
 		if !errors.As(err, &qe) {
 			return false, fmt.Errorf("%s: migrate (cpr-transfer): %w", t.Name(), err)
+		}
+		if id := memfdBackend(vm); id != "" && !vm.CopyRAM {
+			// cpr-reboot would leave the memfd's RAM with the old QEMU.
+			return false, fmt.Errorf("%s: QEMU refuses cpr-transfer (%w), the only way its memfd RAM (backend %q) reaches a new QEMU: it stays on its QEMU", t.Name(), err, id)
 		}
 		r.Log.Warn("QEMU refuses cpr-transfer for this guest; saving it the cpr-reboot way", "vm", t.Name(), "qemu_said", err.Error())
 		r.dropEarly(vm)

@@ -114,7 +114,10 @@ type Verdict struct {
 	PID      int      `json:"pid"`
 	OK       bool     `json:"ok"`
 	Problems []string `json:"problems,omitempty"`
-	Notes    []string `json:"notes,omitempty"`
+	// UpdateProblems refuse an update across kexec but not restart-qemu
+	// (a memfd's RAM, which cpr-transfer hands over and a kexec loses).
+	UpdateProblems []string `json:"update_problems,omitempty"`
+	Notes          []string `json:"notes,omitempty"`
 }
 
 // path is where a file of the VM's command line is, as we see it: relative
@@ -186,6 +189,12 @@ func Check(in Input) Verdict {
 			use = "unused"
 		}
 		switch {
+		case b.Type == "memory-backend-memfd" && b.Share:
+			if why := noTransfer(in); why != "" {
+				bad("memory backend %q (memory-backend-memfd, %s): its RAM dies with its QEMU, and only QEMU's cpr-transfer hands a memfd to a new one — which this guest cannot use: %s. Start it with -machine aux-ram-share=on (QEMU ≥ 10.0, outside libvirt) for restart-qemu, or back its RAM with a file (memory-backend-file,share=on,mem-path=FILE)", b.ID, use, why)
+				break
+			}
+			v.UpdateProblems = append(v.UpdateProblems, fmt.Sprintf("memory backend %q (memory-backend-memfd, %s): restart-qemu hands it over by cpr-transfer, but a kexec loses a memfd's RAM (PMEM backend: memory-backend-file,share=on,mem-path= on the PMEM filesystem; the LUO backend that keeps memfds is docs/luo.md)", b.ID, use))
 		case b.Type != "memory-backend-file":
 			bad("memory backend %q (%s, %s) is not a memory-backend-file: its RAM dies with QEMU and would be lost", b.ID, b.Type, use)
 		case !b.Share:
@@ -354,6 +363,21 @@ func checkLibvirt(in Input, v *Verdict, bad, note func(string, ...any)) {
 // cpr-transfer when it was started with -machine aux-ram-share=on (no state
 // file, the shortest blackout), else the cpr-reboot way — and, then, what
 // starting it with that option would gain. (libvirt has no setting for it.)
+// noTransfer says why QEMU's cpr-transfer is not open to the guest, or "".
+// (cpr's whyNoTransfer decides for the run itself; this is the part plan
+// can tell from the running QEMU.)
+func noTransfer(in Input) string {
+	switch {
+	case in.Libvirt != "":
+		return "libvirt manages it"
+	case in.Facts.Version[0] < 10:
+		return fmt.Sprintf("QEMU %d.%d has no cpr-transfer (10.0 and later)", in.Facts.Version[0], in.Facts.Version[1])
+	case !in.Proc.Cmdline.AuxRAMShare():
+		return "it was started without -machine aux-ram-share=on"
+	}
+	return ""
+}
+
 func noteTransfer(in Input, note func(string, ...any)) {
 	if in.Libvirt != "" || in.Facts.Version[0] < 10 {
 		return

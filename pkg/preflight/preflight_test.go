@@ -115,8 +115,15 @@ func TestCheck(t *testing.T) {
 			want: `mem-path /tmp is a directory`},
 		{name: "RAM file gone", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/nonexistent/ram,share=on", "-qmp", "unix:/q,server=on"},
 			want: `RAM file /nonexistent/ram cannot be found`},
-		{name: "memfd", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"},
+		{name: "memfd without aux-ram-share", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"},
+			want: `memory backend "ram0" (memory-backend-memfd, machine): its RAM dies with its QEMU, and only QEMU's cpr-transfer hands a memfd to a new one — which this guest cannot use: it was started without -machine aux-ram-share=on. Start it with -machine aux-ram-share=on`},
+		{name: "memfd, QEMU 9", argv: []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"},
+			facts: func(f *Facts) { f.Version = [3]int{9, 2, 0} }, want: "QEMU 9.2 has no cpr-transfer"},
+		{name: "memfd share=off", argv: []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G,share=off", "-qmp", "unix:/q,server=on"},
 			want: `is not a memory-backend-file`},
+		// restart-qemu takes it by cpr-transfer; an update refuses it
+		// (TestMemfdUpdateOnly).
+		{name: "memfd with aux-ram-share", argv: []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -146,6 +153,20 @@ func TestCheck(t *testing.T) {
 				t.Fatalf("problems %q do not mention %q", v.Problems, tt.want)
 			}
 		})
+	}
+}
+
+// TestMemfdUpdateOnly: a memfd guest restart-qemu can take by cpr-transfer
+// carries the reason an update cannot, apart from its problems.
+func TestMemfdUpdateOnly(t *testing.T) {
+	argv := []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"}
+	v := Check(Input{Proc: proc(t, argv...), Facts: facts(), StateDir: t.TempDir(), StateDirFree: 1 << 30})
+	if !v.OK || len(v.UpdateProblems) != 1 || !strings.Contains(v.UpdateProblems[0], "a kexec loses a memfd's RAM") {
+		t.Fatalf("OK %v, problems %q, update problems %q", v.OK, v.Problems, v.UpdateProblems)
+	}
+	v = Check(Input{Proc: proc(t, good...), Facts: facts(), StateDir: t.TempDir(), StateDirFree: 1 << 30})
+	if len(v.UpdateProblems) != 0 {
+		t.Fatalf("a file-backed guest has update problems: %q", v.UpdateProblems)
 	}
 }
 

@@ -116,8 +116,14 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	p.phases = append(p.phases, ph)
 	p.targets = ts
 	for _, t := range ts {
-		p.VMs = append(p.VMs, t.Verdict)
-		for _, pr := range t.Verdict.Problems {
+		// What refuses only an update (a memfd's RAM) refuses this one.
+		v := t.Verdict
+		if len(v.UpdateProblems) > 0 {
+			v.Problems = append(slices.Clip(v.Problems), v.UpdateProblems...)
+			v.UpdateProblems, v.OK = nil, false
+		}
+		p.VMs = append(p.VMs, v)
+		for _, pr := range v.Problems {
 			bad("%s: %s", t.Name(), pr)
 		}
 		for _, f := range t.Facts.Fdsets {
