@@ -88,6 +88,39 @@ func TestRefuseUnreopenableRAM(t *testing.T) {
 	g.checkContinues(last)
 }
 
+// TestRefuseInheritedRAMFd: RAM whose mem-path is an fd QEMU inherited
+// (/proc/self/fd/3, a memfd here) has no name a new QEMU could open it by:
+// plan refuses it saying so, and restart-qemu touches nothing — even though
+// liveupdate itself has an fd 3 that such a path would name from inside it.
+func TestRefuseInheritedRAMFd(t *testing.T) {
+	fd, err := unix.MemfdCreate("guest-ram", unix.MFD_CLOEXEC)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem := os.NewFile(uintptr(fd), "memfd")
+	defer mem.Close()
+	if err := mem.Truncate(256 << 20); err != nil {
+		t.Fatal(err)
+	}
+	g := bootAll(t, guestSpec{name: "fdram", files: []*os.File{mem}, memory: []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
+		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/proc/self/fd/3,share=on"}})[0]
+	last, _ := g.lastBeat()
+	pid := g.pid()
+	state := t.TempDir()
+	code, out, _ := runLU(t, "plan", "--state-dir", state, "fdram")
+	if code != 3 || !strings.Contains(out, "has mem-path /proc/self/fd/3: an fd QEMU inherited") {
+		t.Errorf("plan: exit %d, does not refuse the inherited-fd mem-path:\n%s", code, out)
+	}
+	code, _, errOut := runLU(t, "restart-qemu", "--state-dir", state, "fdram")
+	if code != 3 || !strings.Contains(errOut, "an fd QEMU inherited") {
+		t.Errorf("restart-qemu: exit %d\n%s", code, errOut)
+	}
+	if g.pid() != pid {
+		t.Fatalf("the guest's QEMU changed: %d → %d", pid, g.pid())
+	}
+	g.checkContinues(last)
+}
+
 // TestPausedStaysPaused: a guest paused before the restart is paused after
 // it — restarted both ways, and after a run killed before cont and
 // recovered.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
@@ -132,6 +133,19 @@ func (in Input) path(p *discover.Process, f string) string {
 	return f
 }
 
+// inheritedFD is N when path names the opening process's own fd N
+// (/proc/self/fd/N, /dev/fd/N), else -1.
+func inheritedFD(path string) int {
+	for _, pre := range []string{"/proc/self/fd/", "/dev/fd/", "/proc/thread-self/fd/"} {
+		if rest, ok := strings.CutPrefix(filepath.Clean(path), pre); ok {
+			if n, err := strconv.Atoi(rest); err == nil && n >= 0 {
+				return n
+			}
+		}
+	}
+	return -1
+}
+
 // ramFileProblem says why a backend's RAM could not be found again by its
 // mem-path after its QEMU is gone, or "" when it can. local is mem-path as
 // we see it.
@@ -199,6 +213,12 @@ func Check(in Input) Verdict {
 			bad("memory backend %q (%s, %s) is not a memory-backend-file: its RAM dies with QEMU and would be lost", b.ID, b.Type, use)
 		case !b.Share:
 			bad("memory backend %q (%s, mem-path %s) has share=off: QEMU's copy-on-write RAM would be lost; start the guest with share=on", b.ID, use, b.MemPath)
+		case inheritedFD(b.MemPath) >= 0:
+			// Not a name to find the RAM again by: the fd of the process
+			// that opens it (a memfd, typically, which dies with the last
+			// holder). Checking the path from here would look at our own
+			// fd of that number.
+			bad("memory backend %q (%s) has mem-path %s: an fd QEMU inherited (a memfd, most often), not a file a new QEMU can open again; liveupdate does not hand RAM fds over yet (docs/luo.md). Give mem-path a file (on PMEM for an update), or start the guest with memory-backend-memfd and -machine aux-ram-share=on for restart-qemu", b.ID, use, b.MemPath)
 		default:
 			if pr := ramFileProblem(b, in.path(p, b.MemPath)); pr != "" {
 				bad("memory backend %q (%s): %s", b.ID, use, pr)

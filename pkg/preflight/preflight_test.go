@@ -121,6 +121,12 @@ func TestCheck(t *testing.T) {
 			facts: func(f *Facts) { f.Version = [3]int{9, 2, 0} }, want: "QEMU 9.2 has no cpr-transfer"},
 		{name: "memfd share=off", argv: []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G,share=off", "-qmp", "unix:/q,server=on"},
 			want: `is not a memory-backend-file`},
+		// An inherited fd as mem-path: not a name, whatever fd the checker
+		// itself holds under that number (0: stdin, open in every test).
+		{name: "mem-path an inherited fd", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/proc/self/fd/0,share=on", "-qmp", "unix:/q,server=on"},
+			want: `has mem-path /proc/self/fd/0: an fd QEMU inherited`},
+		{name: "mem-path /dev/fd/N", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/dev/fd/1,share=on", "-qmp", "unix:/q,server=on"},
+			want: `has mem-path /dev/fd/1: an fd QEMU inherited`},
 		// restart-qemu takes it by cpr-transfer; an update refuses it
 		// (TestMemfdUpdateOnly).
 		{name: "memfd with aux-ram-share", argv: []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"}},
