@@ -121,6 +121,39 @@ func TestRefuseInheritedRAMFd(t *testing.T) {
 	g.checkContinues(last)
 }
 
+// TestRefuseReplacedRAMFile: the guest's RAM file deleted and another made
+// under its name (a clean-up script, a second guest's set-up): the guest
+// still runs on the unlinked one, and a new QEMU would start on the
+// impostor. plan refuses it, restart-qemu touches nothing.
+func TestRefuseReplacedRAMFile(t *testing.T) {
+	g := bootAll(t, guestSpec{name: "swapped"})[0]
+	last, _ := g.lastBeat()
+	pid := g.pid()
+	ram := g.ramFile[0]
+	if err := os.Remove(ram); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(ram, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(ram, 256<<20); err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	code, out, _ := runLU(t, "plan", "--state-dir", state, "swapped")
+	if code != 3 || !strings.Contains(out, "QEMU does not map the file now at mem-path "+ram) {
+		t.Errorf("plan: exit %d, does not refuse the replaced RAM file:\n%s", code, out)
+	}
+	code, _, errOut := runLU(t, "restart-qemu", "--state-dir", state, "swapped")
+	if code != 3 || !strings.Contains(errOut, "a new QEMU would start on the wrong RAM") {
+		t.Errorf("restart-qemu: exit %d\n%s", code, errOut)
+	}
+	if g.pid() != pid {
+		t.Fatalf("the guest's QEMU changed: %d → %d", pid, g.pid())
+	}
+	g.checkContinues(last)
+}
+
 // TestPausedStaysPaused: a guest paused before the restart is paused after
 // it — restarted both ways, and after a run killed before cont and
 // recovered.

@@ -84,7 +84,8 @@ func (r *run) plan(ctx context.Context, names []string, twins bool) ([]*Target, 
 			}
 			var nsErr error
 			t.NetNS, nsErr = tapdev.NamedNetNS(p.NetNS)
-			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: r.local(r.stateDir), StateDirFree: free,
+			maps, _ := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(p.PID), "maps"))
+			t.Verdict = preflight.Check(preflight.Input{Proc: p, Facts: t.Facts, StateDir: r.local(r.stateDir), StateDirFree: free, Maps: string(maps),
 				Libvirt: lvRecord, LibvirtDaemons: daemons,
 				NetNSErr: nsErr, ProcRoot: filepath.Join(r.ProcRoot, fmt.Sprint(p.PID), "root")})
 			ts[i] = t

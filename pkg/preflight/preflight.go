@@ -11,6 +11,8 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/libvirt"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
@@ -105,6 +107,9 @@ type Input struct {
 	Libvirt string
 	// LibvirtDaemons are the libvirt daemons running now (libvirt.Daemons).
 	LibvirtDaemons []libvirt.Daemon
+	// Maps is the process's /proc/PID/maps, by which a RAM file is known
+	// to be the one QEMU maps ("": not checked).
+	Maps string
 	// MemNode finds the NUMA node of a RAM file's memory (nil: MemNode).
 	MemNode func(local string) (node int, dev string, ok bool)
 }
@@ -144,6 +149,37 @@ func inheritedFD(path string) int {
 		}
 	}
 	return -1
+}
+
+// mappingProblem says, from the process's maps, whether the file now at
+// mem-path (local, as we see it) is one QEMU maps: a RAM file deleted and
+// made again under the same name (a clean-up script, a second guest's
+// set-up) would give a new QEMU other RAM than the guest's. "" when it is
+// mapped, or when maps is empty (not known).
+func mappingProblem(b qemuargv.MemoryBackend, local, maps string) string {
+	if maps == "" {
+		return ""
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(local, &st); err != nil {
+		return "" // ramFileProblem's to say
+	}
+	for _, l := range strings.Split(maps, "\n") {
+		// address perms offset dev inode pathname
+		f := strings.Fields(l)
+		if len(f) < 5 {
+			continue
+		}
+		var major, minor uint32
+		if _, err := fmt.Sscanf(f[3], "%x:%x", &major, &minor); err != nil {
+			continue
+		}
+		if ino, err := strconv.ParseUint(f[4], 10, 64); err == nil && ino == st.Ino && ino != 0 &&
+			major == unix.Major(st.Dev) && minor == unix.Minor(st.Dev) {
+			return ""
+		}
+	}
+	return fmt.Sprintf("QEMU does not map the file now at mem-path %s (device %d:%d, inode %d): the guest's RAM is another file, deleted or replaced after QEMU opened it, and a new QEMU would start on the wrong RAM. Nothing can bring that RAM back by name; keep the guest on its QEMU", b.MemPath, unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
 }
 
 // ramFileProblem says why a backend's RAM could not be found again by its
@@ -221,6 +257,8 @@ func Check(in Input) Verdict {
 			bad("memory backend %q (%s) has mem-path %s: an fd QEMU inherited (a memfd, most often), not a file a new QEMU can open again; liveupdate does not hand RAM fds over yet (docs/luo.md). Give mem-path a file (on PMEM for an update), or start the guest with memory-backend-memfd and -machine aux-ram-share=on for restart-qemu", b.ID, use, b.MemPath)
 		default:
 			if pr := ramFileProblem(b, in.path(p, b.MemPath)); pr != "" {
+				bad("memory backend %q (%s): %s", b.ID, use, pr)
+			} else if pr := mappingProblem(b, in.path(p, b.MemPath), in.Maps); pr != "" {
 				bad("memory backend %q (%s): %s", b.ID, use, pr)
 			}
 			memNode := in.MemNode

@@ -3,8 +3,12 @@ package preflight
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/libvirt"
@@ -266,6 +270,42 @@ func TestMemNodeUnknown(t *testing.T) {
 	for _, p := range []string{"/dev/null", "/nonexistent"} {
 		if n, dev, ok := MemNode(p); ok {
 			t.Errorf("MemNode(%q) = node %d of %s", p, n, dev)
+		}
+	}
+}
+
+// TestMappingProblem: a RAM file is accepted only when QEMU's maps hold
+// that very file (its device and inode), not another under its name.
+func TestMappingProblem(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "ram")
+	if err := os.WriteFile(f, make([]byte, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(f, &st); err != nil {
+		t.Fatal(err)
+	}
+	line := func(major, minor uint32, ino uint64, path string) string {
+		return fmt.Sprintf("7f0000000000-7f0010000000 rw-s 00000000 %02x:%02x %d                    %s\n", major, minor, ino, path)
+	}
+	mapped := line(unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino, f)
+	b := qemuargv.MemoryBackend{ID: "ram0", MemPath: f}
+	for _, c := range []struct {
+		name, maps string
+		ok         bool
+	}{
+		{"mapped", "55d0c0000000-55d0c0001000 r--p 00000000 fd:01 131 /usr/bin/qemu-system-x86_64\n" + mapped, true},
+		{"not known", "", true},
+		{"replaced: same name, another inode", line(unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino+1, f+" (deleted)"), false},
+		{"same inode on another device", line(unix.Major(st.Dev)+1, unix.Minor(st.Dev), st.Ino, f), false},
+		{"garbage", "not a maps line\n\n", false},
+	} {
+		pr := mappingProblem(b, f, c.maps)
+		if (pr == "") != c.ok {
+			t.Errorf("%s: %q, want ok=%v", c.name, pr, c.ok)
+		}
+		if !c.ok && !strings.Contains(pr, "a new QEMU would start on the wrong RAM") {
+			t.Errorf("%s: %q does not say what is at stake", c.name, pr)
 		}
 	}
 }
