@@ -156,6 +156,52 @@ func (h *debianHost) untouched(t *testing.T, bootID string) {
 	}
 }
 
+// refusals runs two updates the tool must refuse before it touches a
+// guest, as an operator typing them would (libvirt's daemon stopped, as
+// the README says): a command line that drops the host's memmap= (the
+// guests' RAM would be lost with it) and a file that is no kernel
+// (kexec_file_load refuses it). After each: every guest in place under the
+// same QEMU, no state file, nothing loaded for kexec, everything writable.
+func refusals(t *testing.T, h *debianHost, ng *numaGuest, target, bootID string) {
+	const units = "libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket"
+	const update = "liveupdate update --state-dir /mnt/pmem/liveupdate "
+	h.mustSSH("head -c 4096 /dev/urandom > /var/tmp/lu-bad-kernel")
+	defer h.ssh(time.Minute, "rm -f /var/tmp/lu-bad-kernel")
+	for _, c := range []struct {
+		name string
+		args string
+		code int
+		want []string
+	}{
+		{"memmap dropped",
+			fmt.Sprintf("--kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img --append 'console=ttyS0 lu.pmem=/dev/pmem0 lu.root=LABEL=lu-debian-root lu.handover=1'", target, target),
+			3, []string{"drops memmap=512M!1G"}},
+		{"not a kernel",
+			fmt.Sprintf("--kernel /var/tmp/lu-bad-kernel --initrd /boot/initramfs-%s.img", target),
+			1, []string{"kexec_file_load refused", "no guest was touched"}},
+	} {
+		libvirtBefore, numaBefore := h.libvirtQEMU(t), ng.pid(t)
+		h.mustSSH("systemctl stop " + units)
+		out, code := h.ssh(4*time.Minute, update+c.args)
+		h.mustSSH("systemctl start " + units)
+		if code != c.code {
+			t.Errorf("%s: update exit %d, want %d:\n%s", c.name, code, c.code, out)
+		}
+		for _, w := range c.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: the update's output lacks %q:\n%s", c.name, w, out)
+			}
+		}
+		h.untouched(t, bootID)
+		if got := h.libvirtQEMU(t); got != libvirtBefore {
+			t.Errorf("%s: libvirt's guest moved from QEMU %d to %d after a refused update", c.name, libvirtBefore, got)
+		}
+		if got := ng.pid(t); got != numaBefore {
+			t.Errorf("%s: the two-node guest moved from QEMU %d to %d after a refused update", c.name, numaBefore, got)
+		}
+	}
+}
+
 // gateStopsWave starts two unsafe guests beside the others — one with
 // private RAM, one whose RAM is bound to host node 1 but on node 0's
 // PMEM — and checks the playbook's gate stops the wave naming both, with

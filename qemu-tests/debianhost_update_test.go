@@ -20,7 +20,9 @@ import (
 // filesystem of the host's fstab, its disk writer acknowledging records, a
 // NIC on br0, the agent), and a second guest runs outside libvirt with two
 // NUMA nodes, each one's RAM on its own host node's PMEM. First the bad
-// paths on this host: the playbook's gate stops the wave on two unsafe
+// paths on this host: two updates refused before anything is touched (a
+// command line without the host's memmap=, a file that is no kernel); the
+// playbook's gate stops the wave on two unsafe
 // guests, touching nothing; the updater killed just before its kexec, then
 // `liveupdate recover` and libvirt's daemon started, as the README says.
 // Then the update by the playbook to the new kernel: every guest kept and
@@ -61,7 +63,8 @@ func TestDebianHostUpdate(t *testing.T) {
 	bootID := strings.TrimSpace(h.mustSSH("cat /proc/sys/kernel/random/boot_id"))
 
 	nw := kernelVersion(t, "new")
-	if !t.Run("GateStopsTheWave", func(t *testing.T) { gateStopsWave(t, h, nw, bootID, h.libvirtQEMU(t)) }) ||
+	if !t.Run("Refusals", func(t *testing.T) { refusals(t, h, numa, nw, bootID) }) ||
+		!t.Run("GateStopsTheWave", func(t *testing.T) { gateStopsWave(t, h, nw, bootID, h.libvirtQEMU(t)) }) ||
 		!t.Run("CrashBeforeKexec", func(t *testing.T) { crashBeforeKexec(t, h, numa, nw, bootID) }) {
 		return
 	}
