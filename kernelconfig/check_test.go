@@ -53,15 +53,7 @@ func TestDebianKernels(t *testing.T) {
 		t.Fatal("Debian kernel configs missing: run scripts/setup.sh")
 	}
 	for _, c := range configs {
-		f, err := os.Open(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := ParseConfig(f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
+		cfg := readConfig(t, c)
 		if ps := Check(cfg, Requirements()); len(ps) != 0 {
 			t.Errorf("%s: %v", filepath.Base(c), ps)
 		}
@@ -119,19 +111,26 @@ func TestLUOKernel(t *testing.T) {
 		t.Skip("no LUO test kernel built here (scripts/luo-kernel.sh; qemu-tests' TestLUOKexec builds it)")
 	}
 	for _, c := range configs {
-		f, err := os.Open(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		cfg, err := ParseConfig(f)
-		f.Close()
-		if err != nil {
-			t.Fatal(err)
-		}
+		cfg := readConfig(t, c)
 		// It leaves KVM out: the tests run it under TCG.
 		r := Readiness(cfg)
 		if len(r.PMEM)+len(r.LUO) != 0 || len(r.Host) != 1 || r.Host[0].Option != "CONFIG_KVM" {
 			t.Errorf("%s: host %v (want only CONFIG_KVM, left out), PMEM %v, LUO %v", c, r.Host, r.PMEM, r.LUO)
 		}
 	}
+}
+
+// readConfig parses the kernel config at path.
+func readConfig(t *testing.T, path string) map[string]string {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	cfg, err := ParseConfig(f)
+	if err != nil {
+		t.Fatalf("%s: %v", path, err)
+	}
+	return cfg
 }

@@ -71,21 +71,7 @@ func TestRefuseUnreopenableRAM(t *testing.T) {
 	dir := t.TempDir()
 	g := bootAll(t, guestSpec{name: "dirram", memory: []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
 		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=" + dir + ",share=on"}})[0]
-	last, _ := g.lastBeat()
-	pid := g.pid()
-	state := t.TempDir()
-	code, out, _ := runLU(t, "plan", "--state-dir", state, "dirram")
-	if code != 3 || !strings.Contains(out, "mem-path "+dir+" is a directory") || !strings.Contains(out, "Give mem-path a file name") {
-		t.Errorf("plan: exit %d, does not refuse the directory mem-path with its fix:\n%s", code, out)
-	}
-	code, _, errOut := runLU(t, "restart-qemu", "--sequential", "--state-dir", state, "dirram")
-	if code != 3 || !strings.Contains(errOut, "is a directory") {
-		t.Errorf("restart-qemu: exit %d\n%s", code, errOut)
-	}
-	if g.pid() != pid {
-		t.Fatalf("the guest's QEMU changed: %d → %d", pid, g.pid())
-	}
-	g.checkContinues(last)
+	refusedUntouched(t, g, []string{"--sequential"}, "mem-path "+dir+" is a directory", "Give mem-path a file name")
 }
 
 // TestRefuseInheritedRAMFd: RAM whose mem-path is an fd QEMU inherited
@@ -104,21 +90,7 @@ func TestRefuseInheritedRAMFd(t *testing.T) {
 	}
 	g := bootAll(t, guestSpec{name: "fdram", files: []*os.File{mem}, memory: []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
 		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/proc/self/fd/3,share=on"}})[0]
-	last, _ := g.lastBeat()
-	pid := g.pid()
-	state := t.TempDir()
-	code, out, _ := runLU(t, "plan", "--state-dir", state, "fdram")
-	if code != 3 || !strings.Contains(out, "has mem-path /proc/self/fd/3: an fd QEMU inherited") {
-		t.Errorf("plan: exit %d, does not refuse the inherited-fd mem-path:\n%s", code, out)
-	}
-	code, _, errOut := runLU(t, "restart-qemu", "--state-dir", state, "fdram")
-	if code != 3 || !strings.Contains(errOut, "an fd QEMU inherited") {
-		t.Errorf("restart-qemu: exit %d\n%s", code, errOut)
-	}
-	if g.pid() != pid {
-		t.Fatalf("the guest's QEMU changed: %d → %d", pid, g.pid())
-	}
-	g.checkContinues(last)
+	refusedUntouched(t, g, nil, "has mem-path /proc/self/fd/3: an fd QEMU inherited")
 }
 
 // TestRefuseReplacedRAMFile: the guest's RAM file deleted and another made
@@ -127,8 +99,6 @@ func TestRefuseInheritedRAMFd(t *testing.T) {
 // impostor. plan refuses it, restart-qemu touches nothing.
 func TestRefuseReplacedRAMFile(t *testing.T) {
 	g := bootAll(t, guestSpec{name: "swapped"})[0]
-	last, _ := g.lastBeat()
-	pid := g.pid()
 	ram := g.ramFile[0]
 	if err := os.Remove(ram); err != nil {
 		t.Fatal(err)
@@ -139,14 +109,26 @@ func TestRefuseReplacedRAMFile(t *testing.T) {
 	if err := os.Truncate(ram, 256<<20); err != nil {
 		t.Fatal(err)
 	}
+	refusedUntouched(t, g, nil, "QEMU does not map the file now at mem-path "+ram, "a new QEMU would start on the wrong RAM")
+}
+
+// refusedUntouched checks that plan refuses g's guest (exit 3) saying
+// every one of want, that restart-qemu (with args) refuses it saying the
+// first, and that the guest runs on under the same QEMU.
+func refusedUntouched(t *testing.T, g *guest, args []string, want ...string) {
+	t.Helper()
+	last, _ := g.lastBeat()
+	pid := g.pid()
 	state := t.TempDir()
-	code, out, _ := runLU(t, "plan", "--state-dir", state, "swapped")
-	if code != 3 || !strings.Contains(out, "QEMU does not map the file now at mem-path "+ram) {
-		t.Errorf("plan: exit %d, does not refuse the replaced RAM file:\n%s", code, out)
+	code, out, _ := runLU(t, "plan", "--state-dir", state, g.name)
+	for _, w := range want {
+		if code != 3 || !strings.Contains(out, w) {
+			t.Errorf("plan: exit %d, want 3 saying %q:\n%s", code, w, out)
+		}
 	}
-	code, _, errOut := runLU(t, "restart-qemu", "--state-dir", state, "swapped")
-	if code != 3 || !strings.Contains(errOut, "a new QEMU would start on the wrong RAM") {
-		t.Errorf("restart-qemu: exit %d\n%s", code, errOut)
+	code, _, errOut := runLU(t, append(append([]string{"restart-qemu", "--state-dir", state}, args...), g.name)...)
+	if code != 3 || !strings.Contains(errOut, want[0]) {
+		t.Errorf("restart-qemu: exit %d, want 3 saying %q:\n%s", code, want[0], errOut)
 	}
 	if g.pid() != pid {
 		t.Fatalf("the guest's QEMU changed: %d → %d", pid, g.pid())
