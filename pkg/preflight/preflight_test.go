@@ -309,3 +309,27 @@ func TestMappingProblem(t *testing.T) {
 		}
 	}
 }
+
+// FuzzMaps: /proc/PID/maps is read as it comes; no content may make the
+// check panic, and a maps without the file's own dev:inode never passes it.
+func FuzzMaps(f *testing.F) {
+	f.Add("7f0000000000-7f0010000000 rw-s 00000000 fd:01 131 /dev/shm/ram\n")
+	f.Add("55d0c0000000-55d0c0001000 r--p 00000000 00:00 0 \n\n   \nx y z w v\n")
+	f.Add("a b c zz:yy 99999999999999999999999 /x\n")
+	ram := filepath.Join(f.TempDir(), "ram")
+	if err := os.WriteFile(ram, nil, 0o600); err != nil {
+		f.Fatal(err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(ram, &st); err != nil {
+		f.Fatal(err)
+	}
+	own := fmt.Sprintf("%x:%x %d", unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+	f.Fuzz(func(t *testing.T, maps string) {
+		pr := mappingProblem(qemuargv.MemoryBackend{ID: "ram0", MemPath: ram}, ram, maps)
+		if maps != "" && pr == "" && !strings.Contains(maps, fmt.Sprintf("%d", st.Ino)) {
+			t.Fatalf("passed without the file's inode (%s) in maps %q", own, maps)
+		}
+		inheritedFD(maps)
+	})
+}
