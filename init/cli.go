@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -240,7 +241,15 @@ func printPlan(out io.Writer, p *update.Plan) {
 		if !v.OK {
 			verdict = "UNSAFE"
 		}
-		fmt.Fprintf(out, "  %s (pid %d): %s\n", v.VM, v.PID, verdict)
+		var ram []string
+		for _, b := range v.RAM {
+			r := b.ID + " " + b.Kind
+			if b.Path != "" {
+				r += " " + b.Path
+			}
+			ram = append(ram, r)
+		}
+		fmt.Fprintf(out, "  %s (pid %d): %s; RAM: %s\n", v.VM, v.PID, verdict, orDash(strings.Join(ram, ", ")))
 	}
 }
 
@@ -435,24 +444,39 @@ func cmdPlan(ctx context.Context, args []string, out io.Writer) int {
 		return exitOK
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "VM\tPID\tQEMU\tMACHINE\tSTATE\tVERDICT")
+	fmt.Fprintln(tw, "VM\tPID\tQEMU\tMACHINE\tSTATE\tRAM\tVERDICT")
 	for _, t := range ts {
 		v := "safe"
-		if !t.Verdict.OK {
+		switch {
+		case !t.Verdict.OK:
 			v = "UNSAFE"
 			code = exitRefused
+		case len(t.Verdict.UpdateProblems) > 0:
+			v = "restart only" // restart-qemu takes it, an update would not
+		}
+		kinds := []string{}
+		for _, b := range t.Verdict.RAM {
+			if !slices.Contains(kinds, b.Kind) {
+				kinds = append(kinds, b.Kind)
+			}
+		}
+		if len(kinds) == 0 {
+			kinds = []string{"-"}
 		}
 		ver := "?"
 		if t.Facts.QMPErr == nil {
 			ver = fmt.Sprintf("%d.%d.%d", t.Facts.Version[0], t.Facts.Version[1], t.Facts.Version[2])
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\n", t.Name(), t.Proc.PID, ver,
-			strings.TrimSuffix(t.Facts.MachineType, "-machine"), orDash(t.Facts.Status), v)
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\n", t.Name(), t.Proc.PID, ver,
+			strings.TrimSuffix(t.Facts.MachineType, "-machine"), orDash(t.Facts.Status), strings.Join(kinds, ","), v)
 	}
 	tw.Flush()
 	for _, t := range ts {
 		for _, p := range t.Verdict.Problems {
 			fmt.Fprintf(out, "  %s: %s\n", t.Name(), p)
+		}
+		for _, p := range t.Verdict.UpdateProblems {
+			fmt.Fprintf(out, "  %s: not for an update: %s\n", t.Name(), p)
 		}
 		for _, n := range t.Verdict.Notes {
 			fmt.Fprintf(out, "  %s: note: %s\n", t.Name(), n)

@@ -3,6 +3,7 @@ package qemutests
 import (
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -100,11 +101,11 @@ func TestRestartMemfd(t *testing.T) {
 		t.Errorf("plan of a memfd guest without aux-ram-share=on: exit %d, want 3 naming the backend and the fix:\n%s", code, out)
 	}
 	code, out, _ = runLU(t, "plan", "--state-dir", state, "mfd")
-	if code != 0 {
-		t.Errorf("plan of a memfd guest with aux-ram-share=on: exit %d, want 0:\n%s", code, out)
+	if code != 0 || !regexp.MustCompile(`(?m)^mfd +\d+ .* memfd +restart only$`).MatchString(out) || !strings.Contains(out, "mfd: not for an update: ") {
+		t.Errorf("plan of a memfd guest with aux-ram-share=on: exit %d, want 0, its RAM shown as memfd, verdict restart only, the update's reason:\n%s", code, out)
 	}
 	code, out, errOut := runLU(t, "update", "--dry-run", "--state-dir", state, "--kernel", guestKernel, "--initrd", guestInitrd)
-	if code != 3 || !strings.Contains(out+errOut, "a kexec loses a memfd's RAM") {
+	if code != 3 || !strings.Contains(out+errOut, "a kexec loses a memfd's RAM") || !strings.Contains(out, "mfd (pid ") || !strings.Contains(out, "RAM: ram0 memfd") {
 		t.Errorf("update --dry-run with a memfd guest: exit %d, want 3 saying a kexec loses it:\n%s%s", code, out, errOut)
 	}
 	for _, refused := range [][]string{{"--no-transfer"}, {"--sequential"}} {

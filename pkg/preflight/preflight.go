@@ -120,10 +120,22 @@ type Verdict struct {
 	PID      int      `json:"pid"`
 	OK       bool     `json:"ok"`
 	Problems []string `json:"problems,omitempty"`
+	// RAM is each memory backend and what keeps its RAM across a restart.
+	RAM []Backend `json:"ram,omitempty"`
 	// UpdateProblems refuse an update across kexec but not restart-qemu
 	// (a memfd's RAM, which cpr-transfer hands over and a kexec loses).
 	UpdateProblems []string `json:"update_problems,omitempty"`
 	Notes          []string `json:"notes,omitempty"`
+}
+
+// Backend is one memory backend as plan reports it.
+type Backend struct {
+	ID string `json:"id"`
+	// Kind: "file" (a shared file a new QEMU opens again: on PMEM for an
+	// update), "memfd" (handed over by cpr-transfer only), or the backend
+	// type QEMU was given (refused).
+	Kind string `json:"kind"`
+	Path string `json:"path,omitempty"` // mem-path, for a file
 }
 
 // path is where a file of the VM's command line is, as we see it: relative
@@ -234,6 +246,14 @@ func Check(in Input) Verdict {
 	argvIDs := map[string]bool{}
 	for _, b := range ram.Backends {
 		argvIDs[b.ID] = true
+		switch b.Type {
+		case "memory-backend-file":
+			v.RAM = append(v.RAM, Backend{ID: b.ID, Kind: "file", Path: b.MemPath})
+		case "memory-backend-memfd":
+			v.RAM = append(v.RAM, Backend{ID: b.ID, Kind: "memfd"})
+		default:
+			v.RAM = append(v.RAM, Backend{ID: b.ID, Kind: b.Type})
+		}
 		use := ram.Used[b.ID]
 		if use == "" {
 			use = "unused"
