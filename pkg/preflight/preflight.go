@@ -437,10 +437,10 @@ func checkLibvirt(in Input, v *Verdict, bad, note func(string, ...any)) {
 	note("libvirt manages this guest (%s): its record is rewritten for the new QEMU; start libvirt's daemon again after the run (e.g. `systemctl start libvirtd.service`)", in.Libvirt)
 }
 
-// noteTransfer tells how restart-qemu will take the guest: by QEMU's
-// cpr-transfer when it was started with -machine aux-ram-share=on (no state
-// file, the shortest blackout), else the cpr-reboot way — and, then, what
-// starting it with that option would gain. (libvirt has no setting for it.)
+// withoutAuxRAMShare is noTransfer's answer for the one cause the operator
+// can change on the guest's command line.
+const withoutAuxRAMShare = "it was started without -machine aux-ram-share=on"
+
 // noTransfer says why QEMU's cpr-transfer is not open to the guest, or "".
 // (cpr's whyNoTransfer decides for the run itself; this is the part plan
 // can tell from the running QEMU.)
@@ -451,18 +451,21 @@ func noTransfer(in Input) string {
 	case in.Facts.Version[0] < 10:
 		return fmt.Sprintf("QEMU %d.%d has no cpr-transfer (10.0 and later)", in.Facts.Version[0], in.Facts.Version[1])
 	case !in.Proc.Cmdline.AuxRAMShare():
-		return "it was started without -machine aux-ram-share=on"
+		return withoutAuxRAMShare
 	}
 	return ""
 }
 
+// noteTransfer tells how restart-qemu will take the guest: by QEMU's
+// cpr-transfer when it was started with -machine aux-ram-share=on (no state
+// file, the shortest blackout), else the cpr-reboot way — and, then, what
+// starting it with that option would gain. Nothing where the option would
+// not help (libvirt has no setting for it; QEMU before 10.0).
 func noteTransfer(in Input, note func(string, ...any)) {
-	if in.Libvirt != "" || in.Facts.Version[0] < 10 {
-		return
-	}
-	if in.Proc.Cmdline.AuxRAMShare() {
+	switch noTransfer(in) {
+	case "":
 		note("started with -machine aux-ram-share=on: restart-qemu hands it over by QEMU's cpr-transfer (no state file; --no-transfer for cpr-reboot); an update saves it the cpr-reboot way")
-		return
+	case withoutAuxRAMShare:
+		note("restart-qemu takes it the cpr-reboot way (state file); started with -machine aux-ram-share=on it would be handed over by QEMU's cpr-transfer instead, with a shorter blackout (docs/benchmarks.md, P1t)")
 	}
-	note("restart-qemu takes it the cpr-reboot way (state file); started with -machine aux-ram-share=on it would be handed over by QEMU's cpr-transfer instead, with a shorter blackout (docs/benchmarks.md, P1t)")
 }
