@@ -119,6 +119,10 @@ type run struct {
 	pending []manifest.Phase    // phases timed before the manifest was made
 	early   map[string]*newQEMU // new QEMUs started before the save, by VM (early.go)
 	exited  map[string]bool     // VMs whose old QEMU this run saw exit (quit)
+	// keepRAM: the kernel keeps guests' memfd RAM across a kexec
+	// (SaveOptions.KeepRAM), and the old QEMUs of such guests are not
+	// quit: paused, they hold the RAM until the kexec ends them.
+	keepRAM bool
 	// clockLater: the restores leave the guests' clocks to fixClocks, run
 	// once the old QEMUs are retired — a slow guest agent (a minute after a
 	// fresh boot, seen) must not keep an old QEMU, and the VNC port it
@@ -168,6 +172,10 @@ type Target struct {
 	files map[int]*os.File // fds taken from the old QEMU, by their new number
 	early bool             // its new QEMU was started before the save (early.go)
 	dying *qemuproc.Handle // the old QEMU once killed (early start), else nil
+	// ramFd: its RAM is a memfd its QEMU inherited (FdMemfd), which dies
+	// with its last holder: the old QEMU is quit only once another QEMU
+	// holds it.
+	ramFd bool
 }
 
 // Name is the VM's name.

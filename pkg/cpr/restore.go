@@ -308,9 +308,9 @@ func (r *run) mappedRAM() map[string]int {
 			continue
 		}
 		for _, b := range ram.Backends {
-			if b.MemPath != "" {
+			if b.File() != "" {
 				cwd := r.Root.QEMU(hostpath.Local(p.Cwd))
-				out[filepath.Clean(r.local(hostpath.Arg(cwd, b.MemPath)))] = p.PID
+				out[filepath.Clean(r.local(hostpath.Arg(cwd, b.File())))] = p.PID
 			}
 		}
 	}
@@ -321,8 +321,8 @@ func (r *run) mappedRAM() map[string]int {
 // both would run the guest.
 func ramInUse(r *run, vm *manifest.VM, mapped map[string]int) error {
 	for _, b := range vm.RAM {
-		if b.MemPath == "" {
-			continue
+		if b.File() == "" {
+			continue // a memfd: one fd of it goes to one QEMU
 		}
 		if pid, ok := mapped[filepath.Clean(r.localIn(vm, b.MemPath))]; ok {
 			return fmt.Errorf("QEMU pid %d still runs on its RAM file %s: a second QEMU on it would run the guest twice. Not restored; if pid %d is the guest's old QEMU, 'liveupdate recover' continues it there, else stop it first", pid, b.MemPath, pid)
@@ -411,8 +411,8 @@ func (r *run) checkGuestFiles(vm *manifest.VM) error {
 		return fmt.Errorf("state file: %w", err)
 	}
 	for _, b := range vm.RAM {
-		if b.MemPath == "" {
-			continue
+		if b.File() == "" {
+			continue // a memfd: openFds checks it
 		}
 		st, err := os.Stat(r.localIn(vm, b.MemPath))
 		if err != nil {
@@ -603,6 +603,8 @@ func (r *run) openFds(vm *manifest.VM, held map[int]*os.File) (files, opened []*
 				f, err = os.OpenFile("/dev/vhost-net", os.O_RDWR, 0)
 			case qemuargv.FdChardev:
 				f, err = listenUnix(r.Root, fd.SocketPath)
+			case qemuargv.FdMemfd:
+				err = fmt.Errorf("fd %d is the guest's RAM (backend %q, a memfd of %d bytes) and nothing handed it to this restore: a memfd has no name to be opened by; after a kexec the update's LUO session keeps it (token %d), retrieved by PID 1 (its log says why not)", fd.Num, fd.Backend, fd.Size, fd.Token)
 			case qemuargv.FdFile:
 				if fd.Path == "" {
 					err = fmt.Errorf("fd %d was a pipe of an -add-fd set (libvirt's virtlogd): only a restart that hands it over keeps it", fd.Num)

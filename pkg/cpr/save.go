@@ -54,6 +54,23 @@ type SaveOptions struct {
 	// the device state streamed to the new QEMU. The others go the
 	// cpr-reboot way.
 	Transfer bool
+	// KeepRAM, when set, has the kernel keep each guest's RAM memfd across
+	// the kexec (the update's LUO session). Guests with such RAM then keep
+	// their old QEMU, paused after its save, as the RAM's holder until the
+	// kexec (a crash of ours before it leaves their RAM where recover
+	// finds it). Nil: a restart, which hands the very memfd to a new QEMU
+	// started beside the old one.
+	KeepRAM RAMKeeper
+}
+
+// RAMKeeper keeps memfds of guest RAM across a kexec: an update's session
+// of the kernel's Live Update Orchestrator (package luo).
+type RAMKeeper interface {
+	// Session is the name the new kernel hands the memfds back under.
+	Session() string
+	// Keep preserves f, the RAM of a guest's memory backend, and returns
+	// the token that retrieves it after the kexec.
+	Keep(vm, backend string, f *os.File) (token uint64, err error)
 }
 
 // firstFd is where the new QEMU's inherited fds start (after stdio).
@@ -129,6 +146,7 @@ func (r *run) setupSteps(ts []*Target, o SaveOptions) []phase.Step {
 			Do:   func(ctx context.Context) error { r.startEarly(ctx, ts); return nil },
 			Undo: func(context.Context) error { r.dropAllEarly(ts); return nil }})
 	}
+	steps = append(steps, phase.Step{Name: "ram-holders", Do: func(context.Context) error { return r.checkRAMHolders(ts) }})
 	steps = append(steps,
 		// Every old QEMU is set up for the migration before the first one
 		// stops: these round trips then weigh on no guest's blackout.
@@ -177,6 +195,10 @@ func (r *run) prepareAll(ts []*Target, o SaveOptions) error {
 		return err
 	}
 	r.makeManifest(o.Phases)
+	if o.KeepRAM != nil {
+		r.keepRAM = true
+		r.man.LUO = &manifest.LUOSession{Name: o.KeepRAM.Session()}
+	}
 	for _, t := range ts {
 		rec, err := r.prepare(t, o)
 		if err != nil {
@@ -225,11 +247,27 @@ func (r *run) recordSaved(ts []*Target) error {
 	return nil
 }
 
-// quitAll quits the old QEMUs that have no new QEMU started early.
+// checkRAMHolders refuses, before any guest stops, a guest whose RAM is an
+// inherited memfd that would have no QEMU holding it between its old QEMU's
+// quit and its new one's start: a crash of ours in between would lose it.
+// An update keeps such old QEMUs (keepRAM); a restart needs the new QEMU
+// started beside the old one.
+func (r *run) checkRAMHolders(ts []*Target) error {
+	var errs []error
+	for _, t := range ts {
+		if t.ramFd && !t.early && !r.keepRAM {
+			errs = append(errs, fmt.Errorf("%s: its RAM is a memfd its QEMU inherited, which only a QEMU keeps alive, and its new QEMU could not be started beside the old one (logged above; restart-qemu --sequential never does): nothing was stopped. Fix what kept the new QEMU from starting early and run it again", t.Name()))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// quitAll quits the old QEMUs that have no new QEMU started early, and
+// keeps, paused, those holding RAM the update preserved (checkRAMHolders).
 func (r *run) quitAll(ctx context.Context, ts []*Target) error {
 	var quitting []*Target
 	for _, t := range ts {
-		if !t.early {
+		if !t.early && !(t.ramFd && r.keepRAM) {
 			quitting = append(quitting, t)
 		}
 	}
@@ -372,6 +410,28 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 				// the new QEMU appends to it itself.
 				fd.Path, fd.Flags = hostpath.QEMU(f), unix.O_WRONLY|unix.O_APPEND
 			}
+			t.files[fd.Num] = f
+		case qemuargv.FdMemfd:
+			// The guest's RAM: the new QEMU gets this very memfd (a
+			// restart), or the kernel keeps it across the kexec under a
+			// token (an update).
+			f, err := tapdev.DupFromProcess(p.PID, old)
+			if err != nil {
+				return nil, fmt.Errorf("taking over the RAM fd %d of backend %q: %w", old, ref.Owner, err)
+			}
+			st, err := f.Stat()
+			if err != nil {
+				f.Close()
+				return nil, fmt.Errorf("RAM fd %d of backend %q: %w", old, ref.Owner, err)
+			}
+			fd.Backend, fd.Size = ref.Owner, st.Size()
+			if o.KeepRAM != nil {
+				if fd.Token, err = o.KeepRAM.Keep(rec.Name, ref.Owner, f); err != nil {
+					f.Close()
+					return nil, fmt.Errorf("preserving the RAM of backend %q: %w", ref.Owner, err)
+				}
+			}
+			t.ramFd = true
 			t.files[fd.Num] = f
 		case qemuargv.FdVhost:
 			// A vhost-net fd is bound to the old QEMU's memory: the new

@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
@@ -45,6 +47,7 @@ type FdInfo struct {
 	Target     string // readlink of /proc/PID/fd/N
 	TapName    string // for /dev/net/tun: the interface (fdinfo "iff:")
 	SocketPath string // for a unix socket: its bound path, if any
+	Hugetlb    bool   // for a memfd: one on hugetlbfs (MFD_HUGETLB)
 }
 
 // IsQEMU tells whether a process whose /proc/PID/exe resolves to exe is a
@@ -129,6 +132,11 @@ func Inspect(procRoot string, pid int) (*Process, error) {
 		case fi.Target == "/dev/net/tun":
 			if b, err := os.ReadFile(filepath.Join(dir, "fdinfo", strconv.Itoa(r.Num))); err == nil {
 				fi.TapName = ParseTunFdinfo(string(b))
+			}
+		case strings.HasPrefix(fi.Target, "/memfd:"):
+			var st unix.Statfs_t
+			if unix.Statfs(filepath.Join(dir, "fd", strconv.Itoa(r.Num)), &st) == nil {
+				fi.Hugetlb = st.Type == unix.HUGETLBFS_MAGIC
 			}
 		case strings.HasPrefix(fi.Target, "socket:["):
 			if unixPaths == nil {

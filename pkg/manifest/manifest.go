@@ -58,6 +58,16 @@ type Manifest struct {
 	// last manifest write (PMEM follows): recover makes them writable
 	// again if the update died before its kexec.
 	Remounted []string `json:"remounted,omitempty"`
+	// LUO is the kernel's Live Update Orchestrator session holding the
+	// guests' memfd RAM across the kexec (update only; nil: none). Each
+	// such fd's token is in its VM's Fds.
+	LUO *LUOSession `json:"luo,omitempty"`
+}
+
+// LUOSession names the LUO session of an update: the new kernel hands it
+// back to whoever asks for it by this name.
+type LUOSession struct {
+	Name string `json:"name"`
 }
 
 // KexecClock lets the new kernel's PID 1 measure the time since the kexec
@@ -216,6 +226,13 @@ type Fd struct {
 	// again the same way after a kexec (a restart hands the very file over).
 	Path  hostpath.QEMU `json:"path,omitempty"`
 	Flags int           `json:"flags,omitempty"`
+	// Memfd (guest RAM its QEMU opened through this fd): the memory
+	// backend, the memfd's size, and the token under which the update's
+	// LUO session keeps it across the kexec (0: none, as in a restart,
+	// which hands the very memfd over).
+	Backend string `json:"backend,omitempty"`
+	Size    int64  `json:"size,omitempty"`
+	Token   uint64 `json:"luo_token,omitempty"`
 }
 
 // Phase is one timed step of a run.
@@ -281,6 +298,9 @@ func (m *Manifest) Validate(allowedRoots ...string) error {
 		}
 		if len(allowedRoots) > 0 {
 			for _, b := range v.RAM {
+				if b.File() == "" {
+					continue // a memfd, kept by its fd (Fds), not by a file
+				}
 				ok := false
 				for _, r := range allowedRoots {
 					ok = ok || Within(b.MemPath, r)
@@ -288,6 +308,11 @@ func (m *Manifest) Validate(allowedRoots ...string) error {
 				if !ok {
 					return fmt.Errorf("%s: RAM backend %q file %q is outside %v", where, b.ID, b.MemPath, allowedRoots)
 				}
+			}
+		}
+		for _, f := range v.Fds {
+			if f.Kind == qemuargv.FdMemfd && f.Token != 0 && m.LUO == nil {
+				return fmt.Errorf("%s: fd %d of RAM backend %q has LUO token %d but the manifest names no LUO session", where, f.Num, f.Backend, f.Token)
 			}
 		}
 		switch v.Status {
@@ -488,7 +513,7 @@ func (m *Manifest) CheckBeneath(root, local string) error {
 	for _, v := range m.VMs {
 		paths := []string{string(v.StateFile)}
 		for _, b := range v.RAM {
-			paths = append(paths, b.MemPath)
+			paths = append(paths, b.File())
 		}
 		for _, p := range paths {
 			if p == "" || !Within(p, root) {

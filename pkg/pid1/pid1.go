@@ -81,6 +81,9 @@ type Boot struct {
 	// restorer restored the guests; their clocks are put right after
 	// READY, and the handover waits for that (the host's init would end it).
 	restorer *cpr.Engine
+	// ram is the guests' memfd RAM from the update's LUO session (nil:
+	// none); while it holds some, PID 1 does not hand over.
+	ram *guestRAM
 }
 
 // Phase is one timed step of the boot.
@@ -161,7 +164,11 @@ func Main() {
 			go b.guard("rescue shell", func() { b.rescueShellLoop(msg, nil) })
 		}
 	}
-	if p.Handover {
+	if p.Handover && b.ram.holding() {
+		// The host's init would close what holds a guest's RAM.
+		fmt.Fprintf(consoleOut(), "liveupdate: not handing over to the host's init: PID 1 alone holds the RAM (memfds from the LUO session) of guests that are not running; a rescue shell follows\n")
+		go b.guard("rescue shell", func() { b.rescueShellLoop("guests' memfd RAM is held by PID 1; see the log\n", nil) })
+	} else if p.Handover {
 		b.waitClocks()
 		if err := b.handover(); err != nil {
 			b.Log.Error("handover to the host's init failed; staying as init", "err", err)
@@ -523,11 +530,23 @@ func (b *Boot) restoreGuests(ctx context.Context) error {
 	e.Reaper = b.Reaper() // QEMUs started here are waited for through PID 1's reaper
 	e.ClockAsync = true   // READY means running; clocks are put right just after
 	b.restorer = e
-	_, err := e.Recover(ctx, m, nil)
+	// Guest RAM in memfds: the update's LUO session hands it over.
+	ram, err := retrieveRAM(m, b.Log)
+	if err != nil {
+		b.Log.Error("the LUO session keeping the guests' memfd RAM", "err", err)
+	}
+	var held map[string]map[int]*os.File
+	if ram != nil {
+		held, b.ram = ram.held, ram
+	}
+	_, rerr := e.Recover(ctx, m, held)
 	for _, v := range m.VMs {
 		b.Log.Info("guest", "vm", v.Name, "status", v.Status, "pid", v.NewPID, "err", v.Error)
 	}
-	return err
+	if ram != nil {
+		ram.finish(m, b.Log)
+	}
+	return errors.Join(err, rerr)
 }
 
 // guard runs fn and keeps a panic in it from taking PID 1 (and with it the

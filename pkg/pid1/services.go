@@ -32,6 +32,11 @@ type Guest struct {
 	Cwd    string   `json:"cwd,omitempty"`
 	Env    []string `json:"env,omitempty"`
 	Cgroup string   `json:"cgroup,omitempty"` // cgroup v2 path to start it in
+	// MemfdMiB are memfds of guest RAM made for it, of these sizes in MiB,
+	// passed as fds 3, 4, … in order: argv gives each to QEMU as
+	// -object memory-backend-file,mem-path=/proc/self/fd/N,share=on (the
+	// LUO backend's guest, docs/luo.md).
+	MemfdMiB []int `json:"memfd_mib,omitempty"`
 }
 
 // startServices starts the configured guests when the manifest restored
@@ -84,9 +89,22 @@ func (b *Boot) startGuest(g Guest) (int, error) {
 	if cwd == "" {
 		cwd = "/"
 	}
+	var ram []*os.File
+	defer func() {
+		for _, f := range ram {
+			f.Close() // the QEMU has its copy
+		}
+	}()
+	for i, mib := range g.MemfdMiB {
+		f, err := qemuproc.RAMMemfd(fmt.Sprintf("%s-ram%d", g.Name, i), int64(mib)<<20)
+		if err != nil {
+			return 0, err
+		}
+		ram = append(ram, f)
+	}
 	p, err := qemuproc.Start(qemuproc.Spec{
 		Binary: g.Argv[0], Argv: g.Argv, Dir: cwd, Env: g.Env, Root: b.Root,
-		Cgroup: g.Cgroup, CgroupRoot: hoststate.CgroupRoot, Log: log,
+		Cgroup: g.Cgroup, CgroupRoot: hoststate.CgroupRoot, Log: log, ExtraFiles: ram,
 	}, &b.reaper)
 	if err != nil {
 		return 0, err

@@ -150,19 +150,6 @@ func (in Input) path(p *discover.Process, f string) string {
 	return f
 }
 
-// inheritedFD is N when path names the opening process's own fd N
-// (/proc/self/fd/N, /dev/fd/N), else -1.
-func inheritedFD(path string) int {
-	for _, pre := range []string{"/proc/self/fd/", "/dev/fd/", "/proc/thread-self/fd/"} {
-		if rest, ok := strings.CutPrefix(filepath.Clean(path), pre); ok {
-			if n, err := strconv.Atoi(rest); err == nil && n >= 0 {
-				return n
-			}
-		}
-	}
-	return -1
-}
-
 // mappingProblem says, from the process's maps, whether the file now at
 // mem-path (local, as we see it) is one QEMU maps: a RAM file deleted and
 // made again under the same name (a clean-up script, a second guest's
@@ -192,6 +179,26 @@ func mappingProblem(b qemuargv.MemoryBackend, local, maps string) string {
 		}
 	}
 	return fmt.Sprintf("QEMU does not map the file now at mem-path %s (device %d:%d, inode %d): the guest's RAM is another file, deleted or replaced after QEMU opened it, and a new QEMU would start on the wrong RAM. Nothing can bring that RAM back by name; keep the guest on its QEMU", b.MemPath, unix.Major(st.Dev), unix.Minor(st.Dev), st.Ino)
+}
+
+// inheritedRAMProblem says why RAM QEMU opened through an inherited fd
+// (mem-path=/proc/self/fd/N) cannot be handed on, or "" when it can: the
+// fd must be a memfd of shared memory — the kind a restart hands to the
+// new QEMU and an update has the kernel keep (LUO), found again by its
+// token. Any other file has a name to give mem-path instead; a hugetlb
+// memfd is one the kernel refuses to preserve.
+func inheritedRAMProblem(p *discover.Process, b qemuargv.MemoryBackend) string {
+	n := qemuargv.InheritedFd(b.MemPath)
+	fi, ok := p.Fds[n]
+	switch {
+	case !ok || fi.Target == "":
+		return fmt.Sprintf("mem-path %s names fd %d, which QEMU does not hold any more: its RAM cannot be found", b.MemPath, n)
+	case !strings.HasPrefix(fi.Target, "/memfd:"):
+		return fmt.Sprintf("mem-path %s is fd %d, %s, not a memfd: give mem-path the file's name instead, so that a new QEMU can open it again", b.MemPath, n, fi.Target)
+	case fi.Hugetlb:
+		return fmt.Sprintf("mem-path %s is fd %d, a hugetlb memfd (%s): the kernel's Live Update Orchestrator preserves only shmem memfds. Create the guest's memfd without MFD_HUGETLB", b.MemPath, n, fi.Target)
+	}
+	return ""
 }
 
 // ramFileProblem says why a backend's RAM could not be found again by its
@@ -248,7 +255,11 @@ func Check(in Input) Verdict {
 		argvIDs[b.ID] = true
 		switch b.Type {
 		case "memory-backend-file":
-			v.RAM = append(v.RAM, Backend{ID: b.ID, Kind: "file", Path: b.MemPath})
+			kind := "file"
+			if qemuargv.InheritedFd(b.MemPath) >= 0 {
+				kind = "memfd-fd"
+			}
+			v.RAM = append(v.RAM, Backend{ID: b.ID, Kind: kind, Path: b.MemPath})
 		case "memory-backend-memfd":
 			v.RAM = append(v.RAM, Backend{ID: b.ID, Kind: "memfd"})
 		default:
@@ -269,12 +280,13 @@ func Check(in Input) Verdict {
 			bad("memory backend %q (%s, %s) is not a memory-backend-file: its RAM dies with QEMU and would be lost", b.ID, b.Type, use)
 		case !b.Share:
 			bad("memory backend %q (%s, mem-path %s) has share=off: QEMU's copy-on-write RAM would be lost; start the guest with share=on", b.ID, use, b.MemPath)
-		case inheritedFD(b.MemPath) >= 0:
+		case qemuargv.InheritedFd(b.MemPath) >= 0:
 			// Not a name to find the RAM again by: the fd of the process
-			// that opens it (a memfd, typically, which dies with the last
-			// holder). Checking the path from here would look at our own
-			// fd of that number.
-			bad("memory backend %q (%s) has mem-path %s: an fd QEMU inherited (a memfd, most often), not a file a new QEMU can open again; liveupdate does not hand RAM fds over yet (docs/luo.md). Give mem-path a file (on PMEM for an update), or start the guest with memory-backend-memfd and -machine aux-ram-share=on for restart-qemu", b.ID, use, b.MemPath)
+			// that opens it. Checking the path from here would look at our
+			// own fd of that number; QEMU's is in its fd table.
+			if pr := inheritedRAMProblem(p, b); pr != "" {
+				bad("memory backend %q (%s): %s", b.ID, use, pr)
+			}
 		default:
 			if pr := ramFileProblem(b, in.path(p, b.MemPath)); pr != "" {
 				bad("memory backend %q (%s): %s", b.ID, use, pr)
@@ -338,6 +350,8 @@ func Check(in Input) Verdict {
 	for _, r := range c.FdRefs() {
 		fi := p.Fds[r.Num]
 		switch {
+		case r.Kind == qemuargv.FdMemfd:
+			// guest RAM: inheritedRAMProblem judged it
 		case r.Num < 0:
 			bad("-%s %s=%s… names an fd by name or fdset: it cannot be passed to a new QEMU", c.Opts[r.Opt].Name, r.Key, r.Owner)
 		case r.Kind == qemuargv.FdOther:

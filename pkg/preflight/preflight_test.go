@@ -54,6 +54,11 @@ func TestNoteTransfer(t *testing.T) {
 	}
 }
 
+// memfdArgv is a guest whose RAM is the inherited fd at path.
+func memfdArgv(path string) []string {
+	return []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=" + path + ",share=on", "-qmp", "unix:/q,server=on"}
+}
+
 func TestCheck(t *testing.T) {
 	tests := []struct {
 		name  string
@@ -125,12 +130,24 @@ func TestCheck(t *testing.T) {
 			facts: func(f *Facts) { f.Version = [3]int{9, 2, 0} }, want: "QEMU 9.2 has no cpr-transfer"},
 		{name: "memfd share=off", argv: []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G,share=off", "-qmp", "unix:/q,server=on"},
 			want: `is not a memory-backend-file`},
-		// An inherited fd as mem-path: not a name, whatever fd the checker
-		// itself holds under that number (0: stdin, open in every test).
-		{name: "mem-path an inherited fd", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/proc/self/fd/0,share=on", "-qmp", "unix:/q,server=on"},
-			want: `has mem-path /proc/self/fd/0: an fd QEMU inherited`},
-		{name: "mem-path /dev/fd/N", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/dev/fd/1,share=on", "-qmp", "unix:/q,server=on"},
-			want: `has mem-path /dev/fd/1: an fd QEMU inherited`},
+		// An inherited fd as mem-path: judged by QEMU's fd of that number,
+		// whatever fd the checker itself holds under it (0: stdin, open in
+		// every test).
+		{name: "mem-path an inherited fd QEMU closed", argv: memfdArgv("/proc/self/fd/0"),
+			want: `names fd 0, which QEMU does not hold any more`},
+		{name: "mem-path an inherited memfd", argv: memfdArgv("/proc/self/fd/5"),
+			fds: map[int]discover.FdInfo{5: {Target: "/memfd:guest-ram (deleted)"}}},
+		{name: "mem-path /dev/fd/N, a memfd", argv: memfdArgv("/dev/fd/7"),
+			fds: map[int]discover.FdInfo{7: {Target: "/memfd:ram0 (deleted)"}}},
+		{name: "mem-path an inherited regular file", argv: memfdArgv("/proc/self/fd/5"),
+			fds:  map[int]discover.FdInfo{5: {Target: "/srv/vm1.ram"}},
+			want: `is fd 5, /srv/vm1.ram, not a memfd: give mem-path the file's name`},
+		{name: "mem-path an inherited hugetlb memfd", argv: memfdArgv("/proc/self/fd/5"),
+			fds:  map[int]discover.FdInfo{5: {Target: "/memfd:ram (deleted)", Hugetlb: true}},
+			want: `a hugetlb memfd`},
+		{name: "mem-path an inherited memfd, share=off", argv: []string{"-machine", "pc,memory-backend=ram0", "-object", "memory-backend-file,id=ram0,size=1G,mem-path=/proc/self/fd/5,share=off", "-qmp", "unix:/q,server=on"},
+			fds:  map[int]discover.FdInfo{5: {Target: "/memfd:guest-ram (deleted)"}},
+			want: `has share=off`},
 		// restart-qemu takes it by cpr-transfer; an update refuses it
 		// (TestMemfdUpdateOnly).
 		{name: "memfd with aux-ram-share", argv: []string{"-machine", "pc,memory-backend=ram0,aux-ram-share=on", "-object", "memory-backend-memfd,id=ram0,size=1G", "-qmp", "unix:/q,server=on"}},
@@ -330,6 +347,6 @@ func FuzzMaps(f *testing.F) {
 		if maps != "" && pr == "" && !strings.Contains(maps, fmt.Sprintf("%d", st.Ino)) {
 			t.Fatalf("passed without the file's inode (%s) in maps %q", own, maps)
 		}
-		inheritedFD(maps)
+		qemuargv.InheritedFd(maps)
 	})
 }

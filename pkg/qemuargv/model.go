@@ -3,6 +3,7 @@ package qemuargv
 import (
 	"encoding/json"
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"strings"
 )
@@ -67,6 +68,16 @@ type MemoryBackend struct {
 	// (default, preferred, bind, interleave).
 	HostNodes []int  `json:"host_nodes,omitempty"`
 	Policy    string `json:"policy,omitempty"`
+}
+
+// File is the backend's RAM file by name, "" when it has none: no
+// mem-path, or a mem-path naming QEMU's own fd (InheritedFd: a memfd,
+// kept by its fd and not by a name).
+func (b MemoryBackend) File() string {
+	if InheritedFd(b.MemPath) >= 0 {
+		return ""
+	}
+	return b.MemPath
 }
 
 // RAM tells where a guest's RAM lives.
@@ -254,13 +265,14 @@ const (
 	FdVhost   FdKind = "vhost-net" // -netdev tap,vhostfd=/vhostfds=
 	FdChardev FdKind = "chardev"   // -chardev socket,fd=
 	FdFile    FdKind = "file"      // -add-fd fd=N,set=S: a file QEMU opens as /dev/fdset/S (libvirt's logs)
+	FdMemfd   FdKind = "memfd"     // memory-backend-file,mem-path=/proc/self/fd/N: guest RAM in an inherited fd (a memfd)
 	FdOther   FdKind = "other"     // anything else (-netdev socket,fd=, …)
 )
 
 // FdRef is one place in the command line that names an inherited fd.
 type FdRef struct {
 	Opt   int    `json:"opt"`   // index into Opts
-	Key   string `json:"key"`   // fd, fds, vhostfd, vhostfds
+	Key   string `json:"key"`   // fd, fds, vhostfd, vhostfds, mem-path
 	Pos   int    `json:"pos"`   // position in a colon-separated list
 	Num   int    `json:"num"`   // the fd number
 	Kind  FdKind `json:"kind"`  // what it is for
@@ -288,6 +300,18 @@ func (c *Cmdline) FdRefs() []FdRef {
 func (c *Cmdline) fdRefsOf(i int, p *Props) []FdRef {
 	o := c.Opts[i]
 	var out []FdRef
+	if o.Name == "object" {
+		// Guest RAM QEMU opens through its own fd table: the fd is the
+		// RAM (a memfd, most often), and a new QEMU needs it at the
+		// number its mem-path names.
+		if t, _ := p.Get("qom-type"); t == "memory-backend-file" {
+			mp, _ := p.Get("mem-path")
+			if n := InheritedFd(mp); n >= 0 {
+				id, _ := p.Get("id")
+				out = append(out, FdRef{Opt: i, Key: "mem-path", Num: n, Kind: FdMemfd, Owner: id})
+			}
+		}
+	}
 	for _, key := range fdKeys {
 		v, ok := p.Get(key)
 		if !ok || v == "" {
@@ -325,6 +349,22 @@ func (c *Cmdline) fdRefsOf(i int, p *Props) []FdRef {
 		}
 	}
 	return out
+}
+
+// fdPathPrefixes are the paths by which a process opens its own fd N.
+var fdPathPrefixes = []string{"/proc/self/fd/", "/dev/fd/", "/proc/thread-self/fd/"}
+
+// InheritedFd is N when path names the opening process's own fd N
+// (/proc/self/fd/N, /dev/fd/N), else -1.
+func InheritedFd(path string) int {
+	for _, pre := range fdPathPrefixes {
+		if rest, ok := strings.CutPrefix(filepath.Clean(path), pre); ok {
+			if n, err := strconv.Atoi(rest); err == nil && n >= 0 {
+				return n
+			}
+		}
+	}
+	return -1
 }
 
 // FdsetOf tells, for an -add-fd reference, its set, its opaque and its

@@ -198,6 +198,22 @@ func TestForRestart(t *testing.T) {
 				"-netdev", `{"fd":"7","id":"n1","type":"tap"}`, "-S", "-incoming", "defer"},
 		},
 		{
+			name: "RAM in an inherited fd: mem-path renumbered, /dev/fd/N too",
+			argv: []string{"qemu", "-object", "memory-backend-file,id=ram0,size=160M,mem-path=/proc/self/fd/20,share=on",
+				"-object", `{"qom-type":"memory-backend-file","id":"ram1","mem-path":"/dev/fd/21","share":true}`,
+				"-netdev", "tap,id=n0,fd=22"},
+			opts: RestartOptions{FdMap: map[int]int{20: 3, 21: 4, 22: 5}},
+			want: []string{"qemu", "-object", "memory-backend-file,id=ram0,size=160M,mem-path=/proc/self/fd/3,share=on",
+				"-object", `{"id":"ram1","mem-path":"/proc/self/fd/4","qom-type":"memory-backend-file","share":true}`,
+				"-netdev", "tap,id=n0,fd=5", "-S", "-incoming", "defer"},
+		},
+		{
+			name:    "RAM fd unmapped is an error",
+			argv:    []string{"qemu", "-object", "memory-backend-file,id=ram0,mem-path=/proc/self/fd/20,share=on"},
+			opts:    RestartOptions{FdMap: map[int]int{}},
+			wantErr: "mem-path: no new fd for inherited fd 20",
+		},
+		{
 			name:    "unmapped fd is an error",
 			argv:    []string{"qemu", "-netdev", "tap,id=n0,fd=9"},
 			opts:    RestartOptions{FdMap: map[int]int{}},

@@ -116,6 +116,14 @@ func (c *Cmdline) renumberFds(m map[int]int) error {
 		if err != nil {
 			return err
 		}
+		if mp, _ := p.Get("mem-path"); InheritedFd(mp) >= 0 {
+			old := InheritedFd(mp)
+			nw, ok := m[old]
+			if !ok {
+				return fmt.Errorf("-%s mem-path: no new fd for inherited fd %d", c.Opts[i].Name, old)
+			}
+			p.Set("mem-path", "/proc/self/fd/"+strconv.Itoa(nw))
+		}
 		for _, key := range fdKeys {
 			v, ok := p.Get(key)
 			if !ok || v == "" {

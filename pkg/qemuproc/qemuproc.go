@@ -383,3 +383,21 @@ func WaitGone(pid int, d time.Duration) error {
 		return nil
 	})
 }
+
+// RAMMemfd makes a memfd of size bytes for guest RAM that a QEMU is given as
+// an inherited fd (-object memory-backend-file,mem-path=/proc/self/fd/N,
+// share=on): shmem, not hugetlb, the kind the kernel's Live Update
+// Orchestrator keeps across a kexec. Close-on-exec here; ExtraFiles passes
+// it on.
+func RAMMemfd(name string, size int64) (*os.File, error) {
+	fd, err := unix.MemfdCreate(name, unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("memfd_create for guest RAM %s: %w", name, err)
+	}
+	f := os.NewFile(uintptr(fd), "memfd:"+name)
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("sizing guest RAM memfd %s to %d bytes: %w", name, size, err)
+	}
+	return f, nil
+}

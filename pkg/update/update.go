@@ -6,7 +6,9 @@
 // Run is a table of steps, each with its undo (package phase):
 //
 //	kexec-load    load the new kernel               ↔ unload it
+//	luo-session   a LUO session for memfd RAM       ↔ close it (drops what it kept)
 //	save-guests   save every guest, quit its QEMU   ↔ recover the guests here
+//	              (one whose RAM the session keeps: kept, paused, until the kexec)
 //	remount-ro    every filesystem but PMEM         ↔ read-write again
 //	kexec-record  the manifest records the kexec
 //	pmem-ro       PMEM, last                        ↔ read-write again
@@ -38,6 +40,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/kexec"
+	"github.com/liveupdate/liveupdate/pkg/luo"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/phase"
@@ -160,6 +163,9 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		for _, t := range ts {
 			ram, _ := t.Proc.Cmdline.RAM()
 			for _, b := range ram.Backends {
+				if b.File() == "" {
+					continue // a memfd: the LUO session keeps it (luoProblems)
+				}
 				if !slices.ContainsFunc(pmem, func(d string) bool { return manifest.Within(b.MemPath, d) }) {
 					bad("%s: RAM of backend %q is in %s, not on a PMEM filesystem (%s; another one counts when it is mounted with dax and listed in /etc/fstab): it would not survive the kexec", t.Name(), b.ID, b.MemPath, strings.Join(pmem, ", "))
 				}
@@ -189,6 +195,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		}
 		fh.Close()
 	}
+	var newConfig map[string]string // nil: none found beside the kernel
 	if cfg := configFor(local(o.Kernel)); cfg != "" {
 		p.KernelConfig = qemuView(cfg)
 		if f, err := os.Open(cfg); err == nil {
@@ -200,6 +207,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 			for _, pr := range kernelconfig.Check(c, kernelconfig.Requirements()) {
 				bad("new kernel's config %s: %s", p.KernelConfig, pr)
 			}
+			newConfig = c
 		}
 	}
 
@@ -211,6 +219,7 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 	cmdline, probs := buildCmdline(string(cur), o.Append, p.PMEMDevice, p.PMEMMount, string(e.StateDir), o.KeepControl)
 	p.Problems = append(p.Problems, probs...)
 	p.Cmdline = cmdline
+	p.Problems = append(p.Problems, luoProblems(memfdGuests(ts), luo.Device, newConfig, p.KernelConfig, cmdline)...)
 	return p, nil
 }
 
@@ -350,6 +359,9 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 		// The kernel first: one the running kernel refuses is found out
 		// before any guest is touched.
 		phase.Step{Name: "kexec-load", Do: u.loadKernel, Undo: u.unloadKernel},
+		// The session that keeps memfd RAM across the kexec, when a guest
+		// has such RAM; closed again (all it kept dropped) on any failure.
+		phase.Step{Name: "luo-session", Do: u.openSession, Undo: u.closeSession},
 		phase.Step{Name: "save-guests", Do: u.saveGuests, Undo: u.recoverGuests},
 		phase.Step{Name: "remount-ro", Do: u.remountOthers, Undo: u.remountRW},
 		phase.Step{Name: "kexec-record", Do: u.recordKexec},
@@ -367,7 +379,7 @@ func (u *updateRun) abandoned(err error) error {
 	}
 	cause := errors.Join(pe.Err, pe.UndoErr)
 	switch {
-	case pe.Step == "kexec-load":
+	case pe.Step == "kexec-load" || pe.Step == "luo-session":
 		return fmt.Errorf("no guest was touched: %w", cause)
 	case pe.Step == "save-guests" && !u.recovered:
 		return fmt.Errorf("update abandoned: %w", cause)
@@ -384,6 +396,7 @@ type updateRun struct {
 	phases    []manifest.Phase   // timed before the manifest was made
 	remounted []string           // read-only now, in that order
 	recovered bool               // the undo of the save brought guests back
+	keeper    *luoKeeper         // the LUO session keeping memfd RAM (nil: none)
 }
 
 // record puts a step into the manifest (or keeps it for the save to put
@@ -416,7 +429,11 @@ func (u *updateRun) unloadKernel(context.Context) error {
 // saveGuests saves every guest and quits its QEMU (with no guests, it
 // records a manifest with none: PID 1 still rebuilds the host from it).
 func (u *updateRun) saveGuests(ctx context.Context) error {
-	m, err := u.e.Save(ctx, u.p.targets, cpr.SaveOptions{Phases: u.phases})
+	o := cpr.SaveOptions{Phases: u.phases}
+	if u.keeper != nil {
+		o.KeepRAM = u.keeper
+	}
+	m, err := u.e.Save(ctx, u.p.targets, o)
 	u.m, u.phases = m, nil
 	return err
 }
