@@ -1,8 +1,10 @@
 package qemutests
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -74,23 +76,73 @@ func TestRefuseUnreopenableRAM(t *testing.T) {
 	refusedUntouched(t, g, []string{"--sequential"}, "mem-path "+dir+" is a directory", "Give mem-path a file name")
 }
 
-// TestRefuseInheritedRAMFd: RAM whose mem-path is an fd QEMU inherited
-// (/proc/self/fd/3, a memfd here) has no name a new QEMU could open it by:
-// plan refuses it saying so, and restart-qemu touches nothing — even though
-// liveupdate itself has an fd 3 that such a path would name from inside it.
-func TestRefuseInheritedRAMFd(t *testing.T) {
+// TestRestartInheritedMemfd: RAM whose mem-path is an fd QEMU inherited
+// (/proc/self/fd/3, a memfd the test made and then closed: the guest's RAM
+// lives in its QEMU alone). plan shows it as memfd-fd; an update here
+// refuses it (this kernel has no /dev/liveupdate); restart-qemu --sequential
+// refuses before touching anything (nothing would hold the RAM between the
+// quit and the new QEMU's start); restart-qemu hands the very memfd to the
+// new QEMU started beside the old one — twice, the second time by --each,
+// from a QEMU that got it renumbered — and the guest runs on with its RAM.
+// An inherited fd that is a plain file is refused with the fix.
+func TestRestartInheritedMemfd(t *testing.T) {
 	fd, err := unix.MemfdCreate("guest-ram", unix.MFD_CLOEXEC)
 	if err != nil {
 		t.Fatal(err)
 	}
 	mem := os.NewFile(uintptr(fd), "memfd")
-	defer mem.Close()
 	if err := mem.Truncate(256 << 20); err != nil {
 		t.Fatal(err)
 	}
-	g := bootAll(t, guestSpec{name: "fdram", files: []*os.File{mem}, memory: []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
-		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/proc/self/fd/3,share=on"}})[0]
-	refusedUntouched(t, g, nil, "has mem-path /proc/self/fd/3: an fd QEMU inherited")
+	plainRAM, err := os.CreateTemp(t.TempDir(), "ram")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plainRAM.Truncate(256 << 20)
+	fdRAM := []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
+		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/proc/self/fd/3,share=on"}
+	gs := bootAll(t, guestSpec{name: "fdram", files: []*os.File{mem}, memory: fdRAM},
+		guestSpec{name: "fdfile", files: []*os.File{plainRAM}, memory: fdRAM})
+	mem.Close()
+	plainRAM.Close()
+	g := gs[0]
+	refusedUntouched(t, gs[1], nil, "is fd 3, "+plainRAM.Name()+", not a memfd: give mem-path the file's name")
+
+	state := t.TempDir()
+	code, out, _ := runLU(t, "plan", "--state-dir", state, "fdram")
+	if code != 0 || !regexp.MustCompile(`(?m)^fdram +\d+ .*memfd-fd`).MatchString(out) {
+		t.Errorf("plan: exit %d, want 0 with the RAM shown as memfd-fd:\n%s", code, out)
+	}
+	if _, err := os.Stat("/dev/liveupdate"); err != nil {
+		code, out, errOut := runLU(t, "update", "--dry-run", "--state-dir", state, "--kernel", guestKernel, "--initrd", guestInitrd, "fdram")
+		if code != 3 || !strings.Contains(out+errOut, "the running kernel has no /dev/liveupdate") {
+			t.Errorf("update --dry-run without LUO: exit %d, want 3 saying the kernel has no /dev/liveupdate:\n%s%s", code, out, errOut)
+		}
+	}
+	pid := g.pid()
+	last, _ := g.lastBeat()
+	code, _, errOut := runLU(t, "restart-qemu", "--sequential", "--state-dir", t.TempDir(), "fdram")
+	if code == 0 || !strings.Contains(errOut, "its RAM is a memfd its QEMU inherited") || !strings.Contains(errOut, "nothing was stopped") {
+		t.Errorf("restart-qemu --sequential: exit %d, want a refusal naming the memfd:\n%s", code, errOut)
+	}
+	if g.pid() != pid {
+		t.Fatalf("restart-qemu --sequential: the guest moved from QEMU %d to %d", pid, g.pid())
+	}
+	last = g.checkContinues(last)
+	for _, args := range [][]string{nil, {"--each"}} {
+		pid := g.pid()
+		code, out, errOut := runLU(t, append(append([]string{"restart-qemu", "--state-dir", t.TempDir()}, args...), "fdram")...)
+		if code != 0 {
+			t.Fatalf("restart-qemu %v: exit %d\n%s%s", args, code, out, errOut)
+		}
+		if g.pid() == pid || alive(pid) {
+			t.Errorf("restart-qemu %v: QEMU pid %d before, %d after, old alive %v: want a new QEMU and the old one gone", args, pid, g.pid(), alive(pid))
+		}
+		last = g.checkContinues(last)
+		if target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", g.pid())); err != nil || !strings.HasPrefix(target, "/memfd:guest-ram") {
+			t.Errorf("restart-qemu %v: the new QEMU's fd 3 is %q (%v), want the guest's memfd", args, target, err)
+		}
+	}
 }
 
 // TestRefuseReplacedRAMFile: the guest's RAM file deleted and another made

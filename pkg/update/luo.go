@@ -23,12 +23,13 @@ import (
 // before — drops what it kept. PID 1 of the new kernel retrieves them
 // (package pid1).
 
-// memfdGuests names the targets with RAM in an inherited fd.
+// memfdGuests names the targets with RAM in an inherited memfd (one
+// that is another file, plan refuses).
 func memfdGuests(ts []*cpr.Target) []string {
 	var out []string
 	for _, t := range ts {
 		for _, r := range t.Proc.Cmdline.FdRefs() {
-			if r.Kind == qemuargv.FdMemfd {
+			if r.Kind == qemuargv.FdMemfd && strings.HasPrefix(t.Proc.Fds[r.Num].Target, "/memfd:") {
 				out = append(out, t.Name())
 				break
 			}
