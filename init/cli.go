@@ -10,14 +10,18 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
@@ -28,6 +32,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/machined"
 	"github.com/liveupdate/liveupdate/pkg/machines"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
 	"github.com/liveupdate/liveupdate/pkg/timeline"
 	"github.com/liveupdate/liveupdate/pkg/update"
@@ -60,6 +65,7 @@ var commands = []command{
 	{"recover", "bring every guest of an interrupted run back to running (cont or restore); safe to repeat", cmdRecover},
 	{"status", "the last run: each guest's blackout and every phase, as a table, JSON, SVG or metrics", cmdStatus},
 	{"sync-clock", "set running guests' clocks to the host's through their guest agents", cmdSyncClock},
+	{"exec-memfd", "start a QEMU with its guest RAM in memfds passed as fds 3, 4, … (the LUO backend's guest)", cmdExecMemfd},
 	{"register-machines", "after a kexec, make libvirt's restored guests systemd-machined machines again, before libvirt's daemon starts", cmdRegisterMachines},
 }
 
@@ -145,6 +151,58 @@ func cmdSyncClock(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintf(out, "%s: clock set to the host's (guest − host = %s after)\n", t.Name(), off.Round(time.Microsecond))
 	}
 	return code
+}
+
+// cmdExecMemfd makes one memfd per --mib, passes them as fds 3, 4, … and
+// execs the command (QEMU, whose argv names each as
+// memory-backend-file,mem-path=/proc/self/fd/N,share=on): a guest whose RAM
+// the LUO backend keeps across a kexec, started by hand or by a unit.
+func cmdExecMemfd(_ context.Context, args []string, out io.Writer) int {
+	fs := flag.NewFlagSet("exec-memfd", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintln(os.Stderr, "usage: liveupdate exec-memfd --mib N [--mib N…] -- QEMU [ARG…]\n"+
+			"  each --mib is a memfd of N MiB, given to the command as fd 3, 4, … in order; name it in QEMU's\n"+
+			"  argv as -object memory-backend-file,id=ID,size=NM,mem-path=/proc/self/fd/3,share=on")
+		fs.PrintDefaults()
+	}
+	var sizes []int
+	fs.Func("mib", "size of the next memfd, in MiB", func(v string) error {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return fmt.Errorf("--mib %q: want a size in MiB above 0", v)
+		}
+		sizes = append(sizes, n)
+		return nil
+	})
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	argv := fs.Args()
+	if len(sizes) == 0 || len(argv) == 0 {
+		fs.Usage()
+		return exitUsage
+	}
+	bin, err := exec.LookPath(argv[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate exec-memfd:", err)
+		return exitFailed
+	}
+	for i, mib := range sizes {
+		f, err := qemuproc.RAMMemfd(fmt.Sprintf("guest-ram%d", i), int64(mib)<<20)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "liveupdate exec-memfd:", err)
+			return exitFailed
+		}
+		// Put it at 3+i, without close-on-exec: the command inherits it.
+		if err := unix.Dup3(int(f.Fd()), 3+i, 0); err != nil {
+			fmt.Fprintf(os.Stderr, "liveupdate exec-memfd: placing memfd %d at fd %d: %v\n", i, 3+i, err)
+			return exitFailed
+		}
+		f.Close()
+	}
+	err = unix.Exec(bin, argv, os.Environ())
+	fmt.Fprintf(os.Stderr, "liveupdate exec-memfd: exec %s: %v\n", bin, err)
+	return exitFailed
 }
 
 // cmdRegisterMachines is liveupdate-machines.service's: it runs once systemd

@@ -102,8 +102,26 @@ type nestedHost struct {
 
 func bootNestedHost(t *testing.T) *nestedHost {
 	t.Helper()
+	old := kernelVersion(t, "old")
+	return bootNestedHostOn(t, nestedBoot{config: nestedHostConfig(),
+		kernel: filepath.Join(repoRoot, ".cache/kernels/old/boot/vmlinuz-"+old),
+		initrd: filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img")})
+}
+
+// nestedBoot is how a nested host boots: its first-boot configuration, the
+// kernel and initramfs (from this machine's caches), and what else its
+// image and command line carry.
+type nestedBoot struct {
+	config         pid1.HostConfig
+	kernel, initrd string
+	rootEnv        []string // for scripts/hostroot.sh (LUO_KERNEL=…)
+	cmdline        []string // more kernel parameters
+}
+
+func bootNestedHostOn(t *testing.T, nb nestedBoot) *nestedHost {
+	t.Helper()
 	dir := t.TempDir()
-	hj, _ := json.MarshalIndent(nestedHostConfig(), "", "  ")
+	hj, _ := json.MarshalIndent(nb.config, "", "  ")
 	hjPath := filepath.Join(dir, "host.json")
 	os.WriteFile(hjPath, hj, 0o644)
 	fstab := filepath.Join(dir, "fstab")
@@ -111,6 +129,7 @@ func bootNestedHost(t *testing.T) *nestedHost {
 	img := filepath.Join(dir, "hostroot.img")
 	cmd := exec.Command(filepath.Join(repoRoot, "scripts/hostroot.sh"), hjPath, img, fstab)
 	cmd.Dir = repoRoot
+	cmd.Env = append(os.Environ(), nb.rootEnv...)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("hostroot.sh: %v\n%s", err, out)
 	}
@@ -125,7 +144,6 @@ func bootNestedHost(t *testing.T) *nestedHost {
 			t.Fatalf("%v: %v %s", c, err, out)
 		}
 	}
-	old := kernelVersion(t, "old")
 
 	exec.Command("ip", "netns", "del", nestNS).Run()
 	for _, args := range [][]string{{"netns", "add", nestNS}, {"-n", nestNS, "tuntap", "add", "dev", nestTap, "mode", "tap"},
@@ -138,11 +156,10 @@ func bootNestedHost(t *testing.T) *nestedHost {
 
 	h := &nestedHost{top: t, ctl: filepath.Join(dir, "ctl.sock"), images: images}
 	h.hostVM = bootHost(t, hostOpts{memmap: true, rootImg: img, netns: nestNS, tap: nestTap,
-		kernel: filepath.Join(repoRoot, ".cache/hostroot/../kernels/old/boot/vmlinuz-"+old),
-		initrd: filepath.Join(repoRoot, ".cache/hostroot/initramfs-"+old+".img"),
+		kernel: nb.kernel, initrd: nb.initrd,
 		extra: []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off",
 			"-drive", "file=" + images + ",if=virtio,format=raw"},
-		cmdline: []string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}})
+		cmdline: append([]string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}, nb.cmdline...)})
 	return h
 }
 

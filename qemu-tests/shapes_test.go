@@ -77,23 +77,16 @@ func TestRefuseUnreopenableRAM(t *testing.T) {
 }
 
 // TestRestartInheritedMemfd: RAM whose mem-path is an fd QEMU inherited
-// (/proc/self/fd/3, a memfd the test made and then closed: the guest's RAM
-// lives in its QEMU alone). plan shows it as memfd-fd; an update here
-// refuses it (this kernel has no /dev/liveupdate); restart-qemu --sequential
-// refuses before touching anything (nothing would hold the RAM between the
-// quit and the new QEMU's start); restart-qemu hands the very memfd to the
-// new QEMU started beside the old one — twice, the second time by --each,
-// from a QEMU that got it renumbered — and the guest runs on with its RAM.
-// An inherited fd that is a plain file is refused with the fix.
+// (/proc/self/fd/3, a memfd `liveupdate exec-memfd` made before it exec'd
+// QEMU: the guest's RAM lives in its QEMU alone). plan shows it as memfd-fd;
+// an update here refuses it (this kernel has no /dev/liveupdate);
+// restart-qemu --sequential refuses before touching anything (nothing would
+// hold the RAM between the quit and the new QEMU's start); restart-qemu
+// hands the very memfd to the new QEMU started beside the old one — twice,
+// the second time by --each, from a QEMU that got it renumbered — and the
+// guest runs on with its RAM. An inherited fd that is a plain file is
+// refused with the fix.
 func TestRestartInheritedMemfd(t *testing.T) {
-	fd, err := unix.MemfdCreate("guest-ram", unix.MFD_CLOEXEC)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem := os.NewFile(uintptr(fd), "memfd")
-	if err := mem.Truncate(256 << 20); err != nil {
-		t.Fatal(err)
-	}
 	plainRAM, err := os.CreateTemp(t.TempDir(), "ram")
 	if err != nil {
 		t.Fatal(err)
@@ -101,9 +94,8 @@ func TestRestartInheritedMemfd(t *testing.T) {
 	plainRAM.Truncate(256 << 20)
 	fdRAM := []string{"-m", "256", "-machine", "pc,memory-backend=ram0",
 		"-object", "memory-backend-file,id=ram0,size=256M,mem-path=/proc/self/fd/3,share=on"}
-	gs := bootAll(t, guestSpec{name: "fdram", files: []*os.File{mem}, memory: fdRAM},
+	gs := bootAll(t, guestSpec{name: "fdram", memory: fdRAM, wrapper: []string{filepath.Join(binDir, "liveupdate"), "exec-memfd", "--mib", "256", "--"}},
 		guestSpec{name: "fdfile", files: []*os.File{plainRAM}, memory: fdRAM})
-	mem.Close()
 	plainRAM.Close()
 	g := gs[0]
 	refusedUntouched(t, gs[1], nil, "is fd 3, "+plainRAM.Name()+", not a memfd: give mem-path the file's name")
@@ -139,7 +131,7 @@ func TestRestartInheritedMemfd(t *testing.T) {
 			t.Errorf("restart-qemu %v: QEMU pid %d before, %d after, old alive %v: want a new QEMU and the old one gone", args, pid, g.pid(), alive(pid))
 		}
 		last = g.checkContinues(last)
-		if target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", g.pid())); err != nil || !strings.HasPrefix(target, "/memfd:guest-ram") {
+		if target, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/3", g.pid())); err != nil || !strings.HasPrefix(target, "/memfd:guest-ram0") {
 			t.Errorf("restart-qemu %v: the new QEMU's fd 3 is %q (%v), want the guest's memfd", args, target, err)
 		}
 	}

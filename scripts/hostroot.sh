@@ -6,7 +6,7 @@
 # initramfs for each, the inner guest's kernel and initramfs, and the
 # first-boot host configuration.
 #
-#   scripts/hostroot.sh HOST_JSON OUTPUT_IMAGE [FSTAB]
+#   [LUO_KERNEL=DIR] scripts/hostroot.sh HOST_JSON OUTPUT_IMAGE [FSTAB]
 #
 # FSTAB, if given, becomes the host's /etc/fstab (PID 1 mounts its local
 # filesystems under the host root before the guests start).
@@ -26,6 +26,16 @@ for k in old new; do
 	install -D -m 0644 .cache/kernels/$k/boot/config-$kver "$tree/boot/config-$kver"
 	install -D -m 0644 "$ir" "$tree/boot/initramfs-$kver.img"
 done
+# The LUO test kernel too, when asked (LUO_KERNEL: scripts/luo-kernel.sh's
+# output directory): its modules are built in, its initramfs lists none.
+if [ -n "${LUO_KERNEL:-}" ]; then
+	kver=$(cat "$LUO_KERNEL/version")
+	ir=$cache/initramfs-$kver.img
+	initramfs/build.sh "$kver" "$LUO_KERNEL" "$ir" 2>&1 | grep -v '^$' | tail -1 >&2
+	install -D -m 0644 "$LUO_KERNEL/bzImage" "$tree/boot/vmlinuz-$kver"
+	install -D -m 0644 "$LUO_KERNEL/config" "$tree/boot/config-$kver"
+	install -D -m 0644 "$ir" "$tree/boot/initramfs-$kver.img"
+fi
 CGO_ENABLED=0 go build -o "$tree/usr/sbin/liveupdate" ./init
 # The same program with fault injection compiled in, for the nested fault tests.
 CGO_ENABLED=0 go build -tags faultinject -o "$tree/usr/sbin/liveupdate-fault" ./init
