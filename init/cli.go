@@ -175,6 +175,9 @@ func cmdExecMemfd(_ context.Context, args []string, out io.Writer) int {
 		return nil
 	})
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
 		return exitUsage
 	}
 	argv := fs.Args()

@@ -27,7 +27,9 @@ func TestUsageAndHelp(t *testing.T) {
 			t.Errorf("%s with a bad flag: exit %d, want %d", c.name, code, exitUsage)
 		}
 	}
-	for _, args := range [][]string{{"restart-qemu", "--each", "--parallel", "0"}, {"restart-qemu", "--parallel", "-2"}} {
+	for _, args := range [][]string{{"restart-qemu", "--each", "--parallel", "0"}, {"restart-qemu", "--parallel", "-2"},
+		{"exec-memfd", "--mib", "0", "--", "true"}, {"exec-memfd", "--mib", "1G", "--", "true"},
+		{"exec-memfd", "--", "true"}, {"exec-memfd", "--mib", "16"}} {
 		if code := runCLI(args); code != exitUsage {
 			t.Errorf("%v: exit %d, want %d", args, code, exitUsage)
 		}

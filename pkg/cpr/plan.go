@@ -221,6 +221,11 @@ func (r *run) gatherFacts(ctx context.Context, p *discover.Process) (*qmp.Client
 		return fail(err)
 	}
 	f.Status = st.Status
+	var kvm struct{ Enabled bool }
+	if err := c.Execute(cctx, "query-kvm", nil, &kvm); err != nil {
+		return fail(err)
+	}
+	f.KVM = kvm.Enabled
 	if err := c.Execute(cctx, "query-memdev", nil, &f.Memdevs); err != nil {
 		return fail(err)
 	}

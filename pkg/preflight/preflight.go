@@ -42,6 +42,7 @@ type Facts struct {
 	Package     string
 	MachineType string // QOM type of /machine, e.g. "pc-i440fx-10.0-machine"
 	Status      string // query-status "status"
+	KVM         bool   // the guest runs under KVM (query-kvm "enabled")
 	Memdevs     []Memdev
 	// Fdsets are the files of -add-fd sets as QEMU holds them now
 	// (query-fdsets): QEMU dups each fd it is given and closes the number
