@@ -387,6 +387,9 @@ func Check(in Input) Verdict {
 	// Files QEMU opens at start must be found again from its working
 	// directory (a QEMU started with -daemonize has changed to "/").
 	for _, f := range c.InputFiles() {
+		if qemuargv.InheritedFd(f.Path) >= 0 {
+			continue // QEMU's own fd (RAM in a memfd: inheritedRAMProblem), not one of ours
+		}
 		if _, err := os.Stat(in.path(p, f.Path)); err != nil {
 			hint := ""
 			if !filepath.IsAbs(f.Path) {

@@ -139,6 +139,9 @@ func TestCheck(t *testing.T) {
 			fds: map[int]discover.FdInfo{5: {Target: "/memfd:guest-ram (deleted)"}}},
 		{name: "mem-path /dev/fd/N, a memfd", argv: memfdArgv("/dev/fd/7"),
 			fds: map[int]discover.FdInfo{7: {Target: "/memfd:ram0 (deleted)"}}},
+		// A number no fd of the checker's has: only QEMU's fd table counts.
+		{name: "mem-path a memfd at a number the checker has not open", argv: memfdArgv("/proc/self/fd/999"),
+			fds: map[int]discover.FdInfo{999: {Target: "/memfd:ram0 (deleted)"}}},
 		{name: "mem-path an inherited regular file", argv: memfdArgv("/proc/self/fd/5"),
 			fds:  map[int]discover.FdInfo{5: {Target: "/srv/vm1.ram"}},
 			want: `is fd 5, /srv/vm1.ram, not a memfd: give mem-path the file's name`},
