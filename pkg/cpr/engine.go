@@ -119,10 +119,6 @@ type run struct {
 	pending []manifest.Phase    // phases timed before the manifest was made
 	early   map[string]*newQEMU // new QEMUs started before the save, by VM (early.go)
 	exited  map[string]bool     // VMs whose old QEMU this run saw exit (quit)
-	// keepRAM: the kernel keeps guests' memfd RAM across a kexec
-	// (SaveOptions.KeepRAM), and the old QEMUs of such guests are not
-	// quit: paused, they hold the RAM until the kexec ends them.
-	keepRAM bool
 	// clockLater: the restores leave the guests' clocks to fixClocks, run
 	// once the old QEMUs are retired — a slow guest agent (a minute after a
 	// fresh boot, seen) must not keep an old QEMU, and the VNC port it
@@ -130,6 +126,12 @@ type run struct {
 	clockLater bool
 	clockDue   []*manifest.VM
 }
+
+// keepsRAM tells whether the kernel keeps guests' memfd RAM across this
+// run's kexec (SaveOptions.KeepRAM: the manifest names its LUO session);
+// the old QEMUs of such guests are then not quit: paused, they hold the
+// RAM until the kexec ends them.
+func (r *run) keepsRAM() bool { return r.man != nil && r.man.LUO != nil }
 
 // newRun starts a run in the engine's state directory.
 func (e *Engine) newRun() *run {

@@ -196,7 +196,6 @@ func (r *run) prepareAll(ts []*Target, o SaveOptions) error {
 	}
 	r.makeManifest(o.Phases)
 	if o.KeepRAM != nil {
-		r.keepRAM = true
 		r.man.LUO = &manifest.LUOSession{Name: o.KeepRAM.Session()}
 	}
 	for _, t := range ts {
@@ -250,12 +249,12 @@ func (r *run) recordSaved(ts []*Target) error {
 // checkRAMHolders refuses, before any guest stops, a guest whose RAM is an
 // inherited memfd that would have no QEMU holding it between its old QEMU's
 // quit and its new one's start: a crash of ours in between would lose it.
-// An update keeps such old QEMUs (keepRAM); a restart needs the new QEMU
+// An update keeps such old QEMUs (keepsRAM); a restart needs the new QEMU
 // started beside the old one.
 func (r *run) checkRAMHolders(ts []*Target) error {
 	var errs []error
 	for _, t := range ts {
-		if t.ramFd && !t.early && !r.keepRAM {
+		if t.ramFd && !t.early && !r.keepsRAM() {
 			errs = append(errs, fmt.Errorf("%s: its RAM is a memfd its QEMU inherited, which only a QEMU keeps alive, and its new QEMU could not be started beside the old one (logged above; restart-qemu --sequential never does): nothing was stopped. Fix what kept the new QEMU from starting early and run it again", t.Name()))
 		}
 	}
@@ -267,7 +266,7 @@ func (r *run) checkRAMHolders(ts []*Target) error {
 func (r *run) quitAll(ctx context.Context, ts []*Target) error {
 	var quitting []*Target
 	for _, t := range ts {
-		if !t.early && !(t.ramFd && r.keepRAM) {
+		if !t.early && !(t.ramFd && r.keepsRAM()) {
 			quitting = append(quitting, t)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 
 	"github.com/liveupdate/liveupdate/pkg/luo"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
@@ -107,7 +108,7 @@ func checkSize(f *os.File, fd manifest.Fd) error {
 func (g *guestRAM) finish(m *manifest.Manifest, log *slog.Logger) {
 	var waiting []string
 	for _, v := range m.VMs {
-		if g.owns(v.Name) && v.Status != manifest.StatusRunning {
+		if slices.Contains(g.owner, v.Name) && v.Status != manifest.StatusRunning {
 			waiting = append(waiting, v.Name)
 		}
 	}
@@ -128,15 +129,6 @@ func (g *guestRAM) finish(m *manifest.Manifest, log *slog.Logger) {
 	g.o.Close()
 	g.done = true
 	log.Info("LUO session finished: every guest with memfd RAM runs", "session", m.LUO.Name, "vms", g.owner)
-}
-
-func (g *guestRAM) owns(vm string) bool {
-	for _, n := range g.owner {
-		if n == vm {
-			return true
-		}
-	}
-	return false
 }
 
 // holding tells whether PID 1 is the only holder of some guest's RAM.
