@@ -291,8 +291,8 @@ func cmdUpdate(ctx context.Context, args []string, out io.Writer) int {
 }
 
 func printPlan(out io.Writer, p *update.Plan) {
-	fmt.Fprintf(out, "kernel:     %s\ninitramfs:  %s\ncmdline:    %s\nPMEM:       %s on %s\nstate dir:  %s\n",
-		p.Kernel, p.Initrd, p.Cmdline, orDash(p.PMEMDevice), orDash(p.PMEMMount), p.StateDir)
+	fmt.Fprintf(out, "kernel:     %s\ninitramfs:  %s\ncmdline:    %s\nPMEM:       %s on %s\nstate dir:  %s (on the filesystem of %s)\n",
+		p.Kernel, p.Initrd, p.Cmdline, orDash(p.PMEMDevice), orDash(p.PMEMMount), p.StateDir, orDash(p.StateMount))
 	if p.KernelConfig != "" {
 		fmt.Fprintf(out, "config:     %s\n", p.KernelConfig)
 	}
@@ -408,7 +408,7 @@ func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
 		fmt.Fprintf(fs.Output(), "usage: liveupdate %s\n\n", synopsis)
 		fs.PrintDefaults()
 	}
-	fs.StringVar(&c.stateDir, "state-dir", defaultStateDir, "directory for state files and the manifest (for a kernel update: on the PMEM filesystem)")
+	fs.StringVar(&c.stateDir, "state-dir", defaultStateDir, "directory for state files and the manifest (for a kernel update: on the PMEM filesystem; on the root or another disk filesystem of /etc/fstab when every guest's RAM is a memfd kept by LUO)")
 	fs.BoolVar(&c.verbose, "v", false, "verbose logging")
 	fs.DurationVar(&c.qmpWait, "qmp-timeout", 5*time.Second, "how long to wait for each QEMU's QMP monitor")
 	fs.DurationVar(&c.clock, "clock-timeout", cpr.ClockFixTimeout, "how long to try to put each restored guest's clock right through its agent")

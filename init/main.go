@@ -10,7 +10,7 @@
 //	liveupdate recover              an interrupted run's guests back to running (safe to repeat)
 //	liveupdate status               where the last run's time went
 //	liveupdate update --kernel K --initrd I   the live kernel update: kexec-load → save-guests →
-//	                                remount-ro → kexec-record → pmem-ro → reboot (package update)
+//	                                remount-ro → kexec-record → state-ro → reboot (package update)
 //	liveupdate check-kernel CONFIG  does a kernel have what a host needs
 //	liveupdate sync-clock           guests' clocks to the host's
 //

@@ -253,8 +253,8 @@ func crashBeforeKexec(t *testing.T, h *debianHost, ng *numaGuest, target, bootID
 	libvirtBefore := h.libvirtQEMU(t)
 	const units = "libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket"
 	h.mustSSH("systemctl stop " + units)
-	out, code := h.ssh(4*time.Minute, fmt.Sprintf("LIVEUPDATE_FAULT=pmem-ro=kill liveupdate-fault update --state-dir /mnt/pmem/liveupdate --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", target, target))
-	if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at pmem-ro") {
+	out, code := h.ssh(4*time.Minute, fmt.Sprintf("LIVEUPDATE_FAULT=state-ro=kill liveupdate-fault update --state-dir /mnt/pmem/liveupdate --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", target, target))
+	if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at state-ro") {
 		t.Fatalf("the injected crash did not happen: exit %d\n%s", code, out)
 	}
 	// The clock is not what this is about: no minutes for the agent.

@@ -14,19 +14,26 @@ import (
 // luoHostConfig is the nested host's first boot on the LUO kernel: the
 // inner guest of nestedHostConfig with its RAM in a memfd PID 1 makes and
 // passes as fd 3 (memory-backend-file,mem-path=/proc/self/fd/3,share=on),
-// nothing of it on PMEM but its state and serial log.
+// and its serial log on the root filesystem: the host has no PMEM.
 func luoHostConfig() pid1.HostConfig {
 	hc := nestedHostConfig()
 	g := &hc.Guests[0]
 	i := slices.Index(g.Argv, "memory-backend-file,id=ram0,size=160M,mem-path=/mnt/pmem/inner.ram,share=on")
 	g.Argv[i] = "memory-backend-file,id=ram0,size=160M,mem-path=/proc/self/fd/3,share=on"
 	g.MemfdMiB = []int{160}
+	i = slices.Index(g.Argv, "file,id=ser0,path=/mnt/pmem/inner-serial.log,append=on")
+	g.Argv[i] = "file,id=ser0,path=" + luoSerialLog + ",append=on"
 	return hc
 }
 
+// luoSerialLog is the inner guest's serial log on the LUO host (QEMU's
+// view: the host root).
+const luoSerialLog = "/var/log/inner-serial.log"
+
 // TestLUOUpdate (tier 4, the LUO backend): a nested host on the LUO test
-// kernel (7.3.4-lu, booted with kho=on liveupdate=on) whose guest's RAM is a
-// memfd. The updater killed just before its kexec: recover resumes the
+// kernel (7.3.4-lu, booted with kho=on liveupdate=on) with no PMEM at all —
+// no memmap=, the state directory on its root filesystem (the default
+// /var/lib/liveupdate) — whose guest's RAM is a memfd. The updater killed just before its kexec: recover resumes the
 // guest on this kernel, its RAM held by its old QEMU all along. Then a live
 // update into the same kernel: the memfd is preserved in a LUO session,
 // PID 1 of the new kernel retrieves it and gives it to the new QEMU, and
@@ -37,12 +44,12 @@ func TestLUOUpdate(t *testing.T) {
 	kver := strings.TrimSpace(readFile(t, kdir+"/version"))
 	h := bootNestedHostOn(t, nestedBoot{config: luoHostConfig(),
 		kernel: kdir + "/bzImage", initrd: repoRoot + "/.cache/hostroot/initramfs-" + kver + ".img",
-		rootEnv: []string{"LUO_KERNEL=" + kdir}, cmdline: []string{"kho=on", "liveupdate=on"}})
+		rootEnv: []string{"LUO_KERNEL=" + kdir}, cmdline: []string{"kho=on", "liveupdate=on"}, noPMEM: true})
 	t.Cleanup(func() {
 		if t.Failed() {
 			h.use(t)
 			h.conn = nil
-			h.run("tail -n 25 /mnt/pmem/inner-serial.log", 30*time.Second)
+			h.run("tail -n 25 /newroot"+luoSerialLog, 30*time.Second)
 		}
 	})
 	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
@@ -54,14 +61,24 @@ func TestLUOUpdate(t *testing.T) {
 	echo := watchEcho(t, nestNS, innerAddr+":7007")
 	defer close(echo.stop)
 
-	const lu = "liveupdate %s --root /newroot --state-dir /mnt/pmem/liveupdate"
+	const lu = "liveupdate %s --root /newroot" // the state directory: the default, on the root
 	kargs := fmt.Sprintf(" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", kver, kver)
 
 	t.Run("Plan", func(t *testing.T) {
 		defer h.use(t)()
 		out, code := h.run(fmt.Sprintf(lu, "update")+" --dry-run"+kargs, 2*time.Minute)
-		if code != 0 || !strings.Contains(out, "RAM: ram0 memfd-fd") {
-			t.Errorf("update --dry-run: exit %d, want 0 with the RAM shown as memfd-fd", code)
+		if code != 0 || !strings.Contains(out, "RAM: ram0 memfd-fd") || !regexp.MustCompile(`state dir: +/var/lib/liveupdate \(on the filesystem of /\)`).MatchString(out) ||
+			!strings.Contains(out, "lu.manifest=/var/lib/liveupdate/manifest.json") || strings.Contains(out, "lu.pmem") || strings.Contains(out, "memmap=") {
+			t.Errorf("update --dry-run: exit %d, want 0 with the RAM shown as memfd-fd, the state on the root filesystem, lu.manifest there and no PMEM", code)
+		}
+		// A guest whose RAM is a file cannot have its state off PMEM.
+		h.run("chroot /newroot /usr/bin/qemu-system-x86_64 -name file -S -accel tcg -m 32 -machine pc,memory-backend=f0 "+
+			"-object memory-backend-file,id=f0,size=32M,mem-path=/tmp/file.ram,share=on -nodefaults -display none "+
+			"-qmp unix:/run/file.qmp,server=on,wait=off -daemonize -pidfile /run/file.pid", time.Minute)
+		out, code = h.run(fmt.Sprintf(lu, "update")+" --dry-run"+kargs, 2*time.Minute)
+		h.run("kill $(cat /run/file.pid); rm -f /newroot/tmp/file.ram", time.Minute)
+		if code == 0 || !strings.Contains(out, "not on PMEM mounted with dax, and file keep RAM in files") {
+			t.Errorf("update --dry-run with a file-RAM guest beside: exit %d, want the state directory off PMEM refused for it", code)
 		}
 	})
 	// The updater dies (SIGKILL) just before its kexec, its LUO session
@@ -70,8 +87,8 @@ func TestLUOUpdate(t *testing.T) {
 	t.Run("CrashBeforeKexec", func(t *testing.T) {
 		defer h.use(t)()
 		before, _ := waitGuestState(t, nestNS, state, time.Minute)
-		out, code := h.run("LIVEUPDATE_FAULT=pmem-ro=kill /newroot/usr/sbin/liveupdate-fault update --root /newroot --state-dir /mnt/pmem/liveupdate"+kargs, 3*time.Minute)
-		if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at pmem-ro") {
+		out, code := h.run("LIVEUPDATE_FAULT=state-ro=kill /newroot/usr/sbin/liveupdate-fault update --root /newroot"+kargs, 3*time.Minute)
+		if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at state-ro") {
 			t.Fatalf("the injected crash did not happen: exit %d", code)
 		}
 		out, code = h.run(fmt.Sprintf(lu, "recover")+" --clock-timeout 20s", 3*time.Minute)

@@ -116,6 +116,9 @@ type nestedBoot struct {
 	kernel, initrd string
 	rootEnv        []string // for scripts/hostroot.sh (LUO_KERNEL=…)
 	cmdline        []string // more kernel parameters
+	// noPMEM boots the host without memmap= and lu.pmem: nothing of the
+	// guests on PMEM (an all-LUO host; state on the root filesystem).
+	noPMEM bool
 }
 
 func bootNestedHostOn(t *testing.T, nb nestedBoot) *nestedHost {
@@ -155,11 +158,15 @@ func bootNestedHostOn(t *testing.T, nb nestedBoot) *nestedHost {
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", nestNS).Run() })
 
 	h := &nestedHost{top: t, ctl: filepath.Join(dir, "ctl.sock"), images: images}
-	h.hostVM = bootHost(t, hostOpts{memmap: true, rootImg: img, netns: nestNS, tap: nestTap,
+	lu := []string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}
+	if nb.noPMEM {
+		lu = lu[2:]
+	}
+	h.hostVM = bootHost(t, hostOpts{memmap: !nb.noPMEM, rootImg: img, netns: nestNS, tap: nestTap,
 		kernel: nb.kernel, initrd: nb.initrd,
 		extra: []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off",
 			"-drive", "file=" + images + ",if=virtio,format=raw"},
-		cmdline: append([]string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}, nb.cmdline...)})
+		cmdline: append(lu, nb.cmdline...)})
 	return h
 }
 
@@ -434,9 +441,9 @@ func TestNestedUpdate(t *testing.T) {
 	t.Run("CrashBeforeKexec", func(t *testing.T) {
 		defer h.use(t)()
 		before, _ := waitGuestState(t, nestNS, state, time.Minute)
-		out, code := h.run("LIVEUPDATE_FAULT=pmem-ro=kill /newroot/usr/sbin/liveupdate-fault update --root /newroot --state-dir /mnt/pmem/liveupdate"+
+		out, code := h.run("LIVEUPDATE_FAULT=state-ro=kill /newroot/usr/sbin/liveupdate-fault update --root /newroot --state-dir /mnt/pmem/liveupdate"+
 			fmt.Sprintf(" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", nw, nw), 3*time.Minute)
-		if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at pmem-ro") {
+		if code == 0 || !strings.Contains(out, "FAULT INJECTED: kill at state-ro") {
 			t.Fatalf("the injected crash did not happen: exit %d", code)
 		}
 		// The clock is not what this subtest is about: do not wait minutes

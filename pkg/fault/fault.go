@@ -35,9 +35,9 @@ var Points = []string{
 	"qemu-start",     // a new QEMU started, state not loaded
 	"load",           // a state loaded, guest not continued
 	"save-guests",    // update: every guest saved and quit
-	"remount-ro",     // update: filesystems read-only but PMEM, not recorded
+	"remount-ro",     // update: filesystems read-only but the state directory's, not recorded
 	"kexec-record",   // update: the manifest records the kexec
-	"pmem-ro",        // update: PMEM read-only too, just before the reboot
+	"state-ro",       // update: the state directory's filesystem (PMEM) read-only too, just before the reboot
 }
 
 // Error is what an injected "fail" returns.

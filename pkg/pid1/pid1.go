@@ -384,7 +384,7 @@ func (b *Boot) unmountAll() error { return mounts.Unmount(b.mounted...) }
 func (b *Boot) readManifest(ctx context.Context) error {
 	p := b.Params
 	path := p.Manifest
-	if b.Root != "" && !manifest.Within(path, p.PMEMMount) {
+	if b.Root != "" && (p.PMEM == "" || !manifest.Within(path, p.PMEMMount)) {
 		path = filepath.Join(b.Root, path)
 	}
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
@@ -400,8 +400,16 @@ func (b *Boot) readManifest(ctx context.Context) error {
 	if p.PMEM != "" && !manifest.Within(string(m.StateDir), p.PMEMMount) {
 		return fmt.Errorf("manifest state_dir %s is outside the PMEM mount %s", m.StateDir, p.PMEMMount)
 	}
-	if p.PMEM != "" {
+	switch {
+	case p.PMEM != "":
 		if err := m.CheckBeneath(p.PMEMMount, p.PMEMMount); err != nil {
+			return err
+		}
+	case b.Root != "":
+		// The state directory on the host root (a host whose guests' RAM
+		// is all kept by LUO): its state files must resolve inside it too.
+		sd := string(m.StateDir)
+		if err := m.CheckBeneath(sd, filepath.Join(b.Root, sd)); err != nil {
 			return err
 		}
 	}

@@ -1,6 +1,6 @@
 // Package update is the live kernel update of a host: plan and preflight,
 // load the new kernel, save every guest (CPR), record the manifest, sync and
-// remount filesystems read-only (PMEM last), and reboot into the new kernel
+// remount filesystems read-only (the state directory's last), and reboot into the new kernel
 // with kexec. PID 1 of the new kernel (package pid1) restores the guests.
 //
 // Run is a table of steps, each with its undo (package phase):
@@ -9,9 +9,9 @@
 //	luo-session   a LUO session for memfd RAM       ↔ close it (drops what it kept)
 //	save-guests   save every guest, quit its QEMU   ↔ recover the guests here
 //	              (one whose RAM the session keeps: kept, paused, until the kexec)
-//	remount-ro    every filesystem but PMEM         ↔ read-write again
+//	remount-ro    every filesystem but the state's  ↔ read-write again
 //	kexec-record  the manifest records the kexec
-//	pmem-ro       PMEM, last                        ↔ read-write again
+//	state-ro      the state directory's (PMEM), last ↔ read-write again
 //	reboot        kexec (no way back: the old kernel is gone)
 //
 // Any failure before the reboot runs the undos in reverse order, so every
@@ -45,6 +45,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/preflight"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 )
 
 // Options describe one update.
@@ -67,15 +68,19 @@ type Options struct {
 
 // Plan is what an update would do, and what stops it.
 type Plan struct {
-	VMs          []preflight.Verdict `json:"vms"`
-	Kernel       string              `json:"kernel"`
-	Initrd       string              `json:"initrd"`
-	Cmdline      string              `json:"cmdline"`
-	PMEMDevice   string              `json:"pmem_device"`
-	PMEMMount    string              `json:"pmem_mount"`
-	StateDir     string              `json:"state_dir"`
-	KernelConfig string              `json:"kernel_config,omitempty"`
-	Problems     []string            `json:"problems,omitempty"`
+	VMs        []preflight.Verdict `json:"vms"`
+	Kernel     string              `json:"kernel"`
+	Initrd     string              `json:"initrd"`
+	Cmdline    string              `json:"cmdline"`
+	PMEMDevice string              `json:"pmem_device"`
+	PMEMMount  string              `json:"pmem_mount"`
+	StateDir   string              `json:"state_dir"`
+	// StateMount is the mount point of the state directory's filesystem:
+	// the PMEM one, or (a host whose guests' RAM is all in memfds kept by
+	// LUO) the root's or another disk filesystem PID 1 mounts.
+	StateMount   string   `json:"state_mount"`
+	KernelConfig string   `json:"kernel_config,omitempty"`
+	Problems     []string `json:"problems,omitempty"`
 
 	targets []*cpr.Target
 	start   crossclock.Stamp // first of the two stamps that calibrate the TSC
@@ -139,21 +144,25 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		}
 	}
 
-	// The state directory must be on a DAX filesystem on PMEM.
+	fstab, err := mounts.ReadFstab(local("/"))
+	if err != nil {
+		bad("reading the host's fstab (PID 1 mounts its local filesystems before the restore): %v", err)
+	}
+	// The state directory is on a DAX filesystem on PMEM; or, when no
+	// guest keeps its RAM in a file, on any filesystem PID 1 mounts.
 	hostState := local(string(e.StateDir))
 	m, err := mounts.Holding(o.MountsFile, hostState)
 	switch {
 	case err != nil:
 		bad("state directory %s: %v", e.StateDir, err)
-	case !mounts.HasDAX(m.Opts) || !strings.HasPrefix(m.Source, "/dev/pmem"):
-		bad("state directory %s is on %s (%s, %s), not on PMEM mounted with dax: guest RAM and state would not survive the kexec. Use --state-dir on the PMEM filesystem", e.StateDir, m.Dir, m.Source, m.Opts)
-	default:
+	case mounts.HasDAX(m.Opts) && strings.HasPrefix(m.Source, "/dev/pmem"):
 		p.PMEMDevice = m.Source
 		p.PMEMMount = qemuView(m.Dir)
-	}
-	fstab, err := mounts.ReadFstab(local("/"))
-	if err != nil {
-		bad("reading the host's fstab (PID 1 mounts its local filesystems before the restore): %v", err)
+		p.StateMount = p.PMEMMount
+	default:
+		p.Problems = append(p.Problems, stateDirProblems(string(e.StateDir), m, fileRAMGuests(ts), unreachable(
+			[]qemuargv.FileRef{{Option: "--state-dir", Path: string(e.StateDir)}}, o.MountsFile, local, local("/"), "", fstab, resolveLink, nil))...)
+		p.StateMount = qemuView(m.Dir)
 	}
 	// Every guest's RAM must be on that filesystem, or on another PMEM
 	// DAX filesystem PID 1 mounts from the fstab.
@@ -220,6 +229,9 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		return nil, err
 	}
 	cmdline, probs := buildCmdline(string(cur), o.Append, p.PMEMDevice, p.PMEMMount, string(e.StateDir), o.KeepControl)
+	if p.PMEMDevice == "" && !strings.Contains(" "+cmdline, " lu.root=") {
+		probs = append(probs, fmt.Sprintf("the state directory %s is not on PMEM, and the new command line has no lu.root (nor a root=UUID=…, LABEL=… or /dev/… to take it from): PID 1 of the new kernel would not find the manifest. Add lu.root=… with --append", e.StateDir))
+	}
 	p.Problems = append(p.Problems, probs...)
 	p.Cmdline = cmdline
 	p.Problems = append(p.Problems, luoProblems(memfdGuests(ts), luo.Device, newConfig, p.KernelConfig, cmdline)...)
@@ -272,11 +284,13 @@ func buildCmdline(current, base, pmemDev, pmemMount, stateDir string, keepContro
 	if !keepControl {
 		lu.Control = "" // a root shell: only when asked for (--keep-control)
 	}
+	lu.Manifest = filepath.Join(stateDir, manifest.FileName)
 	if pmemDev != "" {
 		lu.PMEM, lu.PMEMMount = pmemDev, pmemMount
-		lu.Manifest = filepath.Join(stateDir, manifest.FileName)
 	} else {
-		lu.PMEM, lu.PMEMMount, lu.Manifest = "", bootparams.DefaultPMEMMount, ""
+		// The state directory on the host root (or a disk of its fstab):
+		// PID 1 reads the manifest there, and mounts no PMEM of its own.
+		lu.PMEM, lu.PMEMMount = "", bootparams.DefaultPMEMMount
 	}
 	if lu.Root == "" && (strings.HasPrefix(rootSpec, "UUID=") || strings.HasPrefix(rootSpec, "LABEL=") || strings.HasPrefix(rootSpec, "/dev/")) {
 		lu.Root = rootSpec
@@ -378,7 +392,7 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 		phase.Step{Name: "save-guests", Do: u.saveGuests, Undo: u.recoverGuests},
 		phase.Step{Name: "remount-ro", Do: u.remountOthers, Undo: u.remountRW},
 		phase.Step{Name: "kexec-record", Do: u.recordKexec},
-		phase.Step{Name: "pmem-ro", Do: u.remountPMEM, Undo: u.remountRW},
+		phase.Step{Name: "state-ro", Do: u.remountState, Undo: u.remountRW},
 		phase.Step{Name: "reboot", Do: u.reboot},
 	)
 	return u.m, u.abandoned(err)
@@ -462,9 +476,10 @@ func (u *updateRun) recoverGuests(ctx context.Context) error {
 	return err
 }
 
-// remountOthers syncs and remounts read-only every filesystem but PMEM.
+// remountOthers syncs and remounts read-only every filesystem but the state
+// directory's (the manifest is written there next).
 func (u *updateRun) remountOthers(context.Context) error {
-	done, err := remountRO(u.o.MountsFile, u.local(u.p.PMEMMount), false, u.e.Log)
+	done, err := remountRO(u.o.MountsFile, u.local(u.p.StateMount), false, u.e.Log)
 	u.remounted = append(u.remounted, done...)
 	return err
 }
@@ -494,9 +509,10 @@ func corruptManifest(path string) {
 	unix.Sync()
 }
 
-// remountPMEM remounts the PMEM filesystem read-only, last.
-func (u *updateRun) remountPMEM(context.Context) error {
-	done, err := remountRO(u.o.MountsFile, u.local(u.p.PMEMMount), true, u.e.Log)
+// remountState remounts the state directory's filesystem (PMEM, or the
+// root of an all-LUO host) read-only, last.
+func (u *updateRun) remountState(context.Context) error {
+	done, err := remountRO(u.o.MountsFile, u.local(u.p.StateMount), true, u.e.Log)
 	u.remounted = append(u.remounted, done...)
 	return err
 }
@@ -515,35 +531,15 @@ func (u *updateRun) reboot(context.Context) error {
 }
 
 // remountRO syncs and remounts read-only every writable block-device
-// filesystem but the one holding pmemMount — or, with pmemOnly, that one
-// alone (it goes last). It returns what it remounted.
-func remountRO(mountsFile, pmemMount string, pmemOnly bool, log *slog.Logger) ([]string, error) {
+// filesystem but the one mounted on stateMount — or, with stateOnly, that
+// one alone (it goes last). It returns what it remounted.
+func remountRO(mountsFile, stateMount string, stateOnly bool, log *slog.Logger) ([]string, error) {
 	unix.Sync()
 	ms, err := mounts.Table(mountsFile)
 	if err != nil {
 		return nil, err
 	}
-	var order []string
-	seen := map[string]bool{}
-	pmemDir := ""
-	for i := len(ms) - 1; i >= 0; i-- {
-		m := ms[i]
-		if !strings.HasPrefix(m.Source, "/dev/") || seen[m.Source] || !slices.Contains(strings.Split(m.Opts, ","), "rw") {
-			continue
-		}
-		seen[m.Source] = true
-		if m.Dir == pmemMount {
-			pmemDir = m.Dir
-			continue
-		}
-		order = append(order, m.Dir)
-	}
-	if pmemOnly {
-		order = nil
-		if pmemDir != "" {
-			order = []string{pmemDir}
-		}
-	}
+	order := remountOrder(ms, stateMount, stateOnly)
 	var done []string
 	for _, d := range order {
 		if err := unix.Mount("", d, "", unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
@@ -556,6 +552,42 @@ func remountRO(mountsFile, pmemMount string, pmemOnly bool, log *slog.Logger) ([
 	return done, nil
 }
 
+// remountOrder is what remountRO remounts, in order, from the mount table
+// ms: each writable block-device filesystem once (by its last mount, the
+// newest first), the state's apart.
+func remountOrder(ms []mounts.Entry, stateMount string, stateOnly bool) []string {
+	// The state's filesystem by its device: mounted elsewhere too (bound
+	// into the host root, say), it is still the one to keep for last.
+	stateSource := ""
+	for _, m := range ms {
+		if m.Dir == stateMount {
+			stateSource = m.Source
+		}
+	}
+	var order []string
+	seen := map[string]bool{}
+	stateDir := ""
+	for i := len(ms) - 1; i >= 0; i-- {
+		m := ms[i]
+		if !strings.HasPrefix(m.Source, "/dev/") || seen[m.Source] || !slices.Contains(strings.Split(m.Opts, ","), "rw") {
+			continue
+		}
+		seen[m.Source] = true
+		if m.Source == stateSource {
+			stateDir = m.Dir
+			continue
+		}
+		order = append(order, m.Dir)
+	}
+	if stateOnly {
+		if stateDir == "" {
+			return nil
+		}
+		return []string{stateDir}
+	}
+	return order
+}
+
 // remountRW is remountRO's inverse.
 func remountRW(dirs []string) error {
 	var errs []error
@@ -565,4 +597,36 @@ func remountRW(dirs []string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// fileRAMGuests names the guests with RAM in a file (PMEM's shape): their
+// state directory must be on PMEM with the RAM.
+func fileRAMGuests(ts []*cpr.Target) []string {
+	var out []string
+	for _, t := range ts {
+		ram, _ := t.Proc.Cmdline.RAM()
+		if slices.ContainsFunc(ram.Backends, func(b qemuargv.MemoryBackend) bool { return b.File() != "" }) {
+			out = append(out, t.Name())
+		}
+	}
+	return out
+}
+
+// stateDirProblems judges a state directory not on PMEM (m is its
+// filesystem): right for a host whose guests' RAM is all in memfds kept
+// by LUO, when PID 1 of the new kernel mounts that filesystem (reach: what
+// unreachable says of it); wrong when some guest's RAM is in a file.
+func stateDirProblems(stateDir string, m mounts.Entry, fileRAM, reach []string) []string {
+	if len(fileRAM) > 0 {
+		return []string{fmt.Sprintf("state directory %s is on %s (%s, %s), not on PMEM mounted with dax, and %s keep RAM in files: their RAM and state would not survive the kexec. Use --state-dir on the PMEM filesystem (a state directory elsewhere is for hosts whose guests' RAM is all in memfds kept by LUO)",
+			stateDir, m.Dir, m.Source, m.Opts, strings.Join(fileRAM, ", "))}
+	}
+	var out []string
+	for _, r := range reach {
+		out = append(out, "state directory: "+r)
+	}
+	if m.FSType == "tmpfs" || m.FSType == "ramfs" {
+		out = append(out, fmt.Sprintf("state directory %s is on %s (%s): memory, lost at the kexec. Use --state-dir on the host's root filesystem, another local disk filesystem of /etc/fstab, or PMEM", stateDir, m.Dir, m.FSType))
+	}
+	return out
 }

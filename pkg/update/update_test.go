@@ -1,11 +1,13 @@
 package update
 
 import (
-	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+
+	"github.com/liveupdate/liveupdate/pkg/mounts"
 
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
@@ -73,5 +75,115 @@ func TestMountOf(t *testing.T) {
 	e.Root = "/newroot"
 	if g := e.Root.QEMU("/newroot/mnt/pmem"); g != "/mnt/pmem" {
 		t.Errorf("QEMU's view of /newroot/mnt/pmem = %s", g)
+	}
+}
+
+// TestBuildCmdlineStateOnRoot: a state directory off PMEM (an all-LUO
+// host) puts the manifest's path on the command line and no lu.pmem.
+func TestBuildCmdlineStateOnRoot(t *testing.T) {
+	tests := []struct {
+		name, cur string
+		want      []string
+		wantNot   []string
+	}{
+		{name: "no PMEM at all", cur: "root=LABEL=host console=ttyS0 kho=on liveupdate=on lu.root=LABEL=host",
+			want: []string{"lu.manifest=/var/lib/liveupdate/manifest.json", "lu.root=LABEL=host", "kho=on"}, wantNot: []string{"lu.pmem"}},
+		{name: "lu.pmem of the running kernel dropped", cur: "root=/dev/vda memmap=512M!1G lu.pmem=/dev/pmem0 lu.format_pmem=1",
+			want: []string{"lu.manifest=/var/lib/liveupdate/manifest.json", "lu.root=/dev/vda", "memmap=512M!1G"}, wantNot: []string{"lu.pmem", "lu.format_pmem"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, probs := buildCmdline(tt.cur, "", "", "", "/var/lib/liveupdate", false)
+			if len(probs) > 0 {
+				t.Fatalf("problems: %v", probs)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(" "+got+" ", " "+w+" ") {
+					t.Errorf("%q lacks %q", got, w)
+				}
+			}
+			for _, w := range tt.wantNot {
+				if strings.Contains(got, w) {
+					t.Errorf("%q has %q", got, w)
+				}
+			}
+			p, err := bootparams.Parse(got)
+			if err != nil {
+				t.Fatalf("PID 1 would refuse %q: %v", got, err)
+			}
+			if p.Manifest != "/var/lib/liveupdate/manifest.json" || p.PMEM != "" {
+				t.Errorf("PID 1 reads manifest %q, PMEM %q", p.Manifest, p.PMEM)
+			}
+		})
+	}
+}
+
+// TestStateDirProblems: a state directory off PMEM is refused when a guest
+// keeps RAM in a file, or when it is in memory; passes reach's problems on.
+func TestStateDirProblems(t *testing.T) {
+	root := mounts.Entry{Source: "/dev/vda1", Dir: "/", FSType: "ext4", Opts: "rw,relatime"}
+	tests := []struct {
+		name    string
+		m       mounts.Entry
+		fileRAM []string
+		reach   []string
+		want    []string // substrings, one per problem; none: no problem
+	}{
+		{name: "all memfd, on the root", m: root},
+		{name: "a guest with RAM in a file", m: root, fileRAM: []string{"vm1", "vm3"},
+			want: []string{"not on PMEM mounted with dax, and vm1, vm3 keep RAM in files"}},
+		{name: "on tmpfs", m: mounts.Entry{Source: "tmpfs", Dir: "/run", FSType: "tmpfs", Opts: "rw"},
+			reach: []string{"--state-dir /run/lu is on the filesystem mounted on /run (tmpfs, tmpfs), which the host's /etc/fstab does not list"},
+			want:  []string{"state directory: --state-dir /run/lu", "memory, lost at the kexec"}},
+		{name: "on a disk PID 1 does not mount", m: mounts.Entry{Source: "/dev/vdb", Dir: "/srv", FSType: "ext4", Opts: "rw"},
+			reach: []string{"--state-dir /srv/lu is on the filesystem mounted on /srv (/dev/vdb, ext4), which the host's /etc/fstab does not list"},
+			want:  []string{"state directory: --state-dir /srv/lu"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := stateDirProblems("/x/lu", tt.m, tt.fileRAM, tt.reach)
+			if len(got) != len(tt.want) {
+				t.Fatalf("problems %q, want %d", got, len(tt.want))
+			}
+			for i, w := range tt.want {
+				if !strings.Contains(got[i], w) {
+					t.Errorf("problem %q lacks %q", got[i], w)
+				}
+			}
+		})
+	}
+}
+
+// TestRemountOrder: the state directory's filesystem is left for last
+// wherever else it is mounted (bound into the host root); each filesystem
+// once; only writable block devices.
+func TestRemountOrder(t *testing.T) {
+	ms := []mounts.Entry{
+		{Source: "/dev/vda1", Dir: "/newroot", Opts: "rw"},
+		{Source: "proc", Dir: "/newroot/proc", Opts: "rw"},
+		{Source: "/dev/vdb", Dir: "/newroot/srv/images", Opts: "rw"},
+		{Source: "/dev/vdc", Dir: "/newroot/mnt/ro", Opts: "ro"},
+		{Source: "/dev/pmem0", Dir: "/mnt/pmem", Opts: "rw,dax=always"},
+		{Source: "/dev/pmem0", Dir: "/newroot/mnt/pmem", Opts: "rw,dax=always"},
+		{Source: "/dev/vda1", Dir: "/newroot/var/lib/bound", Opts: "rw"},
+	}
+	tests := []struct {
+		name, state string
+		only        bool
+		want        []string
+	}{
+		{name: "PMEM state: others", state: "/newroot/mnt/pmem", want: []string{"/newroot/var/lib/bound", "/newroot/srv/images"}},
+		{name: "PMEM state: last", state: "/newroot/mnt/pmem", only: true, want: []string{"/newroot/mnt/pmem"}},
+		{name: "PMEM state by its other mount", state: "/mnt/pmem", only: true, want: []string{"/newroot/mnt/pmem"}},
+		{name: "root state: others", state: "/newroot", want: []string{"/newroot/mnt/pmem", "/newroot/srv/images"}},
+		{name: "root state: last, by its newest mount", state: "/newroot", only: true, want: []string{"/newroot/var/lib/bound"}},
+		{name: "state on no block device", state: "/run", only: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := remountOrder(ms, tt.state, tt.only); !slices.Equal(got, tt.want) {
+				t.Errorf("remountOrder = %q, want %q", got, tt.want)
+			}
+		})
 	}
 }
