@@ -49,7 +49,7 @@ func TestLUOUpdate(t *testing.T) {
 		if t.Failed() {
 			h.use(t)
 			h.conn = nil
-			h.run("tail -n 25 /newroot"+luoSerialLog, 30*time.Second)
+			h.run("tail -n 25 "+h.console(), 30*time.Second)
 		}
 	})
 	h.waitFor(`liveupdate: READY in`, 3*time.Minute)

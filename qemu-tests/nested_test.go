@@ -2,6 +2,7 @@ package qemutests
 
 import (
 	"bufio"
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -94,6 +95,10 @@ type nestedHost struct {
 	conn   net.Conn
 	r      *bufio.Reader
 	images string // the images disk (ext4 holding inner.qcow2), on this machine
+	// stateDir is liveupdate's state directory and serialLog the inner
+	// guest's console as the host's shell sees them ("": on PMEM,
+	// /mnt/pmem/liveupdate and /mnt/pmem/inner-serial.log).
+	stateDir, serialLog string
 	// noAnswer is closed when sendNoAnswer's reader of r has returned;
 	// output stops that reader first (a bufio.Reader read from two
 	// goroutines at once corrupts itself: CI saw it panic).
@@ -116,6 +121,7 @@ type nestedBoot struct {
 	kernel, initrd string
 	rootEnv        []string // for scripts/hostroot.sh (LUO_KERNEL=…)
 	cmdline        []string // more kernel parameters
+	images         []string // more empty qcow2 images on the images disk (QEMU's paths)
 	// noPMEM boots the host without memmap= and lu.pmem: nothing of the
 	// guests on PMEM (an all-LUO host; state on the root filesystem).
 	noPMEM bool
@@ -141,8 +147,11 @@ func bootNestedHostOn(t *testing.T, nb nestedBoot) *nestedHost {
 	tree := filepath.Join(dir, "images")
 	os.MkdirAll(tree, 0o755)
 	images := filepath.Join(dir, "images.img")
-	for _, c := range [][]string{{"qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(tree, filepath.Base(innerImage)), "64M"},
-		{"mkfs.ext4", "-q", "-F", "-L", "lu-images", "-d", tree, images, "128M"}} {
+	var mk [][]string
+	for _, im := range append([]string{innerImage}, nb.images...) {
+		mk = append(mk, []string{"qemu-img", "create", "-q", "-f", "qcow2", filepath.Join(tree, filepath.Base(im)), "64M"})
+	}
+	for _, c := range append(mk, []string{"mkfs.ext4", "-q", "-F", "-L", "lu-images", "-d", tree, images, "128M"}) {
 		if out, err := exec.Command(c[0], c[1:]...).CombinedOutput(); err != nil {
 			t.Fatalf("%v: %v %s", c, err, out)
 		}
@@ -158,6 +167,10 @@ func bootNestedHostOn(t *testing.T, nb nestedBoot) *nestedHost {
 	t.Cleanup(func() { exec.Command("ip", "netns", "del", nestNS).Run() })
 
 	h := &nestedHost{top: t, ctl: filepath.Join(dir, "ctl.sock"), images: images}
+	if nb.noPMEM {
+		h.stateDir = "/newroot/var/lib/liveupdate" // liveupdate's default, on the host root
+		h.serialLog = "/newroot" + luoSerialLog
+	}
 	lu := []string{"lu.pmem=/dev/pmem0", "lu.format_pmem=1", "lu.root=LABEL=lu-hostroot", "lu.control=/dev/ttyS1"}
 	if nb.noPMEM {
 		lu = lu[2:]
@@ -745,7 +758,8 @@ func (h *nestedHost) stopNoAnswer() {
 // boundaries of the run's timeline (the kexec is measured by the TSC,
 // which the test checks). It returns the summary and the timeline.
 func (h *nestedHost) split() (string, *timeline.Timeline) {
-	out, code := h.run("liveupdate status --state-dir /mnt/pmem/liveupdate --json --svg /mnt/pmem/liveupdate/last.svg --prom /mnt/pmem/liveupdate/last.prom", time.Minute)
+	sd := cmp.Or(h.stateDir, "/mnt/pmem/liveupdate")
+	out, code := h.run(fmt.Sprintf("liveupdate status --state-dir %s --json --svg %s/last.svg --prom %s/last.prom", sd, sd, sd), time.Minute)
 	var tl timeline.Timeline
 	if err := json.Unmarshal([]byte(strings.Split(out, "@@LU-EXIT")[0]), &tl); code != 0 || err != nil {
 		h.t.Errorf("status after the update: exit %d, %v", code, err)
@@ -867,10 +881,10 @@ func recordNestedSoak(t *testing.T, h *nestedHost, n int, kernel string) {
 }
 
 // innerAcks returns the highest "ACK n" of the inner guest's disk writer
-// among the last lines of its console (a file on the host's PMEM); a disk
-// writer that stopped fails the test.
+// among the last lines of its console (a file on the host's PMEM, or its
+// root); a disk writer that stopped fails the test.
 func (h *nestedHost) innerAcks(t testing.TB) uint64 {
-	out, _ := h.output("tail -n 200 /mnt/pmem/inner-serial.log", time.Minute)
+	out, _ := h.output("tail -n 200 "+h.console(), time.Minute)
 	ns, errLine := parseAcks([]byte(strings.Split(out, "@@LU-EXIT")[0]))
 	if errLine != "" {
 		t.Fatalf("the inner guest's disk writer stopped: %s", errLine)
@@ -882,10 +896,13 @@ func (h *nestedHost) innerAcks(t testing.TB) uint64 {
 // n: its disk works on the QEMU that runs it now.
 func (h *nestedHost) waitAcksPast(t testing.TB, n uint64, d time.Duration) uint64 {
 	return waitAckPast(t, n, d, 5*time.Second, func() uint64 { return h.innerAcks(t) }, func() string {
-		out, _ := h.output("tail -n 20 /mnt/pmem/inner-serial.log", time.Minute)
+		out, _ := h.output("tail -n 20 "+h.console(), time.Minute)
 		return "; its console:\n" + out
 	})
 }
+
+// console is the inner guest's serial log as the host's shell sees it.
+func (h *nestedHost) console() string { return cmp.Or(h.serialLog, "/mnt/pmem/inner-serial.log") }
 
 // checkInnerDisk powers the inner guest down (ACPI: its disk writer
 // finishes the record in flight), unmounts the host's images filesystem

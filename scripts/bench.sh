@@ -5,7 +5,8 @@
 # measurements, and a miss is explained in the text of docs/benchmarks.md.
 #
 #   BENCH_RUNS=10 (runs per benchmark)   BENCH_NESTED=5 (nested updates)
-#   BENCH_ONLY=local|nested (one half)   BENCH_REUSE=1 (rewrite the report only)
+#   BENCH_LUO=5 (updates of the PMEM+LUO host, P10)
+#   BENCH_ONLY=local|nested|luo (one part)   BENCH_REUSE=1 (rewrite the report only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${BENCH_RUNS:-10}
@@ -16,18 +17,26 @@ work=.cache/bench
 mkdir -p "$work"
 
 local_cmd="go test -count=1 -timeout 90m -run '^\$' -bench . -benchtime ${runs}x ./qemu-tests"
+luo=${BENCH_LUO:-5}
+luo_cmd="LIVEUPDATE_LUO_N=$luo LIVEUPDATE_BENCH_OUT=FILE go test -count=1 -timeout 90m -run '^TestLUOBesidePMEM\$' ./qemu-tests"
 nested_cmd="LIVEUPDATE_NESTED_N=$nested LIVEUPDATE_NESTED_FULL=1 LIVEUPDATE_BENCH_OUT=FILE go test -count=1 -timeout 90m -run 'TestNestedUpdate/(CrashBeforeKexec|Update|Corrupt)' ./qemu-tests"
 
 # BENCH_ONLY=local or nested runs one half and keeps the other's raw data.
 only=${BENCH_ONLY:-}
 if [ -z "${BENCH_REUSE:-}" ]; then
-	if [ "$only" != nested ]; then
+	if [ -z "$only" ] || [ "$only" = luo ]; then
+		rm -f "$work/luo.jsonl" "$work/luo.log"
+		echo "== PMEM and LUO guests on one host (P10): $luo_cmd"
+		eval "${luo_cmd/FILE/$work/luo.jsonl}" 2>&1 | tee "$work/luo.log" | grep -E '^(ok|FAIL|---|    ---)' || true
+		date -u +%F >"$work/luo.date"
+	fi
+	if [ "$only" != nested ] && [ "$only" != luo ]; then
 		rm -f "$work/local.log"
 		echo "== local restarts (P1–P4): $local_cmd"
 		eval "$local_cmd" 2>&1 | tee "$work/local.log" | grep -E '^(BENCH|Benchmark|ok|FAIL|---)' || true
 		date -u +%F >"$work/local.date"
 	fi
-	if [ "$only" != local ]; then
+	if [ "$only" != local ] && [ "$only" != luo ]; then
 		rm -f "$work/nested.jsonl" "$work/nested.log"
 		echo "== nested updates (P5, P6): $nested_cmd"
 		eval "${nested_cmd/FILE/$work/nested.jsonl}" 2>&1 | tee "$work/nested.log" | grep -E '^(ok|FAIL|---|    ---)' || true
@@ -36,9 +45,9 @@ if [ -z "${BENCH_REUSE:-}" ]; then
 fi
 old=$(cat .cache/kernels/old/version)
 new=$(cat .cache/kernels/new/version)
-python3 - "$work" "$runs" "$nested" "$local_cmd" "$nested_cmd" "$old" "$new" <<'PY' >docs/benchmarks.new
+python3 - "$work" "$runs" "$nested" "$local_cmd" "$nested_cmd" "$old" "$new" "$luo_cmd" <<'PY' >docs/benchmarks.new
 import json, os, re, statistics, subprocess, sys, datetime
-work, runs, nested, local_cmd, nested_cmd, old, new = sys.argv[1:]
+work, runs, nested, local_cmd, nested_cmd, old, new, luo_cmd = sys.argv[1:]
 def sh(c): return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
 benches = {}
 for line in open(f"{work}/local.log"):
@@ -66,6 +75,7 @@ print(f"- QEMU: {qemu}, **TCG** (no KVM on this machine)")
 print(f"- Guests: the heartbeat test guest (Debian kernel {new}), RAM in a shared `memory-backend-file` on /dev/shm")
 print(f"- Local restarts: `{local_cmd}`")
 print(f"- Nested updates: `{nested_cmd}` ({old} ⇄ {new}, outer host under TCG, inner guest nested TCG)")
+print(f"- PMEM and LUO on one host (P10): `{luo_cmd}` (the LUO test kernel into itself, {when('luo')})")
 print("- Blackout = new QEMU's RESUME − old QEMU's STOP (QMP event times); across a kexec both are on one axis")
 print("  carried by the TSC (see README, `status`), with the error bound shown.\n")
 print("| id | what | target | median | min – max | runs | verdict |")
@@ -99,6 +109,21 @@ if all(p11):
     for x in p11:
         row("P11", f"LUO: preserve (old kernel) + retrieve (new kernel) of a {x['ram_mib']} MiB memfd, half holes", "— (how it grows with RAM)",
             f"{x['preserve_median_ms']} + {x['retrieve_median_ms']} ms", f"{x['preserve_min_ms']}+{x['retrieve_min_ms']}", f"{x['preserve_max_ms']}+{x['retrieve_max_ms']} ms", x["samples"], None)
+luo_rows = [json.loads(l) for l in open(f"{work}/luo.jsonl")] if os.path.exists(f"{work}/luo.jsonl") else []
+both = [r for r in luo_rows if "twin_blackout_ms" in r]
+alone = [r for r in luo_rows if "twin_blackout_ms" not in r and "inner_blackout_ms" in r]
+if both:
+    pm, lu = [r["inner_blackout_ms"] for r in both], [r["twin_blackout_ms"] for r in both]
+    ratio = statistics.median(lu) / statistics.median(pm)
+    row("P10", "one update, PMEM and LUO guests side by side (same guest, 160 MiB): LUO blackout vs PMEM's", "within 10 %",
+        f"{statistics.median(lu)/1000:.2f} vs {statistics.median(pm)/1000:.2f} s ({(ratio-1)*100:+.1f} %)", f"{min(lu)/1000:.2f}", f"{max(lu)/1000:.2f} s (LUO)", len(both), abs(ratio - 1) <= 0.10)
+    pa, la = [r["inner_after_kernel_ms"] for r in both], [r["twin_after_kernel_ms"] for r in both]
+    row("P10", "the same, each guest's own part after the new kernel's boot (PID 1, its QEMU's start-up, load, resume)", "—",
+        f"{statistics.median(la):.0f} vs {statistics.median(pa):.0f} ms", f"{min(la):.0f}", f"{max(la):.0f} ms (LUO)", len(both), None)
+if both and alone:
+    kb, ka = [r["kernel_boot_ms"] for r in both], [r["kernel_boot_ms"] for r in alone]
+    row("P10", "the new kernel's boot with a 160 MiB memfd preserved vs with nothing preserved (same host, same kernel)", "—",
+        f"{statistics.median(kb)/1000:.2f} vs {statistics.median(ka)/1000:.2f} s", f"{min(kb)/1000:.2f}", f"{max(kb)/1000:.2f} s (preserved)", f"{len(both)}+{len(alone)}", None)
 if rows:
     frac = [(r["blackout_ms"] - r["kernel_boot_ms"]) / r["blackout_ms"] * 100 for r in rows]
     m, lo, hi = mmm(frac)
@@ -111,6 +136,14 @@ if img:
     mib = os.path.getsize(img) / 2**20
     row("P7", f"initramfs, compressed ({os.path.basename(img)})", "≤ 25 MiB", f"{mib:.1f} MiB", "", "", 1, mib <= 25)
 print()
+if luo_rows:
+    print("PMEM and LUO guests on one host (P10), one line per update (ms; inner: RAM on PMEM, twin: RAM in a memfd kept by LUO; the last lines with the twin stopped):\n")
+    print("| update | guests | kexec | kernel boot | inner blackout | twin blackout | inner after kernel | twin after kernel |")
+    print("|---|---|---|---|---|---|---|---|")
+    f = lambda r, k: f"{r[k]:.0f}" if k in r else "—"
+    for r in luo_rows:
+        print(f"| {r['update']} | {', '.join(r['guests'])} | {f(r,'kexec_ms')} | {f(r,'kernel_boot_ms')} | {f(r,'inner_blackout_ms')} | {f(r,'twin_blackout_ms')} | {f(r,'inner_after_kernel_ms')} | {f(r,'twin_after_kernel_ms')} |")
+    print()
 if rows:
     print("Nested updates, one line each (ms; `kexec` = sync, unmount, kexec and purgatory until the new kernel starts):\n")
     print("| to | blackout | kexec | kernel boot | PID 1 → running | of which modules | devices | TCP gap seen outside | clock |")

@@ -1,0 +1,208 @@
+package qemutests
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/pid1"
+	"github.com/liveupdate/liveupdate/pkg/timeline"
+)
+
+// twinAddr is the LUO twin's address on the nested host's bridge.
+const twinAddr = "10.80.0.4"
+
+// twinImage is the twin's disk, beside the inner guest's on the images
+// filesystem.
+const twinImage = imagesDir + "/twin.qcow2"
+
+// besideHostConfig is a nested host with both backends at once: the inner
+// guest of nestedHostConfig, RAM on PMEM, and its twin — the same guest,
+// its own disk, tap and address — with its RAM in a memfd kept by LUO.
+func besideHostConfig() pid1.HostConfig {
+	hc := nestedHostConfig()
+	hc.Network.Taps = append(hc.Network.Taps, manifest.Tap{Name: "vnet1", MAC: "fe:54:00:dd:00:04", MTU: 1500,
+		Flags: unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR, Queues: 1, Master: "br0", Up: true})
+	hc.Cgroups = append(hc.Cgroups, manifest.Cgroup{Path: "/machine.slice/twin", Limits: map[string]string{"pids.max": "256", "cpu.weight": "150"}})
+	twin := pid1.Guest{Name: "twin", Cgroup: "/machine.slice/twin", MemfdMiB: []int{160}}
+	for _, a := range hc.Guests[0].Argv {
+		for _, r := range [][2]string{
+			{"mem-path=/mnt/pmem/inner.ram", "mem-path=/proc/self/fd/3"},
+			{"/mnt/pmem/inner-serial.log", "/mnt/pmem/twin-serial.log"},
+			{innerImage, twinImage}, {"hb.ip=" + innerAddr, "hb.ip=" + twinAddr},
+			{"/run/inner", "/run/twin"}, {"ifname=vnet0", "ifname=vnet1"}, {"mac=52:54:00:dd:00:03", "mac=52:54:00:dd:00:05"},
+		} {
+			a = strings.ReplaceAll(a, r[0], r[1])
+		}
+		if a == "inner" {
+			a = "twin"
+		}
+		twin.Argv = append(twin.Argv, a)
+	}
+	hc.Guests = append(hc.Guests, twin)
+	return hc
+}
+
+// TestLUOBesidePMEM (tier 4, make bench's P10; make soak): PMEM and LUO
+// guests on one host, through live updates of the LUO test kernel into
+// itself: the inner guest's RAM on PMEM, its twin's in a memfd, both
+// restored by each update (heartbeat, same boot id, RAM checksum), their
+// blackouts side by side. Then the twin is stopped and the inner guest
+// updated alone, with nothing for LUO to keep: how much of the new
+// kernel's boot the preserved memfd costs. LIVEUPDATE_LUO_N updates with
+// both (default 2), two alone; with LIVEUPDATE_BENCH_OUT, one JSON line
+// per update there.
+//
+// make test leaves it out: TestLUOUpdate (a host with no PMEM at all) is
+// its LUO tier, and the half hour cannot hold a third nested host.
+func TestLUOBesidePMEM(t *testing.T) {
+	if os.Getenv("LIVEUPDATE_NESTED_FULL") == "" && os.Getenv("LIVEUPDATE_LUO_N") == "" {
+		t.Skip("PMEM and LUO guests on one host: set LIVEUPDATE_NESTED_FULL=1 or LIVEUPDATE_LUO_N (make bench and make soak do)")
+	}
+	n := 2
+	if s := os.Getenv("LIVEUPDATE_LUO_N"); s != "" {
+		n, _ = strconv.Atoi(s)
+	}
+	kdir := luoKernel(t)
+	kver := strings.TrimSpace(readFile(t, kdir+"/version"))
+	h := bootNestedHostOn(t, nestedBoot{config: besideHostConfig(),
+		kernel: kdir + "/bzImage", initrd: repoRoot + "/.cache/hostroot/initramfs-" + kver + ".img",
+		rootEnv: []string{"LUO_KERNEL=" + kdir}, cmdline: []string{"kho=on", "liveupdate=on"}, images: []string{twinImage}})
+	t.Cleanup(func() {
+		if t.Failed() {
+			h.use(t)
+			h.conn = nil
+			h.run("tail -n 25 /mnt/pmem/inner-serial.log /mnt/pmem/twin-serial.log", 30*time.Second)
+		}
+	})
+	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
+	h.waitFor(`liveupdate: started guest twin pid \d+`, time.Minute)
+	states := map[string]string{"inner": innerAddr + ":7008", "twin": twinAddr + ":7008"}
+	first := map[string]beat{}
+	for name, addr := range states {
+		first[name], _ = waitGuestState(t, nestNS, addr, 10*time.Minute)
+		t.Logf("%s up on %s: %+v", name, kver, first[name])
+	}
+	const lu = "liveupdate %s --root /newroot --state-dir /mnt/pmem/liveupdate"
+	kargs := fmt.Sprintf(" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", kver, kver)
+
+	t.Run("Plan", func(t *testing.T) {
+		defer h.use(t)()
+		out, code := h.run(fmt.Sprintf(lu, "update")+" --dry-run"+kargs, 2*time.Minute)
+		if code != 0 || !regexp.MustCompile(`(?m)^  inner \(pid \d+\): safe; RAM: ram0 file /mnt/pmem/inner.ram$`).MatchString(out) ||
+			!regexp.MustCompile(`(?m)^  twin \(pid \d+\): safe; RAM: ram0 memfd-fd`).MatchString(out) {
+			t.Errorf("update --dry-run: exit %d, want 0 with inner's RAM a file and twin's a memfd", code)
+		}
+	})
+	if t.Failed() {
+		return
+	}
+	updates, boots := 0, 1 // kernels this host has booted: the cold one first
+	update := func(t *testing.T, guests []string) {
+		defer h.use(t)()
+		before := map[string]beat{}
+		for _, g := range guests {
+			before[g], _ = waitGuestState(t, nestNS, states[g], 4*time.Minute)
+		}
+		h.sendNoAnswer(fmt.Sprintf(lu, "update")+" --keep-control"+kargs, "the update returned instead of rebooting")
+		boots++
+		m := h.waitForNth(fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start[^\n]*guests running: (\d+)`, regexp.QuoteMeta(kver)), boots, 5*time.Minute)
+		if m[2] != strconv.Itoa(len(guests)) {
+			t.Fatalf("%s guests running after the kexec, want %d", m[2], len(guests))
+		}
+		for _, g := range guests {
+			after, _ := waitGuestState(t, nestNS, states[g], 4*time.Minute)
+			if after.boot != first[g].boot || after.seq <= before[g].seq || after.mem != "ok" {
+				t.Fatalf("%s after the update: %+v, before %+v (first %+v)", g, after, before[g], first[g])
+			}
+		}
+		h.conn.Close()
+		h.conn = nil
+		time.Sleep(100 * time.Millisecond)
+		split, tl := h.split()
+		updates++
+		t.Logf("update %d (%s): %s", updates, strings.Join(guests, ", "), split)
+		recordBesideBench(t, tl, updates, guests)
+	}
+	for i := range n {
+		if !t.Run(fmt.Sprintf("Both%d", i+1), func(t *testing.T) { update(t, []string{"inner", "twin"}) }) {
+			return
+		}
+	}
+	// The twin stopped (its QEMU told to quit: PID 1 has finished the
+	// session, nothing of it is kept): the inner guest alone, nothing for
+	// LUO to keep.
+	t.Run("StopTwin", func(t *testing.T) {
+		defer h.use(t)()
+		if out, code := h.run(qmpsend+" /run/twin.qmp quit", time.Minute); code != 0 {
+			t.Fatalf("quitting the twin: exit %d: %s", code, out)
+		}
+		deadline := time.Now().Add(time.Minute)
+		for {
+			out, _ := h.output(fmt.Sprintf(lu, "plan")+" --json", time.Minute)
+			if !strings.Contains(out, `"vm": "twin"`) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the twin's QEMU is still there after quit")
+			}
+			time.Sleep(time.Second)
+		}
+	})
+	for i := range 2 {
+		if !t.Run(fmt.Sprintf("Alone%d", i+1), func(t *testing.T) { update(t, []string{"inner"}) }) {
+			return
+		}
+	}
+}
+
+// recordBesideBench appends one update's figures to $LIVEUPDATE_BENCH_OUT
+// for make bench's P10: each guest's blackout, the new kernel's boot, and
+// each guest's own part after the kernel (PID 1 before its restore, then
+// its QEMU's exec, start-up, load and resume). It measures; it asserts
+// nothing.
+func recordBesideBench(t *testing.T, tl *timeline.Timeline, n int, guests []string) {
+	path := os.Getenv("LIVEUPDATE_BENCH_OUT")
+	if path == "" || tl == nil {
+		return
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+	rec := map[string]any{"update": n, "guests": guests}
+	for _, s := range tl.Spans {
+		if s.Row == "host" && (s.Name == "kernel boot" || s.Name == "kexec") {
+			rec[strings.ReplaceAll(s.Name, " ", "_")+"_ms"] = ms(s.Took())
+		}
+	}
+	var kernelUp time.Time
+	for _, s := range tl.Spans {
+		if s.Row == "host" && s.Name == "kernel boot" {
+			kernelUp = s.End
+		}
+	}
+	for _, g := range tl.Guests {
+		if !slices.Contains(guests, g.Name) {
+			continue
+		}
+		rec[g.Name+"_blackout_ms"] = ms(g.Blackout)
+		if !kernelUp.IsZero() {
+			rec[g.Name+"_after_kernel_ms"] = ms(g.Resumed.Sub(kernelUp))
+		}
+	}
+	b, _ := json.Marshal(rec)
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Logf("bench record: %v", err)
+		return
+	}
+	defer f.Close()
+	f.Write(append(b, '\n'))
+}
