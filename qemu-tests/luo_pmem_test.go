@@ -58,7 +58,8 @@ func besideHostConfig() pid1.HostConfig {
 // restored by each update (heartbeat, same boot id, RAM checksum), their
 // blackouts side by side. Then the twin is stopped and the inner guest
 // updated alone, with nothing for LUO to keep: how much of the new
-// kernel's boot the preserved memfd costs. LIVEUPDATE_LUO_N updates with
+// kernel's boot the preserved memfd costs. Last, a memfd the new kernel
+// does not hand back: that guest alone fails. LIVEUPDATE_LUO_N updates with
 // both (default 2), two alone; with LIVEUPDATE_BENCH_OUT, one JSON line
 // per update there.
 //
@@ -163,6 +164,45 @@ func TestLUOBesidePMEM(t *testing.T) {
 			return
 		}
 	}
+	// A memfd the new kernel does not hand back: a paused guest, spare,
+	// its RAM in a memfd, updated beside inner with its LUO token moved in
+	// the manifest to one no session keeps (fault losetoken, just after the
+	// manifest is written). inner runs; spare alone fails, named, its state
+	// file and manifest record kept; PID 1 keeps the session and stays init.
+	t.Run("LostToken", func(t *testing.T) {
+		defer h.use(t)()
+		h.run("liveupdate exec-memfd --mib 32 -- chroot /newroot /usr/bin/qemu-system-x86_64 -name spare -S -accel tcg -m 32 "+
+			"-machine pc,memory-backend=m0 -object memory-backend-file,id=m0,size=32M,mem-path=/proc/self/fd/3,share=on "+
+			"-nodefaults -display none -qmp unix:/run/spare.qmp,server=on,wait=off -daemonize -pidfile /run/spare.pid", time.Minute)
+		before, _ := waitGuestState(t, nestNS, states["inner"], 4*time.Minute)
+		h.sendNoAnswer("LIVEUPDATE_FAULT=kexec-record=losetoken LIVEUPDATE_FAULT_VM=spare /newroot/usr/sbin/liveupdate-fault update --root /newroot --state-dir /mnt/pmem/liveupdate --keep-control"+kargs,
+			"the update returned instead of rebooting")
+		boots++
+		m := h.waitForNth(fmt.Sprintf(`(?s)Linux version %s .*?liveupdate: READY in ([0-9.]+)ms after PID 1 start[^\n]*guests running: (\d+)`, regexp.QuoteMeta(kver)), boots, 5*time.Minute)
+		if m[2] != "1" {
+			t.Fatalf("%s guests running after the kexec, want 1 (inner)", m[2])
+		}
+		h.waitFor(`guest RAM not retrieved from the LUO session[^\n]*vm=spare`, time.Minute)
+		h.waitFor(`guests not running whose RAM PID 1 alone holds[^\n]*spare`, time.Minute)
+		after, _ := waitGuestState(t, nestNS, states["inner"], 4*time.Minute)
+		if after.boot != first["inner"].boot || after.seq <= before.seq || after.mem != "ok" {
+			t.Fatalf("inner after the update: %+v, before %+v", after, before)
+		}
+		if out, _ := h.run("ls /mnt/pmem/liveupdate", time.Minute); !regexp.MustCompile(`(?m)^spare\.state\s*$`).MatchString(out) {
+			t.Errorf("spare's state file is gone")
+		}
+		out, _ := h.output("cat /mnt/pmem/liveupdate/manifest.json", time.Minute)
+		var man manifest.Manifest
+		if err := json.Unmarshal([]byte(strings.Split(out, "@@LU-EXIT")[0]), &man); err != nil {
+			t.Fatalf("the manifest after the update: %v", err)
+		}
+		for _, v := range man.VMs {
+			t.Logf("manifest: %s %s %s", v.Name, v.Status, v.Error)
+			if v.Name == "spare" && (v.Status != manifest.StatusFailed || !strings.Contains(v.Error, "LUO")) {
+				t.Errorf("spare in the manifest: %s (%s), want failed, saying why", v.Status, v.Error)
+			}
+		}
+	})
 }
 
 // recordBesideBench appends one update's figures to $LIVEUPDATE_BENCH_OUT

@@ -112,6 +112,7 @@ func TestLUOUpdate(t *testing.T) {
 	}
 	t.Run("Update", func(t *testing.T) {
 		defer h.use(t)()
+		h.waitAgent(t, "inner", 8*time.Minute) // for PID 1 to put its clock right after the kexec
 		echo.takeGap()
 		before, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
 		start := time.Now()
@@ -121,11 +122,13 @@ func TestLUOUpdate(t *testing.T) {
 			t.Fatalf("%s guests running after the kexec, want 1", m[2])
 		}
 		h.waitFor(`LUO session finished: every guest with memfd RAM runs`, time.Minute)
-		after, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
+		clock := h.waitClockFix(1)
+		after, lag := waitGuestState(t, nestNS, state, 4*time.Minute)
 		acks = h.waitAcksPast(t, acks, 4*time.Minute)
 		if after.boot != first.boot || after.seq <= before.seq || after.mem != "ok" {
 			t.Fatalf("inner guest after the update: %+v, before %+v (first %+v)", after, before, first)
 		}
+		checkClock(t, clock, lag)
 		gap, err := echo.takeGap()
 		if err != nil {
 			t.Fatalf("the TCP connection opened before the update broke: %v", err)
@@ -133,7 +136,8 @@ func TestLUOUpdate(t *testing.T) {
 		h.conn.Close()
 		h.conn = nil
 		time.Sleep(100 * time.Millisecond)
-		split, _ := h.split()
+		split, tl := h.split()
+		checkTimeline(t, tl, kver)
 		t.Logf("LUO update %s → %s: TCP echo longest gap %s; wall time %s; PID 1 start→ready %s ms; disk ACKs past %d\n%s",
 			kver, kver, gap.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], acks, split)
 	})

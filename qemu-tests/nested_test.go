@@ -369,20 +369,7 @@ func TestNestedUpdate(t *testing.T) {
 	state := innerAddr + ":7008"
 	first, _ := waitGuestState(t, nestNS, state, 8*time.Minute) // nested TCG: minutes
 	t.Logf("inner guest up: %+v", first)
-	// The guest agent comes up minutes after the guest's network under
-	// nested emulation: wait until it answers, so that the updates can put
-	// the guest's clock right.
-	agentDeadline := time.Now().Add(8 * time.Minute)
-	for {
-		out, code := h.run("liveupdate sync-clock --root /newroot --state-dir /mnt/pmem/liveupdate --timeout 20s inner", time.Minute)
-		if code == 0 {
-			break
-		}
-		if time.Now().After(agentDeadline) {
-			t.Fatalf("the inner guest's agent never answered: %s", out)
-		}
-		time.Sleep(5 * time.Second)
-	}
+	h.waitAgent(t, "inner", 8*time.Minute)
 	// The disk writer writes and acknowledges; the napper is paused.
 	acks := h.waitAcksPast(t, 0, 5*time.Minute)
 	nap := startNapper(t, h)
@@ -514,8 +501,7 @@ func TestNestedUpdate(t *testing.T) {
 				t.Fatalf("%s guests running after kexec, want 1, and%s, want the napper paused", m[3], m[4])
 			}
 			m[4] = m[5]
-			// PID 1 corrects the guest's clock just after READY.
-			clock := h.waitForNth(`msg="guest clock (corrected|not corrected)"`, i+1, cpr.ClockFixTimeout+time.Minute)
+			clock := h.waitClockFix(i + 1)
 			after, lag := waitGuestState(t, nestNS, state, 4*time.Minute)
 			acks = h.waitAcksPast(t, acks, 4*time.Minute)
 			nap.check(t, fmt.Sprintf("after update %d", i+1))
@@ -525,10 +511,7 @@ func TestNestedUpdate(t *testing.T) {
 			if after.seq <= before.seq || after.seq <= prev.seq || after.mem != "ok" {
 				t.Fatalf("heartbeat %+v after, %+v before", after, before)
 			}
-			if clock[1] != "corrected" || lag < -2*time.Second || lag > 2*time.Second {
-				t.Errorf("guest clock %s by PID 1, off by %s", clock[1], lag)
-			}
-			t.Logf("guest clock %s by PID 1; guest clock − host clock = %s", clock[1], lag.Round(time.Millisecond))
+			checkClock(t, clock, lag)
 			if fr != nil {
 				t.Run("OneRestoreFails", func(t *testing.T) {
 					defer h.use(t)()
@@ -544,12 +527,7 @@ func TestNestedUpdate(t *testing.T) {
 			h.conn = nil
 			time.Sleep(100 * time.Millisecond)
 			split, tl := h.split()
-			// The time across the kexec was carried by the TSC, to
-			// milliseconds even under nested emulation; the RTC would give
-			// ±1 s.
-			if tl == nil || tl.ClockSource != "tsc" || tl.Uncertainty <= 0 || tl.Uncertainty > 20*time.Millisecond || tl.To != target {
-				t.Errorf("timeline after the update: %+v", tl)
-			}
+			checkTimeline(t, tl, target)
 			recordNestedBench(t, tl, gap)
 			recordNestedSoak(t, h, i+1, target)
 			t.Logf("update %d to %s: TCP echo longest gap %s; heartbeat longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
@@ -899,6 +877,50 @@ func (h *nestedHost) waitAcksPast(t testing.TB, n uint64, d time.Duration) uint6
 		out, _ := h.output("tail -n 20 "+h.console(), time.Minute)
 		return "; its console:\n" + out
 	})
+}
+
+// waitAgent waits until the guest's agent answers (sync-clock succeeds):
+// under nested emulation it comes up minutes after the guest's network,
+// and the updates need it to put the guest's clock right.
+func (h *nestedHost) waitAgent(t testing.TB, vm string, d time.Duration) {
+	t.Helper()
+	cmd := fmt.Sprintf("liveupdate sync-clock --root /newroot --state-dir %s --timeout 20s %s", cmp.Or(h.stateDir, "/mnt/pmem/liveupdate"), vm)
+	for deadline := time.Now().Add(d); ; time.Sleep(5 * time.Second) {
+		out, code := h.run(cmd, time.Minute)
+		if code == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the %s guest's agent never answered: %s", vm, out)
+		}
+	}
+}
+
+// waitClockFix waits for PID 1's n-th word on a guest's clock, just after
+// READY: "corrected" or "not corrected".
+func (h *nestedHost) waitClockFix(n int) string {
+	return h.waitForNth(`msg="guest clock (corrected|not corrected)"`, n, cpr.ClockFixTimeout+time.Minute)[1]
+}
+
+// checkClock fails the test unless PID 1 corrected the guest's clock and
+// the guest's clock is within 2 s of this machine's (lag, from its
+// heartbeat).
+func checkClock(t testing.TB, fix string, lag time.Duration) {
+	t.Helper()
+	if fix != "corrected" || lag < -2*time.Second || lag > 2*time.Second {
+		t.Errorf("guest clock %s by PID 1, off by %s", fix, lag)
+	}
+	t.Logf("guest clock %s by PID 1; guest clock − host clock = %s", fix, lag.Round(time.Millisecond))
+}
+
+// checkTimeline fails the test unless the update's timeline is to kernel
+// `to` and its time across the kexec was carried by the TSC, to
+// milliseconds even under nested emulation (the RTC would give ±1 s).
+func checkTimeline(t testing.TB, tl *timeline.Timeline, to string) {
+	t.Helper()
+	if tl == nil || tl.ClockSource != "tsc" || tl.Uncertainty <= 0 || tl.Uncertainty > 20*time.Millisecond || tl.To != to {
+		t.Errorf("timeline after the update: %+v", tl)
+	}
 }
 
 // console is the inner guest's serial log as the host's shell sees it.

@@ -13,6 +13,8 @@
 //	           point is reached for (AtFor's subject): a new QEMU dies
 //	fill       At fills the state directory's filesystem (a full disk)
 //	corrupt    At cuts the manifest short, keeping it whole beside (update)
+//	losetoken  At moves the LUO tokens of guest $LIVEUPDATE_FAULT_VM in the
+//	           manifest to ones no session keeps (update; after kexec-record)
 //
 // Points are the names passed to At, listed in Points.
 package fault

@@ -382,6 +382,11 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 	// A manifest damaged after it is written (tests: PID 1 must stop in
 	// the rescue shell, touching nothing); the intact one is kept beside.
 	fault.On("corrupt", func(string, string) { corruptManifest(u.local(filepath.Join(string(e.StateDir), manifest.FileName))) })
+	// A memfd the new kernel will not hand back (tests: that guest alone
+	// fails, named, its state kept; the others run).
+	fault.On("losetoken", func(string, string) {
+		loseTokens(u.local(filepath.Join(string(e.StateDir), manifest.FileName)), os.Getenv("LIVEUPDATE_FAULT_VM"))
+	})
 	err := phase.Run(ctx, u.record,
 		// The kernel first: one the running kernel refuses is found out
 		// before any guest is touched.
@@ -507,6 +512,26 @@ func corruptManifest(path string) {
 	os.WriteFile(path+".intact", b, 0o600)
 	os.WriteFile(path, b[:300], 0o600)
 	unix.Sync()
+}
+
+// loseTokens is the fault action "losetoken": the manifest at path is
+// rewritten, durably, with vm's LUO tokens moved to ones no session keeps.
+func loseTokens(path, vm string) {
+	m, err := manifest.Read(path)
+	if err != nil {
+		return
+	}
+	for i := range m.VMs {
+		if m.VMs[i].Name != vm {
+			continue
+		}
+		for j := range m.VMs[i].Fds {
+			if m.VMs[i].Fds[j].Token != 0 {
+				m.VMs[i].Fds[j].Token += 1 << 20
+			}
+		}
+	}
+	manifest.Write(path, m)
 }
 
 // remountState remounts the state directory's filesystem (PMEM, or the
