@@ -211,3 +211,51 @@ func TestRun(t *testing.T) {
 		})
 	}
 }
+
+// TestReadManifestOnRoot: with no lu.pmem (a host whose guests' RAM is all
+// kept by LUO) the manifest and the state files are on the host root:
+// read there, each state file resolved beneath the state directory.
+func TestReadManifestOnRoot(t *testing.T) {
+	const sd = "/var/lib/liveupdate"
+	for _, c := range []struct {
+		name    string
+		escape  bool // the state file a symlink out of the state directory
+		wantErr string
+	}{
+		{name: "state on the root"},
+		{name: "a state file leading out of it", escape: true, wantErr: "does not resolve inside"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			root := t.TempDir()
+			dir := filepath.Join(root, sd)
+			os.MkdirAll(dir, 0o700)
+			if c.escape {
+				os.Symlink("/etc/shadow", filepath.Join(dir, "vm1.state"))
+			} else {
+				os.WriteFile(filepath.Join(dir, "vm1.state"), nil, 0o600)
+			}
+			m := &manifest.Manifest{Schema: manifest.SchemaVersion, ID: "t", StateDir: sd, LUO: &manifest.LUOSession{Name: "liveupdate-1"},
+				VMs: []manifest.VM{{Name: "vm1", Binary: "/usr/bin/qemu-system-x86_64", PID: 7, Argv: []string{"qemu-system-x86_64"},
+					RestartArgv: []string{"qemu-system-x86_64", "-incoming", "defer"}, StateFile: sd + "/vm1.state", QMP: "/run/vm1.qmp", Status: manifest.StatusSaved}}}
+			if err := manifest.Write(filepath.Join(dir, manifest.FileName), m); err != nil {
+				t.Fatal(err)
+			}
+			p, err := bootparams.Parse("lu.root=LABEL=host lu.manifest=" + sd + "/" + manifest.FileName)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b := &Boot{Log: slog.New(slog.DiscardHandler), Root: root, Params: p}
+			err = b.readManifest(context.Background())
+			switch {
+			case c.wantErr != "":
+				if err == nil || !strings.Contains(err.Error(), c.wantErr) {
+					t.Errorf("error %v, want %q", err, c.wantErr)
+				}
+			case err != nil || b.Manifest == nil:
+				t.Errorf("error %v, manifest read %v", err, b.Manifest != nil)
+			case b.manifestPath != filepath.Join(dir, manifest.FileName):
+				t.Errorf("manifest read from %s", b.manifestPath)
+			}
+		})
+	}
+}
