@@ -126,10 +126,7 @@ func TestLUOBesidePMEM(t *testing.T) {
 				t.Fatalf("%s after the update: %+v, before %+v (first %+v)", g, after, before[g], first[g])
 			}
 		}
-		h.conn.Close()
-		h.conn = nil
-		time.Sleep(100 * time.Millisecond)
-		split, tl := h.split()
+		_, split, tl := h.endUpdate(t, nil, kver)
 		updates++
 		t.Logf("update %d (%s): %s", updates, strings.Join(guests, ", "), split)
 		recordBesideBench(t, tl, updates, guests)

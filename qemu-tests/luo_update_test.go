@@ -49,7 +49,7 @@ func TestLUOUpdate(t *testing.T) {
 		if t.Failed() {
 			h.use(t)
 			h.conn = nil
-			h.run("tail -n 25 "+h.console(), 30*time.Second)
+			h.run("tail -n 25 "+h.innerLog(), 30*time.Second)
 		}
 	})
 	h.waitFor(`liveupdate: READY in`, 3*time.Minute)
@@ -129,15 +129,7 @@ func TestLUOUpdate(t *testing.T) {
 			t.Fatalf("inner guest after the update: %+v, before %+v (first %+v)", after, before, first)
 		}
 		checkClock(t, clock, lag)
-		gap, err := echo.takeGap()
-		if err != nil {
-			t.Fatalf("the TCP connection opened before the update broke: %v", err)
-		}
-		h.conn.Close()
-		h.conn = nil
-		time.Sleep(100 * time.Millisecond)
-		split, tl := h.split()
-		checkTimeline(t, tl, kver)
+		gap, split, _ := h.endUpdate(t, echo, kver)
 		t.Logf("LUO update %s → %s: TCP echo longest gap %s; wall time %s; PID 1 start→ready %s ms; disk ACKs past %d\n%s",
 			kver, kver, gap.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], acks, split)
 	})

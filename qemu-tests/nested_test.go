@@ -519,15 +519,7 @@ func TestNestedUpdate(t *testing.T) {
 				})
 			}
 			time.Sleep(2 * time.Second)
-			gap, err := echo.takeGap()
-			if err != nil {
-				t.Fatalf("the TCP connection opened before the updates broke: %v", err)
-			}
-			h.conn.Close()
-			h.conn = nil
-			time.Sleep(100 * time.Millisecond)
-			split, tl := h.split()
-			checkTimeline(t, tl, target)
+			gap, split, tl := h.endUpdate(t, echo, target)
 			recordNestedBench(t, tl, gap)
 			recordNestedSoak(t, h, i+1, target)
 			t.Logf("update %d to %s: TCP echo longest gap %s; heartbeat longest gap %s; wall time %s; PID 1 start→ready %s ms (kernel uptime at PID 1 %s s); %s\n%s",
@@ -862,7 +854,7 @@ func recordNestedSoak(t *testing.T, h *nestedHost, n int, kernel string) {
 // among the last lines of its console (a file on the host's PMEM, or its
 // root); a disk writer that stopped fails the test.
 func (h *nestedHost) innerAcks(t testing.TB) uint64 {
-	out, _ := h.output("tail -n 200 "+h.console(), time.Minute)
+	out, _ := h.output("tail -n 200 "+h.innerLog(), time.Minute)
 	ns, errLine := parseAcks([]byte(strings.Split(out, "@@LU-EXIT")[0]))
 	if errLine != "" {
 		t.Fatalf("the inner guest's disk writer stopped: %s", errLine)
@@ -874,9 +866,31 @@ func (h *nestedHost) innerAcks(t testing.TB) uint64 {
 // n: its disk works on the QEMU that runs it now.
 func (h *nestedHost) waitAcksPast(t testing.TB, n uint64, d time.Duration) uint64 {
 	return waitAckPast(t, n, d, 5*time.Second, func() uint64 { return h.innerAcks(t) }, func() string {
-		out, _ := h.output("tail -n 20 "+h.console(), time.Minute)
+		out, _ := h.output("tail -n 20 "+h.innerLog(), time.Minute)
 		return "; its console:\n" + out
 	})
+}
+
+// endUpdate ends an update's subtest: the TCP session opened before it
+// must have held (echo; nil: none watched), the control connection is
+// closed (the next command opens a new one on the new kernel's line), and
+// the timeline is read and checked (to kernel `to`, the TSC's clock). It
+// returns the echo's longest gap, the blackout's split and the timeline.
+func (h *nestedHost) endUpdate(t testing.TB, echo *echoWatch, to string) (time.Duration, string, *timeline.Timeline) {
+	t.Helper()
+	var gap time.Duration
+	if echo != nil {
+		var err error
+		if gap, err = echo.takeGap(); err != nil {
+			t.Fatalf("the TCP connection opened before the update broke: %v", err)
+		}
+	}
+	h.conn.Close()
+	h.conn = nil
+	time.Sleep(100 * time.Millisecond)
+	split, tl := h.split()
+	checkTimeline(t, tl, to)
+	return gap, split, tl
 }
 
 // waitAgent waits until the guest's agent answers (sync-clock succeeds):
@@ -923,8 +937,8 @@ func checkTimeline(t testing.TB, tl *timeline.Timeline, to string) {
 	}
 }
 
-// console is the inner guest's serial log as the host's shell sees it.
-func (h *nestedHost) console() string { return cmp.Or(h.serialLog, "/mnt/pmem/inner-serial.log") }
+// innerLog is the inner guest's serial log as the host's shell sees it.
+func (h *nestedHost) innerLog() string { return cmp.Or(h.serialLog, "/mnt/pmem/inner-serial.log") }
 
 // checkInnerDisk powers the inner guest down (ACPI: its disk writer
 // finishes the record in flight), unmounts the host's images filesystem
