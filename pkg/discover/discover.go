@@ -50,6 +50,10 @@ type FdInfo struct {
 	Hugetlb    bool   // for a memfd: one on hugetlbfs (MFD_HUGETLB)
 }
 
+// Memfd tells whether the fd is a memfd (memfd_create: its link reads
+// "/memfd:NAME (deleted)"), shmem or hugetlb (Hugetlb).
+func (fi FdInfo) Memfd() bool { return strings.HasPrefix(fi.Target, "/memfd:") }
+
 // IsQEMU tells whether a process whose /proc/PID/exe resolves to exe is a
 // QEMU system emulator: the executable's base name (" (deleted)" stripped:
 // an upgraded binary) is qemu-system-* or qemu-kvm. argv[0] is not looked
@@ -133,7 +137,7 @@ func Inspect(procRoot string, pid int) (*Process, error) {
 			if b, err := os.ReadFile(filepath.Join(dir, "fdinfo", strconv.Itoa(r.Num))); err == nil {
 				fi.TapName = ParseTunFdinfo(string(b))
 			}
-		case strings.HasPrefix(fi.Target, "/memfd:"):
+		case fi.Memfd():
 			var st unix.Statfs_t
 			if unix.Statfs(filepath.Join(dir, "fd", strconv.Itoa(r.Num)), &st) == nil {
 				fi.Hugetlb = st.Type == unix.HUGETLBFS_MAGIC

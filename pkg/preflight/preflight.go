@@ -194,7 +194,7 @@ func inheritedRAMProblem(p *discover.Process, b qemuargv.MemoryBackend) string {
 	switch {
 	case !ok || fi.Target == "":
 		return fmt.Sprintf("mem-path %s names fd %d, which QEMU does not hold any more: its RAM cannot be found", b.MemPath, n)
-	case !strings.HasPrefix(fi.Target, "/memfd:"):
+	case !fi.Memfd():
 		return fmt.Sprintf("mem-path %s is fd %d, %s, not a memfd: give mem-path the file's name instead, so that a new QEMU can open it again", b.MemPath, n, fi.Target)
 	case fi.Hugetlb:
 		return fmt.Sprintf("mem-path %s is fd %d, a hugetlb memfd (%s): the kernel's Live Update Orchestrator preserves only shmem memfds. Create the guest's memfd without MFD_HUGETLB", b.MemPath, n, fi.Target)

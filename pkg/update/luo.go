@@ -29,7 +29,7 @@ func memfdGuests(ts []*cpr.Target) []string {
 	var out []string
 	for _, t := range ts {
 		for _, r := range t.Proc.Cmdline.FdRefs() {
-			if r.Kind == qemuargv.FdMemfd && strings.HasPrefix(t.Proc.Fds[r.Num].Target, "/memfd:") {
+			if r.Kind == qemuargv.FdMemfd && t.Proc.Fds[r.Num].Memfd() {
 				out = append(out, t.Name())
 				break
 			}
