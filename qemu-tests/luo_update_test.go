@@ -33,7 +33,8 @@ const luoSerialLog = "/var/log/inner-serial.log"
 // TestLUOUpdate (tier 4, the LUO backend): a nested host on the LUO test
 // kernel (7.3.4-lu, booted with kho=on liveupdate=on) with no PMEM at all —
 // no memmap=, the state directory on its root filesystem (the default
-// /var/lib/liveupdate) — whose guest's RAM is a memfd. The updater killed just before its kexec: recover resumes the
+// /var/lib/liveupdate) — whose guest's RAM is a memfd. A failure just
+// before the kexec: every undo runs, the guest resumes on its old QEMU. The updater killed just before its kexec: recover resumes the
 // guest on this kernel, its RAM held by its old QEMU all along. Then a live
 // update into the same kernel: the memfd is preserved in a LUO session,
 // PID 1 of the new kernel retrieves it and gives it to the new QEMU, and
@@ -79,6 +80,28 @@ func TestLUOUpdate(t *testing.T) {
 		h.run("kill $(cat /run/file.pid); rm -f /newroot/tmp/file.ram", time.Minute)
 		if code == 0 || !strings.Contains(out, "not on PMEM mounted with dax, and file keep RAM in files") {
 			t.Errorf("update --dry-run with a file-RAM guest beside: exit %d, want the state directory off PMEM refused for it", code)
+		}
+	})
+	// A failure just before the kexec: the updater's undos run — the state
+	// filesystem writable again, the guest resumed on its old QEMU (which
+	// held the RAM all along), the session closed (the next subtest opens
+	// one: /dev/liveupdate is free again), the kernel unloaded.
+	t.Run("FailBeforeKexec", func(t *testing.T) {
+		defer h.use(t)()
+		before, _ := waitGuestState(t, nestNS, state, time.Minute)
+		out, code := h.run("LIVEUPDATE_FAULT=state-ro=fail /newroot/usr/sbin/liveupdate-fault update --root /newroot"+kargs, 3*time.Minute)
+		if code == 0 || !strings.Contains(out, "update abandoned, guests restored on the running kernel") {
+			t.Fatalf("update with a failure at state-ro: exit %d, want the update abandoned and the guest restored", code)
+		}
+		after, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
+		if after.boot != first.boot || after.seq <= before.seq || after.mem != "ok" {
+			t.Fatalf("guest after the failed update: %+v, before %+v", after, before)
+		}
+		if out, _ := h.run("cat /sys/kernel/kexec_loaded; touch /newroot/var/lib/liveupdate/writable && echo writable", time.Minute); !strings.HasPrefix(out, "0") || !strings.Contains(out, "\nwritable") {
+			t.Errorf("after the failed update: the new kernel still loaded, or the root not writable: %s", out)
+		}
+		if _, err := echo.takeGap(); err != nil {
+			t.Errorf("the TCP connection broke: %v", err)
 		}
 	})
 	// The updater dies (SIGKILL) just before its kexec, its LUO session
