@@ -18,6 +18,11 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
 
+// besideMachine is the outer VM's memory for TestLUOBesidePMEM: two NUMA
+// nodes of 1 GiB (memmap='s PMEM at 1 GiB lies in node 1).
+var besideMachine = []string{"-m", "2G", "-object", "memory-backend-ram,id=node0,size=1G", "-object", "memory-backend-ram,id=node1,size=1G",
+	"-numa", "node,nodeid=0,cpus=0,memdev=node0", "-numa", "node,nodeid=1,cpus=1,memdev=node1"}
+
 // twinAddr is the LUO twin's address on the nested host's bridge.
 const twinAddr = "10.80.0.4"
 
@@ -27,7 +32,8 @@ const twinImage = imagesDir + "/twin.qcow2"
 
 // besideHostConfig is a nested host with both backends at once: the inner
 // guest of nestedHostConfig, RAM on PMEM, and its twin — the same guest,
-// its own disk, tap and address — with its RAM in a memfd kept by LUO.
+// its own disk, tap and address — with its RAM in a memfd kept by LUO,
+// bound to NUMA node 1 (besideMachine).
 func besideHostConfig() pid1.HostConfig {
 	hc := nestedHostConfig()
 	hc.Network.Taps = append(hc.Network.Taps, manifest.Tap{Name: "vnet1", MAC: "fe:54:00:dd:00:04", MTU: 1500,
@@ -36,7 +42,9 @@ func besideHostConfig() pid1.HostConfig {
 	twin := pid1.Guest{Name: "twin", Cgroup: "/machine.slice/twin", MemfdMiB: []int{160}}
 	for _, a := range hc.Guests[0].Argv {
 		for _, r := range [][2]string{
-			{"mem-path=/mnt/pmem/inner.ram", "mem-path=/proc/self/fd/3"},
+			// Bound to the outer VM's second NUMA node: whether its pages
+			// stay there through the preserve, the kexec and the retrieve.
+			{"mem-path=/mnt/pmem/inner.ram,share=on", "mem-path=/proc/self/fd/3,share=on,host-nodes=1,policy=bind"},
 			{"/mnt/pmem/inner-serial.log", "/mnt/pmem/twin-serial.log"},
 			{innerImage, twinImage}, {"hb.ip=" + innerAddr, "hb.ip=" + twinAddr},
 			{"/run/inner", "/run/twin"}, {"ifname=vnet0", "ifname=vnet1"}, {"mac=52:54:00:dd:00:03", "mac=52:54:00:dd:00:05"},
@@ -56,7 +64,8 @@ func besideHostConfig() pid1.HostConfig {
 // guests on one host, through live updates of the LUO test kernel into
 // itself: the inner guest's RAM on PMEM, its twin's in a memfd, both
 // restored by each update (heartbeat, same boot id, RAM checksum), their
-// blackouts side by side. Then the twin is stopped and the inner guest
+// blackouts side by side, and the twin's memfd pages on the NUMA node its
+// backend binds them to, before and after each update. Then the twin is stopped and the inner guest
 // updated alone, with nothing for LUO to keep: how much of the new
 // kernel's boot the preserved memfd costs. Last, a memfd the new kernel
 // does not hand back: that guest alone fails. LIVEUPDATE_LUO_N updates with
@@ -77,7 +86,7 @@ func TestLUOBesidePMEM(t *testing.T) {
 	kver := strings.TrimSpace(readFile(t, kdir+"/version"))
 	h := bootNestedHostOn(t, nestedBoot{config: besideHostConfig(),
 		kernel: kdir + "/bzImage", initrd: repoRoot + "/.cache/hostroot/initramfs-" + kver + ".img",
-		rootEnv: []string{"LUO_KERNEL=" + kdir}, cmdline: []string{"kho=on", "liveupdate=on"}, images: []string{twinImage}})
+		rootEnv: []string{"LUO_KERNEL=" + kdir}, cmdline: []string{"kho=on", "liveupdate=on"}, images: []string{twinImage}, machine: besideMachine})
 	t.Cleanup(func() {
 		if t.Failed() {
 			h.use(t)
@@ -95,6 +104,27 @@ func TestLUOBesidePMEM(t *testing.T) {
 	}
 	const lu = "liveupdate %s --root /newroot --state-dir /mnt/pmem/liveupdate"
 	kargs := fmt.Sprintf(" --kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img", kver, kver)
+	// Where the twin's RAM lies: the pages of its QEMU's memfd mapping on
+	// each NUMA node (numa_maps); all on node 1, as its backend binds them.
+	twinNodes := func(t *testing.T, when string) map[string]int {
+		out, _ := h.output(fmt.Sprintf(lu, "plan")+" --json", time.Minute)
+		m := regexp.MustCompile(`"vm": "twin",\s*"pid": (\d+)`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("plan shows no twin QEMU")
+		}
+		out, _ = h.output("grep memfd /proc/"+m[1]+"/numa_maps", time.Minute)
+		nodes := map[string]int{}
+		for _, f := range regexp.MustCompile(`\b(N\d+)=(\d+)`).FindAllStringSubmatch(out, -1) {
+			n, _ := strconv.Atoi(f[2])
+			nodes[f[1]] += n
+		}
+		t.Logf("twin's RAM pages by NUMA node %s: %v", when, nodes)
+		if nodes["N1"] == 0 || nodes["N0"] != 0 {
+			t.Errorf("twin's RAM %s: pages by node %v, want all on N1 (host-nodes=1,policy=bind)", when, nodes)
+		}
+		return nodes
+	}
+	twinNodes(t, "before the updates")
 
 	t.Run("Plan", func(t *testing.T) {
 		defer h.use(t)()
@@ -129,7 +159,11 @@ func TestLUOBesidePMEM(t *testing.T) {
 		_, split, tl := h.endUpdate(t, nil, kver)
 		updates++
 		t.Logf("update %d (%s): %s", updates, strings.Join(guests, ", "), split)
-		recordBesideBench(t, tl, updates, guests)
+		var nodes map[string]int
+		if slices.Contains(guests, "twin") {
+			nodes = twinNodes(t, fmt.Sprintf("after update %d", updates))
+		}
+		recordBesideBench(t, tl, updates, guests, nodes)
 	}
 	for i := range n {
 		if !t.Run(fmt.Sprintf("Both%d", i+1), func(t *testing.T) { update(t, []string{"inner", "twin"}) }) {
@@ -207,13 +241,16 @@ func TestLUOBesidePMEM(t *testing.T) {
 // each guest's own part after the kernel (PID 1 before its restore, then
 // its QEMU's exec, start-up, load and resume). It measures; it asserts
 // nothing.
-func recordBesideBench(t *testing.T, tl *timeline.Timeline, n int, guests []string) {
+func recordBesideBench(t *testing.T, tl *timeline.Timeline, n int, guests []string, twinNodes map[string]int) {
 	path := os.Getenv("LIVEUPDATE_BENCH_OUT")
 	if path == "" || tl == nil {
 		return
 	}
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 	rec := map[string]any{"update": n, "guests": guests}
+	if twinNodes != nil {
+		rec["twin_pages_by_node"] = twinNodes
+	}
 	for _, s := range tl.Spans {
 		if s.Row == "host" && (s.Name == "kernel boot" || s.Name == "kexec") {
 			rec[strings.ReplaceAll(s.Name, " ", "_")+"_ms"] = ms(s.Took())

@@ -122,6 +122,7 @@ type nestedBoot struct {
 	rootEnv        []string // for scripts/hostroot.sh (LUO_KERNEL=…)
 	cmdline        []string // more kernel parameters
 	images         []string // more empty qcow2 images on the images disk (QEMU's paths)
+	machine        []string // the outer VM's memory (default -m 2G), e.g. NUMA nodes
 	// noPMEM boots the host without memmap= and lu.pmem: nothing of the
 	// guests on PMEM (an all-LUO host; state on the root filesystem).
 	noPMEM bool
@@ -175,7 +176,7 @@ func bootNestedHostOn(t *testing.T, nb nestedBoot) *nestedHost {
 	if nb.noPMEM {
 		lu = lu[2:]
 	}
-	h.hostVM = bootHost(t, hostOpts{memmap: !nb.noPMEM, rootImg: img, netns: nestNS, tap: nestTap,
+	h.hostVM = bootHost(t, hostOpts{memmap: !nb.noPMEM, machine: nb.machine, rootImg: img, netns: nestNS, tap: nestTap,
 		kernel: nb.kernel, initrd: nb.initrd,
 		extra: []string{"-serial", "unix:" + h.ctl + ",server=on,wait=off",
 			"-drive", "file=" + images + ",if=virtio,format=raw"},
