@@ -120,6 +120,11 @@ if both:
     pa, la = [r["inner_after_kernel_ms"] for r in both], [r["twin_after_kernel_ms"] for r in both]
     row("P10", "the same, each guest's own part after the new kernel's boot (PID 1, its QEMU's start-up, load, resume)", "—",
         f"{statistics.median(la):.0f} vs {statistics.median(pa):.0f} ms", f"{min(la):.0f}", f"{max(la):.0f} ms (LUO)", len(both), None)
+numa = [r["twin_pages_by_node"] for r in both if "twin_pages_by_node" in r]
+if numa:
+    on1 = sum(1 for n in numa if n.get("N1", 0) > 0 and not any(v for k, v in n.items() if k != "N1"))
+    row("NUMA", "LUO memfd bound to node 1 (host-nodes=1,policy=bind): updates after which every page of it is still on node 1", "all",
+        f"{on1} of {len(numa)}", "", f"{min(n.get('N1', 0) for n in numa)} – {max(n.get('N1', 0) for n in numa)} pages on N1", len(numa), on1 == len(numa))
 if both and alone:
     kb, ka = [r["kernel_boot_ms"] for r in both], [r["kernel_boot_ms"] for r in alone]
     row("P10", "the new kernel's boot with a 160 MiB memfd preserved vs with nothing preserved (same host, same kernel)", "—",

@@ -194,6 +194,16 @@ func (t *Target) Close() {
 	t.files = nil
 }
 
+// CloseMonitor releases the target's QMP connection alone, keeping its held
+// files: QEMU's monitor takes one client at a time, and a Recover of a
+// guest whose old QEMU still runs (its RAM's holder) dials it anew.
+func (t *Target) CloseMonitor() {
+	if t.QMP != nil {
+		t.QMP.Close()
+		t.QMP = nil
+	}
+}
+
 // Files returns the fds held for the VM (by their number in the new QEMU).
 func (t *Target) Files() map[int]*os.File { return t.files }
 

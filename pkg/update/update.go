@@ -477,6 +477,11 @@ func (u *updateRun) recoverGuests(ctx context.Context) error {
 		return nil
 	}
 	u.recovered = true
+	// An old QEMU still running (a memfd guest's, kept as its RAM's holder)
+	// answers one monitor client at a time: ours goes, Recover dials it.
+	for _, t := range u.p.targets {
+		t.CloseMonitor()
+	}
 	_, err := u.e.Recover(ctx, u.m, cpr.Held(u.p.targets))
 	return err
 }
