@@ -80,7 +80,7 @@ func cmdStatus(ctx context.Context, args []string, out io.Writer) int {
 		return code
 	}
 	if *mpath == "" {
-		*mpath = manifestPath(c.stateDir)
+		*mpath = c.manifestPath()
 	}
 	m, err := manifest.Read(*mpath)
 	if err != nil {
@@ -582,7 +582,7 @@ func cmdSave(ctx context.Context, args []string, out io.Writer) int {
 		return exitFailed
 	}
 	fmt.Fprintf(out, "saved %d VM(s); manifest %s\nrestore with: liveupdate restore --manifest %s\n",
-		len(m.VMs), manifestPath(c.stateDir), manifestPath(c.stateDir))
+		len(m.VMs), c.manifestPath(), c.manifestPath())
 	return exitOK
 }
 
@@ -618,7 +618,7 @@ func (c *commonFlags) openRun(cmd string, args []string, path string, host bool,
 		return nil, nil, exitRefused, false
 	}
 	if path == "" {
-		path = manifestPath(c.stateDir)
+		path = c.manifestPath()
 	}
 	m, err := manifest.Read(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -751,7 +751,13 @@ func refusals(ts []*cpr.Target) string {
 	return b.String()
 }
 
-func manifestPath(stateDir string) string { return filepath.Join(stateDir, manifest.FileName) }
+// manifestPath is the manifest in the state directory, as this process
+// sees it: --state-dir is QEMU's path, inside --root when run from PID 1's
+// shell (the same path for PMEM, bound into the root; not for a state
+// directory on the host root itself).
+func (c *commonFlags) manifestPath() string {
+	return string(hostpath.Root(c.root).Local(hostpath.QEMU(filepath.Join(c.stateDir, manifest.FileName))))
+}
 
 // Result is the JSON shape of a restore/restart report.
 type Result struct {

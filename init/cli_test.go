@@ -78,3 +78,18 @@ func TestLockBusy(t *testing.T) {
 		}
 	}
 }
+
+// TestManifestPath: --state-dir is QEMU's path; from PID 1's shell
+// (--root) the manifest is read inside the host root.
+func TestManifestPath(t *testing.T) {
+	for _, tt := range []struct{ root, stateDir, want string }{
+		{"", "/var/lib/liveupdate", "/var/lib/liveupdate/manifest.json"},
+		{"/newroot", "/var/lib/liveupdate", "/newroot/var/lib/liveupdate/manifest.json"},
+		{"/newroot", "/mnt/pmem/liveupdate", "/newroot/mnt/pmem/liveupdate/manifest.json"},
+	} {
+		c := commonFlags{root: tt.root, stateDir: tt.stateDir}
+		if got := c.manifestPath(); got != tt.want {
+			t.Errorf("root %q state dir %q: manifest %s, want %s", tt.root, tt.stateDir, got, tt.want)
+		}
+	}
+}

@@ -93,6 +93,7 @@ func TestLUOUpdate(t *testing.T) {
 		if code == 0 || !strings.Contains(out, "update abandoned, guests restored on the running kernel") {
 			t.Fatalf("update with a failure at state-ro: exit %d, want the update abandoned and the guest restored", code)
 		}
+		acks = h.waitAcksPast(t, acks, 4*time.Minute) // it runs again: its disk writer goes on
 		after, _ := waitGuestState(t, nestNS, state, 4*time.Minute)
 		if after.boot != first.boot || after.seq <= before.seq || after.mem != "ok" {
 			t.Fatalf("guest after the failed update: %+v, before %+v", after, before)

@@ -50,7 +50,7 @@ import json, os, re, statistics, subprocess, sys, datetime
 work, runs, nested, local_cmd, nested_cmd, old, new, luo_cmd = sys.argv[1:]
 def sh(c): return subprocess.run(c, shell=True, capture_output=True, text=True).stdout.strip()
 benches = {}
-for line in open(f"{work}/local.log"):
+for line in (open(f"{work}/local.log") if os.path.exists(f"{work}/local.log") else []):
     if line.startswith("BENCH "):
         kv = dict(f.split("=", 1) for f in line.split()[1:])
         benches[kv["name"]] = kv
