@@ -355,7 +355,7 @@ func TestBootHost(t *testing.T) {
 	h.hmp("sendkey ctrl-alt-delete")
 	h.waitFor(`orderly stop requested`, time.Minute)
 	h.waitFor(`the PMEM is memmap= \(RAM that power-off erases\): guests are shut down, not saved`, time.Minute)
-	h.waitFor(`guests shut down \(memmap= PMEM does not survive power-off\), filesystems unmounted: powering off`, time.Minute)
+	h.waitFor(`guests shut down \(their RAM does not survive power-off\), filesystems unmounted: powering off`, time.Minute)
 	if !h.exited(time.Minute) {
 		t.Errorf("outer VM did not power off")
 	}

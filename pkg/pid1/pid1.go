@@ -39,6 +39,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/mounts"
 	"github.com/liveupdate/liveupdate/pkg/netsetup"
 	"github.com/liveupdate/liveupdate/pkg/phase"
+	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/reaper"
 	"github.com/liveupdate/liveupdate/pkg/runlock"
@@ -727,9 +728,10 @@ func (b *Boot) handleSignals() {
 }
 
 // stop ends the guests the way that keeps them, and unmounts; it says what
-// it did. On real persistent memory every running guest is saved (CPR) for
-// a later boot to restore. On memmap= "PMEM" — DRAM that power-off erases —
-// a save would keep nothing: each guest is shut down cleanly instead (ACPI
+// it did. On real persistent memory every running guest whose RAM is a
+// file there is saved (CPR) for a later boot to restore. On memmap= "PMEM"
+// — DRAM that power-off erases —, with no PMEM, and for RAM in memfds, a
+// save would keep nothing: those guests are shut down cleanly instead (ACPI
 // power button), and if any is still running at the deadline the stop is
 // abandoned and every guest left running.
 func (b *Boot) stop() (string, error) {
@@ -746,25 +748,54 @@ func (b *Boot) stop() (string, error) {
 		return "", err
 	}
 	defer cpr.CloseAll(ts)
-	done := "guests saved"
+	// What power-off erases: all RAM on memmap= "PMEM" (or with no PMEM at
+	// all), and memfd RAM anywhere (LUO keeps it across a kexec only).
+	volatile := b.Params.PMEM == "" || mounts.VolatilePMEM(b.Params.PMEM)
+	var down, keep []*cpr.Target
+	for _, t := range ts {
+		if volatile || inMemory(t) {
+			down = append(down, t)
+		} else {
+			keep = append(keep, t)
+		}
+	}
+	var did []string
 	switch {
-	case b.Params.PMEM != "" && mounts.VolatilePMEM(b.Params.PMEM):
+	case volatile && b.Params.PMEM != "":
 		b.Log.Warn("the PMEM is memmap= (RAM that power-off erases): guests are shut down, not saved", "pmem", b.Params.PMEM)
-		if err := ShutDown(ctx, ts, ShutdownTimeout, b.Log); err != nil {
+	case volatile:
+		b.Log.Warn("no PMEM (guest RAM in memfds, which power-off erases): guests are shut down, not saved")
+	case len(down) > 0:
+		b.Log.Warn("guests with RAM in memfds (which power-off erases) are shut down, not saved; the others are saved", "vms", len(down))
+	}
+	if volatile || len(down) > 0 {
+		if err := ShutDown(ctx, down, ShutdownTimeout, b.Log); err != nil {
 			return "", err
 		}
-		done = "guests shut down (memmap= PMEM does not survive power-off)"
-	case len(ts) > 0:
-		for _, t := range ts {
+		did = append(did, "guests shut down (their RAM does not survive power-off)")
+	}
+	if len(keep) > 0 || !volatile && len(down) == 0 {
+		for _, t := range keep {
 			if !t.Verdict.OK {
 				return "", fmt.Errorf("%s cannot be saved: %s", t.Name(), strings.Join(t.Verdict.Problems, "; "))
 			}
 		}
-		if _, err := e.Save(ctx, ts, cpr.SaveOptions{}); err != nil {
-			return "", err
+		if len(keep) > 0 {
+			if _, err := e.Save(ctx, keep, cpr.SaveOptions{}); err != nil {
+				return "", err
+			}
 		}
+		did = append(did, "guests saved")
 	}
+	done := strings.Join(did, "; ")
 	return done, b.unmountAll()
+}
+
+// inMemory tells whether a guest's RAM is a memfd (inherited, or
+// memory-backend-memfd): nothing keeps it across a power-off.
+func inMemory(t *cpr.Target) bool {
+	ram, _ := t.Proc.Cmdline.RAM()
+	return slices.ContainsFunc(ram.Backends, func(b qemuargv.MemoryBackend) bool { return b.File() == "" })
 }
 
 // ShutdownTimeout bounds the guests' clean shutdown in an orderly stop.

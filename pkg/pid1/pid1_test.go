@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
+	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/phase"
@@ -255,6 +257,31 @@ func TestReadManifestOnRoot(t *testing.T) {
 				t.Errorf("error %v, manifest read %v", err, b.Manifest != nil)
 			case b.manifestPath != filepath.Join(dir, manifest.FileName):
 				t.Errorf("manifest read from %s", b.manifestPath)
+			}
+		})
+	}
+}
+
+// TestInMemory: an orderly stop shuts down, rather than saves, a guest
+// whose RAM is a memfd (inherited or memory-backend-memfd): power-off
+// erases it. RAM in a file is saved.
+func TestInMemory(t *testing.T) {
+	for _, tt := range []struct {
+		name    string
+		backend string
+		want    bool
+	}{
+		{"file on PMEM", "memory-backend-file,id=r,size=64M,mem-path=/mnt/pmem/r.ram,share=on", false},
+		{"inherited memfd", "memory-backend-file,id=r,size=64M,mem-path=/proc/self/fd/3,share=on", true},
+		{"memory-backend-memfd", "memory-backend-memfd,id=r,size=64M,share=on", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := qemuargv.Parse([]string{"qemu-system-x86_64", "-machine", "pc,memory-backend=r", "-object", tt.backend})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := inMemory(&cpr.Target{Proc: &discover.Process{Cmdline: c}}); got != tt.want {
+				t.Errorf("inMemory = %v, want %v", got, tt.want)
 			}
 		})
 	}
