@@ -899,7 +899,8 @@ func (h *nestedHost) endUpdate(t testing.TB, echo *echoWatch, to string) (time.D
 // and the updates need it to put the guest's clock right.
 func (h *nestedHost) waitAgent(t testing.TB, vm string, d time.Duration) {
 	t.Helper()
-	cmd := fmt.Sprintf("liveupdate sync-clock --root /newroot --state-dir %s --timeout 20s %s", cmp.Or(h.stateDir, "/mnt/pmem/liveupdate"), vm)
+	// --state-dir is QEMU's path, inside --root.
+	cmd := fmt.Sprintf("liveupdate sync-clock --root /newroot --state-dir %s --timeout 20s %s", strings.TrimPrefix(cmp.Or(h.stateDir, "/mnt/pmem/liveupdate"), "/newroot"), vm)
 	for deadline := time.Now().Add(d); ; time.Sleep(5 * time.Second) {
 		out, code := h.run(cmd, time.Minute)
 		if code == 0 {
