@@ -91,8 +91,15 @@ fuzz-short fuzz:
 		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg; \
 	done
 
+# The log is filtered to one line per message; on a failure the first failing
+# test's last 80 lines follow unfiltered (a message's continuation lines, such
+# as a stalled disk's diagnosis, are indented and would be filtered out).
+QEMU_TEST_LOG ?= /tmp/liveupdate-qemu-tests.log
 qemu-test:
-	LU_RACE=1 $(GO) test -count=1 -timeout 45m -v ./qemu-tests/ 2>&1 | tee /tmp/liveupdate-qemu-tests.log | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:[0-9]+: [^l]'; exit $${PIPESTATUS[0]}
+	@LU_RACE=1 $(GO) test -count=1 -timeout 45m -v ./qemu-tests/ 2>&1 | tee $(QEMU_TEST_LOG) | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go:[0-9]+: [^l]'; rc=$${PIPESTATUS[0]}; \
+	if [ $$rc -ne 0 ]; then echo "=== the first failure in full ($(QEMU_TEST_LOG)):"; \
+		n=$$(grep -n -m1 -E '^\s*--- FAIL|^panic:' $(QEMU_TEST_LOG) | cut -d: -f1); \
+		[ -n "$$n" ] && head -n "$$n" $(QEMU_TEST_LOG) | tail -n 80; fi; exit $$rc
 
 test: setup lint unit fuzz-short qemu-test
 

@@ -161,6 +161,8 @@ func (c *chaos) afterRun(t *testing.T, i int, state string, before []beat) (reco
 		}
 		if why := reported(g, func() { g.checkAcksContinue(before[j].ack) }); why != "" {
 			stalled = append(stalled, why)
+		} else if g.lostIRQ != "" { // QEMU's bug: counted, as any stall
+			stalled = append(stalled, g.name+": QEMU lost a completion interrupt: "+g.lostIRQ)
 		}
 		if why := reported(g, func() { g.checkDisk() }); why != "" {
 			bad = append(bad, why)
