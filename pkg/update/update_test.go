@@ -45,16 +45,7 @@ func TestBuildCmdline(t *testing.T) {
 			if len(probs) > 0 {
 				t.Fatalf("problems: %v", probs)
 			}
-			for _, w := range tt.want {
-				if !strings.Contains(" "+got+" ", " "+w+" ") {
-					t.Errorf("%q lacks %q", got, w)
-				}
-			}
-			for _, w := range tt.wantNot {
-				if strings.Contains(got, w) {
-					t.Errorf("%q has %q", got, w)
-				}
-			}
+			checkWords(t, got, tt.want, tt.wantNot)
 			if _, err := bootparams.Parse(got); err != nil {
 				t.Errorf("PID 1 would refuse %q: %v", got, err)
 			}
@@ -78,6 +69,22 @@ func TestMountOf(t *testing.T) {
 	}
 }
 
+// checkWords checks a command line has every word of want and no part of
+// wantNot.
+func checkWords(t *testing.T, got string, want, wantNot []string) {
+	t.Helper()
+	for _, w := range want {
+		if !strings.Contains(" "+got+" ", " "+w+" ") {
+			t.Errorf("%q lacks %q", got, w)
+		}
+	}
+	for _, w := range wantNot {
+		if strings.Contains(got, w) {
+			t.Errorf("%q has %q", got, w)
+		}
+	}
+}
+
 // TestBuildCmdlineStateOnRoot: a state directory off PMEM (an all-LUO
 // host) puts the manifest's path on the command line and no lu.pmem.
 func TestBuildCmdlineStateOnRoot(t *testing.T) {
@@ -97,16 +104,7 @@ func TestBuildCmdlineStateOnRoot(t *testing.T) {
 			if len(probs) > 0 {
 				t.Fatalf("problems: %v", probs)
 			}
-			for _, w := range tt.want {
-				if !strings.Contains(" "+got+" ", " "+w+" ") {
-					t.Errorf("%q lacks %q", got, w)
-				}
-			}
-			for _, w := range tt.wantNot {
-				if strings.Contains(got, w) {
-					t.Errorf("%q has %q", got, w)
-				}
-			}
+			checkWords(t, got, tt.want, tt.wantNot)
 			p, err := bootparams.Parse(got)
 			if err != nil {
 				t.Fatalf("PID 1 would refuse %q: %v", got, err)
