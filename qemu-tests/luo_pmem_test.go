@@ -112,12 +112,7 @@ func TestLUOBesidePMEM(t *testing.T) {
 		if m == nil {
 			t.Fatalf("plan shows no twin QEMU")
 		}
-		out, _ = h.output("grep memfd /proc/"+m[1]+"/numa_maps", time.Minute)
-		nodes := map[string]int{}
-		for _, f := range regexp.MustCompile(`\b(N\d+)=(\d+)`).FindAllStringSubmatch(out, -1) {
-			n, _ := strconv.Atoi(f[2])
-			nodes[f[1]] += n
-		}
+		nodes := pagesByNode(h, m[1], 3) // its RAM: mem-path=/proc/self/fd/3
 		t.Logf("twin's RAM pages by NUMA node %s: %v", when, nodes)
 		if nodes["N1"] == 0 || nodes["N0"] != 0 {
 			t.Errorf("twin's RAM %s: pages by node %v, want all on N1 (host-nodes=1,policy=bind)", when, nodes)
@@ -279,4 +274,37 @@ func recordBesideBench(t *testing.T, tl *timeline.Timeline, n int, guests []stri
 	}
 	defer f.Close()
 	f.Write(append(b, '\n'))
+}
+
+// pagesByNode is how many pages of the file QEMU pid holds open at fd lie
+// on each NUMA node ("N1" → pages): its mappings found by the file's inode
+// (fdinfo's ino, the inode column of maps), their pages by address in
+// numa_maps. Not by name: a memfd LUO hands back after a kexec has none
+// ("/ (deleted)").
+func pagesByNode(h *nestedHost, pid string, fd int) map[string]int {
+	read := func(f string) string {
+		out, _ := h.output(fmt.Sprintf("cat /proc/%s/%s", pid, f), time.Minute)
+		return strings.Split(out, "@@LU-EXIT")[0]
+	}
+	m := regexp.MustCompile(`(?m)^ino:\s*(\d+)`).FindStringSubmatch(read(fmt.Sprintf("fdinfo/%d", fd)))
+	if m == nil {
+		h.t.Fatalf("fdinfo of QEMU %s's fd %d gives no inode", pid, fd)
+	}
+	addrs := map[string]bool{}
+	for _, l := range strings.Split(read("maps"), "\n") {
+		if f := strings.Fields(l); len(f) >= 5 && f[4] == m[1] {
+			addrs[strings.SplitN(f[0], "-", 2)[0]] = true
+		}
+	}
+	nodes := map[string]int{}
+	for _, l := range strings.Split(read("numa_maps"), "\n") {
+		if f := strings.Fields(l); len(f) == 0 || !addrs[f[0]] {
+			continue
+		}
+		for _, f := range regexp.MustCompile(`\b(N\d+)=(\d+)`).FindAllStringSubmatch(l, -1) {
+			n, _ := strconv.Atoi(f[2])
+			nodes[f[1]] += n
+		}
+	}
+	return nodes
 }

@@ -157,4 +157,17 @@ func TestLUOUpdate(t *testing.T) {
 		t.Logf("LUO update %s → %s: TCP echo longest gap %s; wall time %s; PID 1 start→ready %s ms; disk ACKs past %d\n%s",
 			kver, kver, gap.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), m[1], acks, split)
 	})
+	if t.Failed() {
+		return
+	}
+	// The guest must be ready for the next update as for the first: its
+	// RAM is now the memfd LUO handed back, which has no name ("/ (deleted)"
+	// where memfd_create's reads "/memfd:…") — once refused as "not a memfd".
+	t.Run("PlanAfterUpdate", func(t *testing.T) {
+		defer h.use(t)()
+		out, code := h.run(fmt.Sprintf(lu, "update")+" --dry-run"+kargs, 2*time.Minute)
+		if code != 0 || !strings.Contains(out, "RAM: ram0 memfd-fd") {
+			t.Errorf("update --dry-run after the update: exit %d, want 0 with the RAM shown as memfd-fd", code)
+		}
+	})
 }

@@ -48,11 +48,30 @@ type FdInfo struct {
 	TapName    string // for /dev/net/tun: the interface (fdinfo "iff:")
 	SocketPath string // for a unix socket: its bound path, if any
 	Hugetlb    bool   // for a memfd: one on hugetlbfs (MFD_HUGETLB)
+	// Unnamed: a file of shared memory (tmpfs or hugetlbfs) with no link
+	// left — a memfd whatever its link reads, such as one the kernel's LUO
+	// handed back after a kexec (it has no name: "/ (deleted)"), or a shm
+	// file deleted while open.
+	Unnamed bool
 }
 
-// Memfd tells whether the fd is a memfd (memfd_create: its link reads
-// "/memfd:NAME (deleted)"), shmem or hugetlb (Hugetlb).
-func (fi FdInfo) Memfd() bool { return strings.HasPrefix(fi.Target, "/memfd:") }
+// Memfd tells whether the fd is a memfd: memfd_create's (its link reads
+// "/memfd:NAME (deleted)") or any other file of shared memory no name leads
+// to (Unnamed) — what a restart hands on by fd and LUO keeps across a
+// kexec (it takes any unlinked shmem file); shmem or hugetlb (Hugetlb).
+func (fi FdInfo) Memfd() bool { return strings.HasPrefix(fi.Target, "/memfd:") || fi.Unnamed }
+
+// unnamedShm tells, of the file open at path (/proc/PID/fd/N), whether it
+// is shared memory without a link (FdInfo.Unnamed), and whether hugetlb.
+func unnamedShm(path string) (unnamed, hugetlb bool) {
+	var fs unix.Statfs_t
+	var st unix.Stat_t
+	if unix.Statfs(path, &fs) != nil || unix.Stat(path, &st) != nil {
+		return false, false
+	}
+	shm := fs.Type == unix.TMPFS_MAGIC || fs.Type == unix.HUGETLBFS_MAGIC
+	return shm && st.Nlink == 0 && st.Mode&unix.S_IFMT == unix.S_IFREG, fs.Type == unix.HUGETLBFS_MAGIC
+}
 
 // IsQEMU tells whether a process whose /proc/PID/exe resolves to exe is a
 // QEMU system emulator: the executable's base name (" (deleted)" stripped:
@@ -137,11 +156,8 @@ func Inspect(procRoot string, pid int) (*Process, error) {
 			if b, err := os.ReadFile(filepath.Join(dir, "fdinfo", strconv.Itoa(r.Num))); err == nil {
 				fi.TapName = ParseTunFdinfo(string(b))
 			}
-		case fi.Memfd():
-			var st unix.Statfs_t
-			if unix.Statfs(filepath.Join(dir, "fd", strconv.Itoa(r.Num)), &st) == nil {
-				fi.Hugetlb = st.Type == unix.HUGETLBFS_MAGIC
-			}
+		case strings.HasSuffix(fi.Target, " (deleted)"): // memfds are, and LUO's have no other sign
+			fi.Unnamed, fi.Hugetlb = unnamedShm(filepath.Join(dir, "fd", strconv.Itoa(r.Num)))
 		case strings.HasPrefix(fi.Target, "socket:["):
 			if unixPaths == nil {
 				unixPaths = readUnixSockets(filepath.Join(dir, "net", "unix"))

@@ -1,6 +1,7 @@
 package discover
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -9,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 func TestParsers(t *testing.T) {
@@ -160,5 +163,84 @@ func TestInspectSelf(t *testing.T) {
 	}
 	if !found {
 		t.Error("All did not find the fake QEMU")
+	}
+}
+
+// TestInspectMemfds: which of a QEMU's inherited RAM fds are memfds — a
+// memfd_create one, and any shm file with no name left (as LUO hands a
+// memfd back after a kexec: "/ (deleted)"; a deleted /dev/shm file stands
+// for it here) — and which are not: a shm file still linked, a deleted
+// file on a disk filesystem.
+func TestInspectMemfds(t *testing.T) {
+	if st, err := os.Stat("/dev/shm"); err != nil || !st.IsDir() {
+		t.Skip("no /dev/shm")
+	}
+	mfd, err := unix.MemfdCreate("guest-ram", 0)
+	if err != nil {
+		t.Skipf("memfd_create: %v", err)
+	}
+	open := func(dir, name string, unlink bool) *os.File {
+		p := filepath.Join(dir, name)
+		f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE, 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if unlink {
+			os.Remove(p)
+		} else {
+			t.Cleanup(func() { os.Remove(p) })
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	shm := fmt.Sprintf("/dev/shm/lu-discover-%d", os.Getpid())
+	os.MkdirAll(shm, 0o700)
+	t.Cleanup(func() { os.RemoveAll(shm) })
+	disk := t.TempDir()
+	if st, err := os.Stat(disk); err != nil || !st.IsDir() {
+		t.Fatal(err)
+	}
+	var fs unix.Statfs_t
+	if unix.Statfs(disk, &fs) != nil || fs.Type == unix.TMPFS_MAGIC {
+		t.Skipf("%s is on tmpfs: no disk filesystem to compare with", disk)
+	}
+	files := []*os.File{os.NewFile(uintptr(mfd), "memfd"), open(shm, "unlinked", true), open(shm, "linked", false), open(disk, "unlinked", true)}
+	want := []bool{true, true, false, false}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := filepath.Join(t.TempDir(), "qemu-system-fake")
+	if os.Link(exe, fake) != nil {
+		b, _ := os.ReadFile(exe)
+		if err := os.WriteFile(fake, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	args := []string{"qemu-system-x86_64", "-name", "fake"}
+	for i := range files {
+		args = append(args, "-object", fmt.Sprintf("memory-backend-file,id=m%d,size=1M,mem-path=/proc/self/fd/%d,share=on", i, 3+i))
+	}
+	cmd := exec.Command(fake)
+	cmd.Args, cmd.Env, cmd.ExtraFiles = args, []string{"DISCOVER_FAKE_QEMU=1"}, files
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	for i := 0; i < 200; i++ {
+		if argv, _ := readArgv("/proc", cmd.Process.Pid); len(argv) > 0 && argv[0] == "qemu-system-x86_64" {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	p, err := Inspect("/proc", cmd.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, w := range want {
+		fi := p.Fds[3+i]
+		if fi.Memfd() != w || fi.Hugetlb {
+			t.Errorf("fd %d (%s): Memfd %v (unnamed %v, hugetlb %v), want %v", 3+i, fi.Target, fi.Memfd(), fi.Unnamed, fi.Hugetlb, w)
+		}
 	}
 }
