@@ -91,7 +91,7 @@ func TestLUOKexec(t *testing.T) {
 		if strings.Contains(out, "LUOPROBE FAIL") || t.Failed() {
 			t.Fatalf("console:\n%s", tail(out, 60))
 		}
-		for _, l := range regexp.MustCompile(`LUOPROBE (preserved|OK).*`).FindAllString(out, -1) {
+		for _, l := range regexp.MustCompile(`LUOPROBE (preserved|OK|retrieved memfd).*`).FindAllString(out, -1) {
 			t.Log(l)
 		}
 	})

@@ -139,6 +139,10 @@ func second(mib int) error {
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return err
 	}
+	// What the retrieved memfd looks like to whoever inspects it later
+	// (plan, of the QEMU given it): its link, and its link count.
+	link, _ := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", f.Fd()))
+	fmt.Printf("LUOPROBE retrieved memfd: link %q, %d links\n", link, st.Nlink)
 	size := mib << 20
 	if st.Size != int64(size) {
 		return fmt.Errorf("the retrieved memfd has %d bytes, want %d", st.Size, size)
