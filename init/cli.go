@@ -644,9 +644,12 @@ func (c *commonFlags) openRun(cmd string, args []string, path string, host bool,
 // rebuildHost re-creates the manifest's network and cgroups and shows what
 // the kernel reads back.
 func rebuildHost(m *manifest.Manifest, out io.Writer) error {
-	taps, err := hoststate.RebuildNetwork(m)
+	taps, missing, err := hoststate.RebuildNetwork(m)
 	for _, t := range taps {
 		fmt.Fprintln(out, t)
+	}
+	for _, m := range missing {
+		fmt.Fprintf(out, "warning: %s (the guests run on the bridge without it)\n", m)
 	}
 	if err != nil {
 		return fmt.Errorf("network: %w", err)

@@ -110,15 +110,17 @@ func tapInfos(guests []Guest) map[string]netsetup.TapInfo {
 // first, with their controllers and limits. Existing devices and cgroups are
 // reused. A first boot builds the host configuration's with it; Rebuild*
 // build a manifest's.
-func Build(n manifest.Network, cgroups []manifest.Cgroup) error {
-	if err := BuildNetwork(n); err != nil {
-		return err
+// Bridge ports that cannot be found are left out and returned in missing
+// (netsetup.Apply).
+func Build(n manifest.Network, cgroups []manifest.Cgroup) (missing []string, err error) {
+	if missing, err = BuildNetwork(n); err != nil {
+		return missing, err
 	}
-	return BuildCgroups(cgroups)
+	return missing, BuildCgroups(cgroups)
 }
 
 // BuildNetwork builds the network half of Build.
-func BuildNetwork(n manifest.Network) error {
+func BuildNetwork(n manifest.Network) (missing []string, err error) {
 	return netsetup.Apply(n)
 }
 
@@ -130,15 +132,17 @@ func BuildCgroups(cgroups []manifest.Cgroup) error {
 // RebuildNetwork is the inverse of the network half of Capture: it builds
 // the manifest's bridges and taps, then reads the taps back from the kernel
 // so that what runs is what was recorded. PID 1 runs it after kexec, and
-// `restore --host` from a rescue shell.
-func RebuildNetwork(m *manifest.Manifest) ([]manifest.Tap, error) {
+// `restore --host` from a rescue shell. Bridge ports it could not find are
+// left out and named in missing, apart from err.
+func RebuildNetwork(m *manifest.Manifest) (taps []manifest.Tap, missing []string, err error) {
 	if len(m.Network.Bridges) == 0 && len(m.Network.Taps) == 0 {
-		return nil, nil
+		return nil, nil, nil
 	}
-	if err := BuildNetwork(m.Network); err != nil {
-		return nil, err
+	if missing, err = BuildNetwork(m.Network); err != nil {
+		return nil, missing, err
 	}
-	return netsetup.Verify(m.Network)
+	taps, err = netsetup.Verify(m.Network)
+	return taps, missing, err
 }
 
 // RebuildCgroups is the inverse of the cgroup half of Capture: it builds

@@ -139,13 +139,13 @@ func TestCaptureNothing(t *testing.T) {
 // A manifest without host state rebuilds nothing, and needs no root.
 func TestRebuildNothing(t *testing.T) {
 	m := &manifest.Manifest{}
-	if taps, err := RebuildNetwork(m); taps != nil || err != nil {
-		t.Errorf("RebuildNetwork = %v, %v", taps, err)
+	if taps, missing, err := RebuildNetwork(m); taps != nil || missing != nil || err != nil {
+		t.Errorf("RebuildNetwork = %v, %v, %v", taps, missing, err)
 	}
 	if cgs, err := RebuildCgroups(m); cgs != nil || err != nil {
 		t.Errorf("RebuildCgroups = %v, %v", cgs, err)
 	}
-	if err := Build(manifest.Network{}, nil); err != nil {
+	if _, err := Build(manifest.Network{}, nil); err != nil {
 		t.Errorf("Build of nothing: %v", err)
 	}
 }

@@ -94,7 +94,9 @@ func captureBridge(name string, taps map[string]TapInfo) (manifest.Bridge, error
 		return b, err
 	}
 	for _, p := range links {
-		if p.Attrs().MasterIndex == a.Index {
+		// A tap no guest of this run holds is not a port to make again:
+		// only its owner can (a stopped guest's QEMU, left persistent).
+		if p.Attrs().MasterIndex == a.Index && p.Type() != "tuntap" {
 			if _, isTap := taps[p.Attrs().Name]; !isTap {
 				b.Ports = append(b.Ports, p.Attrs().Name)
 				if mac := portMAC(p.Attrs()); mac != "" {
@@ -114,10 +116,21 @@ func captureBridge(name string, taps map[string]TapInfo) (manifest.Bridge, error
 // uplink ports that exist), then the taps, persistent, with their MAC, MTU
 // and bridge. Existing devices are reused and adjusted. It goes on past
 // errors and returns them all.
-func Apply(n manifest.Network) error {
+//
+// A bridge port no link answers to (by name or recorded address) is left
+// out and said in missing, not in err: the bridge and the guests' taps on
+// it are built all the same. Such a port is the host's to make once its
+// network configuration runs (a bond, a VLAN, a NIC whose driver the new
+// kernel loads later), and the guests are better running without it than
+// not running at all.
+func Apply(n manifest.Network) (missing []string, err error) {
 	var errs []error
 	for _, b := range n.Bridges {
-		if err := applyBridge(b); err != nil {
+		lost, err := applyBridge(b)
+		for _, l := range lost {
+			missing = append(missing, fmt.Sprintf("bridge %s: %v", b.Name, l))
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("bridge %s: %w", b.Name, err))
 		}
 	}
@@ -126,46 +139,48 @@ func Apply(n manifest.Network) error {
 			errs = append(errs, fmt.Errorf("tap %s: %w", t.Name, err))
 		}
 	}
-	return errors.Join(errs...)
+	return missing, errors.Join(errs...)
 }
 
-func applyBridge(b manifest.Bridge) error {
+// applyBridge builds one bridge; lost are its ports that could not be found.
+func applyBridge(b manifest.Bridge) (lost []error, err error) {
 	l, err := netlink.LinkByName(b.Name)
 	if err != nil {
 		br := &netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: b.Name, MTU: b.MTU}}
 		if err := netlink.LinkAdd(br); err != nil {
-			return fmt.Errorf("creating: %w", err)
+			return nil, fmt.Errorf("creating: %w", err)
 		}
 		if l, err = netlink.LinkByName(b.Name); err != nil {
-			return err
+			return nil, err
 		}
 	}
 	if err := setCommon(l, b.MAC, b.MTU); err != nil {
-		return err
+		return nil, err
 	}
 	for _, cidr := range b.Addrs {
 		a, err := netlink.ParseAddr(cidr)
 		if err != nil {
-			return fmt.Errorf("address %s: %w", cidr, err)
+			return nil, fmt.Errorf("address %s: %w", cidr, err)
 		}
 		if err := netlink.AddrReplace(l, a); err != nil {
-			return fmt.Errorf("adding address %s: %w", cidr, err)
+			return nil, fmt.Errorf("adding address %s: %w", cidr, err)
 		}
 	}
 	for _, p := range b.Ports {
 		pl, err := portLink(p, b.PortMACs[p])
 		if err != nil {
-			return fmt.Errorf("port %s: %w", p, err)
+			lost = append(lost, fmt.Errorf("port %s left out: %w", p, err))
+			continue
 		}
 		if err := netlink.LinkSetMaster(pl, l); err != nil {
-			return fmt.Errorf("adding port %s: %w", p, err)
+			return lost, fmt.Errorf("adding port %s: %w", p, err)
 		}
 		netlink.LinkSetUp(pl)
 	}
 	if b.Up {
-		return netlink.LinkSetUp(l)
+		return lost, netlink.LinkSetUp(l)
 	}
-	return nil
+	return lost, nil
 }
 
 // portMAC is a port's own hardware address: the permanent one where the

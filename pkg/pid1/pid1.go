@@ -496,12 +496,23 @@ func (b *Boot) setupNetwork(ctx context.Context) error {
 	if b.Manifest == nil {
 		return nil
 	}
-	got, err := hoststate.RebuildNetwork(b.Manifest)
+	got, missing, err := hoststate.RebuildNetwork(b.Manifest)
 	for _, br := range b.Manifest.Network.Bridges {
 		b.Log.Info("bridge", "name", br.Name, "mac", br.MAC, "addrs", br.Addrs)
 	}
+	b.warnMissing(missing)
 	printHost(got)
 	return err
+}
+
+// warnMissing says which bridge ports the network was built without: the
+// guests run on their bridges all the same (netsetup.Apply says why), and
+// the host's own network configuration adds such a port after the handover.
+func (b *Boot) warnMissing(missing []string) {
+	for _, m := range missing {
+		b.Log.Warn("bridge built without a port that cannot be found; the guests run without it until the host's network configuration adds it", "which", m)
+		fmt.Fprintf(consoleOut(), "liveupdate: WARNING: %s\n", m)
+	}
 }
 
 // setupCgroups re-creates the recorded cgroup v2 tree with its limits.

@@ -56,7 +56,9 @@ func (b *Boot) startServices(ctx context.Context) error {
 	if err := json.Unmarshal(raw, &hc); err != nil {
 		return fmt.Errorf("%s: %w", HostConfigPath, err)
 	}
-	if err := hoststate.Build(hc.Network, hc.Cgroups); err != nil {
+	missing, err := hoststate.Build(hc.Network, hc.Cgroups)
+	b.warnMissing(missing)
+	if err != nil {
 		return err
 	}
 	var errs []error
