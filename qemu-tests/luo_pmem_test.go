@@ -40,11 +40,17 @@ func besideHostConfig() pid1.HostConfig {
 		Flags: unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR, Queues: 1, Master: "br0", Up: true})
 	hc.Cgroups = append(hc.Cgroups, manifest.Cgroup{Path: "/machine.slice/twin", Limits: map[string]string{"pids.max": "256", "cpu.weight": "150"}})
 	twin := pid1.Guest{Name: "twin", Cgroup: "/machine.slice/twin", MemfdMiB: []int{160}}
+	// Both guests' RAM bound to NUMA node 1, where the PMEM lies: the twin
+	// differs from the inner guest in its RAM's backend alone, so that
+	// their blackouts compare LUO with PMEM (P10) and nothing else.
+	for i, a := range hc.Guests[0].Argv {
+		hc.Guests[0].Argv[i] = strings.ReplaceAll(a, "mem-path=/mnt/pmem/inner.ram,share=on", "mem-path=/mnt/pmem/inner.ram,share=on,host-nodes=1,policy=bind")
+	}
 	for _, a := range hc.Guests[0].Argv {
 		for _, r := range [][2]string{
 			// Bound to the outer VM's second NUMA node: whether its pages
 			// stay there through the preserve, the kexec and the retrieve.
-			{"mem-path=/mnt/pmem/inner.ram,share=on", "mem-path=/proc/self/fd/3,share=on,host-nodes=1,policy=bind"},
+			{"mem-path=/mnt/pmem/inner.ram", "mem-path=/proc/self/fd/3"},
 			{"/mnt/pmem/inner-serial.log", "/mnt/pmem/twin-serial.log"},
 			{innerImage, twinImage}, {"hb.ip=" + innerAddr, "hb.ip=" + twinAddr},
 			{"/run/inner", "/run/twin"}, {"ifname=vnet0", "ifname=vnet1"}, {"mac=52:54:00:dd:00:03", "mac=52:54:00:dd:00:05"},
