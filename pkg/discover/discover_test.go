@@ -109,15 +109,16 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
-// TestInspectSelf inspects a real process started as a fake QEMU (this test
-// binary with a QEMU argv), so /proc parsing is exercised without QEMU.
-func TestInspectSelf(t *testing.T) {
+// startFakeQEMU starts this test binary as a fake QEMU with argv args
+// (argv[0] a QEMU's name) and files as its fds 3, 4, …, in the temporary
+// directory, and waits until it has exec'd; it is killed when t ends.
+// Discovery goes by the executable's name: the binary runs under a QEMU's.
+func startFakeQEMU(t *testing.T, args []string, files []*os.File) *exec.Cmd {
+	t.Helper()
 	exe, err := os.Executable()
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Discovery goes by the executable's name: run this test binary
-	// under a QEMU's.
 	fake := filepath.Join(t.TempDir(), "qemu-system-fake")
 	if os.Link(exe, fake) != nil {
 		b, err := os.ReadFile(exe)
@@ -129,20 +130,25 @@ func TestInspectSelf(t *testing.T) {
 		}
 	}
 	cmd := exec.Command(fake)
-	cmd.Args = []string{"qemu-system-x86_64", "-name", "fake", "-m", "64"}
-	cmd.Dir = os.TempDir()
-	cmd.Env = []string{"DISCOVER_FAKE_QEMU=1"}
+	cmd.Args, cmd.Dir, cmd.Env, cmd.ExtraFiles = args, os.TempDir(), []string{"DISCOVER_FAKE_QEMU=1"}, files
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer cmd.Process.Kill()
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	// Until the child has exec'd, its cmdline is the test binary's.
 	for i := 0; i < 200; i++ {
-		if argv, _ := readArgv("/proc", cmd.Process.Pid); len(argv) > 0 && argv[0] == "qemu-system-x86_64" {
+		if argv, _ := readArgv("/proc", cmd.Process.Pid); len(argv) > 0 && argv[0] == args[0] {
 			break
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+	return cmd
+}
+
+// TestInspectSelf inspects a real process started as a fake QEMU (this test
+// binary with a QEMU argv), so /proc parsing is exercised without QEMU.
+func TestInspectSelf(t *testing.T) {
+	cmd := startFakeQEMU(t, []string{"qemu-system-x86_64", "-name", "fake", "-m", "64"}, nil)
 	p, err := Inspect("/proc", cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
@@ -206,33 +212,11 @@ func TestInspectMemfds(t *testing.T) {
 	}
 	files := []*os.File{os.NewFile(uintptr(mfd), "memfd"), open(shm, "unlinked", true), open(shm, "linked", false), open(disk, "unlinked", true)}
 	want := []bool{true, true, false, false}
-	exe, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	fake := filepath.Join(t.TempDir(), "qemu-system-fake")
-	if os.Link(exe, fake) != nil {
-		b, _ := os.ReadFile(exe)
-		if err := os.WriteFile(fake, b, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
 	args := []string{"qemu-system-x86_64", "-name", "fake"}
 	for i := range files {
 		args = append(args, "-object", fmt.Sprintf("memory-backend-file,id=m%d,size=1M,mem-path=/proc/self/fd/%d,share=on", i, 3+i))
 	}
-	cmd := exec.Command(fake)
-	cmd.Args, cmd.Env, cmd.ExtraFiles = args, []string{"DISCOVER_FAKE_QEMU=1"}, files
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	for i := 0; i < 200; i++ {
-		if argv, _ := readArgv("/proc", cmd.Process.Pid); len(argv) > 0 && argv[0] == "qemu-system-x86_64" {
-			break
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	cmd := startFakeQEMU(t, args, files)
 	p, err := Inspect("/proc", cmd.Process.Pid)
 	if err != nil {
 		t.Fatal(err)
