@@ -1,14 +1,10 @@
 package qemutests
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"slices"
-	"sort"
 	"strings"
 	"syscall"
 	"testing"
@@ -26,33 +22,7 @@ import (
 // blackout of both is the new QEMU's RESUME − the old QEMU's STOP.
 func BenchmarkRestartManual(b *testing.B) {
 	spec := func(name string) guestSpec { return guestSpec{name: name, kargs: []string{"hb.check_ms=60000"}} }
-	gs := bootAll(b, spec("bpm-lu"), spec("bpm-hand"))
-	ours, hand := gs[0], gs[1]
-	state := b.TempDir()
-	var lu, byHand []float64
-	b.ResetTimer()
-	for b.Loop() {
-		code, out, _ := runLU(b, "restart-qemu", "--json", "--state-dir", state, ours.name)
-		if code != 0 {
-			b.Fatalf("restart-qemu exit %d", code)
-		}
-		for _, vm := range parseResult(b, out).VMs {
-			lu = append(lu, vm.BlackoutMS)
-		}
-		byHand = append(byHand, cprRebootByHand(b, hand, b.TempDir()))
-	}
-	b.StopTimer()
-	for _, g := range gs {
-		last, _ := g.lastBeat()
-		g.checkContinues(last)
-	}
-	sort.Float64s(lu)
-	sort.Float64s(byHand)
-	b.ReportMetric(median(lu), "blackout-median-ms")
-	b.ReportMetric(median(byHand), "by-hand-median-ms")
-	raw := func(v []float64) string { return strings.Trim(strings.Join(strings.Fields(fmt.Sprint(v)), ","), "[]") }
-	fmt.Fprintf(os.Stderr, "BENCH id=P1m name=%s guests=1 ram_mib=256 touched_mib=16 copy_ram=false each=false samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f hand_median_ms=%.1f hand_min_ms=%.1f hand_max_ms=%.1f state_bytes=0 raw=%s hand_raw=%s\n",
-		b.Name(), len(lu), median(lu), lu[0], lu[len(lu)-1], median(byHand), byHand[0], byHand[len(byHand)-1], raw(lu), raw(byHand))
+	benchTwins(b, "P1m", spec("bpm-lu"), spec("bpm-hand"), "", cprRebootByHand)
 }
 
 // cprRebootByHand restarts g's guest by the manual cpr-reboot procedure
@@ -114,26 +84,8 @@ func cprRebootByHand(b testing.TB, g *guest, dir string) float64 {
 	for syscall.Kill(pid, 0) == nil {
 		time.Sleep(time.Millisecond)
 	}
-	args := slices.DeleteFunc(slices.Clone(argv[1:]), func(a string) bool { return a == "-daemonize" })
-	args = append(args, "-incoming", "defer")
-	var log bytes.Buffer
-	cmd := exec.Command(argv[0], args...)
-	cmd.Stdout, cmd.Stderr = &log, &log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	go cmd.Wait()
-	var nw *qmp.Client
-	for nw == nil {
-		if nw, err = qmp.DialPeer(ctx, g.qmp, cmd.Process.Pid); err != nil {
-			if ctx.Err() != nil {
-				b.Fatalf("the new QEMU's monitor: %v; %s", err, log.String())
-			}
-			nw = nil
-			time.Sleep(time.Millisecond)
-		}
-	}
+	cmd, log := startAgain(b, argv, "-incoming", "defer")
+	nw := dialNew(ctx, b, g.qmp, cmd, log)
 	defer nw.Close()
 	setup(nw)
 	if err := nw.Execute(ctx, "migrate-incoming", map[string]any{"uri": stateURI}, nil); err != nil {

@@ -30,10 +30,19 @@ func BenchmarkRestartTransfer(b *testing.B) {
 	spec := func(name string) guestSpec {
 		return guestSpec{name: name, extra: []string{"-machine", "aux-ram-share=on"}, kargs: []string{"hb.check_ms=60000"}}
 	}
-	gs := bootAll(b, spec("bpt-lu"), spec("bpt-hand"))
+	benchTwins(b, "P1t", spec("bpt-lu"), spec("bpt-hand"), "cpr-transfer", transferByHand)
+}
+
+// benchTwins measures restart-qemu on the first of two twin guests against
+// a procedure driven by hand over QMP on the second (byHand, which returns
+// its blackout in ms), turn by turn in the same run so that the machine's
+// load weighs on both alike, and prints the BENCH line (id) with both. A
+// restart that goes another way than mode (when set) fails it.
+func benchTwins(b *testing.B, id string, ourSpec, handSpec guestSpec, mode string, byHand func(testing.TB, *guest, string) float64) {
+	gs := bootAll(b, ourSpec, handSpec)
 	ours, hand := gs[0], gs[1]
 	state := b.TempDir()
-	var lu, byHand []float64
+	var lu, byHandMS []float64
 	b.ResetTimer()
 	for b.Loop() {
 		code, out, _ := runLU(b, "restart-qemu", "--json", "--state-dir", state, ours.name)
@@ -41,12 +50,12 @@ func BenchmarkRestartTransfer(b *testing.B) {
 			b.Fatalf("restart-qemu exit %d", code)
 		}
 		for _, vm := range parseResult(b, out).VMs {
-			if vm.Mode != "cpr-transfer" {
-				b.Fatalf("%s went the %s way, not by cpr-transfer", vm.Name, vm.Mode)
+			if mode != "" && vm.Mode != mode {
+				b.Fatalf("%s went the %s way, not by %s", vm.Name, vm.Mode, mode)
 			}
 			lu = append(lu, vm.BlackoutMS)
 		}
-		byHand = append(byHand, transferByHand(b, hand, b.TempDir()))
+		byHandMS = append(byHandMS, byHand(b, hand, b.TempDir()))
 	}
 	b.StopTimer()
 	for _, g := range gs {
@@ -54,12 +63,45 @@ func BenchmarkRestartTransfer(b *testing.B) {
 		g.checkContinues(last)
 	}
 	sort.Float64s(lu)
-	sort.Float64s(byHand)
+	sort.Float64s(byHandMS)
 	b.ReportMetric(median(lu), "blackout-median-ms")
-	b.ReportMetric(median(byHand), "by-hand-median-ms")
+	b.ReportMetric(median(byHandMS), "by-hand-median-ms")
 	raw := func(v []float64) string { return strings.Trim(strings.Join(strings.Fields(fmt.Sprint(v)), ","), "[]") }
-	fmt.Fprintf(os.Stderr, "BENCH id=P1t name=%s guests=1 ram_mib=256 touched_mib=16 copy_ram=false each=false samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f hand_median_ms=%.1f hand_min_ms=%.1f hand_max_ms=%.1f state_bytes=0 raw=%s hand_raw=%s\n",
-		b.Name(), len(lu), median(lu), lu[0], lu[len(lu)-1], median(byHand), byHand[0], byHand[len(byHand)-1], raw(lu), raw(byHand))
+	fmt.Fprintf(os.Stderr, "BENCH id=%s name=%s guests=1 ram_mib=256 touched_mib=16 copy_ram=false each=false samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f hand_median_ms=%.1f hand_min_ms=%.1f hand_max_ms=%.1f state_bytes=0 raw=%s hand_raw=%s\n",
+		id, b.Name(), len(lu), median(lu), lu[0], lu[len(lu)-1], median(byHandMS), byHandMS[0], byHandMS[len(byHandMS)-1], raw(lu), raw(byHandMS))
+}
+
+// startAgain starts g's QEMU command line (argv, as /proc shows it) again
+// with extra options, in the foreground and its own session; its output
+// goes to the returned buffer.
+func startAgain(b testing.TB, argv []string, extra ...string) (*exec.Cmd, *bytes.Buffer) {
+	b.Helper()
+	args := slices.DeleteFunc(slices.Clone(argv[1:]), func(a string) bool { return a == "-daemonize" })
+	var log bytes.Buffer
+	cmd := exec.Command(argv[0], append(args, extra...)...)
+	cmd.Stdout, cmd.Stderr = &log, &log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	go cmd.Wait()
+	return cmd, &log
+}
+
+// dialNew reaches the monitor of the QEMU started as cmd at path, as soon
+// as it answers.
+func dialNew(ctx context.Context, b testing.TB, path string, cmd *exec.Cmd, log *bytes.Buffer) *qmp.Client {
+	b.Helper()
+	for {
+		c, err := qmp.DialPeer(ctx, path, cmd.Process.Pid)
+		if err == nil {
+			return c
+		}
+		if ctx.Err() != nil {
+			b.Fatalf("the new QEMU's monitor: %v; %s", err, log.String())
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // transferByHand hands g's guest over to a new QEMU by cpr-transfer, driven
@@ -87,20 +129,11 @@ func transferByHand(b testing.TB, g *guest, dir string) float64 {
 		}
 	}
 	main, cprSock := filepath.Join(dir, "main.sock"), filepath.Join(dir, "cpr.sock")
-	args := slices.DeleteFunc(slices.Clone(argv[1:]), func(a string) bool { return a == "-daemonize" })
 	ch := func(kind, path string) string {
 		j, _ := json.Marshal(qemuargv.TransferChannel(kind, path))
 		return string(j)
 	}
-	args = append(args, "-incoming", ch("main", main), "-incoming", ch("cpr", cprSock))
-	var log bytes.Buffer
-	cmd := exec.Command(argv[0], args...)
-	cmd.Stdout, cmd.Stderr = &log, &log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	go cmd.Wait()
+	cmd, log := startAgain(b, argv, "-incoming", ch("main", main), "-incoming", ch("cpr", cprSock))
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(2 * time.Millisecond) {
 		if _, err := os.Stat(cprSock); err == nil {
 			break
@@ -117,16 +150,7 @@ func transferByHand(b testing.TB, g *guest, dir string) float64 {
 	if err := old.Execute(ctx, "migrate", map[string]any{"channels": chans}, nil); err != nil {
 		b.Fatalf("migrate: %v", err)
 	}
-	var nw *qmp.Client
-	for nw == nil {
-		if nw, err = qmp.DialPeer(ctx, g.qmp, cmd.Process.Pid); err != nil {
-			if ctx.Err() != nil {
-				b.Fatalf("the new QEMU's monitor: %v; %s", err, log.String())
-			}
-			nw = nil
-			time.Sleep(time.Millisecond)
-		}
-	}
+	nw := dialNew(ctx, b, g.qmp, cmd, log)
 	defer nw.Close()
 	resume, _, err := nw.WaitEvent(ctx, "RESUME", 0, nil)
 	if err != nil {
