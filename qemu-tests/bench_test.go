@@ -127,6 +127,11 @@ func BenchmarkRestartDisks(b *testing.B) {
 			})
 		}
 	}
+	// The 8 disk guests once more, each on its own (--each): what taking
+	// fewer loads and conts at once gives back.
+	b.Run("8GuestsDiskEach", func(b *testing.B) {
+		benchRestart(b, benchOpts{id: "P8e", guests: 8, ramMiB: 256, touched: 16, disk: disk, each: true})
+	})
 }
 
 // P3: the blackout against guest RAM size (the RAM is not copied, so it

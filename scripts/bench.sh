@@ -94,6 +94,9 @@ for n in (2, 8):
     if nd and wd:
         ratio = float(wd["median_ms"]) / float(nd["median_ms"])
         row("P8", f"{n} guests at once, each writing to a qcow2 disk, vs {n} without disks: every guest's blackout", "≤ 1.5×", f"{wd['median_ms']} vs {nd['median_ms']} ms ({ratio:.2f}×)", wd["min_ms"], wd["max_ms"]+" ms (disks)", wd["samples"], ratio <= 1.5)
+p8e, p8n = b("BenchmarkRestartDisks/8GuestsDiskEach"), b("BenchmarkRestartDisks/8Guests")
+if p8e and p8n:
+    row("P8e", "the 8 disk guests with --each, against the 8 without disks all together", "—", f"{p8e['median_ms']} vs {p8n['median_ms']} ms", p8e["min_ms"], p8e["max_ms"]+" ms", p8e["samples"], None)
 p1t = b("BenchmarkRestartTransfer")
 if p1t:
     ratio = float(p1t["median_ms"]) / float(p1t["hand_median_ms"])
