@@ -2,10 +2,7 @@ package qemutests
 
 import (
 	"context"
-	"fmt"
-	"os"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -32,11 +29,7 @@ func cprRebootByHand(b testing.TB, g *guest, dir string) float64 {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	pid := g.pid()
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil {
-		b.Fatal(err)
-	}
-	argv := strings.Split(strings.TrimSuffix(string(raw), "\x00"), "\x00")
+	argv := qemuArgv(b, pid)
 	stateURI := "file:" + filepath.Join(dir, "vm.state")
 	setup := func(c *qmp.Client) {
 		if err := c.Execute(ctx, "migrate-set-capabilities", map[string]any{"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}}}, nil); err != nil {

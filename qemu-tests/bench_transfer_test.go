@@ -71,9 +71,20 @@ func benchTwins(b *testing.B, id string, ourSpec, handSpec guestSpec, mode strin
 		id, b.Name(), len(lu), median(lu), lu[0], lu[len(lu)-1], median(byHandMS), byHandMS[0], byHandMS[len(byHandMS)-1], raw(lu), raw(byHandMS))
 }
 
-// startAgain starts g's QEMU command line (argv, as /proc shows it) again
-// with extra options, in the foreground and its own session; its output
-// goes to the returned buffer.
+// qemuArgv is the command line of QEMU pid, as /proc shows it (read it
+// before that QEMU quits).
+func qemuArgv(b testing.TB, pid int) []string {
+	b.Helper()
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return strings.Split(strings.TrimSuffix(string(raw), "\x00"), "\x00")
+}
+
+// startAgain starts a QEMU command line (qemuArgv) again with extra
+// options, in the foreground and its own session; its output goes to the
+// returned buffer.
 func startAgain(b testing.TB, argv []string, extra ...string) (*exec.Cmd, *bytes.Buffer) {
 	b.Helper()
 	args := slices.DeleteFunc(slices.Clone(argv[1:]), func(a string) bool { return a == "-daemonize" })
@@ -113,11 +124,7 @@ func transferByHand(b testing.TB, g *guest, dir string) float64 {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	pid := g.pid()
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if err != nil {
-		b.Fatal(err)
-	}
-	argv := strings.Split(strings.TrimSuffix(string(raw), "\x00"), "\x00")
+	argv := qemuArgv(b, pid)
 	old, err := qmp.DialPeer(ctx, g.qmp, pid)
 	if err != nil {
 		b.Fatal(err)
