@@ -648,8 +648,8 @@ func rebuildHost(m *manifest.Manifest, out io.Writer) error {
 	for _, t := range taps {
 		fmt.Fprintln(out, t)
 	}
-	for _, m := range missing {
-		fmt.Fprintf(out, "warning: %s (the guests run on the bridge without it)\n", m)
+	for _, port := range missing {
+		fmt.Fprintf(out, "warning: %s (the guests run on the bridge without it)\n", port)
 	}
 	if err != nil {
 		return fmt.Errorf("network: %w", err)
