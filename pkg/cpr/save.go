@@ -235,10 +235,19 @@ func (r *run) firstWrite(ts []*Target) error {
 	return nil
 }
 
-// recordSaved records that every VM saved.
+// recordSaved records that every VM saved. When every VM has its new QEMU
+// started beside the old one (a restart), the record stays in memory until
+// the restore's write: nothing reads it before (recover judges such guests
+// by which QEMU runs them), and writing the manifest here sat in every
+// guest's blackout — the CPU it takes is the new QEMUs' loading time.
 func (r *run) recordSaved(ts []*Target) error {
+	allEarly := true
 	for _, t := range ts {
 		t.rec.Status = manifest.StatusSaved
+		allEarly = allEarly && t.early
+	}
+	if allEarly {
+		return nil
 	}
 	if err := r.writeUnsynced(); err != nil {
 		return fmt.Errorf("recording the save: %w", err)
