@@ -55,9 +55,16 @@ fi
 dst=$stage/mods/lib/modules/$kver
 mkdir -p "$dst" "$stage/mods/etc/liveupdate"
 cp "$src"/modules.order "$src"/modules.builtin* "$dst"/ 2>/dev/null || true
-: >"$stage/mods/etc/liveupdate/modules"
+# The list keeps modules.txt's groups: a blank line between two (PID 1
+# loads groups side by side).
+list=$stage/mods/etc/liveupdate/modules
+: >"$list"
+group=
 while read -r name; do
-	case $name in ''|'#'*) continue ;; esac
+	case $name in
+	'') [ -z "$group" ] || group=ended; continue ;;
+	'#'*) continue ;;
+	esac
 	if ! deps=$(modprobe -S "$kver" -d "$modroot" --show-depends "$name" 2>/dev/null); then
 		echo "build.sh: module $name not in $kver (built in or absent): skipped" >&2
 		continue
@@ -75,11 +82,13 @@ while read -r name; do
 		*) cp -n "$path" "$dst/$rel" ;;
 		esac
 	done <<<"$deps"
-	echo "$name" >>"$stage/mods/etc/liveupdate/modules"
+	[ "$group" != ended ] || echo >>"$list"
+	echo "$name" >>"$list"
+	group=open
 done <"$here/modules.txt"
 depmod -b "$stage/mods" "$kver"
 (cd "$stage/mods" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) | gzip -9 -n >"$stage/mods.cpio.gz"
 
 cat "$core" "$stage/mods.cpio.gz" >"$out.tmp"
 mv "$out.tmp" "$out"
-echo "build.sh: $out ($(du -h "$out" | cut -f1); core $(du -h "$core" | cut -f1), $(wc -l <"$stage/mods/etc/liveupdate/modules") modules listed)" >&2
+echo "build.sh: $out ($(du -h "$out" | cut -f1); core $(du -h "$core" | cut -f1), $(grep -c . "$list") modules listed)" >&2

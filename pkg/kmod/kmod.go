@@ -2,6 +2,9 @@
 // from modules.dep (resolved with u-root's kmodule), letting the kernel
 // decompress .ko.xz itself (finit_module with MODULE_INIT_COMPRESSED_FILE)
 // where it can, and falling back to kmodule's userspace decompression.
+// Independent groups of modules load side by side (LoadGroups): loading is
+// the kernel's work on the CPU (relocations, signatures, init), and PID 1
+// waits for all of it before any guest starts.
 package kmod
 
 import (
@@ -103,19 +106,51 @@ func loadFile(path string) error {
 	return err
 }
 
-// ReadList reads a module list file: one name per line, # comments.
-func ReadList(path string) ([]string, error) {
+// LoadGroups loads the groups side by side, each with Load (its names in
+// order), and returns their results, group after group. Two groups may share
+// a dependency: the kernel lets one load it and tells the other it exists.
+func LoadGroups(groups [][]string, opts kmodule.ProbeOpts) []Result {
+	res := make([][]Result, len(groups))
+	var wg sync.WaitGroup
+	for i, g := range groups {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res[i] = Load(g, opts)
+		}()
+	}
+	wg.Wait()
+	var all []Result
+	for _, r := range res {
+		all = append(all, r...)
+	}
+	return all
+}
+
+// ReadList reads a module list file: one name per line, # comments. A blank
+// line ends a group (LoadGroups loads groups side by side, the names of one
+// in order); a group of comments alone is none.
+func ReadList(path string) ([][]string, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	var out []string
+	var groups [][]string
+	var g []string
 	for _, l := range strings.Split(string(b), "\n") {
 		l = strings.TrimSpace(l)
-		if l == "" || strings.HasPrefix(l, "#") {
-			continue
+		switch {
+		case l == "":
+			if len(g) > 0 {
+				groups = append(groups, g)
+			}
+			g = nil
+		case !strings.HasPrefix(l, "#"):
+			g = append(g, l)
 		}
-		out = append(out, l)
 	}
-	return out, nil
+	if len(g) > 0 {
+		groups = append(groups, g)
+	}
+	return groups, nil
 }

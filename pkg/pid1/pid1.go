@@ -217,15 +217,21 @@ func (b *Boot) ready() {
 	fmt.Fprintln(consoleOut(), msg)
 }
 
-// loadModules loads the initramfs' module list and lu.modules.
+// loadModules loads the initramfs' module list, its groups side by side,
+// then lu.modules (which may need any of them).
 func (b *Boot) loadModules(ctx context.Context) error {
-	names, err := kmod.ReadList(ModuleList)
+	groups, err := kmod.ReadList(ModuleList)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	names = append(names, b.Params.Modules...)
+	res := kmod.LoadGroups(groups, kmodule.ProbeOpts{})
+	if len(b.Params.Modules) > 0 {
+		res = append(res, kmod.Load(b.Params.Modules, kmodule.ProbeOpts{})...)
+	}
 	var errs []error
-	for _, r := range kmod.Load(names, kmodule.ProbeOpts{}) {
+	var names []string
+	for _, r := range res {
+		names = append(names, r.Name)
 		if r.Err != nil {
 			errs = append(errs, fmt.Errorf("module %s: %w", r.Name, r.Err))
 			continue
@@ -236,7 +242,7 @@ func (b *Boot) loadModules(ctx context.Context) error {
 		b.Log.Debug("module", "name", r.Name, "loaded", r.Loaded)
 	}
 	if len(errs) == 0 {
-		b.Log.Info("modules loaded", "count", len(names), "list", strings.Join(names, ","))
+		b.Log.Info("modules loaded", "count", len(names), "groups", len(groups), "list", strings.Join(names, ","))
 	}
 	return errors.Join(errs...)
 }
