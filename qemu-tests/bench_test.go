@@ -1,12 +1,15 @@
 package qemutests
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"sort"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/liveupdate/liveupdate/pkg/timeline"
 )
 
 // Benchmarks of the QEMU-only live restart (issue 5's P1–P4). They
@@ -64,10 +67,13 @@ func benchRestart(b *testing.B, o benchOpts) {
 		}
 	}
 	b.StopTimer()
-	// Where the last run's time went, for -v (the phases of every VM).
+	// Where the last run's time went (the phases of every VM), printed by
+	// the benchmark's log, and each guest's blackout cut into its parts
+	// for docs/benchmarks.md.
 	if _, out, _ := runLU(b, "status", "--state-dir", state); out != "" {
 		b.Logf("status of the last run:\n%s", out)
 	}
+	benchSplit(b, state)
 	for _, g := range gs {
 		last, _ := g.lastBeat()
 		g.checkContinues(last)
@@ -80,6 +86,36 @@ func benchRestart(b *testing.B, o benchOpts) {
 	fmt.Fprintf(os.Stderr, "BENCH id=%s name=%s guests=%d ram_mib=%d touched_mib=%d copy_ram=%v each=%v disk=%v samples=%d median_ms=%.1f min_ms=%.1f max_ms=%.1f state_bytes=%.0f raw=%s\n",
 		o.id, b.Name(), o.guests, o.ramMiB, o.touched, o.copyRAM, o.each, o.disk != nil, len(blackouts), median(blackouts), blackouts[0], blackouts[len(blackouts)-1],
 		median(stateBytes), strings.Trim(strings.Join(strings.Fields(fmt.Sprint(blackouts)), ","), "[]"))
+}
+
+// benchSplit prints, for each guest of the last run in state, one
+// BENCHSPLIT line: its blackout (old QEMU's STOP → new QEMU's RESUME) cut
+// at the run's phase boundaries — the rest of its save after the STOP, the
+// wait until its load begins (for the other guests' saves, without
+// --each), its load, its cont, and cont's end to the RESUME.
+func benchSplit(b *testing.B, state string) {
+	_, out, _ := runLU(b, "status", "--state-dir", state, "--json")
+	var tl timeline.Timeline
+	if err := json.Unmarshal([]byte(out), &tl); err != nil {
+		b.Logf("status --json of the last run: %v", err)
+		return
+	}
+	ms := func(a, z time.Time) float64 { return float64(z.Sub(a).Microseconds()) / 1000 }
+	for _, g := range tl.Guests {
+		sp := map[string]timeline.Span{}
+		for _, x := range tl.Spans {
+			if x.Row == g.Name {
+				sp[x.Name] = x
+			}
+		}
+		save, load, cont := sp["save"], sp["load"], sp["cont"]
+		if g.Stopped.IsZero() || save.End.IsZero() || load.End.IsZero() || cont.End.IsZero() {
+			continue
+		}
+		fmt.Fprintf(os.Stderr, "BENCHSPLIT name=%s guest=%s blackout_ms=%.1f save_ms=%.1f wait_ms=%.1f load_ms=%.1f cont_ms=%.1f resume_ms=%.1f\n",
+			b.Name(), g.Name, float64(g.Blackout.Microseconds())/1000, ms(g.Stopped, save.End), ms(save.End, load.Start),
+			ms(load.Start, load.End), ms(cont.Start, cont.End), ms(cont.End, g.Resumed))
+	}
 }
 
 func median(v []float64) float64 {
