@@ -774,14 +774,16 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 	if path == "" || tl == nil || len(tl.Guests) == 0 {
 		return
 	}
-	span := func(name string) (s timeline.Span) {
+	// The last span of that name in the row ("host", or a guest's).
+	spanIn := func(row, name string) (s timeline.Span) {
 		for _, x := range tl.Spans {
-			if x.Row == "host" && x.Name == name {
+			if x.Row == row && x.Name == name {
 				s = x
 			}
 		}
 		return s
 	}
+	span := func(name string) timeline.Span { return spanIn("host", name) }
 	var lastResume time.Time
 	var blackout time.Duration
 	for _, g := range tl.Guests {
@@ -795,14 +797,7 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 	}
 	// The inner guest's new QEMU: its own start-up (exec, then init until
 	// its monitor answers) and its load, QEMU's work rather than ours (P5').
-	guestSpan := func(name string) (s timeline.Span) {
-		for _, x := range tl.Spans {
-			if x.Row == "inner" && x.Name == name {
-				s = x
-			}
-		}
-		return s
-	}
+	guestSpan := func(name string) timeline.Span { return spanIn("inner", name) }
 	startup := guestSpan("qemu-init").End.Sub(guestSpan("qemu-start").Start)
 	load := guestSpan("load").Took()
 	pid1Start := span("kernel boot").End
