@@ -400,6 +400,7 @@ type commonFlags struct {
 	root     string
 	lockPath string
 	clock    time.Duration
+	noRT     bool
 }
 
 func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
@@ -412,6 +413,7 @@ func newFlagSet(name, synopsis string, c *commonFlags) *flag.FlagSet {
 	fs.BoolVar(&c.verbose, "v", false, "verbose logging")
 	fs.DurationVar(&c.qmpWait, "qmp-timeout", 5*time.Second, "how long to wait for each QEMU's QMP monitor")
 	fs.DurationVar(&c.clock, "clock-timeout", cpr.ClockFixTimeout, "how long to try to put each restored guest's clock right through its agent")
+	fs.BoolVar(&c.noRT, "no-realtime", false, "keep every thread at its own scheduling: QEMU's main thread and ours are not raised to real-time priority (SCHED_FIFO 1) for the milliseconds of a guest's save and load")
 	fs.StringVar(&c.lockPath, "lock", runlock.DefaultPath, "the lock that lets one liveupdate at a time change guests")
 	fs.StringVar(&c.root, "root", "", "the host root as this process sees it when run from PID 1's shell (/newroot): QEMUs run chrooted there and paths are inside it")
 	return fs
@@ -455,6 +457,7 @@ func (c *commonFlags) engine() *cpr.Engine {
 	e := cpr.New(hostpath.QEMU(c.stateDir), log)
 	e.QMPTimeout = c.qmpWait
 	e.ClockTimeout = c.clock
+	e.NoRealtime = c.noRT
 	e.Root = hostpath.Root(c.root)
 	return e
 }

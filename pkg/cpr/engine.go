@@ -45,6 +45,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 	"github.com/liveupdate/liveupdate/pkg/reaper"
+	"github.com/liveupdate/liveupdate/pkg/rtboost"
 )
 
 // Engine carries the settings of the CPR engine. It holds nothing of any
@@ -74,6 +75,11 @@ type Engine struct {
 	// WaitClocks waits for those fixes.
 	ClockAsync bool
 	clockFixes sync.WaitGroup
+
+	// NoRealtime keeps every thread at the scheduling it has: the threads
+	// a guest's blackout waits on are not raised to real-time priority for
+	// it (realtime.go).
+	NoRealtime bool
 }
 
 // WaitClocks waits until the clock fixes ClockAsync left running are done,
@@ -125,6 +131,12 @@ type run struct {
 	// holds, alive meanwhile.
 	clockLater bool
 	clockDue   []*manifest.VM
+	// selfRealtime: our own threads run at real-time priority from the
+	// first save to the last cont (restart-qemu: the guests saved and
+	// loaded compete with running guests for the CPUs); self holds them.
+	selfRealtime bool
+	self         *rtboost.Raised
+	rtWarn       sync.Once
 }
 
 // keepsRAM tells whether the kernel keeps guests' memfd RAM across this

@@ -54,8 +54,9 @@ func (r *run) readPlacement(pid int, vcpus map[int]int, procCgroup []string) *ma
 // every thread on the main thread's CPUs, each vCPU thread on its own and
 // into its own cgroups (cgroups only on the boot they were read on). It
 // runs before the new QEMU runs the guest; what fails is logged — the
-// guest runs regardless, with the host's defaults.
-func (r *run) place(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int, sameBoot bool) {
+// guest runs regardless, with the host's defaults. vcpus are its vCPU
+// threads if already asked (nil: asked here).
+func (r *run) place(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int, sameBoot bool, vcpus map[int]int) {
 	pl := vm.Placement
 	if pl == nil {
 		return
@@ -75,10 +76,12 @@ func (r *run) place(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int
 	if len(pl.Vcpus) == 0 {
 		return
 	}
-	vcpus, err := vcpuThreads(ctx, c)
-	if err != nil {
-		warn("vCPU threads", err)
-		return
+	if vcpus == nil { // not asked yet
+		var err error
+		if vcpus, err = vcpuThreads(ctx, c); err != nil {
+			warn("vCPU threads", err)
+			return
+		}
 	}
 	mountinfo, _ := os.ReadFile(filepath.Join(r.ProcRoot, "self/mountinfo"))
 	for idx, tp := range pl.Vcpus {

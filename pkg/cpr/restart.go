@@ -23,6 +23,8 @@ import (
 func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions, skipUnsafe bool) (*manifest.Manifest, []*Target, error) {
 	r := e.newRun()
 	r.clockLater = true // after retireOld
+	r.selfRealtime = true
+	defer func() { r.lower("", r.self) }() // at the latest
 	var ts []*Target
 	err := r.timed("plan", "", func() (err error) {
 		ts, err = r.plan(ctx, names, false)
@@ -60,6 +62,7 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 		}
 		rerr = r.restore(ctx, Held(safe), nil)
 	}
+	r.lower("", r.self) // the last cont is done
 	err = errors.Join(saveErr, rerr, r.retireOld(ctx, safe))
 	r.fixClocks(ctx)
 	if err == nil && len(unsafe) > 0 {
@@ -87,6 +90,9 @@ func (r *run) restartEach(ctx context.Context, ts []*Target, o SaveOptions) (*ma
 	}
 	if err := phase.Run(ctx, r.recordHost, r.setupSteps(ts, o)...); err != nil {
 		return r.setupFailed(err)
+	}
+	if r.selfRealtime {
+		r.self = r.raiseSelf()
 	}
 	held := Held(ts)
 	slots := make(chan struct{}, o.Each)

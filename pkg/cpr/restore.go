@@ -180,6 +180,11 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 			return err
 		}
 	}
+	// Its threads but the vCPUs (the load, cont) at real-time priority
+	// until the guest runs. (A cpr-transfer twin's vCPU threads are not
+	// known before its load: it is not raised.)
+	raised := r.raiseQEMU(vm.Name, q.p.Pid, q.vcpus, false)
+	defer r.lower(vm.Name, raised)
 	// Until the state is consumed, a failure stops the new QEMU and the
 	// guest can be restored (or continued on its old QEMU) again.
 	fail := func(err error) error {
@@ -244,6 +249,7 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 			return r.loadedNotRunning(vm, err)
 		}
 	}
+	r.lower(vm.Name, raised)
 
 	// Outside the blackout: the consumed mark made durable, and the new
 	// QEMU gets the VM's own migration set-up.
@@ -434,7 +440,8 @@ type newQEMU struct {
 	// dialing brings its monitor, reached in the background (cpr-transfer:
 	// dialTransfer); nil when c is set or is to be dialled.
 	dialing chan dialed
-	aside   []string // started early: the old QEMU's sockets, moved aside (early.go)
+	aside   []string    // started early: the old QEMU's sockets, moved aside (early.go)
+	vcpus   map[int]int // its vCPU threads by index (nil: not known)
 }
 
 // startQEMU starts a VM's new QEMU on argv (in its network namespace,
@@ -455,7 +462,12 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		vm.NewPID = 0
 		return nil, r.withQEMUsWords(vm, err)
 	}
-	r.place(ctx, q.c, vm, q.p.Pid, r.man.Host.BootID == currentBootID())
+	// Its vCPU threads: where to place them, and which threads are not
+	// raised for the load (realtime.go).
+	if q.vcpus, err = vcpuThreads(ctx, q.c); err != nil {
+		r.Log.Warn("new QEMU's vCPU threads not known: neither placed nor kept out of the load's real-time priority", "vm", vm.Name, "err", err)
+	}
+	r.place(ctx, q.c, vm, q.p.Pid, r.man.Host.BootID == currentBootID(), q.vcpus)
 	return q, nil
 }
 

@@ -91,6 +91,11 @@ func (r *run) save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.
 		return nil, err
 	}
 	steps := r.setupSteps(ts, o)
+	if r.selfRealtime {
+		steps = append(steps, phase.Step{Name: "realtime",
+			Do:   func(context.Context) error { r.self = r.raiseSelf(); return nil },
+			Undo: func(context.Context) error { r.lower("", r.self); return nil }})
+	}
 	steps = append(steps,
 		// All save in parallel; none quits until all have saved.
 		phase.Step{Name: "save",
@@ -661,6 +666,11 @@ func waitMigration(ctx context.Context, c *qmp.Client, what string) error {
 func (r *run) saveOne(ctx context.Context, t *Target) error {
 	ctx, cancel := context.WithTimeout(ctx, r.SaveTimeout)
 	defer cancel()
+	// Its threads but the vCPUs, and the migration thread it starts, at
+	// real-time priority for the save; given back before anything else (a
+	// failed save's undo continues the guest).
+	raised := r.raiseQEMU(t.Name(), t.Proc.PID, t.Facts.Vcpus, true)
+	defer r.lower(t.Name(), raised)
 	if t.rec.Transfer != nil && t.early {
 		if fellBack, err := r.saveTransfer(ctx, t); !fellBack || err != nil {
 			return err

@@ -165,7 +165,7 @@ func (r *run) dialTransfer(ctx context.Context, vm *manifest.VM, q *newQEMU) {
 			return err
 		})
 		if d.err == nil {
-			r.place(ctx, d.c, vm, q.p.Pid, true)
+			r.place(ctx, d.c, vm, q.p.Pid, true, nil)
 		}
 		q.dialing <- d
 	}()
