@@ -79,6 +79,9 @@ func threads(procRoot string, pid int, pick func(tid int) bool, inherit bool) (*
 			continue
 		}
 		a, err := unix.SchedGetAttr(tid, 0)
+		if errors.Is(err, unix.ESRCH) {
+			continue // ended meanwhile
+		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("thread %d: reading its scheduling: %w", tid, err))
 			continue
@@ -87,7 +90,9 @@ func threads(procRoot string, pid int, pick func(tid int) bool, inherit bool) (*
 			continue // already real-time, set by its owner: leave it so
 		}
 		if err := unix.SchedSetAttr(tid, &raise, 0); err != nil {
-			errs = append(errs, fmt.Errorf("thread %d: %w", tid, err))
+			if !errors.Is(err, unix.ESRCH) {
+				errs = append(errs, fmt.Errorf("thread %d: %w", tid, err))
+			}
 			continue
 		}
 		r.was[tid] = *a
@@ -103,28 +108,48 @@ func (r *Raised) Restore() error {
 	if r == nil || len(r.was) == 0 {
 		return nil
 	}
-	tids, err := r.tids()
-	if err != nil {
-		return nil // the process is gone
-	}
-	main, mainRaised := r.was[r.pid]
-	var errs []error
-	for _, tid := range tids {
-		a, ok := r.was[tid]
-		if !ok {
-			if r.seen[tid] {
-				continue // not picked, or real-time by its owner
-			}
-			// Started since: raised only if it inherited the raise.
-			cur, err := unix.SchedGetAttr(tid, 0)
-			if err != nil || !mainRaised || cur.Policy != unix.SCHED_FIFO || cur.Priority != 1 {
-				continue
-			}
-			a = main
+	base, ok := r.was[r.pid]
+	if !ok {
+		cur, err := unix.SchedGetAttr(r.pid, 0)
+		if err != nil {
+			return nil // the process is gone
 		}
+		base = *cur
+	}
+	var errs []error
+	set := func(tid int, a unix.SchedAttr) {
 		a.Size = unix.SizeofSchedAttr
 		if err := unix.SchedSetAttr(tid, &a, 0); err != nil && !errors.Is(err, unix.ESRCH) {
 			errs = append(errs, fmt.Errorf("thread %d: %w", tid, err))
+		}
+	}
+	// A raised thread may start another (which inherits the raise) until
+	// it is lowered: passes until one has nothing left to lower.
+	for pass := 0; pass < 8; pass++ {
+		tids, err := r.tids()
+		if err != nil {
+			break // the process is gone
+		}
+		lowered := 0
+		for _, tid := range tids {
+			if a, ok := r.was[tid]; ok {
+				set(tid, a)
+				delete(r.was, tid)
+				lowered++
+				continue
+			}
+			if r.seen[tid] {
+				continue // not picked, real-time by its owner, or done
+			}
+			r.seen[tid] = true
+			// Started since: lowered if it inherited the raise.
+			if cur, err := unix.SchedGetAttr(tid, 0); err == nil && cur.Policy == unix.SCHED_FIFO && cur.Priority == 1 {
+				set(tid, base)
+				lowered++
+			}
+		}
+		if lowered == 0 {
+			break
 		}
 	}
 	r.was = nil

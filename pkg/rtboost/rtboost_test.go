@@ -1,6 +1,8 @@
 package rtboost
 
 import (
+	"bufio"
+	"fmt"
 	"os"
 	"os/exec"
 	"runtime"
@@ -72,6 +74,7 @@ func TestRaiseAndRestore(t *testing.T) {
 				skip = map[int]bool{pid: true}
 			}
 			r, err := Threads("", pid, skip, true)
+			defer r.Restore()
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -106,10 +109,10 @@ func TestSkip(t *testing.T) {
 	}
 	skip := map[int]bool{pid: true}
 	r, err := Threads("", pid, skip, false)
+	defer r.Restore()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Restore()
 	for _, tid := range tids {
 		want := uint32(unix.SCHED_FIFO)
 		if skip[tid] {
@@ -125,45 +128,47 @@ func TestSkip(t *testing.T) {
 }
 
 // Threads started while a process is raised: with inherit they are raised
-// too and Restore lowers them; without, they start normal.
+// too and Restore lowers them; without, they start normal. The process is
+// this test binary run again as a helper (TestMain): it starts its threads
+// when told to.
 func TestThreadsStartedWhileRaised(t *testing.T) {
 	needNice(t)
 	for _, inherit := range []bool{true, false} {
 		t.Run(strconv.FormatBool(inherit), func(t *testing.T) {
-			r, err := threads("", os.Getpid(), func(int) bool { return true }, inherit)
+			c := exec.Command(os.Args[0], "-test.run=^$")
+			c.Env = append(os.Environ(), "RTBOOST_HELPER=1")
+			in, _ := c.StdinPipe()
+			out, _ := c.StdoutPipe()
+			if err := c.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer func() { c.Process.Kill(); c.Wait() }()
+			rd := bufio.NewReader(out)
+			if l, err := rd.ReadString('\n'); err != nil || l != "ready\n" {
+				t.Fatalf("helper: %q %v", l, err)
+			}
+			pid := c.Process.Pid
+			r, err := Threads("", pid, nil, inherit)
+			defer r.Restore()
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer r.Restore()
 			before := map[int]bool{}
-			for _, tid := range mustTids(t) {
+			for _, tid := range tidsOf(t, pid) {
 				before[tid] = true
 			}
-			// Goroutines that hold their OS thread while blocked make the
-			// runtime start new ones.
-			release := make(chan struct{})
-			var started, done sync.WaitGroup
-			for range 4 {
-				started.Add(1)
-				done.Add(1)
-				go func() {
-					defer done.Done()
-					runtime.LockOSThread()
-					started.Done()
-					<-release
-				}()
+			fmt.Fprintln(in, "go")
+			if l, err := rd.ReadString('\n'); err != nil || l != "started\n" {
+				t.Fatalf("helper: %q %v", l, err)
 			}
-			started.Wait()
 			var fresh []int
-			for _, tid := range mustTids(t) {
+			for _, tid := range tidsOf(t, pid) {
 				if !before[tid] {
 					fresh = append(fresh, tid)
 				}
 			}
 			if len(fresh) == 0 {
-				close(release)
-				done.Wait()
-				t.Skip("the runtime started no new thread")
+				t.Fatal("the helper started no thread")
 			}
 			want := uint32(unix.SCHED_NORMAL)
 			if inherit {
@@ -177,15 +182,46 @@ func TestThreadsStartedWhileRaised(t *testing.T) {
 			if err := r.Restore(); err != nil {
 				t.Fatal(err)
 			}
-			for _, tid := range mustTids(t) {
+			for _, tid := range tidsOf(t, pid) {
 				if a := attr(t, tid); a.Policy != unix.SCHED_NORMAL {
 					t.Errorf("thread %d after Restore: policy %d", tid, a.Policy)
 				}
 			}
-			close(release)
-			done.Wait()
 		})
 	}
+}
+
+// TestMain runs the helper of TestThreadsStartedWhileRaised when asked to:
+// on "go" it starts threads (goroutines holding their OS thread while
+// blocked make the runtime start new ones) and says so.
+func TestMain(m *testing.M) {
+	if os.Getenv("RTBOOST_HELPER") != "1" {
+		os.Exit(m.Run())
+	}
+	fmt.Println("ready")
+	bufio.NewReader(os.Stdin).ReadString('\n')
+	var started sync.WaitGroup
+	for range 4 {
+		started.Add(1)
+		go func() {
+			runtime.LockOSThread()
+			started.Done()
+			select {}
+		}()
+	}
+	started.Wait()
+	fmt.Println("started")
+	select {}
+}
+
+func tidsOf(t *testing.T, pid int) []int {
+	t.Helper()
+	r := &Raised{proc: "/proc/" + strconv.Itoa(pid) + "/task"}
+	tids, err := r.tids()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tids
 }
 
 func mustTids(t *testing.T) []int {
