@@ -7,15 +7,18 @@ import (
 	"slices"
 	"strconv"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 )
 
 // readPlacement records where the old QEMU's threads run beyond its
-// command line: its main thread's CPUs, and each vCPU thread's CPUs and
-// cgroups where they are its own. Nil when nothing differs from what a new
-// QEMU started by us gets anyway (our CPUs, the process's cgroups).
+// command line: its main thread's CPUs and scheduling, and each vCPU
+// thread's CPUs, scheduling and cgroups where they are its own. Nil when
+// nothing differs from what a new QEMU started by us gets anyway (our CPUs
+// and scheduling, the process's cgroups).
 func (r *run) readPlacement(pid int, vcpus map[int]int, procCgroup []string) *manifest.Placement {
 	ours, err := qemuproc.Affinity(0)
 	if err != nil {
@@ -30,16 +33,23 @@ func (r *run) readPlacement(pid int, vcpus map[int]int, procCgroup []string) *ma
 	if !slices.Equal(main, ours) {
 		pl.CPUs, special = main, true
 	}
+	ourSched, mainSched := readSched(os.Getpid()), readSched(pid)
+	if mainSched != nil && ourSched != nil && *mainSched != *ourSched {
+		pl.Sched, special = mainSched, true
+	}
 	for idx, tid := range vcpus {
 		var tp manifest.ThreadPlace
 		if cpus, err := qemuproc.Affinity(tid); err == nil && !slices.Equal(cpus, main) {
 			tp.CPUs = cpus
 		}
+		if s := readSched(tid); s != nil && mainSched != nil && *s != *mainSched {
+			tp.Sched = s
+		}
 		cg, err := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(pid), "task", strconv.Itoa(tid), "cgroup"))
 		if hs := qemuproc.Hierarchies(string(cg)); err == nil && !slices.Equal(hs, procCgroup) {
 			tp.Hierarchies = hs
 		}
-		if tp.CPUs != nil || tp.Hierarchies != nil {
+		if tp.CPUs != nil || tp.Sched != nil || tp.Hierarchies != nil {
 			pl.Vcpus[idx] = tp
 			special = true
 		}
@@ -73,7 +83,7 @@ func (r *run) place(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int
 			}
 		}
 	}
-	if len(pl.Vcpus) == 0 {
+	if len(pl.Vcpus) == 0 && pl.Sched == nil {
 		return
 	}
 	if vcpus == nil { // not asked yet
@@ -81,6 +91,20 @@ func (r *run) place(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int
 		if vcpus, err = vcpuThreads(ctx, c); err != nil {
 			warn("vCPU threads", err)
 			return
+		}
+	}
+	if pl.Sched != nil {
+		// The main thread's scheduling: every thread's but the vCPUs'
+		// (which get their own below, or the main thread's).
+		tasks, _ := os.ReadDir(filepath.Join(r.ProcRoot, strconv.Itoa(pid), "task"))
+		for _, t := range tasks {
+			tid, _ := strconv.Atoi(t.Name())
+			if tp, ok := pl.Vcpus[vcpuIndex(vcpus, tid)]; ok && tp.Sched != nil {
+				continue
+			}
+			if err := setSched(tid, *pl.Sched); err != nil {
+				warn("scheduling", err)
+			}
 		}
 	}
 	mountinfo, _ := os.ReadFile(filepath.Join(r.ProcRoot, "self/mountinfo"))
@@ -94,10 +118,39 @@ func (r *run) place(ctx context.Context, c *qmp.Client, vm *manifest.VM, pid int
 				warn("vCPU "+strconv.Itoa(idx)+" CPUs", err)
 			}
 		}
+		if tp.Sched != nil {
+			if err := setSched(tid, *tp.Sched); err != nil {
+				warn("vCPU "+strconv.Itoa(idx)+" scheduling", err)
+			}
+		}
 		if tp.Hierarchies != nil && sameBoot {
 			if err := qemuproc.MoveThread(tid, tp.Hierarchies, string(mountinfo), ""); err != nil {
 				warn("vCPU "+strconv.Itoa(idx)+" cgroups", err)
 			}
 		}
 	}
+}
+
+// vcpuIndex is the index of vCPU thread tid, -1 if tid is not one.
+func vcpuIndex(vcpus map[int]int, tid int) int {
+	for idx, t := range vcpus {
+		if t == tid {
+			return idx
+		}
+	}
+	return -1
+}
+
+// readSched is a thread's scheduling, nil if it cannot be read.
+func readSched(tid int) *manifest.Sched {
+	a, err := unix.SchedGetAttr(tid, 0)
+	if err != nil {
+		return nil
+	}
+	return &manifest.Sched{Policy: a.Policy, Priority: a.Priority, Nice: a.Nice}
+}
+
+// setSched gives a thread a scheduling readSched read.
+func setSched(tid int, s manifest.Sched) error {
+	return unix.SchedSetAttr(tid, &unix.SchedAttr{Size: unix.SizeofSchedAttr, Policy: s.Policy, Priority: s.Priority, Nice: s.Nice}, 0)
 }

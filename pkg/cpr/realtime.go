@@ -1,6 +1,13 @@
 package cpr
 
 import (
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/rtboost"
 )
 
@@ -55,4 +62,45 @@ func (r *run) realtimeFailed(vm string, err error) {
 	r.rtWarn.Do(func() {
 		r.Log.Warn("blackout threads not raised to real-time priority (needs CAP_SYS_NICE); blackouts are longer on a busy host", "vm", vm, "err", err)
 	})
+}
+
+// lowerLeftRaised lowers what a run cut off mid-blackout left raised in
+// the QEMU that runs a guest now (recover): every thread but its vCPUs at
+// SCHED_FIFO priority 1 gets the scheduling the guest's old QEMU had
+// (manifest placement; without one, ours). Not when that scheduling is
+// FIFO 1 itself (libvirt's <emulatorsched>: ours cannot be told apart), nor
+// when the vCPU threads are not known (a vCPU may be FIFO 1 by its owner).
+func (r *run) lowerLeftRaised(t *Target, vm *manifest.VM) {
+	if len(t.Facts.Vcpus) == 0 {
+		return
+	}
+	base := readSched(os.Getpid())
+	if vm.Placement != nil && vm.Placement.Sched != nil {
+		base = vm.Placement.Sched
+	}
+	if base == nil || base.Policy == unix.SCHED_FIFO && base.Priority == 1 {
+		return
+	}
+	vcpu := map[int]bool{}
+	for _, tid := range t.Facts.Vcpus {
+		vcpu[tid] = true
+	}
+	tasks, _ := os.ReadDir(filepath.Join(r.ProcRoot, strconv.Itoa(t.Proc.PID), "task"))
+	n := 0
+	for _, e := range tasks {
+		tid, err := strconv.Atoi(e.Name())
+		if err != nil || vcpu[tid] {
+			continue
+		}
+		if s := readSched(tid); s != nil && s.Policy == unix.SCHED_FIFO && s.Priority == 1 {
+			if err := setSched(tid, *base); err != nil {
+				r.Log.Warn("lowering a thread an interrupted run left at real-time priority", "vm", vm.Name, "tid", tid, "err", err)
+				continue
+			}
+			n++
+		}
+	}
+	if n > 0 {
+		r.Log.Info("lowered threads an interrupted run left at real-time priority", "vm", vm.Name, "pid", t.Proc.PID, "threads", n)
+	}
 }

@@ -152,6 +152,7 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 			stateFile: fileExists(r.local(vm.StateFile)) && vm.Transfer == nil, // a transfer's is a note
 			consumed:  r.consumed(vm), wasRunning: vm.WasRunning}
 		if t != nil {
+			r.lowerLeftRaised(t, vm)
 			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
 			o.libvirtRuns = errors.Is(t.Facts.QMPErr, libvirt.ErrDaemonRuns) && t.Libvirt != "" &&
 				vm.Status == manifest.StatusRunning && vm.NewPID == t.Proc.PID

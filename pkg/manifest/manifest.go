@@ -185,18 +185,30 @@ func (v VM) Blackout() time.Duration {
 
 // Placement is where a QEMU's threads ran, set after its start by whoever
 // manages it: the CPUs they may run on (libvirt's <emulatorpin> and
-// <vcpupin>, taskset) and the cgroups of each vCPU thread (libvirt's
-// …/vcpuN). The new QEMU's threads are put back there.
+// <vcpupin>, taskset), their scheduling (libvirt's <emulatorsched> and
+// <vcpusched>, renice, chrt) and the cgroups of each vCPU thread
+// (libvirt's …/vcpuN). The new QEMU's threads are put back there.
 type Placement struct {
 	CPUs  []int               `json:"cpus,omitempty"`  // the main thread's: every new thread's
+	Sched *Sched              `json:"sched,omitempty"` // the main thread's: every thread's but the vCPUs'
 	Vcpus map[int]ThreadPlace `json:"vcpus,omitempty"` // by vCPU index (query-cpus-fast cpu-index)
 }
 
-// ThreadPlace is one thread's CPUs and, where they differ from its
-// process's, its cgroups (/proc/PID/task/TID/cgroup lines).
+// ThreadPlace is one thread's CPUs and scheduling and, where they differ
+// from its process's, its cgroups (/proc/PID/task/TID/cgroup lines).
 type ThreadPlace struct {
 	CPUs        []int    `json:"cpus,omitempty"`
+	Sched       *Sched   `json:"sched,omitempty"`
 	Hierarchies []string `json:"hierarchies,omitempty"`
+}
+
+// Sched is a thread's scheduling (sched_getattr): its policy (0 normal,
+// 1 FIFO, 2 round-robin, 3 batch, 5 idle), its real-time priority and its
+// nice value.
+type Sched struct {
+	Policy   uint32 `json:"policy"`
+	Priority uint32 `json:"priority,omitempty"`
+	Nice     int32  `json:"nice,omitempty"`
 }
 
 // Libvirt is libvirt's runtime record of a guest it manages: rewritten
