@@ -76,6 +76,10 @@ type Engine struct {
 	ClockAsync bool
 	clockFixes sync.WaitGroup
 
+	// MarkDir is where a loaded state file is marked consumed inside the
+	// blackout (statefile.go), on tmpfs: "" renames the file instead.
+	MarkDir string
+
 	// NoRealtime keeps every thread at the scheduling it has: the threads
 	// a guest's blackout waits on are not raised to real-time priority for
 	// it (realtime.go).
@@ -102,12 +106,16 @@ func New(stateDir hostpath.QEMU, log *slog.Logger) *Engine {
 		log = slog.Default()
 	}
 	return &Engine{
-		StateDir: stateDir, ProcRoot: "/proc", Log: log,
+		StateDir: stateDir, ProcRoot: "/proc", Log: log, MarkDir: DefaultMarkDir,
 		QMPTimeout: 5 * time.Second, SaveTimeout: 120 * time.Second,
 		QuitTimeout: 20 * time.Second, RestoreTimeout: 120 * time.Second,
 		ClockTimeout: ClockFixTimeout,
 	}
 }
+
+// DefaultMarkDir is where consumed state files are marked inside the
+// blackout (Engine.MarkDir): tmpfs on every systemd host, and in PID 1.
+const DefaultMarkDir = "/run/liveupdate/consumed"
 
 // ClockFixTimeout is the default bound on putting one guest's clock right
 // after restore (Engine.ClockTimeout).

@@ -56,7 +56,7 @@ type observed struct {
 	answers    bool   // its monitor answered
 	status     string // and said this (query-status)
 	isOld      bool   // it is the guest's old QEMU (same boot, same pid)
-	stateFile  bool   // the guest's state file is there
+	stateFile  bool   // the guest's state file is there to load (not consumed)
 	consumed   bool   // a new QEMU loaded the state file (.done) and may have run the guest
 	wasRunning bool   // the guest ran before the run (else it was paused, and stays so)
 	// libvirtRuns: libvirt's daemon holds the monitor of the QEMU found,
@@ -148,9 +148,11 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		out[i] = Recovery{VM: vm.Name}
 		t := live[vm.Name]
 		o := observed{qemus: len(twins[vm.Name]), twinsApart: r.monitorAside(vm), found: t != nil,
-			isOld:     t != nil && sameBoot && t.Proc.PID == vm.PID,
-			stateFile: fileExists(r.local(vm.StateFile)) && vm.Transfer == nil, // a transfer's is a note
-			consumed:  r.consumed(vm), wasRunning: vm.WasRunning}
+			isOld:    t != nil && sameBoot && t.Proc.PID == vm.PID,
+			consumed: r.consumed(vm), wasRunning: vm.WasRunning}
+		// A state file to load: there, not a transfer's note, and not
+		// consumed (marked on tmpfs, its rename not done yet).
+		o.stateFile = fileExists(r.local(vm.StateFile)) && vm.Transfer == nil && !o.consumed
 		if t != nil {
 			r.lowerLeftRaised(t, vm)
 			o.answers, o.status = t.Facts.QMPErr == nil, t.Facts.Status
@@ -242,6 +244,10 @@ func (r *run) recover(ctx context.Context, held map[string]map[int]*os.File) ([]
 		case reportTorn:
 			failed(i, fmt.Sprintf("only its new QEMU pid %d lives, still waiting for the guest's device state, and there is no state file to give it (a cpr-transfer cut off with its old QEMU gone, or the file removed): the guest cannot be continued. Its RAM file is left as it is; stop that QEMU and boot the guest afresh", t.Proc.PID))
 		case reportLost:
+			if o.consumed {
+				failed(i, "no QEMU runs it and its state file "+string(vm.StateFile)+" was loaded by a QEMU now gone, which may have run the guest: it is not loaded again (its RAM file is left as it is)")
+				break
+			}
 			failed(i, "no QEMU runs it and its state file "+string(vm.StateFile)+" is gone (its RAM file is left as it is)")
 		}
 	}

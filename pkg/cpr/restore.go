@@ -253,7 +253,7 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 
 	// Outside the blackout: the consumed mark made durable, and the new
 	// QEMU gets the VM's own migration set-up.
-	r.syncDone(vm)
+	r.settleConsumed(vm)
 	r.giveBackMigration(ctx, c, vm, true)
 	r.dropTransferSockets(vm)
 

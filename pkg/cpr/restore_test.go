@@ -114,27 +114,63 @@ func TestStartAnother(t *testing.T) {
 	}
 }
 
-// TestUnconsume: a consumed mark taken back (the cont never reached the new
-// QEMU) leaves the state file as it was before its load: not consumed, there
-// to be loaded again or set aside.
-func TestUnconsume(t *testing.T) {
-	dir := t.TempDir()
-	r := (&Engine{StateDir: hostpath.QEMU(dir)}).newRun()
-	vm := &manifest.VM{Name: "vm1", StateFile: hostpath.QEMU(filepath.Join(dir, "vm1.state"))}
-	if err := os.WriteFile(string(vm.StateFile), []byte("state"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.consume(vm); err != nil || !r.consumed(vm) {
-		t.Fatalf("consume: %v, consumed %v", err, r.consumed(vm))
-	}
-	if err := r.unconsume(vm); err != nil {
-		t.Fatal(err)
-	}
-	if r.consumed(vm) || !fileExists(string(vm.StateFile)) {
-		t.Errorf("after unconsume: consumed %v, state file there %v", r.consumed(vm), fileExists(string(vm.StateFile)))
-	}
-	if err := r.unconsume(vm); err == nil {
-		t.Errorf("unconsume without a mark succeeded")
+// TestConsumeMark: the consumed mark, as a tmpfs marker (MarkDir) or as
+// the rename: seen at once by a later run; taken back (the cont never
+// reached the new QEMU) it leaves the state file as it was before its
+// load — not consumed, there to be loaded again or set aside; settled
+// (after cont) it is the .done rename, durable, and no marker is left; a
+// marker never matches another file on the same inode.
+func TestConsumeMark(t *testing.T) {
+	for _, withMarker := range []bool{true, false} {
+		t.Run(fmt.Sprintf("marker=%v", withMarker), func(t *testing.T) {
+			dir := t.TempDir()
+			marks := ""
+			if withMarker {
+				marks = filepath.Join(t.TempDir(), "consumed")
+			}
+			r := (&Engine{StateDir: hostpath.QEMU(dir), MarkDir: marks, Log: slog.Default()}).newRun()
+			later := (&Engine{StateDir: hostpath.QEMU(dir), MarkDir: marks, Log: slog.Default()}).newRun() // another run, e.g. recover
+			vm := &manifest.VM{Name: "vm1", StateFile: hostpath.QEMU(filepath.Join(dir, "vm1.state"))}
+			sf := string(vm.StateFile)
+			if err := os.WriteFile(sf, []byte("state"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			if err := r.consume(vm); err != nil || !later.consumed(vm) {
+				t.Fatalf("consume: %v, consumed %v", err, later.consumed(vm))
+			}
+			if withMarker != fileExists(sf) {
+				t.Errorf("after consume: state file there %v, want %v (a marker leaves it in place)", fileExists(sf), withMarker)
+			}
+			if err := r.unconsume(vm); err != nil {
+				t.Fatal(err)
+			}
+			if later.consumed(vm) || !fileExists(sf) {
+				t.Errorf("after unconsume: consumed %v, state file there %v", later.consumed(vm), fileExists(sf))
+			}
+			if err := r.unconsume(vm); err == nil {
+				t.Errorf("unconsume without a mark succeeded")
+			}
+			if err := r.consume(vm); err != nil {
+				t.Fatal(err)
+			}
+			r.settleConsumed(vm)
+			if !later.consumed(vm) || fileExists(sf) || !fileExists(sf+doneSuffix) {
+				t.Errorf("after settle: consumed %v, state file there %v, .done there %v", later.consumed(vm), fileExists(sf), fileExists(sf+doneSuffix))
+			}
+			if withMarker {
+				if left, _ := os.ReadDir(marks); len(left) != 0 {
+					t.Errorf("markers left after settle: %v", left)
+				}
+				// A new state file of the same name (a later save) is
+				// not consumed, whatever inode it gets.
+				if err := os.WriteFile(sf, []byte("new state"), 0o600); err != nil {
+					t.Fatal(err)
+				}
+				if later.consumed(vm) {
+					t.Errorf("a new state file is consumed")
+				}
+			}
+		})
 	}
 }
 
