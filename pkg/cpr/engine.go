@@ -139,12 +139,13 @@ type run struct {
 	// holds, alive meanwhile.
 	clockLater bool
 	clockDue   []*manifest.VM
-	// selfRealtime: our own threads run at real-time priority from the
-	// first save to the last cont (restart-qemu: the guests saved and
-	// loaded compete with running guests for the CPUs); self holds them.
-	selfRealtime bool
-	self         *rtboost.Raised
-	rtWarn       sync.Once
+	// realtime: this run raises the threads a guest's blackout waits on
+	// (realtime.go) — a restart-qemu, whose guests' saves and loads
+	// compete with running guests for the CPUs; self holds ours, raised
+	// from the first save to the last cont.
+	realtime bool
+	self     *rtboost.Raised
+	rtWarn   sync.Once
 }
 
 // keepsRAM tells whether the kernel keeps guests' memfd RAM across this

@@ -11,21 +11,28 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/rtboost"
 )
 
-// The threads a guest's blackout waits on run at real-time priority for its
-// milliseconds (package rtboost says why): the old QEMU's threads but its
-// vCPUs, with the migration thread it starts, over the save (saveOne); the
-// new QEMU's threads but its vCPUs from its load to its cont (restoreOne);
-// and, in a restart-qemu, our own threads from the first save to the last
-// cont. On a host whose CPUs are busy with other guests, that takes a
+// In a restart-qemu the threads a guest's blackout waits on run at
+// real-time priority for its milliseconds (package rtboost says why): the
+// old QEMU's threads but its vCPUs, with the migration thread it starts,
+// over the save (saveOne); the new QEMU's threads but its vCPUs from its
+// load to its cont (restoreOne); our own threads from the first save to the
+// last cont. On a host whose CPUs are busy with other guests, that takes a
 // 16-guest restart's loads from 60–110 ms back to the 6–9 ms of CPU they
 // need (docs/benchmarks.md, P2e). Engine.NoRealtime turns it off.
+//
+// Not in an update (run.realtime unset): its blackout is the kexec and the
+// boot, and PID 1 restores with no other guest running. With the loads in
+// PID 1 raised, two of five nested updates' loads took 0.83–0.86 s, where
+// ten updates without took 69–129 ms — close to the kernel's real-time
+// throttling (normal threads get 0.05 s of each second); what would have
+// spun was not found, so nothing is raised there.
 
 // raiseQEMU raises every thread of QEMU pid but its vCPU threads (inherit:
 // and the threads it starts meanwhile); nil if off, if its vCPU threads
 // are not known (a vCPU must never be raised), or if not possible (logged
 // once per run).
 func (r *run) raiseQEMU(vm string, pid int, vcpus map[int]int, inherit bool) *rtboost.Raised {
-	if r.NoRealtime || pid <= 0 || len(vcpus) == 0 {
+	if !r.realtime || r.NoRealtime || pid <= 0 || len(vcpus) == 0 {
 		return nil
 	}
 	skip := map[int]bool{}
@@ -41,7 +48,7 @@ func (r *run) raiseQEMU(vm string, pid int, vcpus map[int]int, inherit bool) *rt
 
 // raiseSelf raises our own threads (never inherited by what we start).
 func (r *run) raiseSelf() *rtboost.Raised {
-	if r.NoRealtime {
+	if !r.realtime || r.NoRealtime {
 		return nil
 	}
 	b, err := rtboost.Self()

@@ -23,7 +23,7 @@ import (
 func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions, skipUnsafe bool) (*manifest.Manifest, []*Target, error) {
 	r := e.newRun()
 	r.clockLater = true // after retireOld
-	r.selfRealtime = true
+	r.realtime = true
 	defer func() { r.lower("", r.self) }() // at the latest
 	var ts []*Target
 	err := r.timed("plan", "", func() (err error) {
@@ -91,7 +91,7 @@ func (r *run) restartEach(ctx context.Context, ts []*Target, o SaveOptions) (*ma
 	if err := phase.Run(ctx, r.recordHost, r.setupSteps(ts, o)...); err != nil {
 		return r.setupFailed(err)
 	}
-	if r.selfRealtime {
+	if r.realtime {
 		r.self = r.raiseSelf()
 	}
 	held := Held(ts)

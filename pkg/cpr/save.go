@@ -91,7 +91,7 @@ func (r *run) save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.
 		return nil, err
 	}
 	steps := r.setupSteps(ts, o)
-	if r.selfRealtime {
+	if r.realtime {
 		steps = append(steps, phase.Step{Name: "realtime",
 			Do:   func(context.Context) error { r.self = r.raiseSelf(); return nil },
 			Undo: func(context.Context) error { r.lower("", r.self); return nil }})
