@@ -83,7 +83,8 @@ unit:
 # Every parser of outside input, fuzzed briefly (longer: make fuzz FUZZTIME=20000000x).
 FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzDecodeBoot:./pkg/manifest FuzzParse:./pkg/bootparams \
 	FuzzProcFiles:./pkg/discover FuzzDecodeReply:./pkg/qmp FuzzReply:./pkg/guestagent FuzzParseFstab:./pkg/mounts \
-	FuzzRewrite:./pkg/libvirt FuzzCgroupMounts:./pkg/qemuproc FuzzCheckVMName:./pkg/manifest FuzzScopeOf:./pkg/machines FuzzMaps:./pkg/preflight
+	FuzzRewrite:./pkg/libvirt FuzzCgroupMounts:./pkg/qemuproc FuzzCheckVMName:./pkg/manifest FuzzScopeOf:./pkg/machines FuzzMaps:./pkg/preflight \
+	FuzzListensIn:./pkg/qemuproc
 fuzz-short fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		name=$${t%%:*}; pkg=$${t#*:}; \

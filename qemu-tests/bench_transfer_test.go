@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
 )
 
@@ -142,8 +143,8 @@ func transferByHand(b testing.TB, g *guest, dir string) float64 {
 	}
 	cmd, log := startAgain(b, argv, "-incoming", ch("main", main), "-incoming", ch("cpr", cprSock))
 	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(2 * time.Millisecond) {
-		if _, err := os.Stat(cprSock); err == nil {
-			break
+		if ok, _ := qemuproc.UnixListening("/proc", cmd.Process.Pid, cprSock); ok {
+			break // listening, not just bound: a migrate in between is refused
 		}
 		if time.Now().After(deadline) {
 			b.Fatalf("the new QEMU never listened on %s: %s", cprSock, log.String())

@@ -124,7 +124,10 @@ func (r *run) startTransfer(ctx context.Context, vm *manifest.VM, files map[int]
 	err = r.timed("qemu-init", vm.Name, func() error {
 		tick := time.NewTicker(2 * time.Millisecond)
 		defer tick.Stop()
-		for !fileExists(r.local(tr.CPR)) {
+		// Listening, not just bound: QEMU binds, then listens, and a
+		// migrate in between is refused ("Connection refused", seen under
+		// load), which would send the guest the cpr-reboot way.
+		for !r.listens(q.p.Pid, tr.CPR) {
 			select {
 			case <-q.p.Exited():
 				return fmt.Errorf("new QEMU exited before it listened on its cpr channel: %w", q.p.ExitErr())
@@ -142,6 +145,17 @@ func (r *run) startTransfer(ctx context.Context, vm *manifest.VM, files map[int]
 	}
 	q.setUp = true // its mode comes over the cpr channel
 	return q, nil
+}
+
+// listens tells whether QEMU pid listens on the unix socket at path (its
+// view); where its /proc/PID/net/unix cannot be read, that the file is
+// there.
+func (r *run) listens(pid int, path hostpath.QEMU) bool {
+	ok, err := qemuproc.UnixListening(r.ProcRoot, pid, string(path))
+	if err != nil {
+		return fileExists(r.local(path))
+	}
+	return ok
 }
 
 // dialed is the new QEMU's monitor, reached while the old QEMU hands over.
