@@ -462,10 +462,13 @@ func (r *run) startQEMU(ctx context.Context, vm *manifest.VM, held map[int]*os.F
 		vm.NewPID = 0
 		return nil, r.withQEMUsWords(vm, err)
 	}
-	// Its vCPU threads: where to place them, and which threads are not
-	// raised for the load (realtime.go).
-	if q.vcpus, err = vcpuThreads(ctx, q.c); err != nil {
-		r.Log.Warn("new QEMU's vCPU threads not known: neither placed nor kept out of the load's real-time priority", "vm", vm.Name, "err", err)
+	// Its vCPU threads, for a restart-qemu: which threads are not raised
+	// for the load (realtime.go), and where to place them. (Otherwise
+	// place asks, if it needs them: one round trip less in PID 1.)
+	if r.realtime && !r.NoRealtime {
+		if q.vcpus, err = vcpuThreads(ctx, q.c); err != nil {
+			r.Log.Warn("new QEMU's vCPU threads not known: not raised for its load", "vm", vm.Name, "err", err)
+		}
 	}
 	r.place(ctx, q.c, vm, q.p.Pid, r.man.Host.BootID == currentBootID(), q.vcpus)
 	return q, nil
