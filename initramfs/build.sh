@@ -64,6 +64,10 @@ while read -r name; do
 	case $name in
 	'') [ -z "$group" ] || group=ended; continue ;;
 	'#'*) continue ;;
+	'@'*) # the phase that first needs the group: opens it in the list
+		[ "$group" != ended ] || echo >>"$list"
+		echo "$name" >>"$list"
+		group=open; continue ;;
 	esac
 	if ! deps=$(modprobe -S "$kver" -d "$modroot" --show-depends "$name" 2>/dev/null); then
 		echo "build.sh: module $name not in $kver (built in or absent): skipped" >&2
@@ -91,4 +95,4 @@ depmod -b "$stage/mods" "$kver"
 
 cat "$core" "$stage/mods.cpio.gz" >"$out.tmp"
 mv "$out.tmp" "$out"
-echo "build.sh: $out ($(du -h "$out" | cut -f1); core $(du -h "$core" | cut -f1), $(grep -c . "$list") modules listed)" >&2
+echo "build.sh: $out ($(du -h "$out" | cut -f1); core $(du -h "$core" | cut -f1), $(grep -c '^[^@]' "$list") modules listed)" >&2

@@ -2,18 +2,26 @@
 // from modules.dep (resolved with u-root's kmodule), letting the kernel
 // decompress .ko.xz itself (finit_module with MODULE_INIT_COMPRESSED_FILE)
 // where it can, and falling back to kmodule's userspace decompression.
-// Independent groups of modules load side by side (LoadGroups): loading is
-// the kernel's work on the CPU (relocations, signatures, init), and PID 1
-// waits for all of it before any guest starts.
+//
+// Independent groups of modules load side by side (Start): loading is the
+// kernel's work on the CPU (relocations, signatures, init). A group says
+// which boot phase first needs it; PID 1 waits for the groups of a phase
+// only when it gets there (Loading.Wait), so the modules the guests' RAM and
+// the host root need come first, and the network's load meanwhile, at a
+// lower priority, while the disks are mounted and the manifest read.
 package kmod
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"runtime"
+	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/u-root/u-root/pkg/kmodule"
 	"golang.org/x/sys/unix"
@@ -28,6 +36,9 @@ type Result struct {
 	// not an error: a generic module covers for it.
 	NoDevice bool
 	Err      error
+	// Took is how long its files took to load, dependencies included
+	// (where the boot's module time goes).
+	Took time.Duration
 }
 
 // Load loads each named module with its dependencies, in the order given
@@ -57,13 +68,14 @@ func Load(names []string, opts kmodule.ProbeOpts) []Result {
 		order = order[:0]
 		mu.Unlock()
 		r := Result{Name: n}
+		start := time.Now()
 		if err := prober.Probe(n, ""); err != nil {
 			r.Err = err
 			res = append(res, r)
 			continue
 		}
 		for _, p := range order {
-			err := loadFile(p)
+			err := loadFileFn(p)
 			if errors.Is(err, unix.ENODEV) && filepath.Base(p) == filepath.Base(order[len(order)-1]) {
 				r.NoDevice = true
 				break
@@ -74,10 +86,14 @@ func Load(names []string, opts kmodule.ProbeOpts) []Result {
 			}
 			r.Loaded = append(r.Loaded, strings.TrimSuffix(filepath.Base(p), filepath.Ext(p)))
 		}
+		r.Took = time.Since(start)
 		res = append(res, r)
 	}
 	return res
 }
+
+// loadFileFn is loadFile; tests look at the thread it runs on through it.
+var loadFileFn = loadFile
 
 func loadFile(path string) error {
 	f, err := os.Open(path)
@@ -106,51 +122,124 @@ func loadFile(path string) error {
 	return err
 }
 
-// LoadGroups loads the groups side by side, each with Load (its names in
-// order), and returns their results, group after group. Two groups may share
-// a dependency: the kernel lets one load it and tells the other it exists.
-func LoadGroups(groups [][]string, opts kmodule.ProbeOpts) []Result {
-	res := make([][]Result, len(groups))
-	var wg sync.WaitGroup
+// Group is one group of the module list: its names load in order, side by
+// side with the other groups.
+type Group struct {
+	// Phase is the boot phase that first needs the group ("" for the
+	// first: nothing is looked for before such groups are loaded).
+	Phase string
+	Names []string
+}
+
+// LaterNice is the nice value of the threads that load the groups needed
+// later (Phase != ""): the groups needed first get the CPUs first.
+const LaterNice = 10
+
+// Loading is module loading under way (Start): each group loads on its own
+// goroutine, and Wait waits for the groups of one phase.
+type Loading struct {
+	groups []Group
+	done   []chan struct{}
+	res    [][]Result
+}
+
+// Start begins loading every group, side by side, and returns at once. Two
+// groups may share a dependency: the kernel lets one load it and tells the
+// other it exists. A group needed later loads on a thread of its own at
+// LaterNice (the kernel's work for finit_module runs at the caller's
+// priority); the thread ends with the group, so nothing else PID 1 does
+// inherits the priority.
+func Start(groups []Group, opts kmodule.ProbeOpts) *Loading {
+	l := &Loading{groups: groups, done: make([]chan struct{}, len(groups)), res: make([][]Result, len(groups))}
 	for i, g := range groups {
-		wg.Add(1)
+		l.done[i] = make(chan struct{})
 		go func() {
-			defer wg.Done()
-			res[i] = Load(g, opts)
+			defer close(l.done[i])
+			if g.Phase != "" {
+				// Not unlocked: the thread exits with this goroutine.
+				runtime.LockOSThread()
+				_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), LaterNice)
+			}
+			l.res[i] = Load(g.Names, opts)
 		}()
 	}
-	wg.Wait()
+	return l
+}
+
+// Wait waits until every group that phase needs is loaded and returns their
+// results, group after group in list order.
+func (l *Loading) Wait(ctx context.Context, phase string) ([]Result, error) {
 	var all []Result
-	for _, r := range res {
-		all = append(all, r...)
+	for i, g := range l.groups {
+		if g.Phase != phase {
+			continue
+		}
+		select {
+		case <-l.done[i]:
+		case <-ctx.Done():
+			return all, fmt.Errorf("waiting for the modules of %q: %w", g.Names, ctx.Err())
+		}
+		all = append(all, l.res[i]...)
 	}
-	return all
+	return all, nil
+}
+
+// Phases are the phases the groups name, each once, in list order ("" for
+// the groups needed first included).
+func Phases(groups []Group) []string {
+	var ps []string
+	for _, g := range groups {
+		if !slices.Contains(ps, g.Phase) {
+			ps = append(ps, g.Phase)
+		}
+	}
+	return ps
 }
 
 // ReadList reads a module list file: one name per line, # comments. A blank
-// line ends a group (LoadGroups loads groups side by side, the names of one
-// in order); a group of comments alone is none.
-func ReadList(path string) ([][]string, error) {
+// line ends a group (Start loads groups side by side, the names of one in
+// order); a group of comments alone is none. A group's first name may be
+// preceded by "@PHASE", the boot phase that first needs it (Group.Phase); a
+// group with no name left (a kernel with its modules built in) is none.
+func ReadList(path string) ([]Group, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
-	var groups [][]string
-	var g []string
-	for _, l := range strings.Split(string(b), "\n") {
+	return ParseList(string(b))
+}
+
+// ParseList parses the text of a module list (ReadList).
+func ParseList(text string) ([]Group, error) {
+	var groups []Group
+	var g Group
+	end := func() {
+		if len(g.Names) > 0 {
+			groups = append(groups, g)
+		}
+		g = Group{}
+	}
+	for n, l := range strings.Split(text, "\n") {
 		l = strings.TrimSpace(l)
 		switch {
 		case l == "":
-			if len(g) > 0 {
-				groups = append(groups, g)
+			end()
+		case strings.HasPrefix(l, "#"):
+		case strings.HasPrefix(l, "@"):
+			if len(g.Names) > 0 || g.Phase != "" {
+				return nil, fmt.Errorf("line %d: %q: a phase opens a group, before its first module (a blank line ends the group before)", n+1, l)
 			}
-			g = nil
-		case !strings.HasPrefix(l, "#"):
-			g = append(g, l)
+			g.Phase = strings.TrimSpace(l[1:])
+			if g.Phase == "" || strings.ContainsAny(g.Phase, " \t@#") {
+				return nil, fmt.Errorf("line %d: %q: want @PHASE, the name of a boot phase, e.g. @network", n+1, l)
+			}
+		default:
+			if strings.ContainsAny(l, " \t") {
+				return nil, fmt.Errorf("line %d: %q: one module name per line", n+1, l)
+			}
+			g.Names = append(g.Names, l)
 		}
 	}
-	if len(g) > 0 {
-		groups = append(groups, g)
-	}
+	end()
 	return groups, nil
 }

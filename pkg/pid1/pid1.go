@@ -85,6 +85,9 @@ type Boot struct {
 	// ram is the guests' memfd RAM from the update's LUO session (nil:
 	// none); while it holds some, PID 1 does not hand over.
 	ram *guestRAM
+	// modules is the module list loading (the network's groups load on
+	// while the phases before the network run).
+	modules *kmod.Loading
 }
 
 // Phase is one timed step of the boot.
@@ -140,6 +143,7 @@ func Main() {
 		phase.Step{Name: "host filesystems", Do: b.mountFstab},
 		phase.Step{Name: "manifest", Do: b.readManifest},
 		phase.Step{Name: "clock", Do: b.setClock},
+		phase.Step{Name: "network modules", Do: b.awaitNetworkModules},
 		phase.Step{Name: "network", Do: b.setupNetwork},
 		phase.Step{Name: "cgroups", Do: b.setupCgroups},
 		phase.Step{Name: "restore", Do: b.restoreGuests, Optional: true},
@@ -217,21 +221,66 @@ func (b *Boot) ready() {
 	fmt.Fprintln(consoleOut(), msg)
 }
 
-// loadModules loads the initramfs' module list, its groups side by side,
-// then lu.modules (which may need any of them).
+// NetworkPhase is the phase a module list group tagged @network is first
+// needed by; every other group is needed before the devices are looked for.
+const NetworkPhase = "network"
+
+// loadModules starts loading the initramfs' module list, its groups side by
+// side, and waits for those needed first (the PMEM, the filesystems, the
+// host root's disk), then loads lu.modules (which may need any of them). The
+// network's groups go on loading while the disks are mounted and the
+// manifest is read; awaitNetworkModules waits for them.
 func (b *Boot) loadModules(ctx context.Context) error {
 	groups, err := kmod.ReadList(ModuleList)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("module list %s: %w", ModuleList, err)
+	}
+	for _, p := range kmod.Phases(groups) {
+		if p != "" && p != NetworkPhase {
+			return fmt.Errorf("module list %s: a group for phase @%s, which PID 1 does not have: use @%s, or no @ line for the modules needed first", ModuleList, p, NetworkPhase)
+		}
+	}
+	b.modules = kmod.Start(groups, kmodule.ProbeOpts{})
+	res, err := b.modules.Wait(ctx, "")
+	if err != nil {
 		return err
 	}
-	res := kmod.LoadGroups(groups, kmodule.ProbeOpts{})
 	if len(b.Params.Modules) > 0 {
 		res = append(res, kmod.Load(b.Params.Modules, kmodule.ProbeOpts{})...)
 	}
+	return b.logModules(res)
+}
+
+// awaitNetworkModules waits for the module groups the network needs (the
+// guests' taps, bridges and vhost-net, the host's NICs), then for the DHCP
+// interface, with lu.devwait as the deadline.
+func (b *Boot) awaitNetworkModules(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, b.Params.DevWait)
+	defer cancel()
+	if b.modules != nil {
+		res, err := b.modules.Wait(ctx, NetworkPhase)
+		if err != nil {
+			return err
+		}
+		if err := b.logModules(res); err != nil {
+			return err
+		}
+	}
+	if p := b.Params.DHCP; p != "" {
+		if err := mounts.WaitFor(ctx, "/sys/class/net/"+p); err != nil {
+			return fmt.Errorf("network interface %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// logModules logs what loading modules gave, each with how long it took,
+// and returns their errors.
+func (b *Boot) logModules(res []kmod.Result) error {
 	var errs []error
 	var names []string
 	for _, r := range res {
-		names = append(names, r.Name)
+		names = append(names, fmt.Sprintf("%s=%.1fms", r.Name, float64(r.Took.Microseconds())/1000))
 		if r.Err != nil {
 			errs = append(errs, fmt.Errorf("module %s: %w", r.Name, r.Err))
 			continue
@@ -241,8 +290,8 @@ func (b *Boot) loadModules(ctx context.Context) error {
 		}
 		b.Log.Debug("module", "name", r.Name, "loaded", r.Loaded)
 	}
-	if len(errs) == 0 {
-		b.Log.Info("modules loaded", "count", len(names), "groups", len(groups), "list", strings.Join(names, ","))
+	if len(errs) == 0 && len(names) > 0 {
+		b.Log.Info("modules loaded", "count", len(names), "list", strings.Join(names, ","))
 	}
 	return errors.Join(errs...)
 }
@@ -269,11 +318,6 @@ func (b *Boot) waitDevices(ctx context.Context) error {
 				return fmt.Errorf("host root %s: %w", p.Root, err)
 			case <-time.After(20 * time.Millisecond):
 			}
-		}
-	}
-	if p.DHCP != "" {
-		if err := mounts.WaitFor(ctx, "/sys/class/net/"+p.DHCP); err != nil {
-			return fmt.Errorf("network interface %s: %w", p.DHCP, err)
 		}
 	}
 	return nil
