@@ -252,33 +252,60 @@ func (g *guest) lostCompletionIRQ() string {
 			return ""
 		}
 	}
-	var devs []struct{ Path, Name string }
-	if c.Execute(ctx, "x-query-virtio", nil, &devs) != nil {
+	queues, err := blkQueues(ctx, c)
+	if err != nil {
 		return ""
 	}
 	var evidence []string
-	for _, d := range devs {
-		if d.Name != "virtio-blk" {
-			continue
+	for _, q := range queues {
+		var vq virtqueueState
+		if q.err != nil || json.Unmarshal(q.status, &vq) != nil {
+			return ""
 		}
-		for q := 0; q < 16; q++ {
-			var vq virtqueueState
-			if err := c.Execute(ctx, "x-query-virtio-queue-status", map[string]any{"path": d.Path, "queue": q}, &vq); err != nil {
-				if q == 0 {
-					return ""
-				}
-				break
-			}
-			if vq.InUse != 0 || vq.LastAvail != vq.Used || vq.ShadowAvail != vq.LastAvail {
-				return ""
-			}
-			evidence = append(evidence, fmt.Sprintf("queue %d: taken %d = completed %d = offered %d, none in use", q, vq.LastAvail, vq.Used, vq.ShadowAvail))
+		if vq.InUse != 0 || vq.LastAvail != vq.Used || vq.ShadowAvail != vq.LastAvail {
+			return ""
 		}
+		evidence = append(evidence, fmt.Sprintf("queue %d: taken %d = completed %d = offered %d, none in use", q.n, vq.LastAvail, vq.Used, vq.ShadowAvail))
 	}
 	if len(evidence) == 0 {
 		return ""
 	}
 	return "guest running, disk without error, " + strings.Join(evidence, "; ")
+}
+
+// blkQueue is one virtqueue of a virtio-blk device, as QEMU reports it.
+type blkQueue struct {
+	path   string          // the device's QOM path
+	n      int             // the queue's index
+	status json.RawMessage // x-query-virtio-queue-status's answer
+	err    error           // or why QEMU gave none (queue 0 only)
+}
+
+// blkQueues asks the guest's QEMU for every virtqueue of each virtio-blk
+// device: queue after queue until QEMU says there is no such queue (an
+// error on queue 0 is kept: that device's queues cannot be read).
+func blkQueues(ctx context.Context, c *qmp.Client) ([]blkQueue, error) {
+	var devs []struct{ Path, Name string }
+	if err := c.Execute(ctx, "x-query-virtio", nil, &devs); err != nil {
+		return nil, err
+	}
+	var qs []blkQueue
+	for _, d := range devs {
+		if d.Name != "virtio-blk" {
+			continue
+		}
+		for n := 0; n < 16; n++ {
+			q := blkQueue{path: d.Path, n: n}
+			if q.err = c.Execute(ctx, "x-query-virtio-queue-status", map[string]any{"path": d.Path, "queue": n}, &q.status); q.err != nil {
+				if n == 0 {
+					qs = append(qs, q)
+				}
+				break
+			}
+			qs = append(qs, q)
+		}
+	}
+	return qs, nil
 }
 
 // diskDiagnosis is what the guest's QEMU says of its disk when the disk
@@ -303,20 +330,19 @@ func (g *guest) diskDiagnosis() string {
 		return out
 	}
 	fmt.Fprintf(&b, "query-status: %v\nquery-block: %v\n", ask("query-status", nil), ask("query-block", nil))
-	var devs []struct{ Path, Name string }
-	c.Execute(ctx, "x-query-virtio", nil, &devs)
-	for _, d := range devs {
-		if d.Name != "virtio-blk" {
+	queues, err := blkQueues(ctx, c)
+	if err != nil {
+		fmt.Fprintf(&b, "x-query-virtio: %v\n", err)
+	}
+	for i, q := range queues {
+		if i == 0 || queues[i-1].path != q.path {
+			fmt.Fprintf(&b, "%s status: %v\n", q.path, ask("x-query-virtio-status", map[string]any{"path": q.path}))
+		}
+		if q.err != nil {
+			fmt.Fprintf(&b, "%s queue %d: %v\n", q.path, q.n, q.err)
 			continue
 		}
-		fmt.Fprintf(&b, "%s status: %v\n", d.Path, ask("x-query-virtio-status", map[string]any{"path": d.Path}))
-		for q := 0; q < 16; q++ { // until QEMU says there is no such queue
-			st := ask("x-query-virtio-queue-status", map[string]any{"path": d.Path, "queue": q})
-			if _, isErr := st.(string); isErr && q > 0 {
-				break
-			}
-			fmt.Fprintf(&b, "%s queue %d: %v\n", d.Path, q, st)
-		}
+		fmt.Fprintf(&b, "%s queue %d: %s\n", q.path, q.n, q.status)
 	}
 	return b.String()
 }
