@@ -111,6 +111,14 @@ func TestRestartOne(t *testing.T) {
 	if fi, _ := os.Stat(filepath.Join(state, manifest.FileName)); fi.Mode().Perm() != 0o600 {
 		t.Errorf("manifest mode %v", fi.Mode().Perm())
 	}
+	// The files the old QEMU ran code from, for PID 1 to read ahead: its
+	// binary (not --qemu's) and the C library, never its RAM file.
+	codeFiles := fmt.Sprint(m.VMs[0].Code)
+	exe, _ := exec.LookPath(qemuBinary)
+	exe, _ = filepath.EvalSymlinks(exe)
+	if exe == "" || !strings.Contains(codeFiles, exe) || !strings.Contains(codeFiles, "/libc.so") || strings.Contains(codeFiles, ram) {
+		t.Errorf("manifest's code files %s: want the old QEMU's binary %s and libc, and not the RAM file %s", codeFiles, exe, ram)
+	}
 	checkEarlyStart(t, m, g)
 
 	// And again, from the restored QEMU, the sequential way: the cycle

@@ -334,6 +334,11 @@ func (r *run) prepare(t *Target, o SaveOptions) (*manifest.VM, error) {
 	if o.QEMUBinary != "" {
 		rec.Binary = hostpath.QEMU(o.QEMUBinary)
 	}
+	if maps, err := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(p.PID), "maps")); err == nil {
+		for _, f := range qemuproc.CodeFiles(string(maps)) {
+			rec.Code = append(rec.Code, r.Root.QEMU(hostpath.Local(f)))
+		}
+	}
 	rec.CopyRAM = o.CopyRAM
 	if cg, err := os.ReadFile(filepath.Join(r.ProcRoot, strconv.Itoa(p.PID), "cgroup")); err == nil {
 		hs := qemuproc.Hierarchies(string(cg))

@@ -107,18 +107,23 @@ type Migration struct {
 
 // VM is everything needed to start a saved guest again.
 type VM struct {
-	Name        string        `json:"name"`
-	PID         int           `json:"pid"`
-	Binary      hostpath.QEMU `json:"binary"`       // QEMU executable of the saved process
-	Argv        []string      `json:"argv"`         // as the saved process was started
-	RestartArgv []string      `json:"restart_argv"` // rewritten: -incoming defer, fds renumbered, machine pinned
-	Cwd         hostpath.QEMU `json:"cwd"`
-	Env         []string      `json:"env"`
-	UID         uint32        `json:"uid"`
-	GID         uint32        `json:"gid"`
-	Groups      []uint32      `json:"groups,omitempty"`
-	Cgroup      string        `json:"cgroup,omitempty"` // cgroup v2 path, e.g. /machine.slice/vm1.scope
-	NetNS       string        `json:"netns,omitempty"`  // named network namespace (/run/netns/X) if not the host's
+	Name   string        `json:"name"`
+	PID    int           `json:"pid"`
+	Binary hostpath.QEMU `json:"binary"` // QEMU executable of the saved process
+	// Code are the files the old QEMU ran code from (its binary, shared
+	// libraries and QEMU modules), as QEMU sees them: after a kexec the
+	// page cache is empty, and PID 1 reads them ahead while it builds the
+	// host, so that the new QEMU's start-up does not wait for the disk.
+	Code        []hostpath.QEMU `json:"code,omitempty"`
+	Argv        []string        `json:"argv"`         // as the saved process was started
+	RestartArgv []string        `json:"restart_argv"` // rewritten: -incoming defer, fds renumbered, machine pinned
+	Cwd         hostpath.QEMU   `json:"cwd"`
+	Env         []string        `json:"env"`
+	UID         uint32          `json:"uid"`
+	GID         uint32          `json:"gid"`
+	Groups      []uint32        `json:"groups,omitempty"`
+	Cgroup      string          `json:"cgroup,omitempty"` // cgroup v2 path, e.g. /machine.slice/vm1.scope
+	NetNS       string          `json:"netns,omitempty"`  // named network namespace (/run/netns/X) if not the host's
 	// Hierarchies is the old QEMU's /proc/PID/cgroup, one line per
 	// hierarchy: on a cgroup v1 or hybrid host the new QEMU joins each
 	// (a restart on the same boot; after a kexec PID 1 builds v2 only).

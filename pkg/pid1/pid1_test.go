@@ -1,6 +1,7 @@
 package pid1
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
@@ -284,5 +288,79 @@ func TestInMemory(t *testing.T) {
 				t.Errorf("inMemory = %v, want %v", got, tt.want)
 			}
 		})
+	}
+}
+
+// resident counts the pages of path in the page cache (mincore).
+func resident(t *testing.T, path string) (in, all int) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(m)
+	vec := make([]byte, (len(m)+os.Getpagesize()-1)/os.Getpagesize())
+	// x/sys has no Mincore.
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		t.Fatal(errno)
+	}
+	for _, v := range vec {
+		if v&1 != 0 {
+			in++
+		}
+	}
+	return in, len(vec)
+}
+
+// TestReadAhead: files evicted from the page cache are read back in whole,
+// without anyone reading them (a file far bigger than one call's worth);
+// what is not a regular file, is missing, or goes past the cap is passed
+// over, and the cap counts the files asked for.
+func TestReadAhead(t *testing.T) {
+	dir := t.TempDir()
+	big, small := filepath.Join(dir, "big"), filepath.Join(dir, "small")
+	for p, n := range map[string]int{big: 24 << 20, small: 1 << 20} {
+		if err := os.WriteFile(p, bytes.Repeat([]byte{1}, n), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fifo := filepath.Join(dir, "fifo")
+	if err := unix.Mkfifo(fifo, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	evict := func(p string) {
+		f, _ := os.Open(p)
+		defer f.Close()
+		f.Sync()
+		unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED)
+	}
+	evict(big)
+	evict(small)
+	if in, _ := resident(t, big); in > 0 {
+		t.Skipf("%s: the page cache keeps %d pages after POSIX_FADV_DONTNEED (tmpfs?): nothing to measure here", dir, in)
+	}
+	files, size := readAhead([]string{fifo, filepath.Join(dir, "missing"), big, small, big + "/x"}, 25<<20-1)
+	if files != 1 || size != 24<<20 {
+		t.Fatalf("readAhead asked for %d files, %d bytes; want the big file alone (the small one is past the cap)", files, size)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		in, all := resident(t, big)
+		if in == all {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d pages of the big file in the page cache 10 s after readAhead", in, all)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if in, _ := resident(t, small); in > 0 {
+		t.Fatalf("the small file, past the cap, has %d pages in the page cache", in)
 	}
 }
