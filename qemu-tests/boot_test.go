@@ -7,7 +7,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -16,7 +18,9 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/liveupdate/liveupdate/internal/dhcptest"
+	"github.com/liveupdate/liveupdate/pkg/kmod"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/pid1"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
@@ -314,6 +318,43 @@ func bootManifest() *manifest.Manifest {
 	}
 }
 
+// checkModulesLoaded checks PID 1's two "modules loaded" lines against
+// initramfs/modules.txt: first the groups needed before the devices, then
+// the @network groups, each module of the list loaded once.
+func checkModulesLoaded(t *testing.T, con string) {
+	t.Helper()
+	text, err := os.ReadFile(filepath.Join(repoRoot, "initramfs/modules.txt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	groups, err := kmod.ParseList(string(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]string{}
+	for _, g := range groups {
+		want[g.Phase] = append(want[g.Phase], g.Names...)
+	}
+	var lists []string // each once: the console has PID 1's lines and their /dev/kmsg copies
+	for _, m := range regexp.MustCompile(`msg="modules loaded" count=\d+ list="([^"]*)"`).FindAllStringSubmatch(con, -1) {
+		if !slices.Contains(lists, m[1]) {
+			lists = append(lists, m[1])
+		}
+	}
+	if len(lists) != 2 {
+		t.Fatalf("console has %d distinct \"modules loaded\" lines, want 2 (the first groups, then @network): %q", len(lists), lists)
+	}
+	for i, phase := range []string{"", pid1.NetworkPhase} {
+		var got []string
+		for _, e := range strings.Split(lists[i], ",") {
+			got = append(got, strings.SplitN(e, "=", 2)[0])
+		}
+		if !reflect.DeepEqual(got, want[phase]) {
+			t.Errorf("modules loaded for phase %q: %v, want %v (initramfs/modules.txt)", phase, got, want[phase])
+		}
+	}
+}
+
 // TestBootHost boots the new kernel with the initramfs: modules, PMEM
 // formatted and mounted with DAX, DHCP from the test's server, the
 // manifest's cgroup tree and bridge+tap rebuilt and read back, READY.
@@ -326,8 +367,8 @@ func TestBootHost(t *testing.T) {
 		"lu.manifest=/var/lib/liveupdate/manifest.json", "lu.dhcp=eth0"}})
 	ready := h.waitFor(`liveupdate: READY in ([0-9.]+)ms after PID 1 start \(kernel uptime at start ([0-9.]+)s\); guests running: 0; (.*)`, 3*time.Minute)
 	con := h.console()
+	checkModulesLoaded(t, con)
 	for _, want := range []string{
-		`msg="modules loaded" count=11`,
 		`liveupdate: PMEM /dev/pmem0 mounted on /mnt/pmem options=`,
 		`liveupdate: DHCP eth0 10.80.0.2/24 router 10.80.0.1`,
 		`liveupdate: tap vnet0 mac=fe:54:00:aa:00:02 mtu=1500 flags=tap,no_pi,vnet_hdr,multi_queue,persist master=br0 up=true`,
