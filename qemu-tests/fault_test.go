@@ -58,7 +58,7 @@ func TestFaults(t *testing.T) {
 		{"manifest=kill", "manifest written, nothing saved", false, false, false, false},
 		{"early-start=fail", "new QEMUs started beside the old ones, then an error: stopped, old sockets put back", false, true, false, false},
 		{"early-start=kill", "we die with new QEMUs beside the old ones: recover stops them, puts the old sockets back", false, false, false, false},
-		{"saved=fail", "all saved, none quit: resumed", false, true, false, false},
+		{"saved=fail", "all saved, none quit: resumed — f1, handed over by cpr-transfer, has its restart finished on its new QEMU instead", false, true, false, false},
 		{"saved=kill", "all saved, none quit, we die: recover continues the old QEMUs", false, false, false, false},
 		{"manifest-write@2=kill", "recording the migration set-up interrupted: nothing changed yet", false, false, false, false},
 		{"migrate-setup=kill", "every old QEMU set up for the save, we die: recover gives each its own set-up back", false, false, false, false},
@@ -92,13 +92,16 @@ func TestFaults(t *testing.T) {
 		{"cont=kill", "we die after one guest's cont: recover kills its old QEMU and gives the others back theirs", false, false, false, true},
 		{"quit=kill", "each on its own, sequential: we die after one old QEMU quit: recover restores it from its state file", true, false, false, true},
 		{"load=fail", "each on its own, sequential: one restore fails after loading: recover restores it again", true, false, false, true},
-		// f1's cpr-transfer, at each of its steps.
-		{"save:f1=fail", "f1 handed over, then an error before its load: it alone continues on its old QEMU", false, true, true, true},
-		{"save:f1=kill", "we die after f1's handover: recover kills its old QEMU, continues the new one", false, false, false, true},
-		{"load:f1=fail", "f1's new QEMU loaded, then an error: it continues on its old QEMU", false, false, true, false},
-		{"load:f1=killnew", "f1's new QEMU dies after its load: it continues on its old QEMU", false, false, true, false},
-		{"load:f1=kill", "we die after f1's load: recover continues its new QEMU", false, false, false, false},
-		{"cont:f1=kill", "we die after f1's cont: recover finds it running on its new QEMU", false, false, false, true},
+		// f1's cpr-transfer, at each of its steps. Its new QEMU runs the
+		// guest the moment its load ends (no -S): from the handover on the
+		// guest is the new QEMU's, and a failure is rolled forward.
+		{"handover:f1=killnew", "f1's new QEMU dies during its handover, before it ran the guest (its run trace says so): every guest continues on its old QEMU", false, true, true, false},
+		{"handover:f1=fail", "an error while f1 is handed over: the handover is waited for, and f1's restart finished on its new QEMU", false, true, true, true},
+		{"save:f1=fail", "f1 handed over, then an error: its restart is finished on its new QEMU, the old one killed", false, true, true, true},
+		{"save:f1=kill", "we die after f1's handover: its new QEMU runs it; recover kills the old one", false, false, false, true},
+		{"load:f1=fail", "f1's new QEMU loaded and runs it, then an error: the guest stays there", false, false, true, false},
+		{"load:f1=kill", "we die after f1's load: recover finds it running on its new QEMU, kills the old one", false, false, false, false},
+		{"load:f1=kill", "each on its own, we die after f1's load: recover finds it running on its new QEMU and gives the others back their QEMUs", false, false, false, true},
 	}
 	for _, c := range cases {
 		name, args := strings.NewReplacer("=", "_", ":", "_").Replace(c.fault), []string{"restart-qemu"}

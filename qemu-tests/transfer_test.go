@@ -76,8 +76,47 @@ func TestRestartTransfer(t *testing.T) {
 			if len(socks) > 0 {
 				t.Errorf("sockets left in the state directory: %v", socks)
 			}
+			if c.transfer {
+				// The new QEMU ran without -S: its run trace says it went
+				// from its load to running by itself.
+				trace, _ := os.ReadFile(filepath.Join(state, "x1.run.trace"))
+				if !regexp.MustCompile(`\(inmigrate\) new_state \d+ \(running\)`).Match(trace) {
+					t.Errorf("x1's run trace, want inmigrate → running:\n%s", trace)
+				}
+			}
 		})
 	}
+	// Last, as it loses x1: its new QEMU killed once it ran the guest (no
+	// -S: the moment its load ended). The guest went with it; what must
+	// not happen is its old QEMU going on — its device state is behind the
+	// RAM the new one ran — neither in the run nor in recover, and its RAM
+	// file stays.
+	t.Run("NewQEMUDiesAfterRunning", func(t *testing.T) {
+		g := gs[0]
+		g.t = t
+		old := g.pid()
+		state := t.TempDir()
+		code, _, errOut := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=load:x1=killnew"},
+			"restart-qemu", "--state-dir", state, "x1")
+		if !strings.Contains(errOut, "FAULT INJECTED") {
+			t.Fatalf("the fault never fired (exit %d):\n%s", code, errOut)
+		}
+		if code == 0 || !strings.Contains(errOut, "ran the guest and then ended") || !strings.Contains(errOut, "not continued") {
+			t.Errorf("restart-qemu: exit %d, want a failure saying the new QEMU ran the guest and ended, the old one not continued:\n%s", code, errOut)
+		}
+		if alive(old) {
+			t.Errorf("x1's old QEMU pid %d still lives after its new one ran the guest", old)
+		}
+		code, out, errOut := runLU(t, "recover", "--state-dir", state)
+		if code == 0 || !regexp.MustCompile(`x1 +failed`).MatchString(out) || regexp.MustCompile(`x1 +(resumed|restored|running)`).MatchString(out) {
+			t.Errorf("recover: exit %d, want x1 failed, neither resumed nor restored:\n%s%s", code, out, errOut)
+		}
+		for _, f := range g.ramFile {
+			if _, err := os.Stat(f); err != nil {
+				t.Errorf("x1's RAM file: %v", err)
+			}
+		}
+	})
 }
 
 // TestRestartMemfd: a guest whose RAM is a memfd (memory-backend-memfd)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
@@ -129,7 +130,7 @@ func (r *run) retireOld(ctx context.Context, ts []*Target) error {
 	var back []*Target
 	var errs []error
 	for _, t := range ts {
-		if !t.early || t.rec == nil {
+		if !t.early || t.rec == nil || t.forward { // rolled forward: retired then
 			continue
 		}
 		switch t.rec.Status {
@@ -162,6 +163,16 @@ func (r *run) retireOld(ctx context.Context, ts []*Target) error {
 	if err := r.reapOld(ts); err != nil {
 		errs = append(errs, err)
 	}
+	if err := r.handVNC(ctx, ts); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// handVNC gives each twin started -vnc none that now runs its guest the
+// VNC port of its old QEMU, gone (reapOld).
+func (r *run) handVNC(ctx context.Context, ts []*Target) error {
+	var errs []error
 	for _, t := range ts {
 		if t.early && t.rec != nil && t.rec.TwinVNC != nil && t.dying == nil && t.rec.NewPID > 0 && r.runsOnNew(t.rec) {
 			if err := r.timed("vnc-takeover", t.Name(), func() error { return r.takeVNC(ctx, t.rec, nil) }); err != nil {
@@ -303,8 +314,12 @@ func (r *run) monitorAside(vm *manifest.VM) bool {
 // files put back; an old QEMU whose twin has loaded the guest is killed.
 // Files moved aside with no twin (we died before it started) are put back.
 // A twin whose monitor does not answer is left alone (recover reports it).
+// A cpr-transfer twin still loading a guest its old QEMU has handed over
+// runs the guest the moment its load ends: while patient it is waited for
+// (the caller looks anew), then stopped — its run trace says afterwards
+// whether it had run the guest (consumed).
 // It tells whether it changed anything: the caller then looks anew.
-func (r *run) settleTwins(ts []*Target, m *manifest.Manifest) bool {
+func (r *run) settleTwins(ts []*Target, m *manifest.Manifest, patient bool) bool {
 	if m.Host.BootID != currentBootID() {
 		return false // PIDs of another boot mean nothing
 	}
@@ -348,6 +363,10 @@ func (r *run) settleTwins(ts []*Target, m *manifest.Manifest) bool {
 		case twin == nil:
 			putBack(r.ownPaths(vm))
 			r.Log.Info("put the old QEMU's sockets back from aside", "vm", vm.Name)
+			changed = true
+		case status == "inmigrate" && vm.Transfer != nil && patient && !r.guestStillOnOld(vm):
+			r.Log.Info("waiting for a new QEMU loading the guest its old QEMU handed over (cpr-transfer)", "vm", vm.Name, "pid", twin.Proc.PID)
+			time.Sleep(50 * time.Millisecond)
 			changed = true
 		case status == "inmigrate":
 			r.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)

@@ -195,6 +195,10 @@ type Target struct {
 	files map[int]*os.File // fds taken from the old QEMU, by their new number
 	early bool             // its new QEMU was started before the save (early.go)
 	dying *qemuproc.Handle // the old QEMU once killed (early start), else nil
+	// forward: a rollback found its guest handed over to its new QEMU by
+	// cpr-transfer and finished its restart there (rollForward); the undos
+	// leave it alone.
+	forward bool
 	// ramFd: its RAM is a memfd its QEMU inherited (FdMemfd), which dies
 	// with its last holder: the old QEMU is quit only once another QEMU
 	// holds it.

@@ -314,7 +314,8 @@ func (r *run) dropTapPersistence(t *Target, vm *manifest.VM) {
 
 // liveQEMUs finds the running QEMUs by name. A QEMU of the manifest's
 // whose monitor is not up yet may be one the interrupted run had just
-// started: it is given the QMP timeout to come up before it is judged.
+// started, and a cpr-transfer's new QEMU may still be loading: each is
+// given the QMP timeout to come up, or to load, before it is judged.
 func (r *run) liveQEMUs(ctx context.Context, m *manifest.Manifest) (live map[string]*Target, twins map[string][]int, err error) {
 	deadline := time.Now().Add(r.QMPTimeout)
 	for {
@@ -322,14 +323,17 @@ func (r *run) liveQEMUs(ctx context.Context, m *manifest.Manifest) (live map[str
 		if err != nil {
 			return nil, nil, fmt.Errorf("finding the running QEMUs: %w", err)
 		}
-		if r.settleTwins(ts, m) {
+		if r.settleTwins(ts, m, time.Now().Before(deadline)) {
 			CloseAll(ts) // old QEMUs' sockets are back: look again
 			continue
 		}
 		waiting := false
 		for _, t := range ts {
 			for _, vm := range m.VMs {
-				waiting = waiting || (vm.Name == t.Name() && t.Facts.QMPErr != nil)
+				// (A cpr-transfer's new QEMU still loading runs the guest
+				// the moment it is done: it is not judged before.)
+				waiting = waiting || (vm.Name == t.Name() && (t.Facts.QMPErr != nil ||
+					vm.Transfer != nil && t.Facts.Status == "inmigrate"))
 			}
 		}
 		if !waiting || time.Now().After(deadline) {

@@ -58,7 +58,8 @@ func (e *Engine) RestartQEMU(ctx context.Context, names []string, o SaveOptions,
 	} else {
 		m, saveErr = r.save(ctx, safe, o)
 		if saveErr != nil && (m == nil || !AnyQuit(m)) {
-			return m, ts, saveErr // every VM runs on its old QEMU
+			r.fixClocks(ctx)      // of guests a rollback finished on their new QEMU (rollForward)
+			return m, ts, saveErr // every other VM runs on its old QEMU
 		}
 		rerr = r.restore(ctx, Held(safe), nil)
 	}
@@ -124,7 +125,13 @@ func (r *run) restartEach(ctx context.Context, ts []*Target, o SaveOptions) (*ma
 // fault point for that guest.
 func (r *run) restartOne(ctx context.Context, t *Target, held map[int]*os.File) error {
 	if err := r.timedPoint("save", t.Name(), func() error { return r.saveOne(ctx, t) }); err != nil {
-		if uerr := r.undoSave(context.WithoutCancel(ctx), []*Target{t}); uerr != nil {
+		uerr := r.undoSave(context.WithoutCancel(ctx), []*Target{t})
+		switch {
+		case t.forward && uerr == nil:
+			return fmt.Errorf("%s: save failed after its handover (%w): its restart was finished on its new QEMU", t.Name(), err)
+		case t.forward:
+			return fmt.Errorf("%s: save failed after its handover (%v), and finishing its restart on its new QEMU failed too: %w", t.Name(), err, uerr)
+		case uerr != nil:
 			return fmt.Errorf("%s: save failed (%v), and resuming it on its old QEMU failed too: %w", t.Name(), err, uerr)
 		}
 		return fmt.Errorf("%s: save failed, resumed on its old QEMU: %w", t.Name(), err)

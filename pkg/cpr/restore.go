@@ -182,72 +182,19 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 	}
 	// Its threads but the vCPUs (the load, cont) at real-time priority
 	// until the guest runs. (A cpr-transfer twin's vCPU threads are not
-	// known before its load: it is not raised.)
+	// known before its load: it is not raised; it needs no cont either.)
 	raised := r.raiseQEMU(vm.Name, q.p.Pid, q.vcpus, false)
 	defer r.lower(vm.Name, raised)
-	// Until the state is consumed, a failure stops the new QEMU and the
-	// guest can be restored (or continued on its old QEMU) again.
-	fail := func(err error) error {
-		err = q.diedFirst(err)
-		q.stop()
-		vm.NewPID = 0
-		return r.withQEMUsWords(vm, err)
-	}
 	c, err := q.monitor(ctx) // cpr-transfer: reached while the old QEMU handed over
-	if err != nil {
-		return fail(err)
+	if c != nil {
+		defer c.Close()
 	}
-	defer c.Close()
-	err = r.timedPoint("load", vm.Name, func() error {
-		if vm.Transfer != nil {
-			return waitLoaded(ctx, c, vm)
-		}
-		if !q.setUp {
-			if err := migrateSetup(ctx, c, vm); err != nil {
-				return err
-			}
-		}
-		if err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + string(vm.StateFile)}, nil); err != nil {
+	if vm.Transfer != nil {
+		if err := r.takeTransferred(ctx, vm, q, c, err); err != nil {
 			return err
 		}
-		return waitMigration(ctx, c, "loading "+vm.Name)
-	})
-	if err != nil {
-		return fail(err)
-	}
-	// From cont on, the new QEMU runs the guest: its saved state must never
-	// be loaded again nor its old QEMU continued. The state file is marked
-	// consumed before cont (durably just after); after that a failure never stops the
-	// new QEMU (it holds the guest) — recover continues it.
-	if err := r.consume(vm); err != nil {
-		return fail(fmt.Errorf("marking the state file consumed before cont: %w", err))
-	}
-	vm.Status = manifest.StatusRestored
-	if vm.WasRunning {
-		// Straight to cont, no query-status first: the new QEMU runs with
-		// -S, so it is paused, and a round trip here is in the blackout.
-		// (cont on a running guest does no harm.)
-		err := r.timedPoint("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) })
-		if errors.Is(err, qmp.ErrNotDelivered) {
-			// The cont never reached the new QEMU: it was gone (killed,
-			// crashed between its load and now) before the cont was
-			// written, or died with it unread. So it never ran the guest.
-			// It is stopped and the consumed mark taken back: the guest
-			// goes on as after a failed load, on its old QEMU or from its
-			// state file. (A cont QEMU read and did not answer may have run
-			// the guest: that is the case below, which keeps the mark.)
-			err = fail(err)
-			if uerr := r.unconsume(vm); uerr != nil {
-				return fmt.Errorf("%w; %v: its old QEMU is not continued, nor its state loaded again", err, uerr)
-			}
-			return err
-		}
-		if err != nil {
-			r.Log.Warn("cont: no answer to trust; asking the new QEMU whether the guest runs", "vm", vm.Name, "err", err)
-		}
-		if err := r.confirmRunning(ctx, c, vm); err != nil {
-			return r.loadedNotRunning(vm, err)
-		}
+	} else if err := r.loadAndCont(ctx, vm, q, c, err); err != nil {
+		return err
 	}
 	r.lower(vm.Name, raised)
 
@@ -295,6 +242,73 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 		}()
 	} else {
 		r.fixClock(ctx, vm)
+	}
+	return nil
+}
+
+// loadAndCont is the cpr-reboot way's restore on the new QEMU, started
+// -S: its state loaded from the state file, the state marked consumed,
+// then cont. c and err are the new QEMU's monitor and the error of
+// reaching it.
+func (r *run) loadAndCont(ctx context.Context, vm *manifest.VM, q *newQEMU, c *qmp.Client, err error) error {
+	// Until the state is consumed, a failure stops the new QEMU and the
+	// guest can be restored (or continued on its old QEMU) again.
+	fail := func(err error) error {
+		err = q.diedFirst(err)
+		q.stop()
+		vm.NewPID = 0
+		return r.withQEMUsWords(vm, err)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	err = r.timedPoint("load", vm.Name, func() error {
+		if !q.setUp {
+			if err := migrateSetup(ctx, c, vm); err != nil {
+				return err
+			}
+		}
+		if err := c.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + string(vm.StateFile)}, nil); err != nil {
+			return err
+		}
+		return waitMigration(ctx, c, "loading "+vm.Name)
+	})
+	if err != nil {
+		return fail(err)
+	}
+	// From cont on, the new QEMU runs the guest: its saved state must never
+	// be loaded again nor its old QEMU continued. The state file is marked
+	// consumed before cont (durably just after); after that a failure never stops the
+	// new QEMU (it holds the guest) — recover continues it.
+	if err := r.consume(vm); err != nil {
+		return fail(fmt.Errorf("marking the state file consumed before cont: %w", err))
+	}
+	vm.Status = manifest.StatusRestored
+	if vm.WasRunning {
+		// Straight to cont, no query-status first: the new QEMU runs with
+		// -S, so it is paused, and a round trip here is in the blackout.
+		// (cont on a running guest does no harm.)
+		err := r.timedPoint("cont", vm.Name, func() error { return c.Execute(ctx, "cont", nil, nil) })
+		if errors.Is(err, qmp.ErrNotDelivered) {
+			// The cont never reached the new QEMU: it was gone (killed,
+			// crashed between its load and now) before the cont was
+			// written, or died with it unread. So it never ran the guest.
+			// It is stopped and the consumed mark taken back: the guest
+			// goes on as after a failed load, on its old QEMU or from its
+			// state file. (A cont QEMU read and did not answer may have run
+			// the guest: that is the case below, which keeps the mark.)
+			err = fail(err)
+			if uerr := r.unconsume(vm); uerr != nil {
+				return fmt.Errorf("%w; %v: its old QEMU is not continued, nor its state loaded again", err, uerr)
+			}
+			return err
+		}
+		if err != nil {
+			r.Log.Warn("cont: no answer to trust; asking the new QEMU whether the guest runs", "vm", vm.Name, "err", err)
+		}
+		if err := r.confirmRunning(ctx, c, vm); err != nil {
+			return r.loadedNotRunning(vm, err)
+		}
 	}
 	return nil
 }

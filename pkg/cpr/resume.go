@@ -18,7 +18,7 @@ import (
 func (r *run) continueOld(ctx context.Context, ts []*Target) error {
 	var errs []error
 	for _, t := range ts {
-		if t.rec == nil || t.QMP == nil {
+		if t.rec == nil || t.QMP == nil || t.forward {
 			continue
 		}
 		if r.consumed(t.rec) {
@@ -65,7 +65,7 @@ func (r *run) continueOne(ctx context.Context, t *Target) error {
 // save gets the VM's own migration set-up back.
 func (r *run) giveBackAll(ctx context.Context, ts []*Target) {
 	for _, t := range ts {
-		if t.rec == nil || t.QMP == nil || t.rec.Migration == nil {
+		if t.rec == nil || t.QMP == nil || t.rec.Migration == nil || t.forward {
 			continue
 		}
 		gctx, cancel := context.WithTimeout(ctx, r.QMPTimeout)
@@ -94,9 +94,10 @@ func (r *run) resume(ctx context.Context, ts []*Target) error {
 // undoSave is resume without the manifest write, for a guest taken on its
 // own while others' records change (restartEach writes once at the end).
 func (r *run) undoSave(ctx context.Context, ts []*Target) error {
+	ferr := r.rollForward(ctx, ts) // first: a handed-over guest's twin is not stopped
 	r.dropAllEarly(ts)
 	err := r.continueOld(ctx, ts)
 	r.giveBackAll(ctx, ts)
 	r.releaseTaps(ts)
-	return err
+	return errors.Join(ferr, err)
 }

@@ -102,7 +102,9 @@ func (r *run) save(ctx context.Context, ts []*Target, o SaveOptions) (*manifest.
 			Do: func(ctx context.Context) error {
 				return r.each("save", ts, func(t *Target) error { return r.saveOne(ctx, t) })
 			},
-			Undo: func(ctx context.Context) error { return r.continueOld(ctx, ts) }},
+			Undo: func(ctx context.Context) error {
+				return errors.Join(r.rollForward(ctx, ts), r.continueOld(ctx, ts))
+			}},
 		phase.Step{Name: "saved", Do: func(context.Context) error { return r.recordSaved(ts) }},
 	)
 	if err := phase.Run(ctx, r.recordHost, steps...); err != nil {

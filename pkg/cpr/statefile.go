@@ -109,8 +109,13 @@ func (r *run) settleConsumed(vm *manifest.VM) {
 }
 
 // consumed tells whether a new QEMU loaded vm's state (and may have run the
-// guest from it).
+// guest from it). For a cpr-transfer, whose new QEMU runs the guest the
+// moment its load ends (no -S, no mark of ours before), its run trace says
+// whether it did.
 func (r *run) consumed(vm *manifest.VM) bool {
+	if r.twinStarted(vm) {
+		return true
+	}
 	sf := r.local(vm.StateFile)
 	if !fileExists(sf) && fileExists(sf+doneSuffix) {
 		return true

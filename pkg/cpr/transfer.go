@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/liveupdate/liveupdate/pkg/fault"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
@@ -26,12 +27,40 @@ import (
 // QEMU allows it only for a guest started with -machine aux-ram-share=on
 // (its own RAM blocks shared too) whose RAM backends are all shared; every
 // other guest goes the cpr-reboot way, as does one whose QEMU refuses the
-// migrate (a blocker): nothing has stopped then. The new QEMU runs with -S,
-// so that — as with cpr-reboot — the state is marked consumed before the
-// guest runs there (the note in StateFile is renamed .done), and recover
-// judges a cut-off transfer by the same rules; only, with no state file to
-// load again, a guest whose old QEMU is gone can be taken only by its new
-// one.
+// migrate (a blocker): nothing has stopped then.
+//
+// The new QEMU runs without -S, as in QEMU's own cpr-transfer: it runs the
+// guest the moment its load ends, with no round trip of ours in the
+// blackout. What -S gave cpr-reboot — knowing whether a new QEMU may have
+// run the guest — comes from its run trace (-trace runstate_set to a file
+// of the state directory): QEMU writes "… (running)" there before any vCPU
+// or device resumes, and the line outlives the process. Hence the rules:
+//   - once the old QEMU has handed the guest over (its migrate completed),
+//     the guest is the new QEMU's: it is never stopped while it may still
+//     run it, and a failure after that point, ours or another guest's, is
+//     rolled forward (rollForward): the restart finished there, the old
+//     QEMU killed;
+//   - an old QEMU is continued only if its migrate failed (QEMU continues
+//     the guest by itself then) or its new QEMU ended, or was stopped, with
+//     no such line in its trace;
+//   - a new QEMU that ran the guest and died loses it: its old QEMU's
+//     device state is behind the RAM, and it is never continued.
+// recover judges a cut-off transfer by the same rules; with no state file
+// to load again, a guest whose old QEMU is gone can be taken only by its
+// new one.
+
+// twinStarted tells whether vm's cpr-transfer twin ran the guest: its run
+// trace (-trace runstate_set) says it entered running. QEMU writes that line
+// before any vCPU or device resumes, and it stays when QEMU dies; so a twin
+// stopped or dead without it never touched the guest, and its old QEMU may
+// go on.
+func (r *run) twinStarted(vm *manifest.VM) bool {
+	if vm.Transfer == nil || vm.Transfer.Trace == "" {
+		return false
+	}
+	b, err := os.ReadFile(r.local(vm.Transfer.Trace))
+	return err == nil && qemuproc.StartedGuest(string(b))
+}
 
 // transferNote is StateFile's content for a guest restarted by cpr-transfer.
 const transferNote = "cpr-transfer: this guest's device state went to its new QEMU over a socket; there is nothing here to load.\n"
@@ -72,7 +101,8 @@ func (r *run) planTransfer(t *Target, rec *manifest.VM, o SaveOptions) error {
 		why = whyNoTransfer(t.Proc.Cmdline, rec, t.Facts.Version)
 	}
 	base := strings.TrimSuffix(string(rec.StateFile), ".state")
-	tr := &manifest.Transfer{Main: hostpath.QEMU(base + ".main.sock"), CPR: hostpath.QEMU(base + ".cpr.sock")}
+	tr := &manifest.Transfer{Main: hostpath.QEMU(base + ".main.sock"), CPR: hostpath.QEMU(base + ".cpr.sock"),
+		Trace: hostpath.QEMU(base + ".run.trace")}
 	const sunPath = 107 // sockaddr_un's sun_path, less its NUL
 	tooLong := why == "" && (len(r.local(tr.Main)) > sunPath || len(tr.Main) > sunPath)
 	if tooLong {
@@ -110,14 +140,14 @@ func memfdBackend(vm *manifest.VM) string {
 // QEMU's migrate began (dialTransfer).
 func (r *run) startTransfer(ctx context.Context, vm *manifest.VM, files map[int]*os.File, argv []string) (*newQEMU, error) {
 	tr := vm.Transfer
-	for _, p := range []hostpath.QEMU{tr.Main, tr.CPR} {
-		os.Remove(r.local(p)) // ours, left by an earlier run
+	for _, p := range []hostpath.QEMU{tr.Main, tr.CPR, tr.Trace} {
+		os.Remove(r.local(p)) // ours, left by an earlier run (settled: this one planned the guest running)
 	}
 	c, err := qemuargv.Parse(argv)
 	if err != nil {
 		return nil, err
 	}
-	q, err := r.spawnQEMU(vm, files, c.WithTransfer(string(tr.Main), string(tr.CPR)).Argv())
+	q, err := r.spawnQEMU(vm, files, c.WithTransfer(string(tr.Main), string(tr.CPR), string(tr.Trace)).Argv())
 	if err != nil {
 		return nil, err
 	}
@@ -240,6 +270,9 @@ func (r *run) saveTransfer(ctx context.Context, t *Target) (fellBack bool, err e
 		return true, nil
 	}
 	r.dialTransfer(ctx, vm, q)
+	if err := fault.AtFor("handover", t.Name()); err != nil {
+		return false, err // the handover goes on: the undo waits for its end (rollForward)
+	}
 	if err := waitMigration(ctx, c, "handing "+t.Name()+" over (cpr-transfer)"); err != nil {
 		// The new QEMU's end is the likelier reason: it says why in its log.
 		select {
@@ -297,6 +330,187 @@ func waitLoaded(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
 		return fmt.Errorf("loading %s (cpr-transfer) %s: %s", vm.Name, st.Status, st.ErrorDesc)
 	}
 	return waitMigration(ctx, c, "loading "+vm.Name+" (cpr-transfer)")
+}
+
+// takeTransferred sees a cpr-transfer through on the new QEMU, which has had
+// the guest since the old one's handover: with no -S it runs the guest the
+// moment its load ends, as QEMU's own cpr-transfer does — no cont of ours
+// in the blackout. c and err are its monitor and the error of reaching it.
+//
+// So it is never stopped while it may still run the guest. On a failure —
+// ours (a timeout, its monitor, a fault) or QEMU's (a load refused, the
+// process gone) — its run trace decides: a new QEMU that ran the guest keeps
+// it, even unconfirmed (recover looks again), and its old QEMU is never
+// continued; one that ended, or is stopped after waiting for it, without
+// having run it leaves the guest to its old QEMU (retireOld continues it).
+func (r *run) takeTransferred(ctx context.Context, vm *manifest.VM, q *newQEMU, c *qmp.Client, err error) error {
+	if err == nil {
+		err = r.timedPoint("load", vm.Name, func() error { return waitLoaded(ctx, c, vm) })
+	}
+	if err == nil && vm.WasRunning {
+		err = r.confirmTransferred(ctx, c, vm)
+	}
+	if err == nil {
+		vm.Status = manifest.StatusRestored
+		return nil
+	}
+	if !r.awaitStart(ctx, vm, q) {
+		err = q.diedFirst(err) // "… ended (how) before it ran the guest" if it did
+		q.stop()               // gone already: reaped, its monitor closed
+		vm.NewPID = 0
+		return r.withQEMUsWords(vm, fmt.Errorf("%w; the new QEMU never ran the guest (its run trace %s says so)", err, vm.Transfer.Trace))
+	}
+	vm.Status = manifest.StatusRestored // its old QEMU is behind it now, whatever comes
+	select {
+	case <-q.p.Exited():
+		return r.withQEMUsWords(vm, fmt.Errorf("%w; the new QEMU pid %d ran the guest and then ended (%v): the guest is lost with it. Its old QEMU's device state is behind the guest's RAM, so it is not continued; the RAM file is left as it is", err, q.p.Pid, q.p.ExitErr()))
+	default:
+	}
+	if c != nil {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.QMPTimeout)
+		cerr := r.confirmTransferred(cctx, c, vm)
+		cancel()
+		if cerr == nil {
+			r.Log.Warn("cpr-transfer: the new QEMU runs the guest despite an error on the way", "vm", vm.Name, "err", err)
+			return nil
+		}
+	}
+	return r.loadedNotRunning(vm, err)
+}
+
+// confirmTransferred checks that the new QEMU, its load done, runs the guest
+// — it started it by itself, its RESUME (the blackout's end) among the
+// events already come, which its "completed" follows — and conts it if QEMU
+// left it paused (its disks not taken back at once, say).
+func (r *run) confirmTransferred(ctx context.Context, c *qmp.Client, vm *manifest.VM) error {
+	for _, ev := range c.Events() {
+		if ev.Name == "RESUME" {
+			vm.Resumed = ev.Time
+		}
+	}
+	var st struct {
+		Running bool
+		Status  string
+	}
+	if err := c.Execute(ctx, "query-status", nil, &st); err != nil {
+		return fmt.Errorf("query-status after the load: %w", err)
+	}
+	if st.Running {
+		return nil
+	}
+	if st.Status != "paused" {
+		return fmt.Errorf("guest is %q after its load, not running", st.Status)
+	}
+	r.Log.Warn("the new QEMU loaded the guest but left it paused; cont", "vm", vm.Name)
+	if err := c.Execute(ctx, "cont", nil, nil); err != nil {
+		return fmt.Errorf("cont after the load: %w", err)
+	}
+	return r.confirmRunning(ctx, c, vm)
+}
+
+// awaitStart waits until the twin q has run the guest (its trace says so:
+// true) or has ended; one that never does in time (ctx), or whose guest
+// was paused before the run (it never starts it), is stopped first — a
+// stopped QEMU cannot start the guest, so the trace read after is final.
+func (r *run) awaitStart(ctx context.Context, vm *manifest.VM, q *newQEMU) bool {
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for vm.WasRunning && !r.twinStarted(vm) {
+		select {
+		case <-q.p.Exited():
+			return r.twinStarted(vm)
+		case <-ctx.Done():
+			q.stop()
+			return r.twinStarted(vm)
+		case <-tick.C:
+			continue
+		}
+	}
+	if !vm.WasRunning {
+		q.stop()
+	}
+	return r.twinStarted(vm)
+}
+
+// handedOver tells whether t's old QEMU has handed its guest over to its
+// new QEMU by cpr-transfer: its migrate completed — the new QEMU has the
+// whole state and runs the guest the moment it has loaded it. A migrate
+// still under way is waited for, as long as a save may take, never
+// cancelled: its end decides. An old QEMU that no longer answers (gone)
+// may have handed over before: while its twin lives, the twin decides.
+func (r *run) handedOver(ctx context.Context, t *Target) bool {
+	q := r.earlyOf(t.Name())
+	if t.rec == nil || t.rec.Transfer == nil || q == nil || t.QMP == nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.SaveTimeout)
+	defer cancel()
+	tick := time.NewTicker(5 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		var st struct{ Status string }
+		if err := t.QMP.Execute(ctx, "query-migrate", nil, &st); err != nil {
+			select {
+			case <-q.p.Exited():
+				return false
+			default:
+				return ctx.Err() == nil
+			}
+		}
+		switch st.Status {
+		case "completed":
+			return true
+		case "", "none", "failed", "cancelled":
+			return false // never began, or failed: QEMU continues the guest there
+		}
+		select {
+		case <-ctx.Done():
+			return false // the twin is stopped next, before its old QEMU goes on
+		case <-tick.C:
+		}
+	}
+}
+
+// rollForward finishes, instead of undoing, the restart of each guest of
+// ts that cpr-transfer has handed over to its new QEMU (handedOver): that
+// QEMU runs the guest the moment its load ends, so stopping it could lose
+// the guest and continuing the old QEMU beside it would run the guest
+// twice. Such a guest is restored on its new QEMU (takeTransferred), its
+// old QEMU killed, and it is marked forward: the undos after leave it
+// alone. One whose new QEMU ended without running it goes back to its old
+// QEMU with the others.
+func (r *run) rollForward(ctx context.Context, ts []*Target) error {
+	var errs []error
+	for _, t := range ts {
+		if t.forward || !r.handedOver(ctx, t) {
+			continue
+		}
+		r.Log.Warn("the guest was handed over to its new QEMU (cpr-transfer) before the failure: its restart is finished there", "vm", t.Name())
+		t.rec.Status = manifest.StatusSaved
+		if t.rec.Stopped.IsZero() { // the blackout's start: the handover's STOP, the last
+			for _, ev := range t.QMP.Events() {
+				if ev.Name == "STOP" {
+					t.rec.Stopped = ev.Time
+				}
+			}
+		}
+		err := r.restoreVM(ctx, t.rec, nil, nil)
+		if t.rec.NewPID == 0 && !r.consumed(t.rec) {
+			r.Log.Warn("its new QEMU never ran the guest: it goes back to its old QEMU", "vm", t.Name(), "why", err)
+			continue
+		}
+		t.forward = true
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if kerr := errors.Join(r.killOld(t), r.reapOld([]*Target{t})); kerr != nil {
+			errs = append(errs, kerr)
+		}
+		if verr := r.handVNC(ctx, []*Target{t}); verr != nil {
+			errs = append(errs, verr)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // dropTransferSockets removes a finished transfer's listening sockets (the

@@ -30,6 +30,7 @@ var Points = []string{
 	"manifest",       // first manifest written, nothing saved
 	"early-start",    // restart: new QEMUs started beside the old ones
 	"migrate-setup",  // every old QEMU set up for the save, none stopped
+	"handover",       // restart: a guest's cpr-transfer begun (its migrate accepted), not ended
 	"save",           // every guest saved, the saves not recorded
 	"saved",          // every guest saved and recorded, none quit
 	"manifest-write", // inside an atomic manifest write, before its rename

@@ -174,10 +174,14 @@ type VM struct {
 }
 
 // Transfer is where a cpr-transfer's two channels listen: the new QEMU's
-// -incoming main (device state) and cpr (the RAM's fds) unix sockets.
+// -incoming main (device state) and cpr (the RAM's fds) unix sockets; and
+// the new QEMU's run trace, whose "(running)" line says it ran the guest
+// (qemuproc.StartedGuest): from then on the old QEMU's device state is
+// behind the guest's RAM and it is never continued.
 type Transfer struct {
-	Main hostpath.QEMU `json:"main"`
-	CPR  hostpath.QEMU `json:"cpr"`
+	Main  hostpath.QEMU `json:"main"`
+	CPR   hostpath.QEMU `json:"cpr"`
+	Trace hostpath.QEMU `json:"trace,omitempty"`
 }
 
 // Blackout is RESUME − STOP, or 0 when either is unknown.

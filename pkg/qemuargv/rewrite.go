@@ -25,7 +25,8 @@ type RestartOptions struct {
 // the guest the moment its state is loaded, before the restorer has
 // checked it: a guest that has run cannot be given back to its state file
 // or its old QEMU), no -daemonize (the restorer supervises the process),
-// the machine type pinned, and fds renumbered.
+// the machine type pinned, fds renumbered, and the -trace an earlier
+// cpr-transfer added (WithTransfer) dropped.
 func (c *Cmdline) ForRestart(o RestartOptions) (*Cmdline, error) {
 	if err := c.CheckOptions(); err != nil {
 		return nil, err // it may have swallowed a value: its argv is not understood
@@ -38,6 +39,9 @@ func (c *Cmdline) ForRestart(o RestartOptions) (*Cmdline, error) {
 		switch opt.Name {
 		case "incoming", "daemonize":
 			continue
+		}
+		if isRunTrace(opt) {
+			continue // an earlier cpr-transfer's, to a file of that run
 		}
 		n.Opts = append(n.Opts, opt)
 	}

@@ -30,19 +30,41 @@ func (c *Cmdline) AuxRAMShare() bool {
 // restorer waits for the load by them. (x-ignore-shared stays off on both
 // sides: cpr-transfer leaves all RAM in place by itself, and QEMU 10 has no
 // command-line property for it — a stream saying it is on is refused.)
-func (c *Cmdline) WithTransfer(main, cpr string) *Cmdline {
+//
+// Without -S, as in QEMU's own cpr-transfer: the new QEMU runs the guest the
+// moment its load ends, if the old one ran it. Its run-state changes are
+// traced to the file trace: the line saying it entered running is written
+// before its vCPUs start, and stays when QEMU dies — the record that
+// the guest may have run there, which decides whether the old QEMU may ever
+// continue it. Options an earlier restart added are not repeated.
+func (c *Cmdline) WithTransfer(main, cpr, trace string) *Cmdline {
 	n := &Cmdline{Binary: c.Binary}
 	for _, opt := range c.Opts {
-		if opt.Name == "incoming" {
+		if opt.Name == "incoming" || opt.Name == "S" || (opt.Name == transferEvents.Name && opt.Value == transferEvents.Value) || isRunTrace(opt) {
 			continue
 		}
 		n.Opts = append(n.Opts, opt)
 	}
-	n.Opts = append(n.Opts,
-		Option{Name: "global", Value: "migration.x-events=on", HasValue: true},
+	n.Opts = append(n.Opts, transferEvents,
+		Option{Name: "trace", Value: runTracePrefix + trace, HasValue: true},
 		Option{Name: "incoming", Value: channelJSON("main", main), HasValue: true},
 		Option{Name: "incoming", Value: channelJSON("cpr", cpr), HasValue: true})
 	return n
+}
+
+// transferEvents turns the migration events on from the command line.
+var transferEvents = Option{Name: "global", Value: "migration.x-events=on", HasValue: true}
+
+// runTracePrefix is the -trace value of a transfer, less the file's path:
+// QEMU's runstate_set trace point, written and flushed by its log backend on
+// every run-state change — "… new_state 9 (running)" before any vCPU or
+// device resumes (qemuproc.StartedGuest reads it). QEMU sends its own -d
+// logging to that file too: a guest's -D file gets none while it runs.
+const runTracePrefix = "enable=runstate_set,file="
+
+// isRunTrace tells whether opt is the -trace a transfer added.
+func isRunTrace(opt Option) bool {
+	return opt.Name == "trace" && strings.HasPrefix(opt.Value, runTracePrefix)
 }
 
 // TransferChannel is one channel of a cpr-transfer as QMP's migrate and
