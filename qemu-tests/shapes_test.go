@@ -182,11 +182,15 @@ func refusedUntouched(t *testing.T, g *guest, args []string, want ...string) {
 
 // TestPausedStaysPaused: a guest paused before the restart is paused after
 // it — restarted both ways, and after a run killed before cont and
-// recovered.
+// recovered; so is its neighbour started with aux-ram-share=on, which the
+// early runs hand over by cpr-transfer (whose new QEMU, without -S, would run
+// a guest that ran: it must keep a paused one paused by itself).
 func TestPausedStaysPaused(t *testing.T) {
-	g := bootAll(t, guestSpec{name: "paused"})[0]
-	g.qmpExecute("stop", nil, nil)
-	status := func() string {
+	gs := bootAll(t, guestSpec{name: "paused"}, guestSpec{name: "pausedx", extra: []string{"-machine", "aux-ram-share=on"}})
+	for _, g := range gs {
+		g.qmpExecute("stop", nil, nil)
+	}
+	status := func(g *guest) string {
 		var st struct{ Status string }
 		g.qmpExecute("query-status", nil, &st)
 		return st.Status
@@ -199,14 +203,18 @@ func TestPausedStaysPaused(t *testing.T) {
 		{"sequential", "", []string{"--sequential"}},
 		{"sequential, killed before cont, recovered", "load=kill", []string{"--sequential"}},
 		{"early, killed after the load, recovered", "load=kill", nil},
+		{"early, killed after the transfer's load, recovered", "load:pausedx=kill", nil},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			g.t = t
 			state := t.TempDir()
-			args := append(append([]string{"restart-qemu", "--state-dir", state}, c.args...), "paused")
+			args := append(append([]string{"restart-qemu", "--state-dir", state}, c.args...), "paused", "pausedx")
 			if c.fault == "" {
-				if code, _, errOut := runLU(t, args...); code != 0 {
+				code, out, errOut := runLU(t, args...)
+				if code != 0 {
 					t.Fatalf("restart-qemu: exit %d\n%s", code, errOut)
+				}
+				if c.args == nil && !regexp.MustCompile(`(?m)^pausedx .*none: cpr-transfer`).MatchString(out) {
+					t.Errorf("pausedx did not go by cpr-transfer:\n%s", out)
 				}
 			} else {
 				code, _, _ := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=" + c.fault}, args...)
@@ -215,18 +223,23 @@ func TestPausedStaysPaused(t *testing.T) {
 				}
 				recoverAll(t, state)
 			}
-			if s := status(); s != "paused" {
-				t.Errorf("guest is %q after the restart, want paused as it was", s)
-			}
-			if _, err := os.Stat(filepath.Join(state, "paused.state")); err == nil {
-				t.Errorf("the state file is still there to be loaded again")
+			for _, g := range gs {
+				g.t = t
+				if s := status(g); s != "paused" {
+					t.Errorf("%s is %q after the restart, want paused as it was", g.name, s)
+				}
+				if _, err := os.Stat(filepath.Join(state, g.name+".state")); err == nil {
+					t.Errorf("%s: the state file is still there to be loaded again", g.name)
+				}
 			}
 		})
 	}
-	// And it still runs when let.
-	before, _ := g.lastBeat()
-	g.qmpExecute("cont", nil, nil)
-	g.checkContinues(before)
+	// And they still run when let.
+	for _, g := range gs {
+		before, _ := g.lastBeat()
+		g.qmpExecute("cont", nil, nil)
+		g.checkContinues(before)
+	}
 }
 
 // TestNoSecondQEMU: `restore` of a run whose old QEMU still lives (paused
