@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
+	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 )
 
 // TestRestartTransfer: restart-qemu hands a guest started with -machine
@@ -78,10 +79,17 @@ func TestRestartTransfer(t *testing.T) {
 			}
 			if c.transfer {
 				// The new QEMU ran without -S: its run trace says it went
-				// from its load to running by itself.
+				// from its load to running by itself, and when — the
+				// blackout's end the manifest records.
 				trace, _ := os.ReadFile(filepath.Join(state, "x1.run.trace"))
-				if !regexp.MustCompile(`\(inmigrate\) new_state \d+ \(running\)`).Match(trace) {
-					t.Errorf("x1's run trace, want inmigrate → running:\n%s", trace)
+				at, ok := qemuproc.StartedAt(string(trace))
+				if !regexp.MustCompile(`\(inmigrate\) new_state \d+ \(running\)`).Match(trace) || !ok {
+					t.Errorf("x1's run trace, want a stamped inmigrate → running:\n%s", trace)
+				}
+				for _, v := range m.VMs {
+					if v.Name == "x1" && !v.Resumed.Equal(at) {
+						t.Errorf("x1 resumed at %v by the manifest, %v by its run trace", v.Resumed, at)
+					}
 				}
 			}
 		})

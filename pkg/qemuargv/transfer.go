@@ -36,7 +36,10 @@ func (c *Cmdline) AuxRAMShare() bool {
 // traced to the file trace: the line saying it entered running is written
 // before its vCPUs start, and stays when QEMU dies — the record that
 // the guest may have run there, which decides whether the old QEMU may ever
-// continue it. Options an earlier restart added are not repeated.
+// continue it. With -msg timestamp=on (added unless on already; it stays,
+// and QEMU's messages in its log carry the time too) the line says when:
+// the blackout's end even when the restorer reached the monitor only after
+// the RESUME event. Options an earlier restart added are not repeated.
 func (c *Cmdline) WithTransfer(main, cpr, trace string) *Cmdline {
 	n := &Cmdline{Binary: c.Binary}
 	for _, opt := range c.Opts {
@@ -45,7 +48,11 @@ func (c *Cmdline) WithTransfer(main, cpr, trace string) *Cmdline {
 		}
 		n.Opts = append(n.Opts, opt)
 	}
-	n.Opts = append(n.Opts, transferEvents,
+	n.Opts = append(n.Opts, transferEvents)
+	if !n.msgTimestamps() {
+		n.Opts = append(n.Opts, Option{Name: "msg", Value: "timestamp=on", HasValue: true})
+	}
+	n.Opts = append(n.Opts,
 		Option{Name: "trace", Value: runTracePrefix + trace, HasValue: true},
 		Option{Name: "incoming", Value: channelJSON("main", main), HasValue: true},
 		Option{Name: "incoming", Value: channelJSON("cpr", cpr), HasValue: true})
@@ -61,6 +68,22 @@ var transferEvents = Option{Name: "global", Value: "migration.x-events=on", HasV
 // device resumes (qemuproc.StartedGuest reads it). QEMU sends its own -d
 // logging to that file too: a guest's -D file gets none while it runs.
 const runTracePrefix = "enable=runstate_set,file="
+
+// msgTimestamps tells whether QEMU stamps its messages with the time
+// (-msg timestamp=on; the last -msg saying so wins).
+func (c *Cmdline) msgTimestamps() bool {
+	on := false
+	for _, i := range c.Find("msg") {
+		p, err := c.Opts[i].Props()
+		if err != nil {
+			continue
+		}
+		if v, ok := p.Get("timestamp"); ok {
+			on = v == "on" || v == "yes" || v == "true" || v == "y"
+		}
+	}
+	return on
+}
 
 // isRunTrace tells whether opt is the -trace a transfer added.
 func isRunTrace(opt Option) bool {

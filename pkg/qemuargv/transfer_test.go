@@ -39,7 +39,7 @@ func TestWithTransfer(t *testing.T) {
 	}
 	got := r.WithTransfer("/s/vm.main.sock", "/s/vm.cpr.sock", "/s/vm.run.trace")
 	want := []string{"qemu", "-machine", "pc,aux-ram-share=on", "-m", "256M",
-		"-global", "migration.x-events=on",
+		"-global", "migration.x-events=on", "-msg", "timestamp=on",
 		"-trace", "enable=runstate_set,file=/s/vm.run.trace",
 		"-incoming", `{"addr":{"path":"/s/vm.main.sock","transport":"socket","type":"unix"},"channel-type":"main"}`,
 		"-incoming", `{"addr":{"path":"/s/vm.cpr.sock","transport":"socket","type":"unix"},"channel-type":"cpr"}`}
@@ -58,9 +58,27 @@ func TestWithTransfer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want[len(want)-5] = "enable=runstate_set,file=/s/vm2.run.trace"
-	if got := r2.WithTransfer("/s/vm.main.sock", "/s/vm.cpr.sock", "/s/vm2.run.trace").Argv(); !slices.Equal(got, want) {
-		t.Errorf("argv restarted again\n got %q\nwant %q", got, want)
+	// (-msg timestamp=on stays where the first transfer put it.)
+	want2 := []string{"qemu", "-machine", "pc,aux-ram-share=on", "-m", "256M", "-msg", "timestamp=on",
+		"-global", "migration.x-events=on",
+		"-trace", "enable=runstate_set,file=/s/vm2.run.trace",
+		want[len(want)-4], want[len(want)-3], want[len(want)-2], want[len(want)-1]}
+	if got := r2.WithTransfer("/s/vm.main.sock", "/s/vm.cpr.sock", "/s/vm2.run.trace").Argv(); !slices.Equal(got, want2) {
+		t.Errorf("argv restarted again\n got %q\nwant %q", got, want2)
+	}
+	// Its owner's -msg: kept; timestamps turned on after it only if off.
+	for _, tc := range []struct {
+		msg  string
+		adds bool
+	}{{"timestamp=on", false}, {"timestamp=off", true}, {"guest-name=on", true}, {"guest-name=on,timestamp=on", false}} {
+		c, err := Parse([]string{"qemu", "-machine", "pc,aux-ram-share=on", "-msg", tc.msg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := strings.Join(c.WithTransfer("/m", "/c", "/t").Argv(), " ")
+		if n := strings.Count(got, "-msg "); !strings.Contains(got, "-msg "+tc.msg) || (n == 2) != tc.adds {
+			t.Errorf("-msg %s: %q, want it kept and timestamp=on added: %v", tc.msg, got, tc.adds)
+		}
 	}
 	if got := strings.Join(r2.Argv(), " "); strings.Contains(got, "runstate_set") || !strings.Contains(got, " -S ") {
 		t.Errorf("the cpr-reboot way after a transfer: %q, want -S and no run trace", got)
