@@ -504,6 +504,10 @@ func (r *run) rollForward(ctx context.Context, ts []*Target) error {
 		}
 		err := r.restoreVM(ctx, t.rec, nil, nil)
 		if t.rec.NewPID == 0 && !r.consumed(t.rec) {
+			// Its twin is gone (restoreOne took it from the early ones):
+			// the old QEMU's sockets come back here, not in dropEarly.
+			r.dropTransferSockets(t.rec)
+			putBack(r.ownPaths(t.rec))
 			r.Log.Warn("its new QEMU never ran the guest: it goes back to its old QEMU", "vm", t.Name(), "why", err)
 			continue
 		}
