@@ -234,6 +234,31 @@ func TestPausedStaysPaused(t *testing.T) {
 			}
 		})
 	}
+	// pausedx handed over, then an error (its save's fault point, after
+	// the handover: rolled forward), then another in finishing it on the
+	// new QEMU, which — the guest paused — never ran it: it goes back to
+	// its old QEMU, same pid, its monitor socket back in place, paused
+	// there (postmigrate: its migration completed).
+	t.Run("handed over, the restart not finished: back on the old QEMU", func(t *testing.T) {
+		g := gs[1]
+		g.t = t
+		pid := g.pid()
+		state := t.TempDir()
+		code, _, errOut := runLUWith(t, "liveupdate-fault", []string{"LIVEUPDATE_FAULT=save:pausedx=fail,load:pausedx=fail"},
+			"restart-qemu", "--each", "--state-dir", state, "pausedx")
+		if code == 0 || !strings.Contains(errOut, "its new QEMU never ran the guest: it goes back to its old QEMU") {
+			t.Errorf("restart-qemu: exit %d, want a failure sending pausedx back to its old QEMU:\n%s", code, errOut)
+		}
+		if got := g.pid(); got != pid || !alive(pid) {
+			t.Errorf("pausedx runs on QEMU %d (alive %v), want its old QEMU %d", got, alive(pid), pid)
+		}
+		if s := status(g); s != "paused" && s != "postmigrate" {
+			t.Errorf("pausedx is %q on its old QEMU, want paused (or postmigrate)", s)
+		}
+		if socks, _ := filepath.Glob(filepath.Join(state, "*.sock")); len(socks) > 0 {
+			t.Errorf("the transfer's sockets are left: %v", socks)
+		}
+	})
 	// And they still run when let.
 	for _, g := range gs {
 		before, _ := g.lastBeat()

@@ -354,11 +354,15 @@ func (r *run) takeTransferred(ctx context.Context, vm *manifest.VM, q *newQEMU, 
 		vm.Status = manifest.StatusRestored
 		return nil
 	}
-	if !r.awaitStart(ctx, vm, q) {
-		err = q.diedFirst(err) // "… ended (how) before it ran the guest" if it did
-		q.stop()               // gone already: reaped, its monitor closed
+	if ran, stopped := r.awaitStart(ctx, vm, q); !ran {
+		if stopped {
+			err = fmt.Errorf("%w; the new QEMU pid %d was stopped", err, q.p.Pid)
+		} else {
+			err = q.diedFirst(err) // "… ended (how) before it ran the guest"
+		}
+		q.stop() // gone already: reaped, its monitor closed
 		vm.NewPID = 0
-		return r.withQEMUsWords(vm, fmt.Errorf("%w; the new QEMU never ran the guest (its run trace %s says so)", err, vm.Transfer.Trace))
+		return r.withQEMUsWords(vm, fmt.Errorf("%w; it never ran the guest (its run trace %s says so)", err, vm.Transfer.Trace))
 	}
 	vm.Status = manifest.StatusRestored // its old QEMU is behind it now, whatever comes
 	select {
@@ -417,27 +421,29 @@ func (r *run) confirmTransferred(ctx context.Context, c *qmp.Client, vm *manifes
 }
 
 // awaitStart waits until the twin q has run the guest (its trace says so:
-// true) or has ended; one that never does in time (ctx), or whose guest
-// was paused before the run (it never starts it), is stopped first — a
-// stopped QEMU cannot start the guest, so the trace read after is final.
-func (r *run) awaitStart(ctx context.Context, vm *manifest.VM, q *newQEMU) bool {
+// ran) or has ended; one that never does in time (ctx), or whose guest
+// was paused before the run (it never starts it), is stopped first
+// (stopped) — a stopped QEMU cannot start the guest, so the trace read
+// after is final.
+func (r *run) awaitStart(ctx context.Context, vm *manifest.VM, q *newQEMU) (ran, stopped bool) {
 	tick := time.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	for vm.WasRunning && !r.twinStarted(vm) {
 		select {
 		case <-q.p.Exited():
-			return r.twinStarted(vm)
+			return r.twinStarted(vm), false
 		case <-ctx.Done():
 			q.stop()
-			return r.twinStarted(vm)
+			return r.twinStarted(vm), true
 		case <-tick.C:
 			continue
 		}
 	}
 	if !vm.WasRunning {
 		q.stop()
+		return r.twinStarted(vm), true
 	}
-	return r.twinStarted(vm)
+	return true, false
 }
 
 // handedOver tells whether t's old QEMU has handed its guest over to its

@@ -25,14 +25,16 @@ func TestAwaitStart(t *testing.T) {
 		script      string // the twin; $T is its trace
 		paused      bool   // the guest was paused before the run
 		wantRan     bool
-		wantStopped bool
+		wantStopped bool // gone afterwards
+		// stopped by awaitStart (not ended by itself)
+		wantStoppedByUs bool
 	}{
-		{"ran the guest before the failure", `echo "` + running + `" >"$T"; exec sleep 30`, false, true, false},
-		{"runs it during the wait", `sleep 0.1; echo "` + running + `" >"$T"; exec sleep 30`, false, true, false},
-		{"ends without running it", `echo "runstate_set current_run_state 0 (prelaunch) new_state 5 (inmigrate)" >"$T"; exit 1`, false, false, true},
-		{"silent until the wait ends: stopped", `exec sleep 30`, false, false, true},
-		{"ran it, then died", `echo "` + running + `" >"$T"; exit 1`, false, true, true},
-		{"a paused guest: never started, stopped", `exec sleep 30`, true, false, true},
+		{"ran the guest before the failure", `echo "` + running + `" >"$T"; exec sleep 30`, false, true, false, false},
+		{"runs it during the wait", `sleep 0.1; echo "` + running + `" >"$T"; exec sleep 30`, false, true, false, false},
+		{"ends without running it", `echo "runstate_set current_run_state 0 (prelaunch) new_state 5 (inmigrate)" >"$T"; exit 1`, false, false, true, false},
+		{"silent until the wait ends: stopped", `exec sleep 30`, false, false, true, true},
+		{"ran it, then died", `echo "` + running + `" >"$T"; exit 1`, false, true, true, false},
+		{"a paused guest: never started, stopped", `exec sleep 30`, true, false, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := t.TempDir()
@@ -49,8 +51,12 @@ func TestAwaitStart(t *testing.T) {
 				Transfer: &manifest.Transfer{Trace: hostpath.QEMU(trace)}}
 			ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
 			defer cancel()
-			if got := r.awaitStart(ctx, vm, q); got != tc.wantRan {
-				t.Errorf("awaitStart = %v, want %v", got, tc.wantRan)
+			ran, stopped := r.awaitStart(ctx, vm, q)
+			if ran != tc.wantRan {
+				t.Errorf("awaitStart ran = %v, want %v", ran, tc.wantRan)
+			}
+			if stopped != tc.wantStoppedByUs {
+				t.Errorf("awaitStart stopped = %v, want %v", stopped, tc.wantStoppedByUs)
 			}
 			if got := r.consumed(vm); got != tc.wantRan {
 				t.Errorf("consumed = %v, want %v", got, tc.wantRan)

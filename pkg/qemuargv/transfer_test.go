@@ -66,6 +66,11 @@ func TestWithTransfer(t *testing.T) {
 	if got := r2.WithTransfer("/s/vm.main.sock", "/s/vm.cpr.sock", "/s/vm2.run.trace").Argv(); !slices.Equal(got, want2) {
 		t.Errorf("argv restarted again\n got %q\nwant %q", got, want2)
 	}
+	// A comma in the trace's path is doubled, as QEMU's options want it
+	// (a state directory named "a,b" made QEMU refuse the -trace).
+	if got := strings.Join(r.WithTransfer("/m", "/c", "/s/a,b/vm.run.trace").Argv(), " "); !strings.Contains(got, "-trace enable=runstate_set,file=/s/a,,b/vm.run.trace ") {
+		t.Errorf("a trace path with a comma: %q", got)
+	}
 	// Its owner's -msg: kept; timestamps turned on after it only if off.
 	for _, tc := range []struct {
 		msg  string
