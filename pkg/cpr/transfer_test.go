@@ -61,6 +61,14 @@ func TestAwaitStart(t *testing.T) {
 			if got := r.consumed(vm); got != tc.wantRan {
 				t.Errorf("consumed = %v, want %v", got, tc.wantRan)
 			}
+			if tc.wantStopped && !tc.wantStoppedByUs {
+				// It ends by itself, maybe a moment after awaitStart
+				// read its trace.
+				select {
+				case <-p.Exited():
+				case <-time.After(5 * time.Second):
+				}
+			}
 			select {
 			case <-p.Exited():
 				if !tc.wantStopped {
