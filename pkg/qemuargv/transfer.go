@@ -78,9 +78,7 @@ func (c *Cmdline) msgTimestamps() bool {
 		if err != nil {
 			continue
 		}
-		if v, ok := p.Get("timestamp"); ok {
-			on = v == "on" || v == "yes" || v == "true" || v == "y"
-		}
+		on = p.Bool("timestamp", on)
 	}
 	return on
 }
