@@ -7,7 +7,6 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
@@ -315,8 +314,8 @@ func (r *run) monitorAside(vm *manifest.VM) bool {
 // Files moved aside with no twin (we died before it started) are put back.
 // A twin whose monitor does not answer is left alone (recover reports it).
 // A cpr-transfer twin still loading a guest its old QEMU has handed over
-// runs the guest the moment its load ends: while patient it is waited for
-// (the caller looks anew), then stopped — its run trace says afterwards
+// runs the guest the moment its load ends: while patient it is left alone
+// (liveQEMUs waits for it), then stopped — its run trace says afterwards
 // whether it had run the guest (consumed).
 // It tells whether it changed anything: the caller then looks anew.
 func (r *run) settleTwins(ts []*Target, m *manifest.Manifest, patient bool) bool {
@@ -365,9 +364,9 @@ func (r *run) settleTwins(ts []*Target, m *manifest.Manifest, patient bool) bool
 			r.Log.Info("put the old QEMU's sockets back from aside", "vm", vm.Name)
 			changed = true
 		case status == "inmigrate" && vm.Transfer != nil && patient && !r.guestStillOnOld(vm):
-			r.Log.Info("waiting for a new QEMU loading the guest its old QEMU handed over (cpr-transfer)", "vm", vm.Name, "pid", twin.Proc.PID)
-			time.Sleep(50 * time.Millisecond)
-			changed = true
+			// Left alone: liveQEMUs looks again while a transfer's new
+			// QEMU is still loading, until its patience ends.
+			r.Log.Debug("waiting for a new QEMU loading the guest its old QEMU handed over (cpr-transfer)", "vm", vm.Name, "pid", twin.Proc.PID)
 		case status == "inmigrate":
 			r.Log.Warn("stopping a new QEMU started early; its old QEMU still runs the guest", "vm", vm.Name, "pid", twin.Proc.PID)
 			r.killAndWait(twin.Proc.PID)
