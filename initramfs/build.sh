@@ -12,13 +12,15 @@
 #      Built once per source tree and cached in .cache/initramfs/.
 #   2. this kernel's modules: those of initramfs/modules.txt with their
 #      dependency closure (stored uncompressed), a fresh modules.dep, and the
-#      load order in /etc/liveupdate/modules.
+#      load order in /etc/liveupdate/modules. MODULE_LIST=FILE takes another
+#      list of the same form (the benchmarks measure a shorter one).
 set -euo pipefail
 [ $# -eq 3 ] || { echo "usage: $0 KERNEL_VERSION MODULES_ROOT OUTPUT" >&2; exit 2; }
 kver=$1 modroot=$(realpath "$2") out=$3
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 src=$modroot/lib/modules/$kver
+list_src=$(realpath "${MODULE_LIST:-$here/modules.txt}")
 [ -d "$src" ] || { echo "build.sh: no modules for $kver under $modroot" >&2; exit 1; }
 [ -f "$src/modules.dep" ] || depmod -b "$modroot" "$kver"
 cache=${CACHE:-$repo/.cache}/initramfs
@@ -89,7 +91,7 @@ while read -r name; do
 	[ "$group" != ended ] || echo >>"$list"
 	echo "$name" >>"$list"
 	group=open
-done <"$here/modules.txt"
+done <"$list_src"
 depmod -b "$stage/mods" "$kver"
 (cd "$stage/mods" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) | gzip -9 -n >"$stage/mods.cpio.gz"
 

@@ -159,6 +159,16 @@ if rows:
         row("P5'", "nested update: (blackout − kexec − new kernel's boot − QEMU's own start-up − load) / blackout", "≤ 5 %", m + " %", lo, hi + " %", len(ours), statistics.median(frac) <= 5)
         m, lo, hi = mmm([r["pid1_before_restore_ms"] for r in ours])
         row("P5'", "of which PID 1 before the restore (new kernel's boot → the guest's QEMU exec)", "—", m + " ms", lo, hi + " ms", len(ours), None)
+    # The floor under P5': PID 1's modules with only ext4 and the PMEM
+    # driver listed (BenchmarkModulesFloor), against the fastest update into
+    # the same kernel.
+    for k in ("old", "new"):
+        f = b(f"BenchmarkModulesFloor/{k}")
+        if not f: continue
+        into = [r["blackout_ms"] for r in rows if r["to"] == f["kernel"]]
+        share = f" = {float(f['median_ms']) / min(into) * 100:.1f} % of the fastest update into it ({min(into):.0f} ms)" if into else ""
+        row("P5'f", f"floor under P5': PID 1's modules with only ext4 and PMEM listed, {f['kernel']}, no guests (the kernel checks each module's signature and links it)", "—",
+            f"{f['median_ms']} ms{share}", f["min_ms"], f["max_ms"] + " ms", f["samples"], None)
     p6 = [r["pid1_to_running_ms"] - r["pid1_devices_ms"] for r in rows]
     m, lo, hi = mmm(p6)
     row("P6", "PID 1 start → all guests running, minus device probing", "≤ 150 ms", m + " ms", lo, hi + " ms", len(rows), statistics.median(p6) <= 150)
