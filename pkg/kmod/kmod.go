@@ -135,6 +135,15 @@ type Group struct {
 // later (Phase != ""): the groups needed first get the CPUs first.
 const LaterNice = 10
 
+// BesideNice is the nice value of the threads that load the groups needed
+// first other than the list's first group, the longest (ext4's: the kernel
+// checks and links it on one CPU for longer than the others' groups take
+// together, so the phase ends when it does): on a host with few CPUs, the
+// others load beside it rather than ahead of it. On two emulated CPUs the
+// modules phase went from 388 to 328 ms (6.1) and 582 to 511 ms (6.12),
+// medians of 8 and 4 boots (docs/benchmarks.md, P5').
+const BesideNice = 5
+
 // Loading is module loading under way (Start): each group loads on its own
 // goroutine, and Wait waits for the groups of one phase.
 type Loading struct {
@@ -145,20 +154,28 @@ type Loading struct {
 
 // Start begins loading every group, side by side, and returns at once. Two
 // groups may share a dependency: the kernel lets one load it and tells the
-// other it exists. A group needed later loads on a thread of its own at
-// LaterNice (the kernel's work for finit_module runs at the caller's
-// priority); the thread ends with the group, so nothing else PID 1 does
-// inherits the priority.
+// other it exists. The list's first group loads at the caller's priority;
+// every other group loads on a thread of its own at BesideNice (needed
+// first) or LaterNice (needed later): the kernel's work for finit_module
+// runs at the caller's priority. Such a thread ends with its group, so
+// nothing else PID 1 does inherits the priority.
 func Start(groups []Group, opts kmodule.ProbeOpts) *Loading {
 	l := &Loading{groups: groups, done: make([]chan struct{}, len(groups)), res: make([][]Result, len(groups))}
 	for i, g := range groups {
 		l.done[i] = make(chan struct{})
+		nice := 0
+		switch {
+		case g.Phase != "":
+			nice = LaterNice
+		case i > 0:
+			nice = BesideNice
+		}
 		go func() {
 			defer close(l.done[i])
-			if g.Phase != "" {
+			if nice != 0 {
 				// Not unlocked: the thread exits with this goroutine.
 				runtime.LockOSThread()
-				_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), LaterNice)
+				_ = unix.Setpriority(unix.PRIO_PROCESS, unix.Gettid(), nice)
 			}
 			l.res[i] = Load(g.Names, opts)
 		}()

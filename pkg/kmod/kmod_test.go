@@ -101,8 +101,9 @@ func fakeModules(t *testing.T) kmodule.ProbeOpts {
 
 // TestStartWait: Wait gives the results of one phase's groups, in list
 // order, whatever order they finished in; a module not in modules.dep is an
-// error of its own; a group needed later loads at LaterNice, and the groups
-// needed first at the caller's priority.
+// error of its own; a group needed later loads at LaterNice, the first
+// group at the caller's priority, and the other groups needed first at
+// BesideNice.
 func TestStartWait(t *testing.T) {
 	opts := fakeModules(t)
 	var mu sync.Mutex
@@ -154,7 +155,7 @@ func TestStartWait(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	for m, want := range map[string]int{"a.ko": 20 - before, "b.ko": 20 - before, "c.ko": 20 - before, "e.ko": LaterNice, "f.ko": LaterNice} {
+	for m, want := range map[string]int{"a.ko": 20 - before, "b.ko": 20 - before, "c.ko": BesideNice, "e.ko": LaterNice, "f.ko": LaterNice} {
 		if nice[m] != want {
 			t.Errorf("%s loaded at nice %d, want %d (all: %v)", m, nice[m], want, nice)
 		}
