@@ -784,7 +784,7 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 		return s
 	}
 	span := func(name string) timeline.Span { return spanIn("host", name) }
-	var lastResume time.Time
+	var lastResume, stopped time.Time
 	var blackout time.Duration
 	for _, g := range tl.Guests {
 		if g.Name != "inner" {
@@ -794,6 +794,7 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 			lastResume = g.Resumed
 		}
 		blackout = max(blackout, g.Blackout)
+		stopped = g.Stopped
 	}
 	// The inner guest's new QEMU: its own start-up (exec, then init until
 	// its monitor answers) and its load, QEMU's work rather than ours (P5').
@@ -810,7 +811,18 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 		"qemu_startup_ms":        ms(startup), "load_ms": ms(load),
 		"ours_ms":    ms(blackout - span("kexec").Took() - span("kernel boot").Took() - startup - load),
 		"tcp_gap_ms": ms(tcpGap), "uncertainty_ms": ms(tl.Uncertainty), "clock_source": tl.ClockSource,
+		// Where ours goes: the old kernel's side (the guest's STOP to the
+		// kexec: the rest of its save, the quit, the sync and remounts)
+		// and each of PID 1's phases, in the order PID 1 ran them.
+		"old_side_ms": ms(span("kexec").Start.Sub(stopped)),
 	}
+	var phases [][2]any
+	for _, x := range tl.Spans {
+		if x.Row == "host" && strings.HasPrefix(x.Name, "pid1 ") {
+			phases = append(phases, [2]any{strings.TrimPrefix(x.Name, "pid1 "), ms(x.Took())})
+		}
+	}
+	rec["pid1_phases_ms"] = phases
 	b, _ := json.Marshal(rec)
 	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 	if err != nil {

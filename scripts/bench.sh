@@ -193,6 +193,21 @@ if rows:
     for r in rows:
         print(f"| {r['to']} | {r['blackout_ms']:.0f} | {r['kexec_ms']:.0f} | {r['kernel_boot_ms']:.0f} | {r['pid1_to_running_ms']:.0f} | {r['pid1_modules_ms']:.0f} | {r['pid1_devices_ms']:.0f} | {g(r,'pid1_before_restore_ms')} | {g(r,'qemu_startup_ms')} | {g(r,'load_ms')} | {g(r,'ours_ms')} | {r['tcp_gap_ms']:.0f} | {r['clock_source']} ±{r['uncertainty_ms']:.3f} |")
     print()
+phased = [r for r in rows if r.get("pid1_phases_ms")]
+if phased:
+    names = []
+    for r in phased:
+        for n, _ in r["pid1_phases_ms"]:
+            if n not in names: names.append(n)
+    print("Where ours (P5') went in each update (ms): the old kernel's side (the guest's STOP to the kexec: the rest of its save, the")
+    print("quit, the sync and remounts), then each of PID 1's phases in the order it ran them (the restore's own phase runs on to")
+    print("the guests' RESUME):\n")
+    print("| to | old side | " + " | ".join(names) + " |")
+    print("|---|---|" + "---|" * len(names))
+    for r in phased:
+        d = dict((n, v) for n, v in r["pid1_phases_ms"])
+        print(f"| {r['to']} | {r.get('old_side_ms', float('nan')):.0f} | " + " | ".join(f"{d[n]:.0f}" if n in d else "—" for n in names) + " |")
+    print()
 split_rows = [("BenchmarkRestart16Guests", "P2: 16 guests at once"), ("BenchmarkRestart16GuestsEach", "P2: 16 guests, --each"),
               ("BenchmarkRestartDisks/8Guests", "P8: 8 guests at once"), ("BenchmarkRestartDisks/8GuestsDisk", "P8: 8 guests at once, each writing to a disk"),
               ("BenchmarkRestartDisks/8GuestsDiskEach", "P8e: the 8 disk guests, --each")]
