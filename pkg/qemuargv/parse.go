@@ -397,16 +397,20 @@ func (p *Props) String() string {
 	}
 	var parts []string
 	for i, e := range p.pairs {
-		v := strings.ReplaceAll(valString(e.val), ",", ",,")
+		v := escapeComma(valString(e.val))
 		switch {
 		case e.implied && i == 0:
 			parts = append(parts, v)
 		default:
-			parts = append(parts, strings.ReplaceAll(e.key, ",", ",,")+"="+v)
+			parts = append(parts, escapeComma(e.key)+"="+v)
 		}
 	}
 	return strings.Join(parts, ",")
 }
+
+// escapeComma doubles each comma of a key or value, QemuOpts' escape
+// (parseKeyVal reads ",," back as one).
+func escapeComma(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 func valString(v any) string {
 	switch x := v.(type) {

@@ -53,7 +53,7 @@ func (c *Cmdline) WithTransfer(main, cpr, trace string) *Cmdline {
 		n.Opts = append(n.Opts, Option{Name: "msg", Value: "timestamp=on", HasValue: true})
 	}
 	n.Opts = append(n.Opts,
-		Option{Name: "trace", Value: runTracePrefix + strings.ReplaceAll(trace, ",", ",,"), HasValue: true}, // QemuOpts' escape
+		Option{Name: "trace", Value: runTracePrefix + escapeComma(trace), HasValue: true},
 		Option{Name: "incoming", Value: channelJSON("main", main), HasValue: true},
 		Option{Name: "incoming", Value: channelJSON("cpr", cpr), HasValue: true})
 	return n
