@@ -65,15 +65,17 @@ func benchRestart(b *testing.B, o benchOpts) {
 			blackouts = append(blackouts, vm.BlackoutMS)
 			stateBytes = append(stateBytes, float64(vm.StateBytes))
 		}
+		// Each guest's blackout of this run cut into its parts, for
+		// docs/benchmarks.md: every run's, so that the table's max is
+		// the tail's and says where the longest blackout went.
+		benchSplit(b, state)
 	}
 	b.StopTimer()
 	// Where the last run's time went (the phases of every VM), printed by
-	// the benchmark's log, and each guest's blackout cut into its parts
-	// for docs/benchmarks.md.
+	// the benchmark's log.
 	if _, out, _ := runLU(b, "status", "--state-dir", state); out != "" {
 		b.Logf("status of the last run:\n%s", out)
 	}
-	benchSplit(b, state)
 	for _, g := range gs {
 		last, _ := g.lastBeat()
 		g.checkContinues(last)
@@ -88,7 +90,7 @@ func benchRestart(b *testing.B, o benchOpts) {
 		median(stateBytes), strings.Trim(strings.Join(strings.Fields(fmt.Sprint(blackouts)), ","), "[]"))
 }
 
-// benchSplit prints, for each guest of the last run in state, one
+// benchSplit prints, for each guest of the run last recorded in state, one
 // BENCHSPLIT line: its blackout (old QEMU's STOP → new QEMU's RESUME) cut
 // at the run's phase boundaries — the rest of its save after the STOP, the
 // wait until its load begins (for the other guests' saves, without

@@ -823,6 +823,25 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 		}
 	}
 	rec["pid1_phases_ms"] = phases
+	// The old side cut the same way: each span of the host or the guest
+	// that ran between the guest's STOP and the kexec, the part of it that
+	// fell in there.
+	var old [][2]any
+	kexec := span("kexec").Start
+	for _, x := range tl.Spans {
+		if (x.Row != "host" && x.Row != "inner") || x.End.IsZero() || !x.End.After(stopped) || !x.Start.Before(kexec) || x.Name == "kexec" {
+			continue
+		}
+		a, z := x.Start, x.End
+		if a.Before(stopped) {
+			a = stopped
+		}
+		if z.After(kexec) {
+			z = kexec
+		}
+		old = append(old, [2]any{x.Row + " " + x.Name, ms(z.Sub(a))})
+	}
+	rec["old_side_phases_ms"] = old
 	b, _ := json.Marshal(rec)
 	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 	if err != nil {

@@ -212,16 +212,20 @@ split_rows = [("BenchmarkRestart16Guests", "P2: 16 guests at once"), ("Benchmark
               ("BenchmarkRestartDisks/8Guests", "P8: 8 guests at once"), ("BenchmarkRestartDisks/8GuestsDisk", "P8: 8 guests at once, each writing to a disk"),
               ("BenchmarkRestartDisks/8GuestsDiskEach", "P8e: the 8 disk guests, --each")]
 if any(n in splits for n, _ in split_rows):
-    print("Where each guest's blackout went in the last restart of a benchmark (ms, median over its guests, the farthest from zero in brackets): the rest")
-    print("of its save after the old QEMU's STOP; the wait until its load began (all the others' saves, unless --each); the load; the cont (the command's")
-    print("round trip); cont's end to the RESUME event — negative when QEMU's RESUME came before its reply to cont reached liveupdate:\n")
-    print("| run | guests | blackout | save after STOP | wait | load | cont | to RESUME |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("Where each guest's blackout went, over every restart of a benchmark (ms, median over its blackouts, the farthest from zero in brackets):")
+    print("the rest of its save after the old QEMU's STOP; the wait until its load began (all the others' saves, unless --each); the load; the cont")
+    print("(the command's round trip); cont's end to the RESUME event — negative when QEMU's RESUME came before its reply to cont reached liveupdate.")
+    print("The last column is the longest blackout's own split, save / wait / load / cont / to RESUME:\n")
+    print("| run | blackouts | blackout | save after STOP | wait | load | cont | to RESUME | the longest |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    keys = ("save_ms", "wait_ms", "load_ms", "cont_ms", "resume_ms")
     for n, what in split_rows:
         v = splits.get(n)
         if not v: continue
         cell = lambda k: f"{statistics.median(float(x[k]) for x in v):.1f} ({max((float(x[k]) for x in v), key=abs):.1f})"
-        print(f"| {what} | {len(v)} | {cell('blackout_ms')} | {cell('save_ms')} | {cell('wait_ms')} | {cell('load_ms')} | {cell('cont_ms')} | {cell('resume_ms')} |")
+        top = max(v, key=lambda x: float(x["blackout_ms"]))
+        longest = f"{float(top['blackout_ms']):.1f}: " + " / ".join(f"{float(top[k]):.1f}" for k in keys)
+        print(f"| {what} | {len(v)} | {cell('blackout_ms')} | {cell('save_ms')} | {cell('wait_ms')} | {cell('load_ms')} | {cell('cont_ms')} | {cell('resume_ms')} | {longest} |")
     print()
 print("Raw local blackouts (ms), sorted:\n")
 for name, kv in benches.items():
