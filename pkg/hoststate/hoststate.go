@@ -131,9 +131,10 @@ func BuildCgroups(cgroups []manifest.Cgroup) error {
 
 // RebuildNetwork is the inverse of the network half of Capture: it builds
 // the manifest's bridges and taps, then reads the taps back from the kernel
-// so that what runs is what was recorded. PID 1 runs it after kexec, and
-// `restore --host` from a rescue shell. Bridge ports it could not find are
-// left out and named in missing, apart from err.
+// so that what runs is what was recorded. `restore --host` runs it from a
+// rescue shell; PID 1 runs its two halves apart (RebuildGuestNetwork, then
+// netsetup.Uplinks while the guests' QEMUs start). Bridge ports it could
+// not find are left out and named in missing, apart from err.
 func RebuildNetwork(m *manifest.Manifest) (taps []manifest.Tap, missing []string, err error) {
 	if len(m.Network.Bridges) == 0 && len(m.Network.Taps) == 0 {
 		return nil, nil, nil
@@ -143,6 +144,18 @@ func RebuildNetwork(m *manifest.Manifest) (taps []manifest.Tap, missing []string
 	}
 	taps, err = netsetup.Verify(m.Network)
 	return taps, missing, err
+}
+
+// RebuildGuestNetwork is RebuildNetwork without the bridges' uplink ports:
+// what the guests' QEMUs need to start (netsetup.GuestSide), read back.
+func RebuildGuestNetwork(m *manifest.Manifest) (taps []manifest.Tap, err error) {
+	if len(m.Network.Bridges) == 0 && len(m.Network.Taps) == 0 {
+		return nil, nil
+	}
+	if err = netsetup.GuestSide(m.Network); err != nil {
+		return nil, err
+	}
+	return netsetup.Verify(m.Network)
 }
 
 // RebuildCgroups is the inverse of the cgroup half of Capture: it builds

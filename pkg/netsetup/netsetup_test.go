@@ -77,6 +77,41 @@ func TestCaptureApply(t *testing.T) {
 		if !reflect.DeepEqual(again, want) {
 			t.Fatalf("rebuilt\n%+v\nwant\n%+v", again, want)
 		}
+		// PID 1's two halves: GuestSide builds the bridge and the tap on
+		// it and leaves the uplink alone (down, no master); Uplinks then
+		// attaches it and brings it up, as Apply does in one go.
+		for _, n := range []string{"vnet-lu", "br-lu"} {
+			l, err := netlink.LinkByName(n)
+			must(err)
+			must(netlink.LinkDel(l))
+		}
+		ul, err := netlink.LinkByName("uplink")
+		must(err)
+		must(netlink.LinkSetDown(ul))
+		must(GuestSide(got))
+		ul, err = netlink.LinkByName("uplink")
+		must(err)
+		if ul.Attrs().MasterIndex != 0 || ul.Attrs().Flags&net.FlagUp != 0 {
+			t.Fatalf("GuestSide touched the uplink: master %d, flags %v", ul.Attrs().MasterIndex, ul.Attrs().Flags)
+		}
+		tl, err := netlink.LinkByName("vnet-lu")
+		must(err)
+		if br, err := netlink.LinkByName("br-lu"); err != nil || tl.Attrs().MasterIndex != br.Attrs().Index || tl.Attrs().Flags&net.FlagUp == 0 {
+			t.Fatalf("after GuestSide the tap is not up on the bridge: %+v, %v", tl.Attrs(), err)
+		}
+		if missing, err := Uplinks(got); err != nil || len(missing) > 0 {
+			t.Fatalf("Uplinks: missing %q, err %v", missing, err)
+		}
+		halves, err := Capture(map[string]TapInfo{"vnet-lu": {Flags: flags, Queues: 2}})
+		must(err)
+		if !reflect.DeepEqual(halves, want) {
+			t.Fatalf("built in two halves\n%+v\nwant\n%+v", halves, want)
+		}
+		ul, err = netlink.LinkByName("uplink")
+		must(err)
+		if ul.Attrs().Flags&net.FlagUp == 0 {
+			t.Fatalf("Uplinks left the uplink down")
+		}
 		// After a kexec PID 1 has no udev: the uplink NIC comes up under
 		// another (the kernel's) name. It is found by its address and
 		// named as recorded.

@@ -364,3 +364,32 @@ func TestReadAhead(t *testing.T) {
 		t.Fatalf("the small file, past the cap, has %d pages in the page cache", in)
 	}
 }
+
+// TestAwaitUplinks: the uplinks phase gives what attaching the bridges'
+// ports gave, nothing when none were being attached, and a deadline error
+// (never a hang) when the attaching does not end.
+func TestAwaitUplinks(t *testing.T) {
+	closed := func(err error) *Boot {
+		b := &Boot{uplinks: make(chan struct{}), uplinkErr: err}
+		close(b.uplinks)
+		return b
+	}
+	for _, c := range []struct {
+		name string
+		boot *Boot
+		want string // "" no error
+	}{
+		{"none attached", &Boot{}, ""},
+		{"attached", closed(nil), ""},
+		{"a port failed", closed(errors.New("bridge br0: adding port eth0: no such device")), "adding port eth0"},
+		{"never ends", &Boot{uplinks: make(chan struct{})}, "deadline exceeded"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			c.boot.Params.DevWait = 50 * time.Millisecond
+			err := c.boot.awaitUplinks(context.Background())
+			if (err == nil) != (c.want == "") || err != nil && !strings.Contains(err.Error(), c.want) {
+				t.Errorf("awaitUplinks = %v, want %q", err, c.want)
+			}
+		})
+	}
+}
