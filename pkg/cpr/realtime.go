@@ -1,6 +1,7 @@
 package cpr
 
 import (
+	"context"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -46,6 +47,56 @@ func (r *run) raiseQEMU(vm string, pid int, vcpus map[int]int, inherit bool) *rt
 	return b
 }
 
+// raiseStoppedVCPUs raises the vCPU threads of a QEMU whose guest does
+// not run: a new QEMU's from its load to just before its cont, an old
+// QEMU's from its STOP to the end of its save (raiseVCPUsAtStop). The
+// load and the save hand them work and wait for it, and a vCPU thread at
+// normal priority waits for a CPU behind every busy guest of the host:
+// with them raised, 16 guests' loads took 2–3 ms where they took up to
+// 84 ms (docs/benchmarks.md, P2e). Lowered again before the guest runs,
+// so that no guest code ever runs at real-time priority. nil if off or
+// not possible.
+func (r *run) raiseStoppedVCPUs(vm string, pid int, vcpus map[int]int) *rtboost.Raised {
+	if !r.realtime || r.NoRealtime || pid <= 0 || len(vcpus) == 0 {
+		return nil
+	}
+	tids := make([]int, 0, len(vcpus))
+	for _, tid := range vcpus {
+		tids = append(tids, tid)
+	}
+	b, err := rtboost.Only(r.ProcRoot, pid, tids)
+	if err != nil {
+		r.realtimeFailed(vm, err)
+	}
+	return b
+}
+
+// raiseVCPUsAtStop raises the old QEMU's vCPU threads once its guest has
+// stopped for the save (its STOP event, at or after event index from of
+// t's monitor) and returns what lowers them again, which the save calls
+// before anything may continue the guest. Should the migration fail after
+// the STOP, QEMU continues the guest by itself; its vCPUs are raised until
+// the save returns that failure.
+func (r *run) raiseVCPUsAtStop(ctx context.Context, t *Target, from int) (lower func()) {
+	if !r.realtime || r.NoRealtime || len(t.Facts.Vcpus) == 0 || t.QMP == nil {
+		return func() {}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	var raised *rtboost.Raised
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if _, _, err := t.QMP.WaitEvent(ctx, "STOP", from, nil); err == nil {
+			raised = r.raiseStoppedVCPUs(t.Name(), t.Proc.PID, t.Facts.Vcpus)
+		}
+	}()
+	return func() {
+		cancel()
+		<-done
+		r.lower(t.Name(), raised)
+	}
+}
+
 // raiseSelf raises our own threads (never inherited by what we start).
 func (r *run) raiseSelf() *rtboost.Raised {
 	if !r.realtime || r.NoRealtime {
@@ -72,11 +123,15 @@ func (r *run) realtimeFailed(vm string, err error) {
 }
 
 // lowerLeftRaised lowers what a run cut off mid-blackout left raised in
-// the QEMU that runs a guest now (recover): every thread but its vCPUs at
-// SCHED_FIFO priority 1 gets the scheduling the guest's old QEMU had
-// (manifest placement; without one, ours). Not when that scheduling is
-// FIFO 1 itself (libvirt's <emulatorsched>: ours cannot be told apart), nor
-// when the vCPU threads are not known (a vCPU may be FIFO 1 by its owner).
+// the QEMU that runs a guest now (recover): every thread at SCHED_FIFO
+// priority 1 gets the scheduling the guest's old QEMU had it at (manifest
+// placement: each vCPU its own where recorded, the main thread's for the
+// others; without a placement, ours). Not a thread whose recorded
+// scheduling is FIFO 1 itself (libvirt's <emulatorsched> or <vcpusched>:
+// ours cannot be told apart), and nothing when the vCPU threads are not
+// known. A new QEMU's vCPUs are raised too between its load and its cont
+// (raiseStoppedVCPUs): a run cut off there leaves them so, and they must
+// not run the guest at real-time priority.
 func (r *run) lowerLeftRaised(t *Target, vm *manifest.VM) {
 	if len(t.Facts.Vcpus) == 0 {
 		return
@@ -85,22 +140,28 @@ func (r *run) lowerLeftRaised(t *Target, vm *manifest.VM) {
 	if vm.Placement != nil && vm.Placement.Sched != nil {
 		base = vm.Placement.Sched
 	}
-	if base == nil || base.Policy == unix.SCHED_FIFO && base.Priority == 1 {
+	if base == nil {
 		return
 	}
-	vcpu := map[int]bool{}
-	for _, tid := range t.Facts.Vcpus {
-		vcpu[tid] = true
-	}
+	isFIFO1 := func(s *manifest.Sched) bool { return s.Policy == unix.SCHED_FIFO && s.Priority == 1 }
 	tasks, _ := os.ReadDir(filepath.Join(r.ProcRoot, strconv.Itoa(t.Proc.PID), "task"))
 	n := 0
 	for _, e := range tasks {
 		tid, err := strconv.Atoi(e.Name())
-		if err != nil || vcpu[tid] {
+		if err != nil {
 			continue
 		}
-		if s := readSched(tid); s != nil && s.Policy == unix.SCHED_FIFO && s.Priority == 1 {
-			if err := setSched(tid, *base); err != nil {
+		want := base
+		if idx := vcpuIndex(t.Facts.Vcpus, tid); idx >= 0 && vm.Placement != nil {
+			if tp, ok := vm.Placement.Vcpus[idx]; ok && tp.Sched != nil {
+				want = tp.Sched
+			}
+		}
+		if isFIFO1(want) {
+			continue
+		}
+		if s := readSched(tid); s != nil && isFIFO1(s) {
+			if err := setSched(tid, *want); err != nil {
 				r.Log.Warn("lowering a thread an interrupted run left at real-time priority", "vm", vm.Name, "tid", tid, "err", err)
 				continue
 			}

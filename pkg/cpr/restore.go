@@ -23,6 +23,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
 	"github.com/liveupdate/liveupdate/pkg/qemuproc"
 	"github.com/liveupdate/liveupdate/pkg/qmp"
+	"github.com/liveupdate/liveupdate/pkg/rtboost"
 	"github.com/liveupdate/liveupdate/pkg/tapdev"
 )
 
@@ -185,6 +186,10 @@ func (r *run) restoreOne(ctx context.Context, vm *manifest.VM, held map[int]*os.
 	// known before its load: it is not raised; it needs no cont either.)
 	raised := r.raiseQEMU(vm.Name, q.p.Pid, q.vcpus, false)
 	defer r.lower(vm.Name, raised)
+	if vm.Transfer == nil {
+		q.vcpusRaised = r.raiseStoppedVCPUs(vm.Name, q.p.Pid, q.vcpus)
+		defer r.lower(vm.Name, q.vcpusRaised) // on a failure before the cont
+	}
 	c, err := q.monitor(ctx) // cpr-transfer: reached while the old QEMU handed over
 	if c != nil {
 		defer c.Close()
@@ -284,6 +289,8 @@ func (r *run) loadAndCont(ctx context.Context, vm *manifest.VM, q *newQEMU, c *q
 		return fail(fmt.Errorf("marking the state file consumed before cont: %w", err))
 	}
 	vm.Status = manifest.StatusRestored
+	// The vCPUs back to their own scheduling before the guest runs.
+	r.lower(vm.Name, q.vcpusRaised)
 	if vm.WasRunning {
 		// Straight to cont, no query-status first: the new QEMU runs with
 		// -S, so it is paused, and a round trip here is in the blackout.
@@ -456,6 +463,9 @@ type newQEMU struct {
 	dialing chan dialed
 	aside   []string    // started early: the old QEMU's sockets, moved aside (early.go)
 	vcpus   map[int]int // its vCPU threads by index (nil: not known)
+	// vcpusRaised are its vCPU threads at real-time priority from its load
+	// to just before its cont (raiseStoppedVCPUs; nil: not raised).
+	vcpusRaised *rtboost.Raised
 }
 
 // startQEMU starts a VM's new QEMU on argv (in its network namespace,

@@ -685,6 +685,8 @@ func (r *run) saveOne(ctx context.Context, t *Target) error {
 	}
 	c := t.QMP
 	mark := len(c.Events())
+	lowerVCPUs := r.raiseVCPUsAtStop(ctx, t, mark)
+	defer lowerVCPUs() // first of the defers: before the guest may go on
 	if err := c.Execute(ctx, "migrate", map[string]any{"uri": "file:" + t.rec.StateFile}, nil); err != nil {
 		return fmt.Errorf("%s: %w", t.Name(), err)
 	}

@@ -98,8 +98,10 @@ func TestRaiseAndRestore(t *testing.T) {
 	}
 }
 
-// The threads in skip (a QEMU's vCPUs) are not raised, the others are.
-func TestSkip(t *testing.T) {
+// Threads raises all but the threads in skip (a QEMU's vCPUs); Only raises
+// just the threads named (a new QEMU's vCPUs before its cont). Restore
+// gives each back what it had, and leaves the others alone.
+func TestSkipAndOnly(t *testing.T) {
 	needNice(t)
 	// The test binary, a Go program, has several threads.
 	pid := os.Getpid()
@@ -107,23 +109,45 @@ func TestSkip(t *testing.T) {
 	if len(tids) < 2 {
 		t.Skip("the test process has one thread")
 	}
-	skip := map[int]bool{pid: true}
-	r, err := Threads("", pid, skip, false)
-	defer r.Restore()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, tid := range tids {
-		want := uint32(unix.SCHED_FIFO)
-		if skip[tid] {
-			want = unix.SCHED_NORMAL
-		}
-		if a := attr(t, tid); a.Policy != want {
-			t.Errorf("thread %d: policy %d, want %d", tid, a.Policy, want)
-		}
-	}
-	if r.Count() < len(tids)-1 {
-		t.Errorf("Count = %d, want at least %d", r.Count(), len(tids)-1)
+	for _, tc := range []struct {
+		name   string
+		raise  func() (*Raised, error)
+		raised func(tid int) bool
+	}{
+		{"Threads, skip the main thread", func() (*Raised, error) { return Threads("", pid, map[int]bool{pid: true}, false) },
+			func(tid int) bool { return tid != pid }},
+		{"Only the main thread", func() (*Raised, error) { return Only("", pid, []int{pid}) },
+			func(tid int) bool { return tid == pid }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, err := tc.raise()
+			defer r.Restore()
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := 0
+			for _, tid := range tids {
+				policy := uint32(unix.SCHED_NORMAL)
+				if tc.raised(tid) {
+					policy = unix.SCHED_FIFO
+					want++
+				}
+				if a := attr(t, tid); a.Policy != policy {
+					t.Errorf("thread %d: policy %d, want %d", tid, a.Policy, policy)
+				}
+			}
+			if r.Count() < want {
+				t.Errorf("Count = %d, want at least %d", r.Count(), want)
+			}
+			if err := r.Restore(); err != nil {
+				t.Fatal(err)
+			}
+			for _, tid := range tids {
+				if a := attr(t, tid); a.Policy != unix.SCHED_NORMAL {
+					t.Errorf("thread %d after Restore: policy %d", tid, a.Policy)
+				}
+			}
+		})
 	}
 }
 
