@@ -10,9 +10,11 @@
 // A real-time thread is picked before every normal one, and the cgroups'
 // CPU weights (libvirt's machine.slice) do not hold it back either.
 //
-// A QEMU's vCPU threads are never raised (the callers pass them as skip):
-// a busy guest at real-time priority would keep its CPU from everything
-// else, its own QEMU's main loop included. Its other threads are: the main
+// A running guest's vCPU threads are never raised (Threads' callers pass
+// them as skip): a busy guest at real-time priority would keep its CPU
+// from everything else, its own QEMU's main loop included. Only raises
+// them while their guest does not run, and the caller lowers them before
+// it does. Its other threads are: the main
 // loop (the load is one of its coroutines, cont and QMP commands run
 // there), the monitor's I/O thread (every QMP command and reply goes
 // through it), the migration thread that does a save, and the iothreads

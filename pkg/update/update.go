@@ -394,6 +394,10 @@ func Run(ctx context.Context, e *cpr.Engine, p *Plan, o Options) (*manifest.Mani
 		// The session that keeps memfd RAM across the kexec, when a guest
 		// has such RAM; closed again (all it kept dropped) on any failure.
 		phase.Step{Name: "luo-session", Do: u.openSession, Undo: u.closeSession},
+		// What is dirty written back while the guests still run: the
+		// sync inside the blackout (remount-ro) is left with what the
+		// last moments dirtied.
+		phase.Step{Name: "write-back", Do: u.writeBack},
 		phase.Step{Name: "save-guests", Do: u.saveGuests, Undo: u.recoverGuests},
 		phase.Step{Name: "remount-ro", Do: u.remountOthers, Undo: u.remountRW},
 		phase.Step{Name: "kexec-record", Do: u.recordKexec},
@@ -455,6 +459,13 @@ func (u *updateRun) unloadKernel(context.Context) error {
 	if err := kexec.Unload(); err != nil {
 		u.e.Log.Error("unloading the new kernel", "err", err)
 	}
+	return nil
+}
+
+// writeBack writes every filesystem's dirty data back (sync(2)), before
+// any guest stops.
+func (u *updateRun) writeBack(context.Context) error {
+	unix.Sync()
 	return nil
 }
 
