@@ -52,6 +52,15 @@ func TestCaptureApply(t *testing.T) {
 				t.Fatalf("ports left out: %v", missing)
 			}
 		}
+		// tearDown deletes the bridge and the tap, and keeps the uplink.
+		tearDown := func() {
+			t.Helper()
+			for _, n := range []string{"vnet-lu", "br-lu"} {
+				l, err := netlink.LinkByName(n)
+				must(err)
+				must(netlink.LinkDel(l))
+			}
+		}
 		want := manifest.Network{
 			Bridges: []manifest.Bridge{{Name: "br-lu", MAC: "02:00:00:00:00:01", MTU: 1400, Addrs: []string{"10.77.0.1/24"}, Ports: []string{"uplink"},
 				PortMACs: map[string]string{"uplink": "02:00:00:00:00:0a"}, Up: true}},
@@ -66,11 +75,7 @@ func TestCaptureApply(t *testing.T) {
 			t.Fatalf("captured\n%+v\nwant\n%+v", got, want)
 		}
 		// Tear down the bridge and tap, keep the uplink, and rebuild.
-		for _, n := range []string{"vnet-lu", "br-lu"} {
-			l, err := netlink.LinkByName(n)
-			must(err)
-			must(netlink.LinkDel(l))
-		}
+		tearDown()
 		mustApply(got)
 		again, err := Capture(map[string]TapInfo{"vnet-lu": {Flags: flags, Queues: 2}})
 		must(err)
@@ -80,11 +85,7 @@ func TestCaptureApply(t *testing.T) {
 		// PID 1's two halves: GuestSide builds the bridge and the tap on
 		// it and leaves the uplink alone (down, no master); Uplinks then
 		// attaches it and brings it up, as Apply does in one go.
-		for _, n := range []string{"vnet-lu", "br-lu"} {
-			l, err := netlink.LinkByName(n)
-			must(err)
-			must(netlink.LinkDel(l))
-		}
+		tearDown()
 		ul, err := netlink.LinkByName("uplink")
 		must(err)
 		must(netlink.LinkSetDown(ul))
@@ -115,11 +116,7 @@ func TestCaptureApply(t *testing.T) {
 		// After a kexec PID 1 has no udev: the uplink NIC comes up under
 		// another (the kernel's) name. It is found by its address and
 		// named as recorded.
-		for _, n := range []string{"vnet-lu", "br-lu"} {
-			l, err := netlink.LinkByName(n)
-			must(err)
-			must(netlink.LinkDel(l))
-		}
+		tearDown()
 		up, err := netlink.LinkByName("uplink")
 		must(err)
 		must(netlink.LinkSetName(up, "eth7"))
@@ -140,11 +137,7 @@ func TestCaptureApply(t *testing.T) {
 		lost.Bridges = []manifest.Bridge{got.Bridges[0]}
 		lost.Bridges[0].Ports = []string{"gone0", "uplink"}
 		lost.Bridges[0].PortMACs = map[string]string{"gone0": "02:00:00:00:00:99", "uplink": got.Bridges[0].PortMACs["uplink"]}
-		for _, n := range []string{"vnet-lu", "br-lu"} {
-			l, err := netlink.LinkByName(n)
-			must(err)
-			must(netlink.LinkDel(l))
-		}
+		tearDown()
 		missing, err := Apply(manifest.Network{Bridges: lost.Bridges, Taps: got.Taps})
 		if err != nil || len(missing) != 1 || !strings.Contains(missing[0], "port gone0 left out") || !strings.Contains(missing[0], "no link has its address 02:00:00:00:00:99") {
 			t.Fatalf("Apply with a missing port: missing %q, err %v", missing, err)
