@@ -140,8 +140,6 @@ func Main() {
 	// The boot. A failure up to the restore stops at the rescue shell, the
 	// guests' data untouched; the restore and the services are Optional:
 	// the guests that did come back run, and the failure is reported.
-	// Expedited RCU grace periods until then (expediteRCU says why).
-	normalRCU := expediteRCU(RCUExpedited, b.Log)
 	err = phase.Run(context.Background(), b.record,
 		phase.Step{Name: "modules", Do: b.loadModules},
 		phase.Step{Name: "devices", Do: b.waitDevices},
@@ -157,7 +155,6 @@ func Main() {
 		phase.Step{Name: "uplinks", Do: b.awaitUplinks, Optional: true},
 		phase.Step{Name: "services", Do: b.startServices, Optional: true},
 	)
-	normalRCU()
 	var restoreErr error
 	if pe := (*phase.Error)(nil); errors.As(err, &pe) {
 		b.rescue(err)

@@ -393,31 +393,3 @@ func TestAwaitUplinks(t *testing.T) {
 		})
 	}
 }
-
-// TestExpediteRCU: the switch is turned on for the boot and put back as it
-// was; one already on is left on, and a kernel without it is no error.
-func TestExpediteRCU(t *testing.T) {
-	for _, c := range []struct {
-		name, before, during, after string // "" no file
-	}{
-		{"normal", "0\n", "1", "0"},
-		{"already expedited", "1\n", "1\n", "1\n"},
-		{"no switch", "", "", ""},
-	} {
-		t.Run(c.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "rcu_expedited")
-			if c.before != "" {
-				os.WriteFile(path, []byte(c.before), 0o644)
-			}
-			read := func() string { b, _ := os.ReadFile(path); return string(b) }
-			restore := expediteRCU(path, slog.New(slog.DiscardHandler))
-			if got := read(); got != c.during {
-				t.Errorf("during the boot: %q, want %q", got, c.during)
-			}
-			restore()
-			if got := read(); got != c.after {
-				t.Errorf("after: %q, want %q", got, c.after)
-			}
-		})
-	}
-}
