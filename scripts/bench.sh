@@ -199,14 +199,16 @@ if phased:
     for r in phased:
         for n, _ in r["pid1_phases_ms"]:
             if n not in names: names.append(n)
-    print("Where ours (P5') went in each update (ms): the old kernel's side (the guest's STOP to the kexec: the rest of its save, the")
-    print("quit, the sync and remounts), then each of PID 1's phases in the order it ran them (the restore's own phase runs on to")
-    print("the guests' RESUME):\n")
+    print("Where ours (P5') went in each update (ms): the old kernel's side (the guest's STOP to the kexec; in brackets the rest of")
+    print("its save / the manifest's record of it / its QEMU's quit / the sync and remount read-only), then each of PID 1's phases")
+    print("in the order it ran them (the restore's own phase runs on to the guests' RESUME):\n")
     print("| to | old side | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for r in phased:
         d = dict((n, v) for n, v in r["pid1_phases_ms"])
-        print(f"| {r['to']} | {r.get('old_side_ms', float('nan')):.0f} | " + " | ".join(f"{d[n]:.0f}" if n in d else "—" for n in names) + " |")
+        o = dict((n, v) for n, v in r.get("old_side_phases_ms") or [])
+        cut = " (" + " / ".join(f"{o[k]:.0f}" if k in o else "—" for k in ("inner save", "host saved", "inner quit", "host remount-ro")) + ")" if o else ""
+        print(f"| {r['to']} | {r.get('old_side_ms', float('nan')):.0f}{cut} | " + " | ".join(f"{d[n]:.0f}" if n in d else "—" for n in names) + " |")
     print()
 split_rows = [("BenchmarkRestart16Guests", "P2: 16 guests at once"), ("BenchmarkRestart16GuestsEach", "P2: 16 guests, --each"),
               ("BenchmarkRestartDisks/8Guests", "P8: 8 guests at once"), ("BenchmarkRestartDisks/8GuestsDisk", "P8: 8 guests at once, each writing to a disk"),
