@@ -227,7 +227,7 @@ if any(n in splits for n, _ in split_rows):
         cell = lambda k: f"{statistics.median(float(x[k]) for x in v):.1f} ({max((float(x[k]) for x in v), key=abs):.1f})"
         top = max(v, key=lambda x: float(x["blackout_ms"]))
         longest = f"{float(top['blackout_ms']):.1f}: " + " / ".join(f"{float(top[k]):.1f}" for k in keys)
-        print(f"| {what} | {len(v)} | {cell('blackout_ms')} | {cell('save_ms')} | {cell('wait_ms')} | {cell('load_ms')} | {cell('cont_ms')} | {cell('resume_ms')} | {longest} |")
+        print(f"| {what} | {len(v)} | {cell('blackout_ms')} | " + " | ".join(cell(k) for k in keys) + f" | {longest} |")
     print()
 print("Raw local blackouts (ms), sorted:\n")
 for name, kv in benches.items():

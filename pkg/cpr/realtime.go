@@ -36,15 +36,20 @@ func (r *run) raiseQEMU(vm string, pid int, vcpus map[int]int, inherit bool) *rt
 	if !r.realtime || r.NoRealtime || pid <= 0 || len(vcpus) == 0 {
 		return nil
 	}
-	skip := map[int]bool{}
-	for _, tid := range vcpus {
-		skip[tid] = true
-	}
-	b, err := rtboost.Threads(r.ProcRoot, pid, skip, inherit)
+	b, err := rtboost.Threads(r.ProcRoot, pid, threadSet(vcpus), inherit)
 	if err != nil {
 		r.realtimeFailed(vm, err)
 	}
 	return b
+}
+
+// threadSet is the set of the thread ids of vcpus (index → thread id).
+func threadSet(vcpus map[int]int) map[int]bool {
+	set := make(map[int]bool, len(vcpus))
+	for _, tid := range vcpus {
+		set[tid] = true
+	}
+	return set
 }
 
 // raiseStoppedVCPUs raises the vCPU threads of a QEMU whose guest does
@@ -60,11 +65,7 @@ func (r *run) raiseStoppedVCPUs(vm string, pid int, vcpus map[int]int) *rtboost.
 	if !r.realtime || r.NoRealtime || pid <= 0 || len(vcpus) == 0 {
 		return nil
 	}
-	tids := make([]int, 0, len(vcpus))
-	for _, tid := range vcpus {
-		tids = append(tids, tid)
-	}
-	b, err := rtboost.Only(r.ProcRoot, pid, tids)
+	b, err := rtboost.Only(r.ProcRoot, pid, threadSet(vcpus))
 	if err != nil {
 		r.realtimeFailed(vm, err)
 	}

@@ -625,6 +625,7 @@ func (b *Boot) setupNetwork(ctx context.Context) error {
 	b.uplinks = done
 	go b.guard("uplinks", func() {
 		defer close(done)
+		// What awaitUplinks reports should Uplinks panic (guard recovers).
 		b.uplinkErr = errors.New("attaching the bridges' ports did not finish")
 		missing, err := netsetup.Uplinks(b.Manifest.Network)
 		b.warnMissing(missing)

@@ -52,16 +52,13 @@ func Threads(procRoot string, pid int, skip map[int]bool, inherit bool) (*Raised
 	return threads(procRoot, pid, func(tid int) bool { return !skip[tid] }, inherit)
 }
 
-// Only raises the threads tids of process pid, never inherited. For a new
-// QEMU's vCPU threads between its load and its cont, and nothing else: the
-// guest does not run there yet, so they have no guest code to spin on,
-// only the work its main thread hands them and waits for.
-func Only(procRoot string, pid int, tids []int) (*Raised, error) {
-	want := map[int]bool{}
-	for _, t := range tids {
-		want[t] = true
-	}
-	return threads(procRoot, pid, func(tid int) bool { return want[tid] }, false)
+// Only raises the threads in only of process pid, never inherited. For a
+// QEMU's vCPU threads while its guest does not run (an old QEMU's after its
+// STOP, a new one's before its cont), and nothing else: they have no guest
+// code to spin on there, only the work the save or the load hands them and
+// waits for.
+func Only(procRoot string, pid int, only map[int]bool) (*Raised, error) {
+	return threads(procRoot, pid, func(tid int) bool { return only[tid] }, false)
 }
 
 // Self raises every thread of the calling process, never inherited: the

@@ -116,7 +116,7 @@ func TestSkipAndOnly(t *testing.T) {
 	}{
 		{"Threads, skip the main thread", func() (*Raised, error) { return Threads("", pid, map[int]bool{pid: true}, false) },
 			func(tid int) bool { return tid != pid }},
-		{"Only the main thread", func() (*Raised, error) { return Only("", pid, []int{pid}) },
+		{"Only the main thread", func() (*Raised, error) { return Only("", pid, map[int]bool{pid: true}) },
 			func(tid int) bool { return tid == pid }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
