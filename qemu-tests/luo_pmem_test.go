@@ -240,8 +240,8 @@ func TestLUOBesidePMEM(t *testing.T) {
 // recordBesideBench appends one update's figures to $LIVEUPDATE_BENCH_OUT
 // for make bench's P10: each guest's blackout, the new kernel's boot, and
 // each guest's own part after the kernel (PID 1 before its restore, then
-// its QEMU's exec, start-up, load and resume). It measures; it asserts
-// nothing.
+// its QEMU's exec, start-up, load and resume), and the PMEM guest's
+// blackout cut as P5' cuts it (P5'b). It measures; it asserts nothing.
 func recordBesideBench(t *testing.T, tl *timeline.Timeline, n int, guests []string, twinNodes map[string]int) {
 	path := os.Getenv("LIVEUPDATE_BENCH_OUT")
 	if path == "" || tl == nil {
@@ -270,6 +270,13 @@ func recordBesideBench(t *testing.T, tl *timeline.Timeline, n int, guests []stri
 		rec[g.Name+"_blackout_ms"] = ms(g.Blackout)
 		if !kernelUp.IsZero() {
 			rec[g.Name+"_after_kernel_ms"] = ms(g.Resumed.Sub(kernelUp))
+		}
+	}
+	// The PMEM guest's blackout cut as P5' cuts the nested update's, here
+	// into a kernel with its drivers built in (no modules to load).
+	if slices.Contains(guests, "inner") {
+		if split := oursSplit(tl, "inner"); split != nil {
+			rec["inner_ours"] = split
 		}
 	}
 	b, _ := json.Marshal(rec)

@@ -774,6 +774,28 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 	if path == "" || tl == nil || len(tl.Guests) == 0 {
 		return
 	}
+	rec := oursSplit(tl, "inner")
+	if rec == nil {
+		return
+	}
+	rec["tcp_gap_ms"] = float64(tcpGap.Microseconds()) / 1000
+	b, _ := json.Marshal(rec)
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Logf("bench record: %v", err)
+		return
+	}
+	defer f.Close()
+	f.Write(append(b, '\n'))
+}
+
+// oursSplit is one update's blackout of the named guest cut as P5' cuts
+// it (issue 15): the kexec, the new kernel's boot, the guest's new QEMU's
+// own start-up (exec, then init until its monitor answers) and its load
+// are not ours; the rest is, split into the old kernel's side (the
+// guest's STOP to the kexec) and each of PID 1's phases. nil when the
+// timeline has no such guest.
+func oursSplit(tl *timeline.Timeline, guest string) map[string]any {
 	// The last span of that name in the row ("host", or a guest's).
 	spanIn := func(row, name string) (s timeline.Span) {
 		for _, x := range tl.Spans {
@@ -784,21 +806,24 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 		return s
 	}
 	span := func(name string) timeline.Span { return spanIn("host", name) }
+	var found bool
 	var lastResume, stopped time.Time
 	var blackout time.Duration
 	for _, g := range tl.Guests {
-		if g.Name != "inner" {
-			continue // the frail guest of the last update is recovered by hand
+		if g.Name != guest {
+			continue
 		}
+		found = true
 		if g.Resumed.After(lastResume) {
 			lastResume = g.Resumed
 		}
 		blackout = max(blackout, g.Blackout)
 		stopped = g.Stopped
 	}
-	// The inner guest's new QEMU: its own start-up (exec, then init until
-	// its monitor answers) and its load, QEMU's work rather than ours (P5').
-	guestSpan := func(name string) timeline.Span { return spanIn("inner", name) }
+	if !found {
+		return nil
+	}
+	guestSpan := func(name string) timeline.Span { return spanIn(guest, name) }
 	startup := guestSpan("qemu-init").End.Sub(guestSpan("qemu-start").Start)
 	load := guestSpan("load").Took()
 	pid1Start := span("kernel boot").End
@@ -809,8 +834,8 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 		"pid1_devices_ms": ms(span("pid1 devices").Took()), "pid1_modules_ms": ms(span("pid1 modules").Took()),
 		"pid1_before_restore_ms": ms(guestSpan("qemu-start").Start.Sub(pid1Start)),
 		"qemu_startup_ms":        ms(startup), "load_ms": ms(load),
-		"ours_ms":    ms(blackout - span("kexec").Took() - span("kernel boot").Took() - startup - load),
-		"tcp_gap_ms": ms(tcpGap), "uncertainty_ms": ms(tl.Uncertainty), "clock_source": tl.ClockSource,
+		"ours_ms":        ms(blackout - span("kexec").Took() - span("kernel boot").Took() - startup - load),
+		"uncertainty_ms": ms(tl.Uncertainty), "clock_source": tl.ClockSource,
 		// Where ours goes: the old kernel's side (the guest's STOP to the
 		// kexec: the rest of its save, the quit, the sync and remounts)
 		// and each of PID 1's phases, in the order PID 1 ran them.
@@ -829,7 +854,7 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 	var old [][2]any
 	kexec := span("kexec").Start
 	for _, x := range tl.Spans {
-		if (x.Row != "host" && x.Row != "inner") || x.End.IsZero() || !x.End.After(stopped) || !x.Start.Before(kexec) || x.Name == "kexec" {
+		if (x.Row != "host" && x.Row != guest) || x.End.IsZero() || !x.End.After(stopped) || !x.Start.Before(kexec) || x.Name == "kexec" {
 			continue
 		}
 		a, z := x.Start, x.End
@@ -842,14 +867,7 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 		old = append(old, [2]any{x.Row + " " + x.Name, ms(z.Sub(a))})
 	}
 	rec["old_side_phases_ms"] = old
-	b, _ := json.Marshal(rec)
-	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
-	if err != nil {
-		t.Logf("bench record: %v", err)
-		return
-	}
-	defer f.Close()
-	f.Write(append(b, '\n'))
+	return rec
 }
 
 // recordNestedSoak appends, when $LIVEUPDATE_SOAK_OUT is set (make soak),
