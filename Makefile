@@ -84,7 +84,8 @@ unit:
 FUZZ_TARGETS := FuzzParse:./pkg/qemuargv FuzzDecode:./pkg/manifest FuzzDecodeBoot:./pkg/manifest FuzzParse:./pkg/bootparams \
 	FuzzProcFiles:./pkg/discover FuzzDecodeReply:./pkg/qmp FuzzReply:./pkg/guestagent FuzzParseFstab:./pkg/mounts \
 	FuzzRewrite:./pkg/libvirt FuzzCgroupMounts:./pkg/qemuproc FuzzCheckVMName:./pkg/manifest FuzzScopeOf:./pkg/machines FuzzMaps:./pkg/preflight \
-	FuzzListensIn:./pkg/qemuproc FuzzParseList:./pkg/kmod FuzzCodeFiles:./pkg/qemuproc FuzzStartedGuest:./pkg/qemuproc
+	FuzzListensIn:./pkg/qemuproc FuzzParseList:./pkg/kmod FuzzCodeFiles:./pkg/qemuproc FuzzStartedGuest:./pkg/qemuproc \
+	FuzzInitramfsModules:./pkg/hostmods
 fuzz-short fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		name=$${t%%:*}; pkg=$${t#*:}; \

@@ -26,6 +26,7 @@ import (
 	"github.com/liveupdate/liveupdate/kernelconfig"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/guestagent"
+	"github.com/liveupdate/liveupdate/pkg/hostmods"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/hoststate"
 	"github.com/liveupdate/liveupdate/pkg/libvirt"
@@ -61,6 +62,7 @@ var commands = []command{
 	{"restore", "restore the VMs recorded in a manifest", cmdRestore},
 	{"restart-qemu", "live-restart QEMU under running guests", cmdRestartQEMU},
 	{"check-kernel", "check a kernel config: the host's options, the PMEM and the LUO backend's", cmdCheckKernel},
+	{"host-modules", "the kernel modules this host's disks, PMEM, NICs and KVM need, for the initramfs' list", cmdHostModules},
 	{"update", "live kernel update: save guests, kexec into a new kernel", cmdUpdate},
 	{"recover", "bring every guest of an interrupted run back to running (cont or restore); safe to repeat", cmdRecover},
 	{"status", "the last run: each guest's blackout and every phase, as a table, JSON, SVG or metrics", cmdStatus},
@@ -296,6 +298,9 @@ func printPlan(out io.Writer, p *update.Plan) {
 	if p.KernelConfig != "" {
 		fmt.Fprintf(out, "config:     %s\n", p.KernelConfig)
 	}
+	for _, n := range p.Notes {
+		fmt.Fprintf(out, "note:       %s\n", n)
+	}
 	fmt.Fprintf(out, "guests:     %d\n", len(p.VMs))
 	for _, v := range p.VMs {
 		verdict := "safe"
@@ -356,6 +361,27 @@ func cmdCheckKernel(ctx context.Context, args []string, out io.Writer) int {
 		return exitFailed
 	}
 	fmt.Fprintf(out, "%s: a liveupdate host\n", fs.Arg(0))
+	return exitOK
+}
+
+func cmdHostModules(ctx context.Context, args []string, out io.Writer) int {
+	fs := flag.NewFlagSet("host-modules", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: liveupdate host-modules\n\nPrints, in initramfs/modules.txt's form, the modules this host's new kernel\nneeds before its guests run again that are modules here: the drivers under\nits mounted disk filesystems and PMEM, the filesystems', its NICs' (bonds,\nVLANs), and KVM's. initramfs/build.sh adds them when it builds for this host.\n")
+	}
+	if code, ok := parse(fs, args); !ok {
+		return code
+	}
+	if fs.NArg() != 0 {
+		fs.Usage()
+		return exitUsage
+	}
+	n, err := hostmods.Host{}.Read()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "liveupdate host-modules:", err)
+		return exitFailed
+	}
+	fmt.Fprint(out, n.List())
 	return exitOK
 }
 

@@ -20,7 +20,8 @@
 // As /init of the initramfs (process 1) it is PID 1 of the new kernel
 // (package pid1): modules → devices → mounts → host filesystems →
 // manifest → read ahead → clock → network modules → network → cgroups →
-// restore → services, then optionally hand over to the host's init.
+// restore modules → restore → uplinks → services, then optionally hand
+// over to the host's init.
 package main
 
 import (

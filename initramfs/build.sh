@@ -14,6 +14,13 @@
 #      dependency closure (stored uncompressed), a fresh modules.dep, and the
 #      load order in /etc/liveupdate/modules. MODULE_LIST=FILE takes another
 #      list of the same form (the benchmarks measure a shorter one).
+#      A host's initramfs also needs the host's own modules, those
+#      `liveupdate host-modules` finds on it: the drivers under its disks and
+#      PMEM (NVMe, AHCI and sd_mod, nfit…) and its NICs'. Built on the host
+#      for itself (MODULES_ROOT /), build.sh asks for them itself;
+#      HOST_MODULES=FILE gives that command's output, saved on the host, to
+#      build its initramfs elsewhere. `liveupdate update` refuses an
+#      initramfs without them.
 set -euo pipefail
 [ $# -eq 3 ] || { echo "usage: $0 KERNEL_VERSION MODULES_ROOT OUTPUT" >&2; exit 2; }
 kver=$1 modroot=$(realpath "$2") out=$3
@@ -61,6 +68,18 @@ cp "$src"/modules.order "$src"/modules.builtin* "$dst"/ 2>/dev/null || true
 # loads groups side by side).
 list=$stage/mods/etc/liveupdate/modules
 : >"$list"
+names=$stage/modules.txt
+cp "$list_src" "$names"
+own=
+if [ -n "${HOST_MODULES:-}" ]; then
+	own=$(cat "$HOST_MODULES")
+elif [ "$modroot" = / ]; then
+	own=$(if command -v liveupdate >/dev/null; then liveupdate host-modules; else cd "$repo" && go run ./init host-modules; fi)
+fi
+if [ -n "$own" ]; then
+	printf '\n%s\n' "$own" >>"$names"
+	echo "build.sh: this host's own modules:" $(grep -v '^[#@]' <<<"$own") >&2
+fi
 group=
 while read -r name; do
 	case $name in
@@ -71,6 +90,9 @@ while read -r name; do
 		echo "$name" >>"$list"
 		group=open; continue ;;
 	esac
+	if grep -qx "$name" "$list"; then
+		continue # listed already (the host's own list repeats some)
+	fi
 	if ! deps=$(modprobe -S "$kver" -d "$modroot" --show-depends "$name" 2>/dev/null); then
 		echo "build.sh: module $name not in $kver (built in or absent): skipped" >&2
 		continue
@@ -91,7 +113,7 @@ while read -r name; do
 	[ "$group" != ended ] || echo >>"$list"
 	echo "$name" >>"$list"
 	group=open
-done <"$list_src"
+done <"$names"
 depmod -b "$stage/mods" "$kver"
 (cd "$stage/mods" && find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc -R 0:0) | gzip -9 -n >"$stage/mods.cpio.gz"
 

@@ -32,8 +32,9 @@ type Result struct {
 	Name   string
 	Loaded []string // module files loaded for it (dependencies first)
 	// NoDevice: the module refused to load because its hardware is not
-	// there (ENODEV), e.g. crc32c_intel on a CPU without SSE4.2. That is
-	// not an error: a generic module covers for it.
+	// there: ENODEV (crc32c_intel on a CPU without SSE4.2: a generic module
+	// covers for it), or EOPNOTSUPP (kvm_intel on an AMD CPU, or on one
+	// without VMX). That is not an error.
 	NoDevice bool
 	Err      error
 	// Took is how long its files took to load, dependencies included
@@ -76,7 +77,7 @@ func Load(names []string, opts kmodule.ProbeOpts) []Result {
 		}
 		for _, p := range order {
 			err := loadFileFn(p)
-			if errors.Is(err, unix.ENODEV) && filepath.Base(p) == filepath.Base(order[len(order)-1]) {
+			if noDevice(err) && filepath.Base(p) == filepath.Base(order[len(order)-1]) {
 				r.NoDevice = true
 				break
 			}
@@ -90,6 +91,11 @@ func Load(names []string, opts kmodule.ProbeOpts) []Result {
 		res = append(res, r)
 	}
 	return res
+}
+
+// noDevice tells whether a module's init said its hardware is not there.
+func noDevice(err error) bool {
+	return errors.Is(err, unix.ENODEV) || errors.Is(err, unix.EOPNOTSUPP)
 }
 
 // loadFileFn is loadFile; tests look at the thread it runs on through it.

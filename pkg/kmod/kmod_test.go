@@ -201,3 +201,26 @@ func TestDependencyOrder(t *testing.T) {
 		t.Fatalf("dependencies after ext4: %v", order)
 	}
 }
+
+// TestNoDevice: a module whose init says its hardware is not there (ENODEV;
+// EOPNOTSUPP, as kvm_intel on an AMD CPU) is skipped, not an error; any
+// other refusal is one, and so is a dependency's "no device".
+func TestNoDevice(t *testing.T) {
+	opts := fakeModules(t)
+	// b depends on a: a's refusal is b's error, whatever it is.
+	dir := filepath.Join(opts.RootDir, "lib/modules/0.0-test")
+	os.WriteFile(filepath.Join(dir, "modules.dep"), []byte("kernel/a.ko:\nkernel/b.ko: kernel/a.ko\nkernel/c.ko:\nkernel/d.ko:\n"), 0o644)
+	refuse := map[string]error{"a.ko": unix.ENODEV, "c.ko": unix.EOPNOTSUPP, "d.ko": unix.EPERM}
+	loadFileFn = func(p string) error { return refuse[filepath.Base(p)] }
+	t.Cleanup(func() { loadFileFn = loadFile })
+	for _, tc := range []struct {
+		name     string
+		noDevice bool
+		err      bool
+	}{{"a", true, false}, {"b", false, true}, {"c", true, false}, {"d", false, true}} {
+		r := Load([]string{tc.name}, opts)[0]
+		if r.NoDevice != tc.noDevice || (r.Err != nil) != tc.err {
+			t.Errorf("%s: NoDevice %v, error %v; want %v, an error %v", tc.name, r.NoDevice, r.Err, tc.noDevice, tc.err)
+		}
+	}
+}

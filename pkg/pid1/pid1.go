@@ -88,6 +88,11 @@ type Boot struct {
 	// modules is the module list loading (the network's groups load on
 	// while the phases before the network run).
 	modules *kmod.Loading
+	// kvmGroups are the list's @restore groups (KVM's), started apart by
+	// startKVMModules: early when a guest needs them, else after READY.
+	kvmGroups  []kmod.Group
+	kvmModules *kmod.Loading
+	kvmOnce    sync.Once
 	// uplinks is closed once the bridges' uplink ports are attached (nil:
 	// none being attached); uplinkErr is what that gave.
 	uplinks   chan struct{}
@@ -151,6 +156,7 @@ func Main() {
 		phase.Step{Name: "network modules", Do: b.awaitNetworkModules},
 		phase.Step{Name: "network", Do: b.setupNetwork},
 		phase.Step{Name: "cgroups", Do: b.setupCgroups},
+		phase.Step{Name: "restore modules", Do: b.awaitRestoreModules, Optional: true},
 		phase.Step{Name: "restore", Do: b.restoreGuests, Optional: true},
 		phase.Step{Name: "uplinks", Do: b.awaitUplinks, Optional: true},
 		phase.Step{Name: "services", Do: b.startServices, Optional: true},
@@ -163,6 +169,14 @@ func Main() {
 	}
 	b.ready()
 	b.writeBootRecord()
+	// KVM's modules if no guest waited for them: QEMUs the host starts
+	// later may use KVM.
+	go b.guard("KVM's modules", func() {
+		res, _ := b.startKVMModules().Wait(context.Background(), RestorePhase)
+		if err := b.logModules(res); err != nil {
+			b.Log.Warn("KVM's modules", "err", err)
+		}
+	})
 	if restoreErr != nil {
 		b.Log.Error("some guests were not restored; their RAM and state files are kept", "err", restoreErr)
 		msg := fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate recover --root %s --manifest %s\n", restoreErr, orSlash(b.Root), b.Params.Manifest)
@@ -227,9 +241,20 @@ func (b *Boot) ready() {
 	fmt.Fprintln(consoleOut(), msg)
 }
 
-// NetworkPhase is the phase a module list group tagged @network is first
-// needed by; every other group is needed before the devices are looked for.
-const NetworkPhase = "network"
+// The phases a module list group may name (@PHASE) as the one that first
+// needs it; a group with none is needed before the devices are looked for.
+// Each tagged group loads at a lower priority beside the phases before.
+const (
+	// NetworkPhase: the guests' taps, bridges and vhost-net (and the
+	// DHCP interface's NIC), before the network is built.
+	NetworkPhase = "network"
+	// RestorePhase: what the guests' QEMUs need besides (KVM's modules),
+	// before the first QEMU starts.
+	RestorePhase = "restore"
+	// UplinksPhase: the drivers of the bridges' uplink NICs, awaited by
+	// the attaching of the ports beside the restore, not by any QEMU.
+	UplinksPhase = "uplinks"
+)
 
 // loadModules starts loading the initramfs' module list, its groups side by
 // side, and waits for those needed first (the PMEM, the filesystems, the
@@ -241,12 +266,20 @@ func (b *Boot) loadModules(ctx context.Context) error {
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("module list %s: %w", ModuleList, err)
 	}
-	for _, p := range kmod.Phases(groups) {
-		if p != "" && p != NetworkPhase {
-			return fmt.Errorf("module list %s: a group for phase @%s, which PID 1 does not have: use @%s, or no @ line for the modules needed first", ModuleList, p, NetworkPhase)
+	if err := checkModulePhases(groups); err != nil {
+		return fmt.Errorf("module list %s: %w", ModuleList, err)
+	}
+	// KVM's groups wait until a guest needs them: under emulation kvm.ko
+	// alone loads for a second, beside ext4's group.
+	var now []kmod.Group
+	for _, g := range groups {
+		if g.Phase == RestorePhase {
+			b.kvmGroups = append(b.kvmGroups, g)
+		} else {
+			now = append(now, g)
 		}
 	}
-	b.modules = kmod.Start(groups, kmodule.ProbeOpts{})
+	b.modules = kmod.Start(now, kmodule.ProbeOpts{})
 	res, err := b.modules.Wait(ctx, "")
 	if err != nil {
 		return err
@@ -261,9 +294,13 @@ func (b *Boot) loadModules(ctx context.Context) error {
 // (manifest VM.Code) into the page cache, and returns at once: the kernel
 // reads them while PID 1 builds the network and the cgroups, instead of the
 // new QEMUs faulting them in one by one from a cold cache as they start.
+// When a guest runs under KVM, it starts loading KVM's modules too.
 func (b *Boot) readAhead(ctx context.Context) error {
 	if b.Manifest == nil {
 		return nil
+	}
+	if slices.ContainsFunc(b.Manifest.VMs, func(vm manifest.VM) bool { return usesKVM(vm.Argv) }) {
+		b.startKVMModules()
 	}
 	root := hostpath.Root(b.Root)
 	var paths []string
@@ -321,14 +358,8 @@ func readAhead(paths []string, max int64) (files int, bytes int64) {
 func (b *Boot) awaitNetworkModules(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, b.Params.DevWait)
 	defer cancel()
-	if b.modules != nil {
-		res, err := b.modules.Wait(ctx, NetworkPhase)
-		if err != nil {
-			return err
-		}
-		if err := b.logModules(res); err != nil {
-			return err
-		}
+	if err := b.awaitModules(ctx, NetworkPhase); err != nil {
+		return err
 	}
 	if p := b.Params.DHCP; p != "" {
 		if err := mounts.WaitFor(ctx, "/sys/class/net/"+p); err != nil {
@@ -336,6 +367,78 @@ func (b *Boot) awaitNetworkModules(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// checkModulePhases refuses a module list with a group for a phase PID 1
+// never waits in: its modules would load, and nothing would wait for them.
+func checkModulePhases(groups []kmod.Group) error {
+	for _, p := range kmod.Phases(groups) {
+		if p != "" && p != NetworkPhase && p != RestorePhase && p != UplinksPhase {
+			return fmt.Errorf("a group for phase @%s, which PID 1 does not wait in: use @%s, @%s or @%s, or no @ line for the modules needed first", p, NetworkPhase, RestorePhase, UplinksPhase)
+		}
+	}
+	return nil
+}
+
+// awaitRestoreModules waits, when a guest to restore runs under KVM, for
+// the module groups the guests' QEMUs need besides the disks and the
+// network (KVM's), with lu.devwait as the deadline; guests that all run
+// emulated do not wait for them (kvm.ko alone takes a second to load under
+// emulation). Optional: a guest that cannot do without a module that
+// failed fails in QEMU's own words ("Could not access KVM kernel module"),
+// the others run.
+func (b *Boot) awaitRestoreModules(ctx context.Context) error {
+	if b.Manifest == nil {
+		return nil
+	}
+	var argvs [][]string
+	for _, vm := range b.Manifest.VMs {
+		argvs = append(argvs, vm.Argv)
+	}
+	return b.awaitKVMModules(ctx, argvs)
+}
+
+// awaitKVMModules waits for the @restore module groups (KVM's), starting
+// them if need be, if one of the QEMU command lines asks for KVM (or
+// cannot be read).
+func (b *Boot) awaitKVMModules(ctx context.Context, argvs [][]string) error {
+	if !slices.ContainsFunc(argvs, usesKVM) {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, b.Params.DevWait)
+	defer cancel()
+	res, err := b.startKVMModules().Wait(ctx, RestorePhase)
+	if err != nil {
+		return err
+	}
+	return b.logModules(res)
+}
+
+// startKVMModules starts loading the @restore groups, once, and returns
+// their loading. Started after READY when no guest waits for them: QEMUs
+// started on the host later may use KVM.
+func (b *Boot) startKVMModules() *kmod.Loading {
+	b.kvmOnce.Do(func() { b.kvmModules = kmod.Start(b.kvmGroups, kmodule.ProbeOpts{}) })
+	return b.kvmModules
+}
+
+// usesKVM tells whether a QEMU command line asks for KVM; one that does
+// not parse is taken to (waiting costs less than a guest that fails).
+func usesKVM(argv []string) bool {
+	c, err := qemuargv.Parse(argv)
+	return err != nil || c.UsesKVM()
+}
+
+// awaitModules waits for the module groups tagged @phase and logs them.
+func (b *Boot) awaitModules(ctx context.Context, phase string) error {
+	if b.modules == nil {
+		return nil
+	}
+	res, err := b.modules.Wait(ctx, phase)
+	if err != nil {
+		return err
+	}
+	return b.logModules(res)
 }
 
 // logModules logs what loading modules gave, each with how long it took,
@@ -627,7 +730,12 @@ func (b *Boot) setupNetwork(ctx context.Context) error {
 		defer close(done)
 		// What awaitUplinks reports should Uplinks panic (guard recovers).
 		b.uplinkErr = errors.New("attaching the bridges' ports did not finish")
+		// Their NICs' drivers first (a host's own list tags them @uplinks).
+		mctx, cancel := context.WithTimeout(context.Background(), b.Params.DevWait)
+		merr := b.awaitModules(mctx, UplinksPhase)
+		cancel()
 		missing, err := netsetup.Uplinks(b.Manifest.Network)
+		err = errors.Join(merr, err)
 		b.warnMissing(missing)
 		b.uplinkErr = err
 	})

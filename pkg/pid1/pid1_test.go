@@ -19,6 +19,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/discover"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
+	"github.com/liveupdate/liveupdate/pkg/kmod"
 	"github.com/liveupdate/liveupdate/pkg/manifest"
 	"github.com/liveupdate/liveupdate/pkg/phase"
 	"github.com/liveupdate/liveupdate/pkg/qemuargv"
@@ -391,5 +392,31 @@ func TestAwaitUplinks(t *testing.T) {
 				t.Errorf("awaitUplinks = %v, want %q", err, c.want)
 			}
 		})
+	}
+}
+
+func TestCheckModulePhases(t *testing.T) {
+	for _, tc := range []struct {
+		list string
+		ok   bool
+	}{
+		{"ext4\n\n@network\ntun\n", true},
+		// A host's own list (liveupdate host-modules): KVM's before the
+		// restore, the NICs' for the uplinks.
+		{"ext4\n\n@restore\nkvm_intel\n\n@uplinks\ne1000e\n", true},
+		{"ext4\n\n@devices\nnvme\n", false},
+		{"@restore\nkvm\n\n@services\nfoo\n", false},
+	} {
+		groups, err := kmod.ParseList(tc.list)
+		if err != nil {
+			t.Fatalf("%q: %v", tc.list, err)
+		}
+		err = checkModulePhases(groups)
+		if (err == nil) != tc.ok {
+			t.Errorf("%q: %v, want ok %v", tc.list, err, tc.ok)
+		}
+		if err != nil && !strings.Contains(err.Error(), "@uplinks") {
+			t.Errorf("%q: the error does not say which phases there are: %v", tc.list, err)
+		}
 	}
 }

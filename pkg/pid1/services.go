@@ -62,6 +62,13 @@ func (b *Boot) startServices(ctx context.Context) error {
 		return err
 	}
 	var errs []error
+	var argvs [][]string
+	for _, g := range hc.Guests {
+		argvs = append(argvs, g.Argv)
+	}
+	if err := b.awaitKVMModules(ctx, argvs); err != nil {
+		errs = append(errs, err) // the guests that need KVM fail saying so
+	}
 	for _, g := range hc.Guests {
 		pid, err := b.startGuest(g)
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -36,6 +37,27 @@ func (c *Cmdline) MachineType() string {
 		}
 	}
 	return t
+}
+
+// UsesKVM tells whether the command line asks for KVM: -enable-kvm,
+// -accel kvm, or -machine accel= naming kvm (also as the first of a
+// fallback list, kvm:tcg).
+func (c *Cmdline) UsesKVM() bool {
+	if len(c.Find("enable-kvm")) > 0 {
+		return true
+	}
+	accels := []string{}
+	for _, i := range c.Find("accel") {
+		if p, err := c.Opts[i].Props(); err == nil {
+			if v, ok := p.Get("accel"); ok {
+				accels = append(accels, v)
+			}
+		}
+	}
+	if v, ok := c.machineProp("accel"); ok {
+		accels = append(accels, strings.Split(v, ":")...)
+	}
+	return slices.Contains(accels, "kvm")
 }
 
 // machineProp returns a -machine property (memory-backend=, …).

@@ -368,3 +368,30 @@ func TestHostNodes(t *testing.T) {
 		}
 	}
 }
+
+func TestUsesKVM(t *testing.T) {
+	for _, tc := range []struct {
+		argv string
+		want bool
+	}{
+		{"-enable-kvm -m 1G", true},
+		{"-accel kvm", true},
+		{"-accel kvm,kernel-irqchip=split", true},
+		{"-accel accel=kvm", true},
+		{"-machine pc-q35-9.2,accel=kvm,usb=off", true}, // libvirt's older form
+		{"-machine q35,accel=kvm:tcg", true},
+		{"-machine q35,accel=tcg:kvm", true},
+		{"-accel tcg", false},
+		{"-accel tcg,thread=multi -machine pc", false},
+		{"-machine pc,memory-backend=ram0", false}, // QEMU's default: TCG
+		{"-name kvm -m 1G", false},
+	} {
+		c, err := Parse(append([]string{"/usr/bin/qemu-system-x86_64"}, strings.Fields(tc.argv)...))
+		if err != nil {
+			t.Fatalf("%q: %v", tc.argv, err)
+		}
+		if got := c.UsesKVM(); got != tc.want {
+			t.Errorf("%q: UsesKVM %v, want %v", tc.argv, got, tc.want)
+		}
+	}
+}

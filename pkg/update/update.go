@@ -38,6 +38,7 @@ import (
 	"github.com/liveupdate/liveupdate/pkg/cpr"
 	"github.com/liveupdate/liveupdate/pkg/crossclock"
 	"github.com/liveupdate/liveupdate/pkg/fault"
+	"github.com/liveupdate/liveupdate/pkg/hostmods"
 	"github.com/liveupdate/liveupdate/pkg/hostpath"
 	"github.com/liveupdate/liveupdate/pkg/kexec"
 	"github.com/liveupdate/liveupdate/pkg/luo"
@@ -81,6 +82,8 @@ type Plan struct {
 	StateMount   string   `json:"state_mount"`
 	KernelConfig string   `json:"kernel_config,omitempty"`
 	Problems     []string `json:"problems,omitempty"`
+	// Notes are what the plan could not check, and why; none stops it.
+	Notes []string `json:"notes,omitempty"`
 
 	targets []*cpr.Target
 	start   crossclock.Stamp // first of the two stamps that calibrate the TSC
@@ -204,6 +207,15 @@ func MakePlan(ctx context.Context, e *cpr.Engine, o Options) (*Plan, error) {
 		}
 		fh.Close()
 	}
+	if o.Initrd != "" {
+		needs, err := hostmods.Host{}.Read()
+		if err != nil {
+			p.Notes = append(p.Notes, fmt.Sprintf("this host's own modules were not checked against the initramfs: %v", err))
+		} else {
+			probs, notes := initramfsProblems(needs, local(o.Initrd), o.Initrd)
+			p.Problems, p.Notes = append(p.Problems, probs...), append(p.Notes, notes...)
+		}
+	}
 	var newConfig map[string]string // nil: none found beside the kernel
 	if cfg := configFor(local(o.Kernel)); cfg != "" {
 		p.KernelConfig = qemuView(cfg)
@@ -319,6 +331,23 @@ func memmaps(words []string) []string {
 		}
 	}
 	return out
+}
+
+// initramfsProblems says which modules this host needs for its guests to
+// come back (its disks', PMEM's, KVM's, its bridges' uplink NICs') the
+// initramfs at file (shown as shown) lacks: its PID 1 loads only what the
+// initramfs holds, so a missing disk driver would stop the boot at the
+// rescue shell with every guest down, a missing KVM module fail every KVM
+// guest's restore, a missing NIC driver leave the guests cut off.
+func initramfsProblems(needs hostmods.Needs, file, shown string) (problems, notes []string) {
+	have, err := hostmods.InitramfsModules(file)
+	if err != nil {
+		return nil, []string{fmt.Sprintf("the initramfs's modules were not checked against this host's: %v", err)}
+	}
+	for _, m := range needs.Missing(have) {
+		problems = append(problems, fmt.Sprintf("the initramfs %s lacks module %s, which this host needs for its guests to come back, and its PID 1 loads only what it holds: build it on this host (initramfs/build.sh KERNEL_VERSION / %s adds this host's own modules, `liveupdate host-modules`)", shown, m, shown))
+	}
+	return problems, nil
 }
 
 // needsKVM tells whether the new kernel must have KVM: a guest runs under

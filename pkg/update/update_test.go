@@ -1,16 +1,19 @@
 package update
 
 import (
+	"compress/gzip"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 
-	"github.com/liveupdate/liveupdate/pkg/mounts"
+	"github.com/u-root/u-root/pkg/cpio"
 
 	"github.com/liveupdate/liveupdate/pkg/bootparams"
 	"github.com/liveupdate/liveupdate/pkg/cpr"
+	"github.com/liveupdate/liveupdate/pkg/hostmods"
+	"github.com/liveupdate/liveupdate/pkg/mounts"
 )
 
 func TestBuildCmdline(t *testing.T) {
@@ -183,5 +186,42 @@ func TestRemountOrder(t *testing.T) {
 				t.Errorf("remountOrder = %q, want %q", got, tt.want)
 			}
 		})
+	}
+}
+
+// TestInitramfsProblems: the plan refuses an initramfs without a module the
+// host needs (its PID 1 could not bring the guests back) and says which and
+// how to build one that has it; an initramfs it cannot read is a note.
+func TestInitramfsProblems(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "initramfs.img")
+	f, _ := os.Create(img)
+	zw := gzip.NewWriter(f)
+	w := cpio.Newc.Writer(zw)
+	w.WriteRecord(cpio.StaticFile("lib/modules/6.12.1/kernel/drivers/nvme/host/nvme.ko", "\x7fELF", 0o644))
+	cpio.WriteTrailer(w)
+	zw.Close()
+	f.Close()
+	needs := hostmods.Needs{Disks: []string{"nvme"}, KVM: []string{"kvm_amd"}, Why: map[string]string{"nvme": "/ on /dev/nvme0n1p2", "kvm_amd": "KVM"}}
+
+	probs, notes := initramfsProblems(needs, img, "/boot/initramfs-6.12.1.img")
+	if len(probs) != 1 || len(notes) != 0 {
+		t.Fatalf("problems %q, notes %q; want one problem, for kvm_amd", probs, notes)
+	}
+	for _, w := range []string{"/boot/initramfs-6.12.1.img lacks module kvm_amd (KVM)", "initramfs/build.sh KERNEL_VERSION / /boot/initramfs-6.12.1.img"} {
+		if !strings.Contains(probs[0], w) {
+			t.Errorf("problem %q does not say %q", probs[0], w)
+		}
+	}
+	needs.KVM = nil
+	if probs, notes := initramfsProblems(needs, img, "x"); len(probs)+len(notes) != 0 {
+		t.Errorf("an initramfs with all it needs: problems %q, notes %q", probs, notes)
+	}
+
+	other := filepath.Join(dir, "other.img")
+	os.WriteFile(other, []byte("070701 an uncompressed archive"), 0o644)
+	probs, notes = initramfsProblems(needs, other, "other.img")
+	if len(probs) != 0 || len(notes) != 1 || !strings.Contains(notes[0], "not checked") {
+		t.Errorf("unreadable initramfs: problems %q, notes %q; want a note only", probs, notes)
 	}
 }
