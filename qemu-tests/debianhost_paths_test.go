@@ -166,7 +166,11 @@ func refusals(t *testing.T, h *debianHost, ng *numaGuest, target, bootID string)
 	const units = "libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket"
 	const update = "liveupdate update --state-dir /mnt/pmem/liveupdate "
 	h.mustSSH("head -c 4096 /dev/urandom > /var/tmp/lu-bad-kernel")
-	defer h.ssh(time.Minute, "rm -f /var/tmp/lu-bad-kernel")
+	// The target's initramfs cut to its first archive (the core, without
+	// any module): what a host gets from an initramfs built without its
+	// own modules, at worst.
+	h.mustSSH(fmt.Sprintf(`python3 -c 'import sys, zlib; d = open(sys.argv[1], "rb").read(); z = zlib.decompressobj(31); z.decompress(d); open(sys.argv[2], "wb").write(d[:len(d) - len(z.unused_data)])' /boot/initramfs-%s.img /var/tmp/lu-core-only.img`, target))
+	defer h.ssh(time.Minute, "rm -f /var/tmp/lu-bad-kernel /var/tmp/lu-core-only.img")
 	for _, c := range []struct {
 		name string
 		args string
@@ -176,6 +180,10 @@ func refusals(t *testing.T, h *debianHost, ng *numaGuest, target, bootID string)
 		{"memmap dropped",
 			fmt.Sprintf("--kernel /boot/vmlinuz-%s --initrd /boot/initramfs-%s.img --append 'console=ttyS0 lu.pmem=/dev/pmem0 lu.root=LABEL=lu-debian-root lu.handover=1'", target, target),
 			3, []string{"drops memmap=512M!1G"}},
+		{"an initramfs without this host's modules",
+			fmt.Sprintf("--kernel /boot/vmlinuz-%s --initrd /var/tmp/lu-core-only.img", target),
+			3, []string{"the initramfs /var/tmp/lu-core-only.img lacks module virtio_blk (/ on /dev/vd", "lacks module nd_pmem (/mnt/pmem on /dev/pmem0)",
+				"lacks module virtio_net (NIC", "initramfs/build.sh KERNEL_VERSION / /var/tmp/lu-core-only.img"}},
 		{"not a kernel",
 			fmt.Sprintf("--kernel /var/tmp/lu-bad-kernel --initrd /boot/initramfs-%s.img", target),
 			1, []string{"kexec_file_load refused", "no guest was touched"}},

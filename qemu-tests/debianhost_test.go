@@ -267,6 +267,10 @@ func (h *debianHost) checkBooted(t *testing.T, which string, start time.Time) {
 		{"guests' bridge", "ip -br addr show br0; ip -br link show master br0",
 			regexp.MustCompile(`(?s)^br0\s+UP\s+10\.80\.0\.2/24.*\n\S+\s+UP\s+` + dhNICMAC)},
 		{"libvirt's guest autostarted", "virsh -c qemu:///system domstate heartbeat", regexp.MustCompile(`^running\n`)},
+		// What a host's initramfs must hold, read from its sysfs: the
+		// drivers under its root disk and PMEM, and its uplink NIC's.
+		{"its own modules", "liveupdate host-modules",
+			regexp.MustCompile(`(?s)^# this host's own modules.*\n# / on /dev/vd[a-z]\d*:\nvirtio_blk\n.*\n# /mnt/pmem on /dev/pmem0:\nnd_pmem\n.*\n@uplinks\n.*, a port of bridge br0:\nvirtio_net\n`)},
 		{"its RAM on PMEM", "find /mnt/pmem/libvirt -type f", regexp.MustCompile(`(?m)^/mnt/pmem/libvirt/\S+$`)},
 		// plan sees libvirt's guest and, while libvirt's daemon
 		// runs, refuses it (exit 3) with the commands to take turns.
