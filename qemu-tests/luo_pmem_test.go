@@ -279,14 +279,7 @@ func recordBesideBench(t *testing.T, tl *timeline.Timeline, n int, guests []stri
 			rec["inner_ours"] = split
 		}
 	}
-	b, _ := json.Marshal(rec)
-	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
-	if err != nil {
-		t.Logf("bench record: %v", err)
-		return
-	}
-	defer f.Close()
-	f.Write(append(b, '\n'))
+	appendBenchRecord(t, path, rec)
 }
 
 // pagesByNode is how many pages of the file QEMU pid holds open at fd lie

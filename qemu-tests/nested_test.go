@@ -779,6 +779,11 @@ func recordNestedBench(t *testing.T, tl *timeline.Timeline, tcpGap time.Duration
 		return
 	}
 	rec["tcp_gap_ms"] = float64(tcpGap.Microseconds()) / 1000
+	appendBenchRecord(t, path, rec)
+}
+
+// appendBenchRecord appends rec as one JSON line to the benchmark file.
+func appendBenchRecord(t *testing.T, path string, rec map[string]any) {
 	b, _ := json.Marshal(rec)
 	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
 	if err != nil {
