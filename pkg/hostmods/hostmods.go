@@ -142,6 +142,9 @@ func (h Host) Read() (Needs, error) {
 		if br := h.bridgeAbove(nic); br != "" {
 			why += ", a port of bridge " + br
 			for _, m := range mods {
+				if !n.Uplink[m] && strings.HasPrefix(n.Why[m], "NIC ") {
+					n.Why[m] = why // said first of a NIC on no bridge
+				}
 				n.Uplink[m] = true
 			}
 		}

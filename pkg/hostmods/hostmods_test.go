@@ -84,7 +84,10 @@ func fakeHost(t *testing.T, mounts, modules string) Host {
 	driver(filepath.Join(vd, "virtio1"), "virtio", "virtio_blk", "")
 	block(filepath.Join(vd, "virtio1", "block", "vdb"), "vdb", "254:16")
 
-	for _, n := range []struct{ pci, drv, name string }{{"0000:00:1f.6", "e1000e", "eno1"}, {"0000:03:00.0", "igb", "enp3s0"}} {
+	// ens2 and ens3 share a driver: ens2 is on no bridge, ens3 is br1's
+	// port, so the driver is an uplink's, said of ens3.
+	for _, n := range []struct{ pci, drv, name string }{{"0000:00:1f.6", "e1000e", "eno1"}, {"0000:03:00.0", "igb", "enp3s0"},
+		{"0000:00:04.0", "virtio_net", "ens2"}, {"0000:00:05.0", "virtio_net", "ens3"}} {
 		nic := filepath.Join(pci, n.pci)
 		driver(nic, "pci", n.drv, n.drv)
 		eth := filepath.Join(nic, "net", n.name)
@@ -96,7 +99,8 @@ func fakeHost(t *testing.T, mounts, modules string) Host {
 	// on no bridge); as sysfs links them: lower_* down, upper_* up.
 	virt := filepath.Join(sys, "devices", "virtual", "net")
 	for _, v := range []struct{ name, devtype, lower string }{
-		{"bond0", "bond", "eno1"}, {"bond0.100", "vlan", "bond0"}, {"br0", "bridge", "bond0.100"}, {"tap0", "", ""}, {"lo", "", ""}} {
+		{"bond0", "bond", "eno1"}, {"bond0.100", "vlan", "bond0"}, {"br0", "bridge", "bond0.100"}, {"br1", "bridge", "ens3"},
+		{"tap0", "", ""}, {"lo", "", ""}} {
 		d := filepath.Join(virt, v.name)
 		ue := "INTERFACE=" + v.name + "\n"
 		if v.devtype != "" {
@@ -148,18 +152,19 @@ func TestRead(t *testing.T) {
 		{
 			name: "a real host's shape", mounts: realMounts, mods: realModules,
 			disks: []string{"nvme", "ext4", "ahci", "sd_mod", "vfat", "nls_ascii", "nls_cp437", "nd_e820", "libnvdimm", "nd_pmem"},
-			kvm:   []string{"kvm", "kvm_intel"}, nics: []string{"e1000e", "bonding", "8021q", "igb"},
+			kvm:   []string{"kvm", "kvm_intel"}, nics: []string{"e1000e", "bonding", "8021q", "igb", "virtio_net"},
 			required: []string{"nvme", "ext4", "ahci", "sd_mod", "vfat", "nls_ascii", "nls_cp437", "nd_e820", "libnvdimm", "nd_pmem",
-				"kvm", "kvm_intel", "e1000e", "bonding", "8021q"},
+				"kvm", "kvm_intel", "e1000e", "bonding", "8021q", "virtio_net"},
 			why: map[string]string{"nvme": "/ on /dev/nvme0n1p2", "sd_mod": "/boot/efi on /dev/sda1", "nd_pmem": "/mnt/pmem on /dev/pmem0",
-				"8021q": "NIC bond0.100, a port of bridge br0", "e1000e": "NIC bond0, a port of bridge br0", "igb": "NIC enp3s0", "kvm_intel": "KVM"},
+				"8021q": "NIC bond0.100, a port of bridge br0", "e1000e": "NIC bond0, a port of bridge br0", "igb": "NIC enp3s0", "kvm_intel": "KVM",
+				"virtio_net": "NIC ens3, a port of bridge br1"},
 		},
 		{
 			// A kernel without modules: drivers found, none a module's
 			// filesystem; nothing for KVM.
 			name: "no /proc/modules", mounts: "/dev/vdb / ext4 rw 0 0\n", mods: "",
-			disks: nil, kvm: nil, nics: []string{"e1000e", "bonding", "8021q", "igb"},
-			required: []string{"e1000e", "bonding", "8021q"},
+			disks: nil, kvm: nil, nics: []string{"e1000e", "bonding", "8021q", "igb", "virtio_net"},
+			required: []string{"e1000e", "bonding", "8021q", "virtio_net"},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
