@@ -93,6 +93,7 @@ type Boot struct {
 	kvmGroups  []kmod.Group
 	kvmModules *kmod.Loading
 	kvmOnce    sync.Once
+	kvmLogged  bool // a phase waited for them and logged what they gave
 	// uplinks is closed once the bridges' uplink ports are attached (nil:
 	// none being attached); uplinkErr is what that gave.
 	uplinks   chan struct{}
@@ -171,12 +172,14 @@ func Main() {
 	b.writeBootRecord()
 	// KVM's modules if no guest waited for them: QEMUs the host starts
 	// later may use KVM.
-	go b.guard("KVM's modules", func() {
-		res, _ := b.startKVMModules().Wait(context.Background(), RestorePhase)
-		if err := b.logModules(res); err != nil {
-			b.Log.Warn("KVM's modules", "err", err)
-		}
-	})
+	if !b.kvmLogged {
+		go b.guard("KVM's modules", func() {
+			res, _ := b.startKVMModules().Wait(context.Background(), RestorePhase)
+			if err := b.logModules(res); err != nil {
+				b.Log.Warn("KVM's modules", "err", err)
+			}
+		})
+	}
 	if restoreErr != nil {
 		b.Log.Error("some guests were not restored; their RAM and state files are kept", "err", restoreErr)
 		msg := fmt.Sprintf("restore failed: %v\nFix the cause, then: liveupdate recover --root %s --manifest %s\n", restoreErr, orSlash(b.Root), b.Params.Manifest)
@@ -411,6 +414,7 @@ func (b *Boot) awaitKVMModules(ctx context.Context, argvs [][]string) error {
 	if err != nil {
 		return err
 	}
+	b.kvmLogged = true
 	return b.logModules(res)
 }
 
