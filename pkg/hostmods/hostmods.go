@@ -150,7 +150,7 @@ func (h Host) Read() (Needs, error) {
 		}
 		add(&n.NICs, why, mods...)
 	}
-	add(&n.KVM, "KVM", h.KVM(loaded)...)
+	add(&n.KVM, "KVM", kvmModules(loaded)...)
 	return n, nil
 }
 
@@ -252,9 +252,9 @@ func (h Host) bridgeAbove(nic string) string {
 	return ""
 }
 
-// KVM is KVM's modules when they are loaded: the vendor module (kvm_intel,
+// kvmModules is KVM's modules when they are loaded: the vendor module (kvm_intel,
 // kvm_amd) with kvm before it. None when KVM is built in or absent.
-func (h Host) KVM(loaded map[string]bool) []string {
+func kvmModules(loaded map[string]bool) []string {
 	var out []string
 	for _, m := range []string{"kvm", "kvm_intel", "kvm_amd"} {
 		if loaded[m] {

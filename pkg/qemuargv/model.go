@@ -46,7 +46,7 @@ func (c *Cmdline) UsesKVM() bool {
 	if len(c.Find("enable-kvm")) > 0 {
 		return true
 	}
-	accels := []string{}
+	var accels []string
 	for _, i := range c.Find("accel") {
 		if p, err := c.Opts[i].Props(); err == nil {
 			if v, ok := p.Get("accel"); ok {
